@@ -1,0 +1,173 @@
+"""Datasets over tokenised sequences: single sequences (random crop) and concatenated fixed-size chunks.
+
+Randomness (crop offsets, and the MLM masks chosen by the collator) is a pure function of
+``(seed, epoch, index)``: the sampler hands every index out together with its epoch, so a run that is
+resumed, re-sharded across ranks, or loaded with any number of workers sees exactly the same examples.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from proteinperformer.data.sequences import TokenizedSequences
+from proteinperformer.tokenizer import Alphabet
+
+
+def example_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one example in one epoch (SplitMix-style hash, stable across processes)."""
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) % 2**64
+    x ^= x >> 31
+    x = (x * 0xBF58476D1CE4E5B9) % 2**64
+    x ^= x >> 27
+    return x % 2**63
+
+
+def _split_key(key: int | tuple[int, int]) -> tuple[int, int]:
+    return (key[0], key[1]) if isinstance(key, tuple) else (0, int(key))
+
+
+class SingleSequenceDataset(Dataset):
+    """One example per sequence: ``<cls> residues <eos>``, randomly cropped to ``max_len`` tokens.
+
+    Sequences longer than ``max_len - 2`` residues are cropped to a window whose start is drawn from
+    ``(seed, epoch, index)`` (``random_crop=False``: always the first window, used for evaluation).
+    Index with an int (epoch 0) or an ``(epoch, index)`` pair as :class:`EpochShuffleSampler` yields.
+    Items are dicts: ``tokens`` LongTensor [T ≤ max_len] and ``seed`` (int, for the collator's masking).
+    """
+
+    def __init__(
+        self,
+        sequences: TokenizedSequences,
+        alphabet: Alphabet,
+        max_len: int = 1024,
+        seed: int = 0,
+        random_crop: bool = True,
+    ) -> None:
+        if max_len < 3:
+            raise ValueError(f"max_len must be at least 3 (cls + 1 residue + eos), got {max_len}")
+        self.sequences = sequences
+        self.alphabet = alphabet
+        self.max_len = max_len
+        self.seed = seed
+        self.random_crop = random_crop
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def num_tokens(self, index: int) -> int:
+        """Length in tokens of item ``index`` (for token-budget batching)."""
+        return min(int(self.sequences.lengths[index]) + 2, self.max_len)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        epoch, index = _split_key(key)
+        residues = self.sequences[index]
+        window = self.max_len - 2
+        seed = example_seed(self.seed, epoch, index)
+        if len(residues) > window:
+            start = int(np.random.default_rng(seed).integers(0, len(residues) - window + 1)) if self.random_crop else 0
+            residues = residues[start : start + window]
+        tokens = torch.empty(len(residues) + 2, dtype=torch.int64)
+        tokens[0] = self.alphabet.cls_idx
+        tokens[1:-1] = torch.from_numpy(residues.astype(np.int64))
+        tokens[-1] = self.alphabet.eos_idx
+        return {"tokens": tokens, "seed": seed}
+
+
+class ConcatChunkDataset(Dataset):
+    """Sequences joined by ``<eos>`` into one stream and cut into fixed ``chunk_len``-token chunks.
+
+    This is the paper's "concatenated" mode (8192-token chunks). The sequence order in the stream is a
+    fixed permutation drawn from ``seed`` (inputs such as the Swiss-Prot corpus are sorted, which would
+    put near-duplicates side by side). Every residue of every sequence appears in exactly one chunk;
+    the last chunk is right-padded with ``<pad>``. Items: ``tokens`` LongTensor [chunk_len], ``seed``.
+    """
+
+    def __init__(
+        self, sequences: TokenizedSequences, alphabet: Alphabet, chunk_len: int = 8192, seed: int = 0
+    ) -> None:
+        self.sequences = sequences
+        self.alphabet = alphabet
+        self.chunk_len = chunk_len
+        self.seed = seed
+        self.order = np.random.default_rng(seed).permutation(len(sequences))
+        # starts[j] = stream position where the j-th sequence (in stream order) begins; +1 for its <eos>.
+        spans = sequences.lengths[self.order].astype(np.int64) + 1
+        self.starts = np.zeros(len(spans) + 1, dtype=np.int64)
+        np.cumsum(spans, out=self.starts[1:])
+
+    def __len__(self) -> int:
+        return math.ceil(int(self.starts[-1]) / self.chunk_len)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        epoch, index = _split_key(key)
+        if not 0 <= index < len(self):
+            raise IndexError(f"chunk {index} out of range ({len(self)} chunks)")
+        lo, hi = index * self.chunk_len, (index + 1) * self.chunk_len
+        tokens = np.full(self.chunk_len, self.alphabet.padding_idx, dtype=np.int64)
+        j = int(np.searchsorted(self.starts, lo, side="right")) - 1
+        while j < len(self.order) and self.starts[j] < hi:
+            seq = np.append(self.sequences[int(self.order[j])], self.alphabet.eos_idx)
+            s = int(self.starts[j])
+            a, b = max(lo, s), min(hi, s + len(seq))
+            tokens[a - lo : b - lo] = seq[a - s : b - s]
+            j += 1
+        return {"tokens": torch.from_numpy(tokens), "seed": example_seed(self.seed, epoch, index)}
+
+
+class EpochShuffleSampler(Sampler):
+    """Yields ``(epoch, index)`` pairs: a fresh permutation per epoch from ``(seed, epoch)``, sharded by rank.
+
+    Each of ``world_size`` ranks takes every ``world_size``-th index of the permutation (after padding
+    the permutation by wrapping, as ``DistributedSampler`` does, unless ``drop_last``), so ranks see
+    disjoint data and the same number of batches. ``start`` skips the first items of the epoch on this
+    rank (used to resume mid-epoch).
+    """
+
+    def __init__(
+        self,
+        length: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, {world_size})")
+        self.length, self.seed, self.shuffle = length, seed, shuffle
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation of ``epoch`` (Lightning calls this at every epoch start)."""
+        if epoch != self.epoch:
+            self.start = 0
+        self.epoch = epoch
+
+    def indices(self) -> list[int]:
+        """This rank's indices for the current epoch, in order."""
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.length, generator=g).tolist()
+        else:
+            order = list(range(self.length))
+        if self.drop_last:
+            order = order[: len(order) - len(order) % self.world_size]
+        elif order and len(order) % self.world_size:
+            pad = self.world_size - len(order) % self.world_size
+            order += (order * math.ceil(pad / len(order)))[:pad]
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for index in self.indices()[self.start :]:
+            yield (self.epoch, index)
+
+    def __len__(self) -> int:
+        per_rank = self.length // self.world_size if self.drop_last else math.ceil(self.length / self.world_size)
+        return max(per_rank - self.start, 0)
