@@ -1,0 +1,43 @@
+"""Exact softmax attention: the reference FAVOR+ approximates (Vaswani et al. 2017; Choromanski et al. 2021).
+
+A thin wrapper over torch's scaled_dot_product_attention with the key_padding_mask convention of
+torch.nn.MultiheadAttention (True = padding), used by the "transformer" baseline model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def exact_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """softmax(q kᵀ / √d) v.
+
+    Args:
+        q: (B, H, Lq, d); k: (B, H, Lk, d); v: (B, H, Lk, e).
+        causal: query i attends to keys j ≤ i.
+        key_padding_mask: (B, Lk) bool, True = padding (ignored keys).
+    Returns:
+        (B, H, Lq, e). A query row that sees no key at all returns 0 (not NaN).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-d tensor [batch, heads, length, dim], got {tuple(t.shape)}")
+    if key_padding_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (k.shape[0], k.shape[2]):
+        raise ValueError(f"key_padding_mask must be bool [batch, Lk], got {key_padding_mask.dtype} "
+                         f"{tuple(key_padding_mask.shape)}")
+    allowed = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, Lk), SDPA's True = attend
+    if causal:
+        Lq, Lk = q.shape[2], k.shape[2]
+        allowed = allowed & torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril()
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    # rows with every key masked come back NaN from some backends; define them as 0 like FAVOR does
+    return torch.where(allowed.any(-1, keepdim=True), out, torch.zeros((), dtype=out.dtype, device=out.device))

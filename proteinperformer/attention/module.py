@@ -1,0 +1,125 @@
+"""Multi-head self-attention layer of the Performer (Choromanski et al. 2020, 2021).
+
+One module for both the Performer (attention="favor", FAVOR+ softmax or ReLU kernel) and the exact
+Transformer baseline (attention="exact"), so models differ only in a config string. The projection ω is a
+persistent buffer (checkpoints carry the draw they were trained with) and is resampled by
+`FeatureRedrawCallback`. Cf. performer-pytorch's SelfAttention and the reference google-research/performer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .exact import exact_attention
+from .favor import FavorState, favor_attention, favor_step
+from .projection import gaussian_projection
+
+
+@dataclass
+class KVCache:
+    """Decoding state of exact attention: all keys and values so far, (B, H, t, head_dim) each."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+class MultiheadSelfAttention(nn.Module):
+    """Self-attention with FAVOR+ or exact softmax attention.
+
+    Args:
+        dim: model width D (divisible by heads).
+        heads: number of heads H; head_dim = D // H.
+        attention: "favor" or "exact".
+        kernel: "softmax" or "relu" (favor only).
+        num_features: m random features per head (shared by all heads of the layer).
+        orthogonal: orthogonal (else iid) random features.
+        use_projection: relu kernel only; False -> φ(x) = relu(x) + 1e-3 with no projection (reference default).
+        causal: autoregressive masking.
+        dropout: dropout on the attention output (FAVOR+ has no explicit attention matrix to drop from).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        attention: str = "favor",
+        kernel: str = "softmax",
+        num_features: int = 256,
+        orthogonal: bool = True,
+        use_projection: bool = True,
+        causal: bool = False,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if dim % heads != 0:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        if attention not in ("favor", "exact"):
+            raise ValueError(f"attention must be 'favor' or 'exact', got {attention!r}")
+        if kernel not in ("softmax", "relu"):
+            raise ValueError(f"kernel must be 'softmax' or 'relu', got {kernel!r}")
+        if kernel == "softmax" and not use_projection:
+            raise ValueError("the softmax kernel needs a projection (use_projection=True)")
+        self.heads, self.head_dim = heads, dim // heads
+        self.attention, self.kernel, self.causal = attention, kernel, causal
+        self.num_features, self.orthogonal = num_features, orthogonal
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
+        if attention == "favor" and (kernel == "softmax" or use_projection):
+            self.register_buffer("projection", gaussian_projection(num_features, self.head_dim, orthogonal))
+        else:
+            self.projection = None
+
+    @torch.no_grad()
+    def redraw_projection(self, generator: torch.Generator | None = None) -> None:
+        """Resample the projection in place (same shape, device and dtype); no-op without a projection."""
+        if self.projection is None:
+            return
+        new = gaussian_projection(self.num_features, self.head_dim, self.orthogonal, generator=generator)
+        self.projection.copy_(new)
+
+    def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, L, D) -> q, k, v each (B, H, L, head_dim)."""
+        B, L, _ = x.shape
+        qkv = self.qkv(x).view(B, L, 3, self.heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (B, H, L, hd)
+        return q, k, v
+
+    def _merge(self, y: torch.Tensor) -> torch.Tensor:
+        B, H, L, hd = y.shape
+        return self.dropout(self.out(y.transpose(1, 2).reshape(B, L, H * hd)))  # (B, L, D)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, L, D); key_padding_mask: (B, L) bool, True = padding. Returns (B, L, D)."""
+        if x.dim() != 3:
+            raise ValueError(f"x must be [batch, length, dim], got {tuple(x.shape)}")
+        q, k, v = self.split_heads(x)
+        if self.attention == "exact":
+            y = exact_attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask)
+        else:
+            y = favor_attention(q, k, v, self.projection, kernel=self.kernel, causal=self.causal,
+                                key_padding_mask=key_padding_mask)
+        return self._merge(y)
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> FavorState | KVCache:
+        """Empty decoding state: FavorState (O(m·head_dim) per head) or, for exact attention, a KV cache."""
+        if self.attention == "exact":
+            empty = torch.zeros(batch_size, self.heads, 0, self.head_dim, device=device, dtype=dtype)
+            return KVCache(k=empty, v=empty.clone())
+        m = self.projection.shape[0] if self.projection is not None else self.head_dim
+        return FavorState.zeros(batch_size, self.heads, m, self.head_dim, device)
+
+    def step(self, x_t: torch.Tensor, state: FavorState | KVCache) -> tuple[torch.Tensor, FavorState | KVCache]:
+        """One causal decoding step. x_t: (B, 1, D) -> (y_t (B, 1, D), new state); equals forward's row t."""
+        if x_t.dim() != 3 or x_t.shape[1] != 1:
+            raise ValueError(f"x_t must be [batch, 1, dim], got {tuple(x_t.shape)}")
+        q, k, v = self.split_heads(x_t)  # (B, H, 1, hd)
+        if self.attention == "exact":
+            state = KVCache(k=torch.cat([state.k, k], dim=2), v=torch.cat([state.v, v], dim=2))
+            y = exact_attention(q, state.k, state.v)  # the cache holds only keys ≤ t
+        else:
+            y, state = favor_step(q, k, v, self.projection, state, kernel=self.kernel)
+        return self._merge(y), state
