@@ -1,0 +1,145 @@
+"""LightningModule for masked (MLM) and autoregressive (CLM) protein language modelling.
+
+Holds only training concerns: the loss, accuracy and perplexity on the predicted residues, the
+optimiser (AdamW with linear warmup and cosine decay) and checkpoint metadata. The network itself is
+``proteinperformer.model.PerformerLM``; loops, devices, precision, clipping and logging are Lightning's.
+
+Metrics: ``loss`` is the cross-entropy over all supervised targets (for CLM this includes ``<eos>``, so
+the model learns where proteins end). ``acc`` and ``ppl`` are computed over residue targets only
+(masked residues for MLM, next residues for CLM), the quantity the paper's Table 2 and the unigram
+baseline report.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+
+from proteinperformer.data.collate import IGNORE_INDEX
+from proteinperformer.model import ModelConfig, PerformerLM
+from proteinperformer.tokenizer import Alphabet
+
+TASKS = ("mlm", "clm")
+
+
+class ProteinLM(pl.LightningModule):
+    """Train a :class:`PerformerLM` on MLM or CLM batches from the collators in ``proteinperformer.data``."""
+
+    def __init__(
+        self,
+        config: dict | ModelConfig | None = None,
+        task: str = "mlm",
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.98),
+        warmup_steps: int = 500,
+        min_lr_ratio: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        cfg = config if isinstance(config, ModelConfig) else ModelConfig(**dict(config or {}))
+        if cfg.causal != (task == "clm"):
+            raise ValueError(f"task={task!r} needs model causal={task == 'clm'}, got causal={cfg.causal}")
+        self.save_hyperparameters({"config": cfg.to_dict(), "task": task, "lr": lr, "weight_decay": weight_decay,
+                                   "betas": tuple(betas), "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio})
+        self.model = PerformerLM(cfg)
+        self.task = task
+        self.alphabet = Alphabet()
+        residue = torch.zeros(cfg.vocab_size, dtype=torch.bool)
+        residue[self.alphabet.residue_ids] = True
+        self.register_buffer("is_residue_id", residue, persistent=False)
+        self.val_loss, self.val_acc, self.val_nll = MeanMetric(), MeanMetric(), MeanMetric()
+
+    # ---- one step shared by train / val / test -------------------------------------------------
+    def model_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Forward a collated batch; returns loss (all targets) and residue-target NLL / correctness sums."""
+        logits = self.model(batch["input_ids"], batch["padding_mask"])["logits"]  # (B, T, V)
+        labels = batch["labels"]
+        nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+        supervised = labels != IGNORE_INDEX
+        residue = supervised & self.is_residue_id[labels.clamp_min(0)]
+        n_sup = supervised.sum().clamp_min(1)
+        correct = (logits.argmax(-1) == labels) & residue
+        return {
+            "loss": nll.sum() / n_sup,
+            "residue_nll_sum": (nll * residue).sum(),
+            "residue_correct": correct.sum(),
+            "n_residue": residue.sum(),
+            "n_supervised": n_sup,
+        }
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self.model_step(batch)
+        n = out["n_residue"].clamp_min(1)
+        self.log("train/loss", out["loss"], prog_bar=True)
+        self.log("train/acc", out["residue_correct"] / n)
+        self.log("train/ppl", torch.exp(out["residue_nll_sum"] / n))
+        return out["loss"]
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def _eval_step(self, batch: dict[str, torch.Tensor]) -> None:
+        out = self.model_step(batch)
+        n = out["n_residue"]
+        if n > 0:  # weighted means over residues, synchronised across DDP ranks by torchmetrics
+            self.val_loss.update(out["loss"], out["n_supervised"])
+            self.val_nll.update(out["residue_nll_sum"] / n, n)
+            self.val_acc.update(out["residue_correct"] / n, n)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def _log_eval(self, split: str) -> None:
+        if self.val_nll.weight == 0:
+            return
+        nll = self.val_nll.compute()
+        self.log(f"{split}/loss", self.val_loss.compute())
+        self.log(f"{split}/ppl", torch.exp(nll), prog_bar=True)
+        self.log(f"{split}/acc", self.val_acc.compute(), prog_bar=True)
+        for metric in (self.val_loss, self.val_nll, self.val_acc):
+            metric.reset()
+        baseline = getattr(self.trainer.datamodule, "unigram_baseline", None) if self.trainer else None
+        if callable(baseline):
+            stats = baseline()
+            self.log(f"{split}/baseline_acc", stats["acc"])
+            self.log(f"{split}/baseline_ppl", stats["ppl"])
+
+    # ---- optimiser ------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        """AdamW (decay on matrices only, as nanoGPT) + linear warmup, cosine decay to min_lr_ratio·lr."""
+        hp = self.hparams
+        decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1) if self.trainer else 1
+        warmup = min(hp.warmup_steps, max(total // 10, 1)) if total > 1 else 0
+
+        def lr_lambda(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Carry the vocabulary with the weights so a checkpoint can be used without this repo's configs.
+        checkpoint["alphabet"] = list(self.alphabet.all_toks)
+

@@ -1,0 +1,5 @@
+"""The Performer protein LM as a plain ``nn.Module`` (training concerns live in ``proteinperformer.lm``)."""
+
+from proteinperformer.model.performer import Block, ModelConfig, PerformerLM
+
+__all__ = ["Block", "ModelConfig", "PerformerLM"]

@@ -1,0 +1,160 @@
+"""The Performer protein language model: a pre-LayerNorm Transformer stack whose attention is FAVOR+.
+
+One stack serves both tasks: bidirectional (masked LM, like the paper's "BID" models) and causal
+(autoregressive LM, "UNI"); ``ModelConfig.causal`` decides. Attention is chosen per config between
+exact softmax (torch SDPA, the "Transformer" baseline) and FAVOR+ with softmax or ReLU kernels, all
+implemented in ``proteinperformer.attention``. Shapes: B batch, T tokens, D model width, V vocabulary.
+
+References: Choromanski et al. 2020 ("Masked Language Modeling for Proteins via Linearly Scalable
+Long-Context Transformers") and 2021 ("Rethinking Attention with Performers"); the layout (learned
+positions, pre-LN, tied LM head) follows google-research/protein_lm and karpathy/nanoGPT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from proteinperformer.attention import MultiheadSelfAttention
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a :class:`PerformerLM`; saved in every checkpoint so the model can be rebuilt."""
+
+    vocab_size: int = 32  # 30 real tokens padded to a multiple of 8 (see tokenizer.py)
+    dim: int = 512  # paper / reference protein_lm: 512
+    depth: int = 6
+    heads: int = 8
+    ff_dim: int = 2048
+    max_positions: int = 1024  # learned position embeddings; the longest input the model accepts
+    attention: str = "favor"  # "favor" (Performer) or "exact" (Transformer baseline, torch SDPA)
+    kernel: str = "relu"  # FAVOR+ kernel: "relu" (paper's best protein model) or "softmax"
+    num_features: int = 256  # m random features per head (reference default)
+    orthogonal: bool = True  # orthogonal random features (lower variance than iid)
+    use_projection: bool = True  # relu kernel only: False = relu(x) + 1e-3 with no projection (reference)
+    causal: bool = False  # True for autoregressive (CLM) models
+    dropout: float = 0.0
+    padding_idx: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, ff_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, ff_dim)
+        self.proj = nn.Linear(ff_dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim)
+        self.attn = MultiheadSelfAttention(
+            cfg.dim,
+            cfg.heads,
+            attention=cfg.attention,
+            kernel=cfg.kernel,
+            num_features=cfg.num_features,
+            orthogonal=cfg.orthogonal,
+            use_projection=cfg.use_projection,
+            causal=cfg.causal,
+            dropout=cfg.dropout,
+        )
+        self.norm2 = nn.LayerNorm(cfg.dim)
+        self.mlp = MLP(cfg.dim, cfg.ff_dim, cfg.dropout)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), key_padding_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class PerformerLM(nn.Module):
+    """Token embedding + learned positions -> ``depth`` blocks -> final LayerNorm -> tied LM head."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim, padding_idx=cfg.padding_idx)
+        self.embed_positions = nn.Embedding(cfg.max_positions, cfg.dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.final_norm = nn.LayerNorm(cfg.dim)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=True)
+        self.lm_head.weight = self.embed_tokens.weight  # weight tying, as BERT/ESM/nanoGPT
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def num_parameters(self) -> int:
+        """Number of distinct trainable parameters (tied weights counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token + position embeddings: LongTensor [B, T] -> [B, T, D] (the layer-0 representation)."""
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, length], got shape {tuple(tokens.shape)}")
+        if tokens.shape[1] > self.config.max_positions:
+            raise ValueError(
+                f"input of {tokens.shape[1]} tokens exceeds the model's max_positions={self.config.max_positions}"
+            )
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        return self.dropout(self.embed_tokens(tokens) + self.embed_positions(positions))
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        repr_layers: tuple[int, ...] | list[int] = (),
+    ) -> dict:
+        """Run the model.
+
+        Args:
+            tokens: LongTensor [B, T].
+            padding_mask: bool [B, T], True at padding (default: ``tokens == padding_idx``).
+            repr_layers: which hidden states to return; 0 = embeddings, i = output of block i, and
+                ``depth`` is the final (LayerNorm'ed) representation, as in ESM.
+        Returns:
+            ``{"logits": [B, T, V], "representations": {layer: [B, T, D]}}``.
+        """
+        if padding_mask is None:
+            padding_mask = tokens == self.config.padding_idx
+        # A mask with no padding is dropped, so unpadded inputs take the fastest attention path.
+        kpm = padding_mask if bool(padding_mask.any()) else None
+        wanted = {layer % (self.config.depth + 1) for layer in repr_layers}
+        reps: dict[int, torch.Tensor] = {}
+        x = self.embed(tokens)
+        if 0 in wanted:
+            reps[0] = x
+        for i, block in enumerate(self.layers, start=1):
+            x = block(x, kpm)
+            if i in wanted and i != self.config.depth:
+                reps[i] = x
+        x = self.final_norm(x)
+        if self.config.depth in wanted:
+            reps[self.config.depth] = x
+        return {"logits": self.lm_head(x), "representations": reps}
+
+    @torch.no_grad()
+    def redraw_features(self, generator: torch.Generator | None = None) -> None:
+        """Resample the FAVOR+ projection of every attention layer (no-op for exact attention)."""
+        for block in self.layers:
+            block.attn.redraw_projection(generator)

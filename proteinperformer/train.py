@@ -1,0 +1,89 @@
+"""Training entry point: compose the Hydra config, instantiate data/model/callbacks/loggers/trainer, fit.
+
+No training logic lives here (that is ``lm.ProteinLM`` and Lightning); this only wires the pieces and
+writes ``metrics.json`` next to the checkpoints. Run through ``scripts/train.py`` or ``pp-train``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+
+from proteinperformer.data.datamodule import PROJECT_ROOT
+
+log = logging.getLogger("proteinperformer.train")
+
+
+def _instantiate_all(group: DictConfig | None) -> list:
+    return [hydra.utils.instantiate(c, _convert_="all") for c in (group or {}).values() if c is not None]
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write JSON to ``path`` via a temp file + rename, so readers never see a half-written file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def train(cfg: DictConfig) -> dict:
+    """Fit a model from a composed config; returns the final metrics (also written to metrics.json)."""
+    start = time.time()
+    pl.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.output_dir)
+    log.info("data: %s", cfg.data._target_)
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    log.info("model: %s (%s)", cfg.model._target_, dict(cfg.model.config))
+    model = hydra.utils.instantiate(cfg.model, _convert_="all")
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    loggers = _instantiate_all(cfg.get("logger"))
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    checkpoint = trainer.checkpoint_callback
+    best = checkpoint.best_model_path if checkpoint is not None else ""
+    final = trainer.validate(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0]
+    metrics = {
+        "val_acc": final.get("val/acc"),
+        "val_ppl": final.get("val/ppl"),
+        "baseline_acc": final.get("val/baseline_acc"),
+        "baseline_ppl": final.get("val/baseline_ppl"),
+        "best_checkpoint": best,
+        "last_checkpoint": checkpoint.last_model_path if checkpoint is not None else "",
+        "global_step": trainer.global_step,
+        "parameters": model.model.num_parameters(),
+        "train_seconds": round(time.time() - start, 1),
+    }
+    if cfg.get("test"):
+        test = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0]
+        metrics.update({"test_acc": test.get("test/acc"), "test_ppl": test.get("test/ppl")})
+    if trainer.is_global_zero:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(output_dir / "metrics.json", metrics)
+        print(
+            f"\nvalidation ({cfg.task_name}, step {trainer.global_step}): "
+            f"accuracy {100 * metrics['val_acc']:.2f}%  perplexity {metrics['val_ppl']:.2f}\n"
+            f"unigram baseline:           accuracy {100 * metrics['baseline_acc']:.2f}%  "
+            f"perplexity {metrics['baseline_ppl']:.2f}\n"
+            f"checkpoint: {best or metrics['last_checkpoint']}\nmetrics:    {output_dir / 'metrics.json'}"
+        )
+    return metrics
+
+
+@hydra.main(config_path=str(PROJECT_ROOT / "conf"), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point (``pp-train`` / ``scripts/train.py``); returns validation perplexity for sweeps."""
+    return train(cfg)["val_ppl"]
+
+
+if __name__ == "__main__":
+    main()
