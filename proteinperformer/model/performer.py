@@ -12,6 +12,7 @@ positions, pre-LN, tied LM head) follows google-research/protein_lm and karpathy
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -30,7 +31,8 @@ class ModelConfig:
     depth: int = 6
     heads: int = 8
     ff_dim: int = 2048
-    max_positions: int = 1024  # learned position embeddings; the longest input the model accepts
+    positions: str = "learned"  # "learned" (paper; caps length at max_positions) or "sinusoidal" (no cap)
+    max_positions: int = 1024  # size of the learned position table = longest input such a model accepts
     attention: str = "favor"  # "favor" (Performer) or "exact" (Transformer baseline, torch SDPA)
     kernel: str = "relu"  # FAVOR+ kernel: "relu" (paper's best protein model) or "softmax"
     num_features: int = 256  # m random features per head (reference default)
@@ -42,6 +44,16 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def sinusoidal_positions(length: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Fixed sin/cos position encodings (Vaswani et al. 2017): [length, dim]; defined for any length."""
+    pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim, device=device)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq[: dim // 2])
+    return table.to(dtype)
 
 
 class MLP(nn.Module):
@@ -87,7 +99,9 @@ class PerformerLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim, padding_idx=cfg.padding_idx)
-        self.embed_positions = nn.Embedding(cfg.max_positions, cfg.dim)
+        if cfg.positions not in ("learned", "sinusoidal"):
+            raise ValueError(f"positions must be 'learned' or 'sinusoidal', got {cfg.positions!r}")
+        self.embed_positions = nn.Embedding(cfg.max_positions, cfg.dim) if cfg.positions == "learned" else None
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.final_norm = nn.LayerNorm(cfg.dim)
@@ -112,12 +126,16 @@ class PerformerLM(nn.Module):
         """Token + position embeddings: LongTensor [B, T] -> [B, T, D] (the layer-0 representation)."""
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, length], got shape {tuple(tokens.shape)}")
+        x = self.embed_tokens(tokens)
+        if self.embed_positions is None:
+            return self.dropout(x + sinusoidal_positions(tokens.shape[1], self.config.dim, x.device, x.dtype))
         if tokens.shape[1] > self.config.max_positions:
             raise ValueError(
-                f"input of {tokens.shape[1]} tokens exceeds the model's max_positions={self.config.max_positions}"
+                f"input of {tokens.shape[1]} tokens exceeds the model's max_positions={self.config.max_positions} "
+                "(learned positions); crop the sequence or use a model with positions='sinusoidal'"
             )
         positions = torch.arange(tokens.shape[1], device=tokens.device)
-        return self.dropout(self.embed_tokens(tokens) + self.embed_positions(positions))
+        return self.dropout(x + self.embed_positions(positions))
 
     def forward(
         self,
