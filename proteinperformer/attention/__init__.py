@@ -1,7 +1,7 @@
 """FAVOR+ attention (Choromanski et al. 2020, 2021) and the exact softmax reference."""
 
 from .exact import exact_attention
-from .favor import FavorState, favor_attention, favor_step
+from .favor import FavorState, favor_attention, favor_step, positive_random_features
 from .module import KVCache, MultiheadSelfAttention
 from .projection import gaussian_projection
 from .redraw import FeatureRedrawCallback
@@ -15,4 +15,5 @@ __all__ = [
     "favor_attention",
     "favor_step",
     "gaussian_projection",
+    "positive_random_features",
 ]

@@ -68,17 +68,31 @@ def _shape(t) -> str:
     return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
+def _acc(t: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64 (for gradient checks), everything else runs in float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def _softmax_logits(x: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
-    """ωᵢᵀx' − ‖x'‖²/2 with x' = d^(-1/4)x, float32: (..., L, d) -> (..., L, m)."""
-    x = x.float() * x.shape[-1] ** -0.25
-    return x @ P.float().T - 0.5 * (x * x).sum(-1, keepdim=True)
+    """ωᵢᵀx' − ‖x'‖²/2 with x' = d^(-1/4)x: (..., L, d) -> (..., L, m) in the accumulation dtype."""
+    x = x.to(_acc(x)) * x.shape[-1] ** -0.25
+    return x @ P.to(x.dtype).T - 0.5 * (x * x).sum(-1, keepdim=True)
+
+
+def positive_random_features(x: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+    """The unstabilised FAVOR+ map φ(x) = m^(-1/2) exp(Px − ‖x‖²/2), so E[φ(q)·φ(k)] = exp(qᵀk).
+
+    No d^(-1/4) scaling, stabiliser or ε (for tests and analysis). x: (..., d), P: (m, d) -> (..., m).
+    """
+    logits = x @ P.to(x.dtype).T - 0.5 * (x * x).sum(-1, keepdim=True)
+    return torch.exp(logits) * P.shape[0] ** -0.5
 
 
 def _query_features(q: torch.Tensor, P: torch.Tensor | None, kernel: str) -> torch.Tensor:
     """φ(q) (without m^(-1/2)): (B, H, L, d) -> (B, H, L, m) float32."""
     if kernel == "relu":
-        x = q.float() * q.shape[-1] ** -0.25
-        return torch.relu(x if P is None else x @ P.float().T) + RELU_EPS
+        x = q.to(_acc(q)) * q.shape[-1] ** -0.25
+        return torch.relu(x if P is None else x @ P.to(x.dtype).T) + RELU_EPS
     xq = _softmax_logits(q, P)
     cq = xq.amax(-1, keepdim=True).detach()  # per-query stabiliser
     return torch.exp(xq - cq) + SOFTMAX_EPS
@@ -86,7 +100,7 @@ def _query_features(q: torch.Tensor, P: torch.Tensor | None, kernel: str) -> tor
 
 def _masked_values(v: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
     """[v, 1] in float32 with padded rows zeroed: the last column yields the normaliser. (B, H, L, e+1)"""
-    v1 = torch.cat([v.float(), v.new_ones(v.shape[:-1] + (1,), dtype=torch.float32)], dim=-1)
+    v1 = torch.cat([v.to(_acc(v)), v.new_ones(v.shape[:-1] + (1,), dtype=_acc(v))], dim=-1)
     if key_padding_mask is not None:
         v1 = v1.masked_fill(key_padding_mask[:, None, :, None], 0.0)
     return v1
@@ -237,9 +251,11 @@ class FavorState:
     g: torch.Tensor
 
     @staticmethod
-    def zeros(batch: int, heads: int, num_features: int, value_dim: int, device=None) -> FavorState:
+    def zeros(
+        batch: int, heads: int, num_features: int, value_dim: int, device=None, dtype=torch.float32
+    ) -> FavorState:
         """Empty state for a (batch, heads) decoder with m features and e-dimensional values."""
-        kw = dict(dtype=torch.float32, device=device)
+        kw = dict(dtype=dtype, device=device)
         return FavorState(
             kv=torch.zeros(batch, heads, num_features, value_dim + 1, **kw),
             vsum=torch.zeros(batch, heads, value_dim + 1, **kw),
@@ -270,7 +286,7 @@ def favor_step(
     qf = _query_features(q_t, P, kernel)  # (B, H, 1, m)
     v1 = _masked_values(v_t, None)  # (B, H, 1, e+1)
     if state is None:
-        state = FavorState.zeros(B, H, qf.shape[-1], v_t.shape[-1], q_t.device)
+        state = FavorState.zeros(B, H, qf.shape[-1], v_t.shape[-1], q_t.device, qf.dtype)
     if kernel == "relu":
         kf, g, eps = _query_features(k_t, P, kernel), state.g, 0.0
         kv = state.kv + kf.transpose(-1, -2) @ v1

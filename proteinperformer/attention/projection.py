@@ -11,13 +11,13 @@ from __future__ import annotations
 import torch
 
 
-def _orthogonal_block(d: int, generator: torch.Generator | None) -> torch.Tensor:
-    """A uniformly random d×d orthogonal matrix (rows orthonormal)."""
-    g = torch.randn(d, d, generator=generator, dtype=torch.float64)
-    q, r = torch.linalg.qr(g)
-    # sign fix makes the distribution exactly Haar (plain QR is biased towards the diagonal signs of R)
-    q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
-    return q.T
+def _orthogonal_blocks(n: int, d: int, generator: torch.Generator | None) -> torch.Tensor:
+    """n independent uniformly random d×d orthogonal matrices (rows orthonormal): (n, d, d)."""
+    g = torch.randn(n, d, d, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(g)  # batched
+    # sign fix makes the distribution exactly Haar (plain QR is biased by the signs of diag(R))
+    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+    return q.transpose(-1, -2)
 
 
 def gaussian_projection(
@@ -48,8 +48,7 @@ def gaussian_projection(
         if scaling == 1:
             w = w / w.norm(dim=1, keepdim=True) * d**0.5
         return w.float()
-    blocks = [_orthogonal_block(d, generator) for _ in range((m + d - 1) // d)]
-    w = torch.cat(blocks, dim=0)[:m]  # (m, d), unit rows
+    w = _orthogonal_blocks((m + d - 1) // d, d, generator).reshape(-1, d)[:m]  # (m, d), unit rows
     if scaling == 0:
         norms = torch.randn(m, d, generator=generator, dtype=torch.float64).norm(dim=1)  # χ(d)
     else:
