@@ -12,9 +12,10 @@ Pipeline (``preprocess``):
    ``meta.parquet`` (accession, header fields, length, file, line) and ``shard.json`` (counts, checksums).
    It is written to a temp directory and renamed, so a shard either exists completely or not at all.
 3. **finalize** (cheap, reruns on every invocation): duplicate accessions, length filter, optional
-   exact-duplicate removal, split by accession hash (+ held-out OOD list) -> ``metadata/*.parquet`` (the
-   shard tables plus ``split``/``status``/``shard`` columns), ``index/{split}.rows.npy`` / ``.lengths.npy``,
-   ``skipped.parquet`` and finally ``manifest.json``. Readers refuse a store without a manifest.
+   exact-duplicate removal, split by accession hash (+ held-out OOD list) -> ``metadata/*.parquet`` (``split``
+   and ``status`` of every shard row; ``TokenStore.metadata()`` joins them to the shard tables),
+   ``index/{split}.rows.npy`` / ``.lengths.npy``, ``skipped.parquet`` and finally ``manifest.json``.
+   Readers refuse a store without a manifest.
 
 Resuming: rerunning with the same inputs and parsing arguments (``chunk_mb``, ``on_invalid``) keeps every
 completed shard (still re-reads the input to find the block boundaries) and re-does only the rest.

@@ -5,7 +5,9 @@ Layout of a store directory::
     manifest.json                 written last by preprocess; a store without it is refused
     shards/FFFF-CCCCCC/tokens.npy uint8 residue ids of the shard's sequences, back to back
     shards/FFFF-CCCCCC/offsets.npy int64 [n + 1]: sequence j is tokens[offsets[j]:offsets[j + 1]]
-    metadata/FFFF-CCCCCC.parquet  accession, header fields, length, file, line, split, status, shard
+    shards/FFFF-CCCCCC/meta.parquet accession, header fields, length, file, line (from parsing)
+    shards/FFFF-CCCCCC/acc_hash.npy uint64 accession hashes (duplicate-id detection)
+    metadata/FFFF-CCCCCC.parquet  split, status of the same rows (from finalize; TokenStore.metadata joins them)
     index/{split}.rows.npy        int64 global row ids (shard order, then position) of each split
     index/{split}.lengths.npy     int64 residue counts of those rows
 
@@ -109,14 +111,23 @@ class TokenStore:
     def accessions(self, rows: np.ndarray) -> list[str]:
         """Accessions of global ``rows`` (loads the accession column of all shards once)."""
         if self._accessions is None:
-            files = [self.path / "metadata" / f"{n}.parquet" for n in self.shards.names]
+            files = [self.path / "shards" / n / "meta.parquet" for n in self.shards.names]
             columns = [pd.read_parquet(f, columns=["accession"])["accession"].to_numpy(object) for f in files]
             self._accessions = np.concatenate(columns) if columns else np.empty(0, dtype=object)
         return self._accessions[np.asarray(rows, dtype=np.int64)].tolist()
 
-    def metadata(self) -> pd.DataFrame:
-        """The whole metadata table (one row per sequence in the shards, kept or not)."""
-        return pd.concat([pd.read_parquet(self.path / "metadata" / f"{n}.parquet") for n in self.shards.names])
+    def metadata(self, shard: str | None = None) -> pd.DataFrame:
+        """Metadata table, one row per sequence in the shards (kept or not), in global row order.
+
+        Columns: accession, db, entry_name, description, OS, OX, GN, PE, SV (None where the header has no such
+        field), length, file, line, split (None unless kept), status, shard. ``shard``: one shard only.
+        """
+        parts = []
+        for name in [shard] if shard else self.shards.names:
+            meta = pd.read_parquet(self.path / "shards" / name / "meta.parquet")
+            extra = pd.read_parquet(self.path / "metadata" / f"{name}.parquet")
+            parts.append(pd.concat([meta, extra], axis=1).assign(shard=name))
+        return pd.concat(parts, ignore_index=True)
 
     def verify(self) -> None:
         """Recompute the CRC-32 of every shard and index file and compare with the manifest."""
