@@ -590,7 +590,10 @@ def finalize(
         "counters": dict(sorted(counters.items())),
         "skipped_examples": skipped[:20],
         "shards": [
-            {k: s[k] for k in ("name", "file", "chunk", "first_line", "sequences", "residues", "checksums")}
+            {
+                k: s[k]
+                for k in ("name", "file", "chunk", "first_line", "input_bytes", "sequences", "residues", "checksums")
+            }
             for s in summaries
         ],
         "index_checksums": index_checksums,
