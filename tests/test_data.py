@@ -1,0 +1,132 @@
+import numpy as np
+import pytest
+import torch
+
+from proteinperformer.data import (
+    IGNORE_INDEX,
+    CLMCollator,
+    ConcatChunkDataset,
+    EpochShuffleSampler,
+    MLMCollator,
+    SingleSequenceDataset,
+    TokenizedSequences,
+    assign_split,
+)
+from proteinperformer.data.datamodule import ProteinDataModule
+from proteinperformer.data.fasta import FastaRecord
+from proteinperformer.tokenizer import Alphabet
+
+alphabet = Alphabet()
+
+
+def make_sequences(n=50, seed=0, lo=5, hi=300):
+    rng = np.random.default_rng(seed)
+    letters = "ACDEFGHIKLMNPQRSTVWY"
+    records = [FastaRecord(f"S{i}", f"S{i}", "".join(rng.choice(list(letters), rng.integers(lo, hi))))
+               for i in range(n)]
+    return TokenizedSequences.from_records(records, alphabet), records
+
+
+def test_mlm_masking_rates_and_specials_never_masked():
+    seqs, _ = make_sequences(200)
+    ds = SingleSequenceDataset(seqs, alphabet, max_len=512)
+    items = [ds[(0, i)] for i in range(len(ds))]
+    batch = MLMCollator(alphabet)(items)
+    tokens = torch.nn.utils.rnn.pad_sequence([it["tokens"] for it in items], batch_first=True)
+    residue = alphabet.is_residue(tokens)
+    selected = batch["labels"] != IGNORE_INDEX
+    n_res, n_sel = residue.sum().item(), selected.sum().item()
+    assert not (selected & ~residue).any(), "special tokens or padding were selected for masking"
+    assert abs(n_sel / n_res - 0.15) < 0.01
+    assert (batch["labels"][selected] == tokens[selected]).all()
+    inp = batch["input_ids"][selected]
+    frac_mask = (inp == alphabet.mask_idx).float().mean().item()
+    frac_kept = (inp == tokens[selected]).float().mean().item()
+    # a random replacement can coincide with the original residue (1/20 of the 10%)
+    assert abs(frac_mask - 0.8) < 0.02 and abs(frac_kept - (0.1 + 0.1 / 20)) < 0.015
+    assert alphabet.is_residue(inp[inp != alphabet.mask_idx]).all()
+    assert (batch["input_ids"][~selected] == tokens[~selected]).all()
+    assert (batch["padding_mask"] == (tokens == alphabet.padding_idx)).all()
+
+
+def test_masking_is_a_function_of_the_example_seed():
+    seqs, _ = make_sequences(8)
+    ds = SingleSequenceDataset(seqs, alphabet, max_len=64)
+    a = MLMCollator(alphabet)([ds[(3, i)] for i in range(8)])
+    b = MLMCollator(alphabet)([ds[(3, i)] for i in reversed(range(8))])
+    assert torch.equal(a["labels"][0][: len(ds[(3, 0)]["tokens"])], b["labels"][7][: len(ds[(3, 0)]["tokens"])])
+    c = MLMCollator(alphabet)([ds[(4, i)] for i in range(8)])
+    assert not torch.equal(a["labels"], c["labels"]), "a new epoch must draw new masks"
+
+
+def test_clm_shift_and_padding():
+    batch = CLMCollator(alphabet)([{"tokens": torch.tensor([1, 5, 6, 2]), "seed": 0},
+                                   {"tokens": torch.tensor([1, 7, 2]), "seed": 0}])
+    assert batch["input_ids"].tolist() == [[1, 5, 6], [1, 7, 2]]
+    assert batch["labels"].tolist() == [[5, 6, 2], [7, 2, IGNORE_INDEX]]
+
+
+def test_single_dataset_crops_to_max_len_deterministically():
+    seqs, records = make_sequences(20, lo=200, hi=300)
+    ds = SingleSequenceDataset(seqs, alphabet, max_len=50)
+    item = ds[(2, 5)]["tokens"]
+    assert len(item) == 50 and item[0] == alphabet.cls_idx and item[-1] == alphabet.eos_idx
+    assert alphabet.decode(item) in records[5].sequence
+    assert torch.equal(item, ds[(2, 5)]["tokens"])
+    starts = {records[5].sequence.index(alphabet.decode(ds[(e, 5)]["tokens"])) for e in range(20)}
+    assert len(starts) > 5, "random crop should move between epochs"
+    ev = SingleSequenceDataset(seqs, alphabet, max_len=50, random_crop=False)
+    assert alphabet.decode(ev[(7, 5)]["tokens"]) == records[5].sequence[:48]
+
+
+def test_concat_chunks_lose_nothing_and_keep_separators():
+    seqs, records = make_sequences(60)
+    ds = ConcatChunkDataset(seqs, alphabet, chunk_len=256, seed=3)
+    stream = torch.cat([ds[i]["tokens"] for i in range(len(ds))])
+    assert all(len(ds[i]["tokens"]) == 256 for i in range(len(ds)))
+    total = int(seqs.lengths.sum()) + len(seqs)
+    assert len(ds) == -(-total // 256)
+    assert (stream[total:] == alphabet.padding_idx).all() and (stream[:total] != alphabet.padding_idx).all()
+    pieces = alphabet.decode(stream[:total], keep_special=True).split("<eos>")
+    assert pieces[-1] == "" and len(pieces) == len(records) + 1
+    assert sorted(pieces[:-1]) == sorted(r.sequence for r in records)
+    assert [records[i].sequence for i in ds.order] == pieces[:-1]
+
+
+def test_split_is_deterministic_and_independent_of_other_data():
+    accs = [f"P{i:05d}" for i in range(20000)]
+    splits = [assign_split(a) for a in accs]
+    assert splits == [assign_split(a) for a in reversed(accs)][::-1]
+    frac = {s: splits.count(s) / len(splits) for s in ("train", "valid", "test")}
+    assert abs(frac["valid"] - 0.05) < 0.006 and abs(frac["test"] - 0.05) < 0.006
+    assert assign_split("P00001", seed=1) in ("train", "valid", "test")
+    with pytest.raises(ValueError):
+        assign_split("P1", valid_frac=0.6, test_frac=0.5)
+
+
+def test_sampler_shards_disjointly_and_reshuffles_per_epoch():
+    shards = [list(EpochShuffleSampler(103, seed=7, rank=r, world_size=4)) for r in range(4)]
+    assert len({len(s) for s in shards}) == 1
+    seen = [i for s in shards for _, i in s]
+    assert set(seen) == set(range(103)) and len(seen) == 104  # padded by one wrap-around item, as DDP does
+    s = EpochShuffleSampler(50, seed=7)
+    e0 = [i for _, i in s]
+    s.set_epoch(1)
+    e1 = [i for e, i in s if e == 1]
+    assert sorted(e0) == sorted(e1) == list(range(50)) and e0 != e1
+    s.set_epoch(0)
+    assert [i for _, i in s] == e0
+
+
+def test_datamodule_splits_and_baseline(tmp_path):
+    dm = ProteinDataModule(max_sequences=2000, valid_frac=0.1, test_frac=0.1, max_len=64, batch_size=4)
+    dm.setup()
+    sizes = {k: len(v) for k, v in dm.splits.items()}
+    assert sum(sizes.values()) == 2000 and 120 < sizes["valid"] < 280
+    assert set(dm.splits["train"].ids).isdisjoint(dm.splits["valid"].ids)
+    base = dm.unigram_baseline()
+    # Leucine is the most frequent residue (~9.6%); uniform over 20 letters would give ppl 20.
+    assert 0.08 < base["acc"] < 0.12 and 16.0 < base["ppl"] < 19.5
+    batch = next(iter(dm.val_dataloader()))
+    sel = batch["labels"] != IGNORE_INDEX
+    assert (batch["input_ids"][sel] == alphabet.mask_idx).all(), "evaluation masks every selected residue"
