@@ -148,10 +148,16 @@ class ProteinDataModule(pl.LightningDataModule):
 
     # ---- resume: where in the epoch the train sampler stands ----------------------------------
     def state_dict(self) -> dict:
+        """Epoch and position of the train sampler, saved by Lightning in every checkpoint.
+
+        Lightning's ``current`` batch counters run from the start of the epoch, also across resumes, and
+        ``processed`` includes the batch whose ``on_train_batch_end`` is saving the checkpoint (the one
+        ``every_n_train_steps`` checkpoints are written from), so it is exactly the batches consumed.
+        """
         if self._train_sampler is None or self.trainer is None:
             return {}
-        consumed = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed * self.batch_size
-        return {"epoch": self._train_sampler.epoch, "start": self._train_sampler.start + consumed}
+        processed = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": self._train_sampler.epoch, "start": processed * self.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
         self._resume_state = dict(state) if state else None

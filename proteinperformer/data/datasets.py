@@ -169,5 +169,6 @@ class EpochShuffleSampler(Sampler):
             yield (self.epoch, index)
 
     def __len__(self) -> int:
-        per_rank = self.length // self.world_size if self.drop_last else math.ceil(self.length / self.world_size)
-        return max(per_rank - self.start, 0)
+        # The whole epoch on this rank, also when resuming at ``start``: Lightning counts an epoch's batches
+        # from its beginning after a mid-epoch resume, and would end the epoch early on a shorter length.
+        return self.length // self.world_size if self.drop_last else math.ceil(self.length / self.world_size)

@@ -1,0 +1,89 @@
+"""Training callbacks: throughput (non-pad tokens/s, peak GPU memory) and per-batch RNG seeding.
+
+Both are plain Lightning callbacks, configured in ``conf/callbacks/default.yaml`` next to Lightning's own
+(ModelCheckpoint, LearningRateMonitor, progress bar) and the FAVOR+ ``FeatureRedrawCallback``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytorch_lightning as pl
+import torch
+
+from proteinperformer.data.datasets import example_seed
+
+
+class StepSeedCallback(pl.Callback):
+    """Seed torch's global RNG before every training batch from ``(seed, rank, batch index)``.
+
+    Dropout draws from the global RNG, whose state a checkpoint does not hold; re-seeding per batch makes
+    the masks a pure function of the position in training, so a run resumed from a mid-epoch checkpoint
+    draws exactly the masks the uninterrupted run drew (and DDP ranks draw different ones). The batch
+    index is Lightning's ``total_batch_idx``, which is restored from the checkpoint.
+
+    Args:
+        seed: base seed (the run's ``seed``).
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.seed = seed
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        batch_index = trainer.fit_loop.epoch_loop.total_batch_idx
+        torch.manual_seed(example_seed(self.seed, trainer.global_rank, batch_index))
+
+
+class ThroughputCallback(pl.Callback):
+    """Log training throughput in non-padding tokens per second (and peak GPU memory on CUDA).
+
+    The time of a window of ``log_every_n_steps`` batches is measured from one train-batch start to the
+    next, so it includes data loading, forward, backward and the optimizer step. Logged keys:
+    ``perf/tokens_per_sec`` (this device), ``perf/tokens_per_sec_total`` (× world size, assuming equal
+    shards) and on CUDA ``perf/max_memory_gib`` (``torch.cuda.max_memory_allocated`` of this device).
+
+    Args:
+        log_every_n_steps: batches per measurement window.
+    """
+
+    def __init__(self, log_every_n_steps: int = 20) -> None:
+        super().__init__()
+        self.log_every_n_steps = log_every_n_steps
+        self._tokens = 0
+        self._batches = 0
+        self._start: float | None = None
+        self.last_metrics: dict[str, float] = {}
+
+    @staticmethod
+    def count_tokens(batch: dict[str, torch.Tensor]) -> int:
+        """Number of non-padding input tokens in a collated batch (``padding_mask`` bool [B, T])."""
+        return int((~batch["padding_mask"]).sum())
+
+    def _now(self, device: torch.device) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if self._start is None:
+            self._start = self._now(pl_module.device)
+            self._tokens = self._batches = 0
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
+        self._tokens += self.count_tokens(batch)
+        self._batches += 1
+        if self._batches < self.log_every_n_steps or self._start is None:
+            return
+        seconds = self._now(pl_module.device) - self._start
+        rate = self._tokens / max(seconds, 1e-9)
+        metrics = {"perf/tokens_per_sec": rate, "perf/tokens_per_sec_total": rate * trainer.world_size}
+        if pl_module.device.type == "cuda":
+            metrics["perf/max_memory_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+        if trainer.is_global_zero:  # straight to the loggers, so windows need not align with log_every_n_steps
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+        self.last_metrics = metrics
+        self._start = None
