@@ -1,0 +1,513 @@
+"""Per-protein and per-residue embeddings from a trained checkpoint: Python API and the ``pp-embed`` CLI.
+
+Follows ESM's ``esm-extract`` (facebookresearch/esm, ``scripts/extract.py``)::
+
+    from proteinperformer.embed import load_model, embed
+    model = load_model("model.ckpt", device="cpu")
+    reps = embed(model, [("P12345", "MKT...")], layers=[-1], include=("mean", "per_tok", "bos"))
+    reps["P12345"]["mean"][-1]     # Tensor [D]
+    reps["P12345"]["per_tok"][-1]  # Tensor [L, D], one row per residue (no <cls>/<eos>)
+    reps["P12345"]["bos"][-1]      # Tensor [D], the <cls> state
+
+Layers: 0 is the embedding layer, i the output of block i, ``depth`` (= -1) the final LayerNorm'ed state;
+negative indices count from the end and the result is keyed by the layers as given.
+
+Batching packs length-sorted sequences by a token budget (ESM's ``get_batch_indices``); padded keys are
+excluded from attention, so a sequence embeds the same alone or in a batch. Models with sinusoidal
+positions and FAVOR+ attention have no length cap (memory is linear in length). Models with learned
+positions accept at most ``max_positions - 2`` residues, and exact-attention models are held to the same
+limit (their memory is quadratic); a longer sequence raises :class:`SequenceTooLongError` unless
+``on_long="truncate"`` (keep the first residues, as ESM's ``truncation_seq_length``) or ``on_long="chunk"``
+(overlapping windows of the maximum length with half-window stride, residue states averaged where
+windows overlap, ``bos`` from the first window) is chosen.
+
+The CLI (``pp-embed CHECKPOINT FASTA OUTDIR``) runs through Lightning ``Trainer.predict`` so ``--devices
+N`` shards batches over N processes (DDP); an :class:`EmbeddingWriter` writes as batches finish, so a
+killed run resumes where it stopped. Output formats:
+
+- ``pt`` (default): one ``OUTDIR/<label>.pt`` per sequence as esm-extract writes it: ``{"label",
+  "representations": {layer: [L, D]}, "mean_representations": {layer: [D]}, "bos_representations":
+  {layer: [D]}}`` with non-negative layer numbers (-1 is written as ``depth``, as esm-extract does).
+- ``h5`` / ``npz``: one ``OUTDIR/embeddings.h5|npz`` with datasets ``<label>/<kind>/<layer>`` (kind as
+  in ``pt``). Ranks write part files under ``OUTDIR/.parts/`` which rank 0 merges at the end.
+
+File names and keys escape a label with URL percent-encoding (:func:`safe_name`): letters, digits and
+``_.-~`` stay, anything else (``/``, ``|``, spaces, ...) becomes ``%XX``, and a leading ``.`` is escaped
+so no label makes a hidden file or ``..``. Decode with ``urllib.parse.unquote``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import uuid
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from proteinperformer.data.fasta import load_fasta
+from proteinperformer.model import ModelConfig, PerformerLM
+from proteinperformer.tokenizer import Alphabet
+
+INCLUDE = ("mean", "per_tok", "bos")
+ON_LONG = ("error", "truncate", "chunk")
+FORMATS = ("pt", "h5", "npz")
+# esm-extract's key names, used in every output file.
+FILE_KEYS = {"mean": "mean_representations", "per_tok": "representations", "bos": "bos_representations"}
+
+Embeddings = dict[str, dict[str, dict[int, torch.Tensor]]]  # label -> kind -> layer -> tensor
+
+
+class CheckpointError(ValueError):
+    """A file is not a readable proteinperformer checkpoint; the message names the file and the keys."""
+
+
+class SequenceTooLongError(ValueError):
+    """A sequence is longer than the model can embed in one pass and no fallback was chosen."""
+
+
+# ---- loading ------------------------------------------------------------------------------------
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> PerformerLM:
+    """Rebuild the :class:`PerformerLM` of a checkpoint written by ``train.py`` (or :func:`export_slim`).
+
+    Checks strictly: the file must hold ``state_dict`` (keys prefixed ``model.``), ``hyper_parameters.config``
+    (a ModelConfig dict) and ``alphabet`` equal to this package's :class:`Alphabet`; any missing or
+    unexpected weight is named in a :class:`CheckpointError`. Returns the model in eval mode on ``device``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: not a proteinperformer checkpoint (holds a {type(ckpt).__name__})")
+    hparams = ckpt.get("hyper_parameters") or {}
+    missing = [k for k in ("state_dict", "hyper_parameters", "alphabet") if k not in ckpt]
+    if "hyper_parameters" in ckpt and "config" not in hparams:
+        missing.append("hyper_parameters.config")
+    if missing:
+        raise CheckpointError(
+            f"{path}: not a proteinperformer checkpoint: missing {missing}; top-level keys are {sorted(ckpt)}"
+        )
+    if list(ckpt["alphabet"]) != Alphabet().all_toks:
+        raise CheckpointError(f"{path}: the checkpoint's alphabet {ckpt['alphabet']} differs from this package's")
+    try:
+        cfg = ModelConfig(**hparams["config"])
+    except TypeError as err:
+        raise CheckpointError(f"{path}: hyper_parameters.config does not fit ModelConfig ({err})") from None
+    model = PerformerLM(cfg)
+    state = ckpt["state_dict"]
+    stray = sorted(k for k in state if not k.startswith("model."))
+    result = model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")},
+                                   strict=False)
+    unexpected = stray + [f"model.{k}" for k in result.unexpected_keys]
+    if result.missing_keys or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not match the config {cfg.to_dict()}: "
+            f"missing keys {[f'model.{k}' for k in result.missing_keys]}, unexpected keys {unexpected}"
+        )
+    return model.to(device).eval()
+
+
+def export_slim(src: str | Path, dst: str | Path) -> Path:
+    """Write a copy of checkpoint ``src`` with only weights, hyper-parameters, alphabet and step counters
+    (no optimiser or callback state) to ``dst`` (temp file + rename); returns ``dst``. The copy loads with
+    :func:`load_model` and ``ProteinLM.load_from_checkpoint`` (for evaluation, not for resuming training)."""
+    load_model(src)  # validate first
+    ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    keep = ("state_dict", "hyper_parameters", "alphabet", "pytorch-lightning_version", "epoch", "global_step")
+    slim = {k: ckpt[k] for k in keep if k in ckpt}
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.tmp")
+    torch.save(slim, tmp)
+    os.replace(tmp, dst)
+    return dst
+
+
+# ---- inputs and batching ------------------------------------------------------------------------
+def as_records(sequences: Sequence[tuple[str, str]] | Mapping[str, str] | str | Path) -> list[tuple[str, str]]:
+    """Normalise input to a list of (label, sequence): a list of pairs, a {label: sequence} dict or a FASTA
+    path. Sequences are validated with the alphabet (a terminal ``*`` is dropped); duplicate labels raise."""
+    alphabet = Alphabet()
+    if isinstance(sequences, str | Path):
+        return [(r.id, r.sequence.removesuffix("*")) for r in load_fasta(sequences, alphabet)]
+    pairs = list(sequences.items()) if isinstance(sequences, Mapping) else list(sequences)
+    seen: dict[str, int] = {}
+    records = []
+    for i, pair in enumerate(pairs):
+        if not (isinstance(pair, tuple | list) and len(pair) == 2):
+            raise TypeError(f"item {i}: expected a (label, sequence) pair, got {pair!r:.80}")
+        label, seq = str(pair[0]), str(pair[1]).removesuffix("*")
+        if label in seen:
+            raise ValueError(f"duplicate label {label!r} at items {seen[label]} and {i}; labels must be unique")
+        seen[label] = i
+        if not seq:
+            raise ValueError(f"item {i} ({label!r}): empty sequence")
+        alphabet.encode(seq, label)  # raises TokenizationError naming label and position
+        records.append((label, seq))
+    return records
+
+
+def batch_indices(lengths: Sequence[int], toks_per_batch: int, extra_toks_per_seq: int = 2) -> list[list[int]]:
+    """Group indices into batches whose padded size (rows x longest) stays within ``toks_per_batch`` tokens,
+    after sorting by length (ESM's ``FastaBatchedDataset.get_batch_indices``); a sequence longer than the
+    budget gets a batch of its own."""
+    batches: list[list[int]] = []
+    buf: list[int] = []
+    width = 0
+    for i in sorted(range(len(lengths)), key=lambda j: lengths[j]):
+        size = lengths[i] + extra_toks_per_seq
+        if buf and max(width, size) * (len(buf) + 1) > toks_per_batch:
+            batches.append(buf)
+            buf, width = [], 0
+        buf.append(i)
+        width = max(width, size)
+    if buf:
+        batches.append(buf)
+    return batches
+
+
+def residue_limit(cfg: ModelConfig) -> int | None:
+    """Most residues one forward pass takes: ``max_positions - 2`` for learned positions or exact attention,
+    None (no cap) for FAVOR+ with sinusoidal positions."""
+    if cfg.positions == "learned" or cfg.attention == "exact":
+        return cfg.max_positions - 2
+    return None
+
+
+def resolve_layers(layers: Iterable[int], depth: int) -> dict[int, int]:
+    """Map each requested layer to its index in 0..depth (negative = from the end); raises if out of range."""
+    out = {}
+    for layer in layers:
+        if not -(depth + 1) <= int(layer) <= depth:
+            raise ValueError(f"layer {layer} out of range for a model of depth {depth} "
+                             f"(valid: {-(depth + 1)}..{depth})")
+        out[int(layer)] = int(layer) % (depth + 1)
+    if not out:
+        raise ValueError("no layers requested")
+    return out
+
+
+def _windows(length: int, size: int) -> list[int]:
+    """Start offsets of windows of ``size`` covering ``length`` residues with stride size // 2."""
+    stride = max(size // 2, 1)
+    starts = list(range(0, length - size, stride))
+    return [*starts, length - size]
+
+
+# ---- the forward pass ---------------------------------------------------------------------------
+@torch.inference_mode()
+def embed_batch(
+    model: PerformerLM,
+    batch: Sequence[tuple[str, str]],
+    layers: Iterable[int] = (-1,),
+    include: Iterable[str] = ("mean",),
+    on_long: str = "error",
+) -> list[tuple[str, dict[str, dict[int, torch.Tensor]]]]:
+    """Embed one batch of (label, sequence) in a single padded forward pass.
+
+    Returns [(label, {kind: {layer: tensor}})] in input order, tensors on CPU in fp32: ``mean`` [D],
+    ``per_tok`` [L, D] (residues only) and ``bos`` [D]. See the module docstring for ``on_long``.
+    """
+    include = tuple(include)
+    if bad := [k for k in include if k not in INCLUDE]:
+        raise ValueError(f"include: unknown {bad}; choose from {INCLUDE}")
+    if on_long not in ON_LONG:
+        raise ValueError(f"on_long must be one of {ON_LONG}, got {on_long!r}")
+    layer_map = resolve_layers(layers, model.config.depth)
+    limit = residue_limit(model.config)
+    pieces: list[tuple[int, int, str]] = []  # (item, start residue, subsequence)
+    for item, (label, seq) in enumerate(batch):
+        if limit is None or len(seq) <= limit:
+            pieces.append((item, 0, seq))
+        elif on_long == "truncate":
+            pieces.append((item, 0, seq[:limit]))
+        elif on_long == "chunk":
+            pieces.extend((item, s, seq[s : s + limit]) for s in _windows(len(seq), limit))
+        else:
+            raise SequenceTooLongError(
+                f"sequence {label!r} has {len(seq)} residues but this model takes at most {limit} "
+                f"({model.config.positions} positions, {model.config.attention} attention, "
+                f"max_positions={model.config.max_positions}); use on_long='truncate' / --truncate to keep the "
+                f"first {limit} residues, or on_long='chunk' / --chunk for overlapping windows"
+            )
+    device = next(model.parameters()).device
+    _, _, tokens = Alphabet().get_batch_converter()([(str(i), s) for i, _, s in pieces])  # (P, T)
+    reps = model(tokens.to(device), repr_layers=sorted(set(layer_map.values())))["representations"]
+
+    results = []
+    for item, (label, seq) in enumerate(batch):
+        n_res = min(len(seq), limit) if on_long == "truncate" and limit is not None else len(seq)
+        rows = [(row, start, len(sub)) for row, (it, start, sub) in enumerate(pieces) if it == item]
+        out: dict[str, dict[int, torch.Tensor]] = {k: {} for k in include}
+        for given, layer in layer_map.items():
+            hidden = reps[layer].float()  # (P, T, D)
+            total = hidden.new_zeros(n_res, hidden.shape[-1])
+            count = hidden.new_zeros(n_res, 1)
+            for row, start, n in rows:  # sum the windows, then average where they overlap
+                total[start : start + n] += hidden[row, 1 : n + 1]
+                count[start : start + n] += 1
+            per_tok = total / count  # (L, D)
+            if "per_tok" in include:
+                out["per_tok"][given] = per_tok.cpu().clone()
+            if "mean" in include:
+                out["mean"][given] = per_tok.mean(0).cpu()
+            if "bos" in include:
+                out["bos"][given] = hidden[rows[0][0], 0].cpu().clone()
+        results.append((label, out))
+    return results
+
+
+def embed(
+    model: PerformerLM,
+    sequences: Sequence[tuple[str, str]] | Mapping[str, str] | str | Path,
+    layers: Iterable[int] = (-1,),
+    include: Iterable[str] = ("mean",),
+    toks_per_batch: int = 4096,
+    on_long: str = "error",
+    progress: bool = False,
+) -> Embeddings:
+    """Embed sequences (list of (label, seq), {label: seq} or a FASTA path) in token-budget batches.
+
+    Returns ``{label: {kind: {layer: tensor}}}`` in input order; see :func:`embed_batch` for shapes.
+    """
+    records = as_records(sequences)
+    layers = list(layers)
+    resolve_layers(layers, model.config.depth)  # fail before any work
+    out: Embeddings = {}
+    batches = batch_indices([len(s) for _, s in records], toks_per_batch)
+    for idx in tqdm(batches, desc="embed", unit="batch", disable=not progress):
+        out.update(embed_batch(model, [records[i] for i in idx], layers, include, on_long))
+    return {label: out[label] for label, _ in records}
+
+
+# ---- output files -------------------------------------------------------------------------------
+def safe_name(label: str) -> str:
+    """Percent-encode a label for use as a file name or HDF5/npz key (reversible with ``unquote``)."""
+    name = quote(label, safe="")
+    return "%2E" + name[1:] if name.startswith(".") else name
+
+
+def to_file_record(label: str, reps: dict[str, dict[int, torch.Tensor]], depth: int) -> dict:
+    """esm-extract's per-sequence dict: label + ``*_representations`` keyed by non-negative layer."""
+    record: dict = {"label": label}
+    for kind, by_layer in reps.items():
+        record[FILE_KEYS[kind]] = {layer % (depth + 1): t for layer, t in by_layer.items()}
+    return record
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def bundle_path(outdir: Path, fmt: str) -> Path:
+    """The single output file of the ``h5`` / ``npz`` formats."""
+    return outdir / f"embeddings.{fmt}"
+
+
+def _read_bundle(path: Path) -> dict[str, dict]:
+    """Read an embeddings.h5/.npz back into {label: file record}."""
+    from urllib.parse import unquote
+
+    flat: dict[str, np.ndarray] = {}
+    if path.suffix == ".npz":
+        with np.load(path) as data:
+            flat = {k: data[k] for k in data.files}
+    else:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            f.visititems(lambda name, obj: flat.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    records: dict[str, dict] = {}
+    for key, value in flat.items():
+        name, kind, layer = key.split("/")
+        label = unquote(name)
+        records.setdefault(label, {"label": label}).setdefault(kind, {})[int(layer)] = torch.from_numpy(value)
+    return records
+
+
+def read_embeddings(outdir: str | Path, fmt: str = "pt") -> dict[str, dict]:
+    """Load what ``pp-embed`` wrote to ``outdir`` as {label: esm-extract style record}."""
+    outdir = Path(outdir)
+    if fmt == "pt":
+        return {r["label"]: r for r in (torch.load(p, weights_only=True) for p in sorted(outdir.glob("*.pt")))}
+    return _read_bundle(bundle_path(outdir, fmt))
+
+
+def _write_bundle(records: Iterable[dict], path: Path) -> None:
+    """Write {label/kind/layer: array} to ``path`` (h5 or npz) via a temp file + rename."""
+    flat = {
+        f"{safe_name(r['label'])}/{kind}/{layer}": t.numpy()
+        for r in records
+        for kind, by_layer in r.items()
+        if kind != "label"
+        for layer, t in by_layer.items()
+    }
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp{path.suffix}")
+    if path.suffix == ".npz":
+        np.savez(tmp, **flat)
+    else:
+        import h5py
+
+        with h5py.File(tmp, "w") as f:
+            for key, array in flat.items():
+                f.create_dataset(key, data=array)
+    os.replace(tmp, path)
+
+
+def done_labels(outdir: Path, fmt: str) -> set[str]:
+    """Labels already written to ``outdir`` (finished files and part files of an interrupted run)."""
+    from urllib.parse import unquote
+
+    if fmt == "pt":
+        return {unquote(p.stem) for p in outdir.glob("*.pt")}
+    done = set(_read_bundle(bundle_path(outdir, fmt))) if bundle_path(outdir, fmt).exists() else set()
+    for part in sorted((outdir / ".parts").glob("*.pt")):
+        done.update(r["label"] for r in torch.load(part, weights_only=True))
+    return done
+
+
+def merge_parts(outdir: Path, fmt: str) -> int:
+    """Fold the part files of all ranks (and any earlier bundle) into ``embeddings.<fmt>``; returns #labels."""
+    parts = sorted((outdir / ".parts").glob("*.pt"))
+    path = bundle_path(outdir, fmt)
+    records = _read_bundle(path) if path.exists() else {}
+    for part in parts:
+        records.update((r["label"], r) for r in torch.load(part, weights_only=True))
+    if parts or not path.exists():
+        _write_bundle(records.values(), path)
+    for part in parts:
+        part.unlink()
+    if (outdir / ".parts").is_dir() and not any((outdir / ".parts").iterdir()):
+        (outdir / ".parts").rmdir()
+    return len(records)
+
+
+# ---- Lightning predict (multi-device) -----------------------------------------------------------
+class EmbeddingTask(pl.LightningModule):
+    """Wraps a PerformerLM for ``Trainer.predict``: each batch is a list of (label, sequence)."""
+
+    def __init__(self, model: PerformerLM, layers: Sequence[int], include: Sequence[str], on_long: str) -> None:
+        super().__init__()
+        self.model, self.layers, self.include, self.on_long = model, list(layers), tuple(include), on_long
+
+    def predict_step(self, batch: list[tuple[str, str]], batch_idx: int) -> list[dict]:
+        reps = embed_batch(self.model, batch, self.layers, self.include, self.on_long)
+        return [to_file_record(label, r, self.model.config.depth) for label, r in reps]
+
+
+def _identity(batch):
+    return batch
+
+
+class EmbeddingData(pl.LightningDataModule):
+    """Token-budget batches of (label, sequence); each rank takes every world_size-th batch."""
+
+    def __init__(self, records: list[tuple[str, str]], toks_per_batch: int) -> None:
+        super().__init__()
+        self.records, self.toks_per_batch = records, toks_per_batch
+
+    def predict_dataloader(self) -> DataLoader:
+        batches = batch_indices([len(s) for _, s in self.records], self.toks_per_batch)
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        mine = [[self.records[i] for i in idx] for idx in batches[rank::world]]
+        return DataLoader(mine, batch_size=None, shuffle=False, collate_fn=_identity)
+
+
+class EmbeddingWriter(BasePredictionWriter):
+    """Writes each predicted batch at once: ``pt`` -> one file per label; ``h5``/``npz`` -> a per-rank part
+    file under ``OUTDIR/.parts/`` (merged by :func:`merge_parts`). Every file goes through temp + rename."""
+
+    def __init__(self, outdir: Path, fmt: str) -> None:
+        super().__init__(write_interval="batch")
+        self.outdir, self.fmt = Path(outdir), fmt
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        if self.fmt == "pt":
+            for record in prediction:
+                _save_atomic(record, self.outdir / f"{safe_name(record['label'])}.pt")
+        else:
+            parts = self.outdir / ".parts"
+            parts.mkdir(exist_ok=True)
+            _save_atomic(prediction, parts / f"rank{trainer.global_rank}-{uuid.uuid4().hex}.pt")
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+def create_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pp-embed",
+        description="Extract per-sequence / per-residue representations from a proteinperformer checkpoint "
+        "(like esm-extract). Resumable: labels already in OUTDIR are skipped.",
+    )
+    parser.add_argument("checkpoint", type=Path, help="a .ckpt written by pp-train (or a slim export)")
+    parser.add_argument("fasta", type=Path, help="FASTA file (.gz ok); record ids are the labels")
+    parser.add_argument("outdir", type=Path, help="output directory (created)")
+    parser.add_argument("--repr-layers", "--repr_layers", type=int, nargs="+", default=[-1],
+                        help="layers to return: 0 = embeddings, -1 = final (default -1)")
+    parser.add_argument("--include", nargs="+", choices=INCLUDE, default=["mean"], help="what to save")
+    parser.add_argument("--toks-per-batch", "--toks_per_batch", type=int, default=4096, help="tokens per batch")
+    parser.add_argument("--format", choices=FORMATS, default="pt", help="pt: a file per label; h5/npz: one file")
+    long = parser.add_mutually_exclusive_group()
+    long.add_argument("--truncate", action="store_true", help="keep the first residues of too-long sequences")
+    long.add_argument("--chunk", action="store_true", help="embed too-long sequences in overlapping windows")
+    parser.add_argument("--device", default="cpu", help="accelerator: cpu, gpu/cuda, mps or auto")
+    parser.add_argument("--devices", type=int, default=1, help="number of devices (>1 runs DDP)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Embed every FASTA record not yet in ``args.outdir``; returns the number of sequences embedded."""
+    model = load_model(args.checkpoint)
+    layers = list(args.repr_layers)
+    resolve_layers(layers, model.config.depth)
+    records = as_records(args.fasta)
+    args.outdir.mkdir(parents=True, exist_ok=True)
+    done = done_labels(args.outdir, args.format)
+    todo = [r for r in records if r[0] not in done]
+    print(f"{len(records)} sequences in {args.fasta}; {len(done & {r[0] for r in records})} already in "
+          f"{args.outdir}, {len(todo)} to embed")
+    on_long = "truncate" if args.truncate else "chunk" if args.chunk else "error"
+    accelerator = "gpu" if args.device == "cuda" else args.device
+    if todo:
+        trainer = pl.Trainer(
+            accelerator=accelerator,
+            devices=args.devices,
+            strategy="ddp" if args.devices > 1 else "auto",
+            precision="32-true",
+            logger=False,
+            callbacks=[EmbeddingWriter(args.outdir, args.format)],
+            use_distributed_sampler=False,  # EmbeddingData shards the batches by rank itself
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        )
+        task = EmbeddingTask(model, layers, args.include, on_long)
+        warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")  # batches are lists
+        trainer.predict(task, datamodule=EmbeddingData(todo, args.toks_per_batch), return_predictions=False)
+        trainer.strategy.barrier()
+        if not trainer.is_global_zero:
+            return len(todo)
+    if args.format != "pt":
+        n = merge_parts(args.outdir, args.format)
+        print(f"{n} labels in {bundle_path(args.outdir, args.format)}")
+    return len(todo)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run(create_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""Linear probes on embeddings (scikit-learn), each scored against two sequence-only baselines.
+
+Tasks (CSV formats of ``data/probes/``, see its README; the task is read off the columns):
+
+- ``ss3`` (columns id, sequence, ss3, mask): per-residue 3-state secondary structure (H/E/C). Logistic
+  regression on per-residue embeddings; residues with mask 0 (unresolved) are left out of training and
+  metrics. Metric: Q3 (residue accuracy) and per-class recall. Baselines: ``onehot`` = one-hot residues in
+  a ±7 window (15 x 21 features, zeros past the ends); ``composition`` = amino-acid composition of the
+  same window (21 fractions summing to 1).
+- ``location`` (columns id, sequence, location): per-protein subcellular localisation (10 classes).
+  Logistic regression on mean embeddings. Metrics: accuracy, macro-F1 and per-class F1. Baselines:
+  ``onehot`` = one-hot of the 30 N-terminal and 30 C-terminal residues (where targeting signals sit; a
+  mean-pooled one-hot would just be the composition); ``composition`` = amino-acid composition (21
+  fractions summing to 1).
+
+The 21 residue classes are the 20 standard amino acids plus one for X/B/Z/U/O. Every feature set goes
+through the same ``StandardScaler -> LogisticRegression`` pipeline. ``--max-train N`` samples N training
+proteins (seeded) for CPU speed. ``--C`` with several values picks C on ``--valid`` and reports ``--test``;
+without ``--test`` the valid set is the test set and a single C (default 1.0) is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from proteinperformer.tokenizer import STANDARD_RESIDUES, Alphabet, TokenizationError
+
+SS3_CLASSES = ("H", "E", "C")
+TASK_COLUMNS = {"ss3": ("id", "sequence", "ss3", "mask"), "location": ("id", "sequence", "location")}
+N_AA = 21  # 20 standard residues + 1 for any rare/ambiguous letter
+WINDOW = 7
+TERMINAL = 30
+FEATURE_SETS = ("embedding", "onehot", "composition")
+
+_AA_INDEX = np.full(256, N_AA - 1, dtype=np.int64)
+for _i, _aa in enumerate(STANDARD_RESIDUES):
+    _AA_INDEX[ord(_aa)] = _i
+
+
+class ProbeDataError(ValueError):
+    """A probe CSV is malformed; the message names the file, line and id."""
+
+
+# ---- data ---------------------------------------------------------------------------------------
+def read_probe_csv(path: str | Path) -> tuple[str, pd.DataFrame]:
+    """Read and validate a probe CSV; returns (task, table). Raises :class:`ProbeDataError` naming
+    ``file:line`` and the id for bad sequences, label/mask length mismatches, unknown letters or
+    duplicate ids."""
+    path = Path(path)
+    if not path.is_file():
+        raise ProbeDataError(f"{path}: no such file")
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    tasks = [t for t, cols in TASK_COLUMNS.items() if set(cols) <= set(df.columns)]
+    if not tasks:
+        raise ProbeDataError(f"{path}: columns {list(df.columns)} fit no probe task; expected {TASK_COLUMNS}")
+    task = tasks[0]
+    alphabet = Alphabet()
+    seen: dict[str, int] = {}
+    for i, row in enumerate(df.itertuples(index=False)):
+        where = f"{path}:{i + 2}: id {row.id!r}"  # line 1 is the header
+        if not row.id or not row.sequence:
+            raise ProbeDataError(f"{where}: empty id or sequence")
+        if row.id in seen:
+            raise ProbeDataError(f"{where}: duplicate id (first at line {seen[row.id]})")
+        seen[row.id] = i + 2
+        try:
+            alphabet.encode(row.sequence, row.id)
+        except TokenizationError as err:
+            raise ProbeDataError(f"{where}: {err}") from None
+        if task == "ss3":
+            if not len(row.sequence) == len(row.ss3) == len(row.mask):
+                raise ProbeDataError(f"{where}: lengths differ: sequence {len(row.sequence)}, ss3 {len(row.ss3)}, "
+                                     f"mask {len(row.mask)}")
+            if bad := set(row.ss3) - set(SS3_CLASSES):
+                raise ProbeDataError(f"{where}: ss3 labels {sorted(bad)} not in {SS3_CLASSES}")
+            if bad := set(row.mask) - {"0", "1"}:
+                raise ProbeDataError(f"{where}: mask characters {sorted(bad)} not 0/1")
+        elif not row.location:
+            raise ProbeDataError(f"{where}: empty location")
+    return task, df
+
+
+# ---- baseline features --------------------------------------------------------------------------
+def onehot(seq: str) -> np.ndarray:
+    """One-hot residues: [L, 21] (20 standard amino acids, then one column for any other letter)."""
+    idx = _AA_INDEX[np.frombuffer(seq.upper().encode("latin-1"), dtype=np.uint8)]
+    return np.eye(N_AA, dtype=np.float32)[idx]
+
+
+def window_onehot(seq: str, window: int = WINDOW) -> np.ndarray:
+    """One-hot residues at offsets -window..+window of each position: [L, (2*window+1)*21]; zeros past
+    the sequence ends."""
+    x = np.pad(onehot(seq), ((window, window), (0, 0)))  # (L + 2w, 21)
+    n = len(seq)
+    return np.concatenate([x[k : k + n] for k in range(2 * window + 1)], axis=1)
+
+
+def window_composition(seq: str, window: int = WINDOW) -> np.ndarray:
+    """Amino-acid composition of the ±window neighbourhood of each residue (inside the sequence): [L, 21],
+    rows sum to 1."""
+    cum = np.concatenate([np.zeros((1, N_AA), np.float32), np.cumsum(onehot(seq), axis=0)])  # (L + 1, 21)
+    n = len(seq)
+    lo = np.clip(np.arange(n) - window, 0, n)
+    hi = np.clip(np.arange(n) + window + 1, 0, n)
+    counts = cum[hi] - cum[lo]
+    return counts / counts.sum(1, keepdims=True)
+
+
+def composition(seq: str) -> np.ndarray:
+    """Amino-acid composition of a protein: [21] fractions summing to 1."""
+    return onehot(seq).mean(0)
+
+
+def terminal_onehot(seq: str, n: int = TERMINAL) -> np.ndarray:
+    """One-hot of the first ``n`` and last ``n`` residues, zero-padded for short proteins: [2*n*21]."""
+    x = onehot(seq)
+    head = np.zeros((n, N_AA), np.float32)
+    tail = np.zeros((n, N_AA), np.float32)
+    head[: min(n, len(x))] = x[:n]
+    tail[n - min(n, len(x)) :] = x[-n:]
+    return np.concatenate([head, tail]).ravel()
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+def ss3_metrics(y_true: Sequence[str], y_pred: Sequence[str]) -> dict:
+    """Q3 (residue accuracy) and per-class recall over the given (resolved) residues."""
+    recall = recall_score(y_true, y_pred, labels=list(SS3_CLASSES), average=None, zero_division=0)
+    return {"q3": float(accuracy_score(y_true, y_pred)), "n": len(y_true),
+            "per_class_recall": dict(zip(SS3_CLASSES, map(float, recall), strict=True))}
+
+
+def location_metrics(y_true: Sequence[str], y_pred: Sequence[str], classes: Sequence[str]) -> dict:
+    """Accuracy, macro-F1 over ``classes`` and per-class F1."""
+    f1 = f1_score(y_true, y_pred, labels=list(classes), average=None, zero_division=0)
+    return {"accuracy": float(accuracy_score(y_true, y_pred)), "macro_f1": float(np.mean(f1)), "n": len(y_true),
+            "per_class_f1": dict(zip(classes, map(float, f1), strict=True))}
+
+
+# ---- features per task --------------------------------------------------------------------------
+def features(task: str, df: pd.DataFrame, reps: dict | None, layer: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Feature matrices for each feature set and the labels: ss3 -> one row per resolved residue
+    ([N_res, *]), location -> one row per protein ([N, *]). ``reps`` from :func:`proteinperformer.embed.embed`
+    (None skips the embedding set)."""
+    sets: dict[str, list[np.ndarray]] = {name: [] for name in FEATURE_SETS if reps is not None or name != "embedding"}
+    labels = []
+    for row in df.itertuples(index=False):
+        if task == "ss3":
+            keep = np.frombuffer(row.mask.encode(), dtype=np.uint8) == ord("1")
+            if reps is not None:
+                sets["embedding"].append(reps[row.id]["per_tok"][layer].numpy()[keep])
+            sets["onehot"].append(window_onehot(row.sequence)[keep])
+            sets["composition"].append(window_composition(row.sequence)[keep])
+            labels.append(np.array(list(row.ss3))[keep])
+        else:
+            if reps is not None:
+                sets["embedding"].append(reps[row.id]["mean"][layer].numpy()[None])
+            sets["onehot"].append(terminal_onehot(row.sequence)[None])
+            sets["composition"].append(composition(row.sequence)[None])
+            labels.append(np.array([row.location]))
+    return {k: np.concatenate(v) for k, v in sets.items()}, np.concatenate(labels)
+
+
+def make_probe(C: float = 1.0, seed: int = 0) -> Pipeline:
+    """The probe used for every feature set: standardise, then multinomial logistic regression."""
+    return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=1000, random_state=seed))
+
+
+def score(task: str, y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> dict:
+    return ss3_metrics(y_true, y_pred) if task == "ss3" else location_metrics(y_true, y_pred, classes)
+
+
+MAIN_METRIC = {"ss3": "q3", "location": "accuracy"}
+
+
+# ---- the run ------------------------------------------------------------------------------------
+def run_probe(
+    model,
+    task: str,
+    train: pd.DataFrame,
+    valid: pd.DataFrame,
+    test: pd.DataFrame | None = None,
+    layer: int = -1,
+    Cs: Sequence[float] = (1.0,),
+    seed: int = 0,
+    toks_per_batch: int = 4096,
+) -> dict:
+    """Fit the probe on ``train`` for the embedding and both baselines, score on ``test`` (default ``valid``).
+
+    With several ``Cs`` the best C per feature set is chosen on ``valid`` (then ``test`` must be given).
+    Returns a JSON-ready dict with per-feature-set metrics, predictions' confusion matrices and timing.
+    """
+    from proteinperformer.embed import embed
+
+    if len(Cs) > 1 and test is None:
+        raise ValueError("choosing C among several values needs a --test set separate from --valid")
+    splits = {"train": train, "valid": valid} if test is not None and len(Cs) > 1 else {"train": train}
+    splits["test"] = valid if test is None else test
+    include = ("per_tok",) if task == "ss3" else ("mean",)
+    data, n_res, seconds = {}, 0, 0.0
+    for name, df in splits.items():
+        start = time.perf_counter()
+        reps = embed(model, list(zip(df.id, df.sequence, strict=True)), layers=[layer], include=include,
+                     toks_per_batch=toks_per_batch, progress=True)
+        seconds += time.perf_counter() - start
+        n_res += int(df.sequence.str.len().sum())
+        data[name] = features(task, df, reps, layer)
+    classes = list(SS3_CLASSES) if task == "ss3" else sorted(set(train.location) | set(splits["test"].location))
+    results = {}
+    for name in FEATURE_SETS:
+        x_train, y_train = data["train"][0][name], data["train"][1]
+        best_C = Cs[0]
+        if len(Cs) > 1:
+            metric = MAIN_METRIC[task]
+            scores = {C: score(task, data["valid"][1], make_probe(C, seed).fit(x_train, y_train)
+                               .predict(data["valid"][0][name]), classes)[metric] for C in Cs}
+            best_C = max(scores, key=scores.get)
+        start = time.perf_counter()
+        probe = make_probe(best_C, seed).fit(x_train, y_train)
+        y_true, y_pred = data["test"][1], probe.predict(data["test"][0][name])
+        results[name] = score(task, y_true, y_pred, classes) | {
+            "C": best_C, "fit_seconds": round(time.perf_counter() - start, 1), "n_features": x_train.shape[1],
+            "confusion": confusion_matrix(y_true, y_pred, labels=classes).tolist()}
+    return {"task": task, "layer": layer, "classes": classes, "n_train_proteins": len(train),
+            "n_test_proteins": len(splits["test"]), "n_train_items": int(len(data["train"][1])),
+            "n_test_items": int(len(data["test"][1])),
+            "embedding_throughput": {"residues": n_res, "seconds": round(seconds, 2),
+                                     "residues_per_second": round(n_res / max(seconds, 1e-9), 1)},
+            "results": results}
+
+
+def results_table(report: dict) -> pd.DataFrame:
+    """One row per feature set: the main metrics (Q3, or accuracy and macro-F1) and the probe's C."""
+    keys = ["q3"] if report["task"] == "ss3" else ["accuracy", "macro_f1"]
+    rows = {name: {k: r[k] for k in [*keys, "n_features", "C"]} for name, r in report["results"].items()}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def plot_report(report: dict, path: Path) -> None:
+    """Save row-normalised confusion matrices for each feature set and a per-class bar chart to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes, results = report["classes"], report["results"]
+    per_class = "per_class_recall" if report["task"] == "ss3" else "per_class_f1"
+    fig, axes = plt.subplots(1, len(results) + 1, figsize=(5 * (len(results) + 1), 4.8))
+    for ax, (name, r) in zip(axes, results.items(), strict=False):
+        cm = np.asarray(r["confusion"], dtype=float)
+        cm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+        ax.imshow(cm, vmin=0, vmax=1, cmap="Blues")
+        ax.set(title=f"{name} ({MAIN_METRIC[report['task']]} {r[MAIN_METRIC[report['task']]]:.3f})",
+               xlabel="predicted", ylabel="true", xticks=range(len(classes)), yticks=range(len(classes)))
+        ax.set_xticklabels(classes, rotation=90, fontsize=7)
+        ax.set_yticklabels(classes, fontsize=7)
+    ax = axes[-1]
+    width = 0.8 / len(results)
+    for j, (name, r) in enumerate(results.items()):
+        ax.bar(np.arange(len(classes)) + j * width, [r[per_class][c] for c in classes], width, label=name)
+    ax.set(title=per_class.replace("_", " "), ylim=(0, 1), xticks=np.arange(len(classes)) + 0.4)
+    ax.set_xticklabels(classes, rotation=90, fontsize=7)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+def create_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pp-probe",
+        description="Linear probes (ss3 per-residue / location per-protein) on a checkpoint's embeddings, "
+        "against one-hot and composition baselines. The task is inferred from the CSV columns.",
+    )
+    parser.add_argument("checkpoint", type=Path, help="a .ckpt written by pp-train (or a slim export)")
+    parser.add_argument("--train", type=Path, required=True, help="training CSV")
+    parser.add_argument("--valid", type=Path, required=True, help="validation CSV (the test set if no --test)")
+    parser.add_argument("--test", type=Path, default=None, help="test CSV (default: the validation CSV)")
+    parser.add_argument("--out", type=Path, default=Path("results.json"), help="results JSON (PNG beside it)")
+    parser.add_argument("--max-train", type=int, default=None, help="sample this many training proteins")
+    parser.add_argument("--layer", type=int, default=-1, help="representation layer (default -1 = final)")
+    parser.add_argument("--C", type=float, nargs="+", default=[1.0], help="inverse regularisation (several: "
+                        "chosen on --valid; needs --test)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--toks-per-batch", type=int, default=4096)
+    parser.add_argument("--device", default="cpu")
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Read the CSVs, embed, fit and score; write ``args.out`` (JSON) and ``<out stem>.png``."""
+    from proteinperformer.embed import load_model
+
+    task, train = read_probe_csv(args.train)
+    tables = {"valid": read_probe_csv(args.valid), "test": read_probe_csv(args.test) if args.test else None}
+    for name, got in tables.items():
+        if got is not None and got[0] != task:
+            raise ProbeDataError(f"--{name} is a {got[0]!r} table but --train is {task!r}")
+    if args.max_train is not None and args.max_train < len(train):
+        train = train.sample(n=args.max_train, random_state=args.seed).reset_index(drop=True)
+    model = load_model(args.checkpoint, args.device)
+    report = run_probe(model, task, train, tables["valid"][1], tables["test"][1] if tables["test"] else None,
+                       layer=args.layer, Cs=args.C, seed=args.seed, toks_per_batch=args.toks_per_batch)
+    report |= {"checkpoint": str(args.checkpoint), "train": str(args.train), "valid": str(args.valid),
+               "test": str(args.test or args.valid), "max_train": args.max_train}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(f".{args.out.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, args.out)
+    plot_report(report, args.out.with_suffix(".png"))
+    through = report["embedding_throughput"]
+    print(f"\n{task}: train {report['n_train_proteins']} proteins ({report['n_train_items']} items), "
+          f"test {report['n_test_proteins']} proteins ({report['n_test_items']} items), layer {args.layer}")
+    print(results_table(report).to_string(float_format=lambda v: f"{v:.4f}"))
+    print(f"embedding: {through['residues']} residues in {through['seconds']} s "
+          f"({through['residues_per_second']:.0f} residues/s)")
+    print(f"results: {args.out}  plot: {args.out.with_suffix('.png')}")
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run(create_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

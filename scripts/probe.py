@@ -1,0 +1,6 @@
+"""Linear probes (secondary structure, localisation) on embeddings: python scripts/probe.py ... (= pp-probe)."""
+
+from proteinperformer.probe import main
+
+if __name__ == "__main__":
+    main()
