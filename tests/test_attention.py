@@ -124,6 +124,15 @@ def test_relu_kernel_matches_definition():
         assert torch.allclose(favor_attention(q, k, v, P, kernel="relu"), ref, atol=1e-10)
         ref_c = (w.tril() @ v) / w.tril().sum(-1, keepdim=True)
         assert torch.allclose(favor_attention(q, k, v, P, kernel="relu", causal=True, chunk_size=7), ref_c)
+    # gradients of the chunked relu path against autograd through the quadratic form
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    favor_attention(*leaves, None, kernel="relu", causal=True, chunk_size=4, group_size=8).sum().backward()
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    fq, fk = (torch.relu(x * 8**-0.25) + 1e-3 for x in ref_leaves[:2])
+    w = (fq @ fk.transpose(-1, -2)).tril()
+    ((w @ ref_leaves[2]) / w.sum(-1, keepdim=True)).sum().backward()
+    for a, b in zip(leaves, ref_leaves, strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-10)
 
 
 def test_cross_attention_shapes_and_identity_values_recover_rows():
@@ -175,13 +184,16 @@ def test_causal_grad_of_future_keys_is_zero():
     assert k.grad[:, :, : i + 1].abs().max() > 0
 
 
-@pytest.mark.parametrize("chunk_size", [4, 16, 64])
-def test_causal_forward_and_backward_match_naive_reference(chunk_size):
+@pytest.mark.parametrize("chunk_size,group_size", [(4, 8), (5, 15), (16, 1024), (64, 64)])
+def test_causal_forward_and_backward_match_naive_reference(chunk_size, group_size):
     g = gen(5)
     q, k, v = (torch.randn(2, 2, 37, 8, dtype=torch.float64, generator=g) for _ in range(3))
     P = gaussian_projection(16, 8, generator=gen(0)).double()
     outs, grads = [], []
-    fns = (lambda *a: favor_attention(*a, P, causal=True, chunk_size=chunk_size), lambda *a: naive_causal_favor(*a, P))
+    fns = (
+        lambda *a: favor_attention(*a, P, causal=True, chunk_size=chunk_size, group_size=group_size),
+        lambda *a: naive_causal_favor(*a, P),
+    )
     for fn in fns:
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         out = fn(*leaves)

@@ -112,77 +112,255 @@ def _normalise(o: torch.Tensor) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
-# noncausal
+# softmax kernel, fused: custom autograd Functions that keep only φ(Q), φ(K) (L·m each) for backward
+#
+# x·ωᵢ d^(-1/4) − ‖x‖² d^(-1/2)/2 is one matmul of [x, ‖x‖²] with [P d^(-1/4), −d^(-1/2)/2]; the stabiliser
+# and exp run in place on its output, and the +ε of φ is applied as a rank-1 correction of the small
+# (m, e) products instead of a pass over the (L, m) features.
+
+
+def _augmented_projection(P: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[P d^(-1/4), −d^(-1/2)/2]: (m, d+1)."""
+    d = P.shape[1]
+    col = torch.full((P.shape[0], 1), -0.5 * d**-0.5, dtype=dtype, device=P.device)
+    return torch.cat([P.to(dtype) * d**-0.25, col], dim=1)
+
+
+def _logits(x: torch.Tensor, Pa: torch.Tensor) -> torch.Tensor:
+    """ω·x' − ‖x'‖²/2 for x (N, L, d) -> (N, L, m) via one GEMM."""
+    xa = torch.cat([x, (x * x).sum(-1, keepdim=True)], dim=-1)  # (N, L, d+1)
+    return xa @ Pa.T
+
+
+def _logits_backward(dlogits: torch.Tensor, x: torch.Tensor, Pa: torch.Tensor) -> torch.Tensor:
+    """Gradient of _logits wrt x: (N, L, m) -> (N, L, d)."""
+    dxa = dlogits @ Pa  # (N, L, d+1)
+    return dxa[..., :-1] + 2 * x * dxa[..., -1:]
+
+
+def _values_with_ones(v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """[v, 1] with padded rows zeroed; the ones column carries the normaliser. (N, L, e) -> (N, L, e+1)"""
+    v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+    return v1 if mask is None else v1.masked_fill_(mask.unsqueeze(-1), 0.0)
+
+
+def _normaliser_backward(grad: torch.Tensor, out: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """out = num / den: gradient wrt [num, den], (N, L, e) -> (N, L, e+1)."""
+    return torch.cat([grad, -(grad * out).sum(-1, keepdim=True)], dim=-1) / den
+
+
+class _SoftmaxNoncausal(torch.autograd.Function):
+    """FAVOR+ noncausal softmax attention on flattened (N = B·H) inputs in the accumulation dtype."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, P, mask):
+        Pa = _augmented_projection(P, q.dtype)
+        eq = _logits(q, Pa)  # (N, Lq, m)
+        eq.sub_(eq.amax(-1, keepdim=True)).exp_()  # per-query stabiliser
+        ek = _logits(k, Pa)  # (N, Lk, m)
+        if mask is not None:
+            ek.masked_fill_(mask.unsqueeze(-1), float("-inf"))  # padded keys: out of the max, exp -> 0
+        ek.sub_(ek.amax(dim=(-1, -2), keepdim=True).clamp_min_(_NEG)).exp_()  # one key max per (b, h)
+        v1 = _values_with_ones(v, mask)  # (N, Lk, e+1)
+        # φ(K)ᵀ[V, 1] with φ(K) = ek + ε on real keys
+        kv = ek.transpose(-1, -2) @ v1 + SOFTMAX_EPS * v1.sum(1, keepdim=True)  # (N, m, e+1)
+        o = eq @ kv + SOFTMAX_EPS * kv.sum(1, keepdim=True)  # φ(Q) = eq + ε; (N, Lq, e+1)
+        den = o[..., -1:].clamp_min(1e-30)  # a query that sees no key at all gets 0
+        out = o[..., :-1] / den
+        ctx.save_for_backward(q, k, eq, ek, v1, kv, out, den, Pa, mask)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, eq, ek, v1, kv, out, den, Pa, mask = ctx.saved_tensors
+        do = _normaliser_backward(grad, out, den)  # (N, Lq, e+1)
+        dkv = eq.transpose(-1, -2) @ do + SOFTMAX_EPS * do.sum(1, keepdim=True)  # (N, m, e+1)
+        deq = (do @ kv.transpose(-1, -2)).mul_(eq)  # d/d logits; stabiliser is a constant
+        dq = _logits_backward(deq, q, Pa)
+        del deq
+        dv = ek @ dkv + SOFTMAX_EPS * dkv.sum(1, keepdim=True)  # (N, Lk, e+1)
+        dv = dv[..., :-1]
+        if mask is not None:
+            dv = dv.masked_fill(mask.unsqueeze(-1), 0.0)
+        dek = (v1 @ dkv.transpose(-1, -2)).mul_(ek)  # padded rows: ek = 0
+        dk = _logits_backward(dek, k, Pa)
+        return dq, dk, dv, None, None
+
+
+# -----------------------------------------------------------------------------
+# causal core: o_i = Σ_{j≤i} (Q_i·K_j) exp(g_j − g_i) V_j with g nondecreasing (the running key max)
+#
+# Chunks of T positions: inside a chunk a masked (T, T) quadratic; across chunks a running (m, e) state
+# H = Σ_j K_j exp(g_j − G) V_jᵀ kept relative to G, the g at the end of the previous chunk. All chunks of
+# a group of positions are computed at once (big batched GEMMs); only the (m, e) state is scanned
+# sequentially. Backward recomputes each group from its saved entering state (one (m, e) per group), so
+# nothing of size L·m·e or L·T·(all groups) is stored: memory O(L·m + m·e) per head.
+
+
+def _chunk_scales(gc: torch.Tensor, g_prev: torch.Tensor):
+    """gc: (N, n, T) running max per position; g_prev: (N,) the g before the group.
+
+    Returns the intra-chunk decay-and-mask D (N, n, T, T) [i, j] = exp(g_j − g_i)·[j ≤ i], the chunk
+    start/end references G0, G1 (N, n) and the row scales exp(g_j − G1) (key side) and exp(G0 − g_i)
+    (query side), all ≤ 1.
+    """
+    T = gc.shape[-1]
+    tril = torch.ones(T, T, dtype=torch.bool, device=gc.device).tril()
+    D = torch.exp((gc.unsqueeze(-2) - gc.unsqueeze(-1)).clamp_max_(0.0)).mul_(tril)
+    G1 = gc[..., -1]
+    G0 = torch.cat([g_prev.unsqueeze(1), G1[:, :-1]], dim=1)
+    return D, G0, G1, torch.exp(gc - G1.unsqueeze(-1)), torch.exp(G0.unsqueeze(-1) - gc)
+
+
+def _chunk_states(K, Vk, G0, G1, H):
+    """States entering each chunk, (N, n, m, e), from the state H entering the group; returns (Hc, H_out)."""
+    kv = K.transpose(-1, -2) @ Vk  # (N, n, m, e): each chunk's keys, relative to its own end G1
+    decay = torch.exp(G0 - G1)  # (N, n) ≤ 1
+    Hc = torch.empty_like(kv)
+    for c in range(kv.shape[1]):
+        Hc[:, c] = H
+        H = kv[:, c] + H * decay[:, c, None, None]
+    return Hc, H
+
+
+def _causal_forward(Q, K, V, g, T, group):
+    """Q, K: (N, L, m); V: (N, L, e); g: (N, L); L % T == 0. Returns O (N, L, e) and the group-entering
+    states (N, n_groups, m, e) for the backward pass."""
+    N, L, m = Q.shape
+    e = V.shape[-1]
+    O = torch.empty(N, L, e, dtype=Q.dtype, device=Q.device)
+    H = Q.new_zeros(N, m, e)
+    starts = list(range(0, L, group))
+    Hs = Q.new_empty(N, len(starts), m, e)
+    for gi, s in enumerate(starts):
+        sl = slice(s, min(s + group, L))
+        n = (sl.stop - s) // T
+        Qc, Kc = Q[:, sl].view(N, n, T, m), K[:, sl].view(N, n, T, m)  # (N, n, T, m)
+        Vc, gc = V[:, sl].view(N, n, T, e), g[:, sl].view(N, n, T)
+        g_prev = g[:, s - 1] if s > 0 else g.new_full((N,), _NEG)
+        D, G0, G1, wk, wq = _chunk_scales(gc, g_prev)
+        Hs[:, gi] = H
+        Hc, H = _chunk_states(Kc, Vc * wk.unsqueeze(-1), G0, G1, H)
+        Oc = ((Qc @ Kc.transpose(-1, -2)).mul_(D)) @ Vc  # intra-chunk, (N, n, T, e)
+        Oc.add_((Qc @ Hc).mul_(wq.unsqueeze(-1)))  # earlier chunks
+        O[:, sl] = Oc.view(N, -1, e)
+    return O, Hs
+
+
+def _causal_backward(Q, K, V, g, Hs, dO, T, group):
+    """Gradients of _causal_forward wrt Q, K, V (g is a constant), group by group from the end."""
+    N, L, m = Q.shape
+    e = V.shape[-1]
+    dQ, dK, dV = torch.empty_like(Q), torch.empty_like(K), torch.empty_like(V)
+    U = Q.new_zeros(N, m, e)  # Σ over later queries exp(G − g_i) Q_iᵀ dO_i, G = g at the group's end
+    starts = list(range(0, L, group))
+    for gi in reversed(range(len(starts))):
+        s = starts[gi]
+        sl = slice(s, min(s + group, L))
+        n = (sl.stop - s) // T
+        Qc, Kc = Q[:, sl].view(N, n, T, m), K[:, sl].view(N, n, T, m)
+        Vc, gc, dOc = V[:, sl].view(N, n, T, e), g[:, sl].view(N, n, T), dO[:, sl].view(N, n, T, e)
+        g_prev = g[:, s - 1] if s > 0 else g.new_full((N,), _NEG)
+        D, G0, G1, wk, wq = _chunk_scales(gc, g_prev)
+        Vk = Vc * wk.unsqueeze(-1)
+        Hc, _ = _chunk_states(Kc, Vk, G0, G1, Hs[:, gi])
+        # intra-chunk
+        S = (Qc @ Kc.transpose(-1, -2)).mul_(D)  # (N, n, T, T)
+        dVc = S.transpose(-1, -2) @ dOc
+        del S
+        dP = (dOc @ Vc.transpose(-1, -2)).mul_(D)
+        dQc = dP @ Kc
+        dKc = dP.transpose(-1, -2) @ Qc
+        del dP
+        # earlier chunks seen by these queries
+        dOq = dOc * wq.unsqueeze(-1)  # (N, n, T, e)
+        dQc.add_(dOq @ Hc.transpose(-1, -2))
+        # later queries seen by these keys: reverse scan of U over chunks
+        qdo = Qc.transpose(-1, -2) @ dOq  # (N, n, m, e), chunk c's queries relative to G0[c]
+        decay = torch.exp(G0 - G1)
+        Uc = torch.empty_like(qdo)
+        for c in reversed(range(n)):
+            Uc[:, c] = U
+            U = qdo[:, c] + U * decay[:, c, None, None]
+        dKc.add_(Vk @ Uc.transpose(-1, -2))
+        dVc.add_((Kc @ Uc).mul_(wk.unsqueeze(-1)))
+        dQ[:, sl], dK[:, sl], dV[:, sl] = dQc.view(N, -1, m), dKc.view(N, -1, m), dVc.view(N, -1, e)
+    return dQ, dK, dV
+
+
+class _SoftmaxCausal(torch.autograd.Function):
+    """FAVOR+ causal softmax attention on flattened (N, L, ·) inputs, L % chunk == 0."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, P, mask, chunk, group):
+        Pa = _augmented_projection(P, q.dtype)
+        Q = _logits(q, Pa)  # (N, L, m)
+        Q.sub_(Q.amax(-1, keepdim=True)).exp_().add_(SOFTMAX_EPS)  # φ(q) up to m^(-1/2)
+        K = _logits(k, Pa)
+        if mask is not None:
+            K.masked_fill_(mask.unsqueeze(-1), float("-inf"))
+        g = K.amax(-1).cummax(-1).values.clamp_min_(_NEG)  # (N, L) running key max: no future keys
+        K.sub_(g.unsqueeze(-1)).exp_()  # ≤ 1
+        V = _values_with_ones(v, mask)  # (N, L, e+1)
+        O, Hs = _causal_forward(Q, K, V, g, chunk, group)
+        # ε floor of φ(k_j): Σ_{j≤i} ε (Σ_f φ(q_i)_f) v_j
+        O.add_(SOFTMAX_EPS * Q.sum(-1, keepdim=True) * V.cumsum(1))
+        den = O[..., -1:].clamp_min(1e-30)
+        out = O[..., :-1] / den
+        ctx.save_for_backward(q, k, Q, K, V, g, Hs, out, den, Pa, mask)
+        ctx.chunk, ctx.group = chunk, group
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, Q, K, V, g, Hs, out, den, Pa, mask = ctx.saved_tensors
+        dO = _normaliser_backward(grad, out, den)  # (N, L, e+1)
+        dQ, dK, dV = _causal_backward(Q, K, V, g, Hs, dO, ctx.chunk, ctx.group)
+        # ε term: o_i += ε s_i C_i with s = Σ_f Q_if and C = cumsum(V)
+        dQ.add_(SOFTMAX_EPS * (dO * V.cumsum(1)).sum(-1, keepdim=True))
+        sdo = Q.sum(-1, keepdim=True) * dO
+        dV.add_(SOFTMAX_EPS * (sdo + sdo.sum(1, keepdim=True) - sdo.cumsum(1)))  # reverse cumsum
+        dq = _logits_backward(dQ.mul_(Q - SOFTMAX_EPS), q, Pa)
+        dk = _logits_backward(dK.mul_(K), k, Pa)
+        dv = dV[..., :-1]
+        if mask is not None:
+            dv = dv.masked_fill(mask.unsqueeze(-1), 0.0)
+        return dq, dk, dv, None, None, None, None
+
+
+class _CausalLinear(torch.autograd.Function):
+    """o_i = Σ_{j≤i} (Q_i·K_j) V_j for given features (the relu kernel; no stabiliser)."""
+
+    @staticmethod
+    def forward(ctx, Q, K, V, chunk, group):
+        g = Q.new_zeros(Q.shape[:-1])
+        O, Hs = _causal_forward(Q, K, V, g, chunk, group)
+        ctx.save_for_backward(Q, K, V, g, Hs)
+        ctx.chunk, ctx.group = chunk, group
+        return O
+
+    @staticmethod
+    def backward(ctx, dO):
+        Q, K, V, g, Hs = ctx.saved_tensors
+        dQ, dK, dV = _causal_backward(Q, K, V, g, Hs, dO.contiguous(), ctx.chunk, ctx.group)
+        return dQ, dK, dV, None, None
 
 
 def _favor_noncausal(q, k, v, P, kernel, key_padding_mask) -> torch.Tensor:
-    qf = _query_features(q, P, kernel)  # (B, H, Lq, m)
-    if kernel == "relu":
-        kf = _query_features(k, P, kernel)
-    else:
-        xk = _softmax_logits(k, P)  # (B, H, Lk, m)
-        if key_padding_mask is not None:
-            xk = xk.masked_fill(key_padding_mask[:, None, :, None], float("-inf"))
-        ck = xk.detach().amax(dim=(-1, -2), keepdim=True).clamp_min(_NEG)  # one max per (batch, head)
-        kf = torch.exp(xk - ck) + SOFTMAX_EPS
+    B, H = q.shape[:2]
+    acc = _acc(q)
+    if kernel == "softmax":
+        flat = [t.to(acc).reshape(B * H, t.shape[2], t.shape[3]) for t in (q, k, v)]  # (N, L, ·)
+        mask = None if key_padding_mask is None else key_padding_mask.repeat_interleave(H, 0)
+        return _SoftmaxNoncausal.apply(*flat, P.to(acc), mask).view(B, H, q.shape[2], v.shape[3])
+    qf, kf = _query_features(q, P, kernel), _query_features(k, P, kernel)  # (B, H, L, m)
     if key_padding_mask is not None:
         kf = kf.masked_fill(key_padding_mask[:, None, :, None], 0.0)
     kv = kf.transpose(-1, -2) @ _masked_values(v, None)  # (B, H, m, e+1)
     return _normalise(qf @ kv)
 
 
-# -----------------------------------------------------------------------------
-# causal: chunked, O(L·m + m·d) per head
-
-
-def _causal_keys(k, P, kernel, key_padding_mask):
-    """Key features exp(x_j − g_j) stabilised by the running max g_j = max_{j'≤j} max_f x_j'f (no ε).
-
-    Returns kf (B, H, L, m), g (B, H, L) and the ε that multiplies Σ_{j≤i} v_j.
-    """
-    if kernel == "relu":
-        kf = _query_features(k, P, kernel)
-        g = kf.new_zeros(kf.shape[:-1])
-        eps = 0.0
-    else:
-        xk = _softmax_logits(k, P)
-        if key_padding_mask is not None:
-            xk = xk.masked_fill(key_padding_mask[:, None, :, None], float("-inf"))
-        g = xk.detach().amax(-1).cummax(-1).values.clamp_min(_NEG)  # (B, H, L)
-        kf = torch.exp(xk - g.unsqueeze(-1))
-        eps = SOFTMAX_EPS
-    if key_padding_mask is not None:
-        kf = kf.masked_fill(key_padding_mask[:, None, :, None], 0.0)
-    return kf, g, eps
-
-
-def _causal_core(qf, kf, v1, g, chunk_size):
-    """out_i = Σ_{j≤i} (qf_i·kf_j) exp(g_j − g_i) v1_j for (N, L, ·) inputs with L % chunk_size == 0."""
-    N, L, m = qf.shape
-    e, T = v1.shape[-1], chunk_size
-    n = L // T
-    Qc, Kc, Vc = qf.view(N, n, T, m), kf.view(N, n, T, m), v1.view(N, n, T, e)
-    gc = g.view(N, n, T)
-    # intra-chunk: masked quadratic with the running-max rescaling folded into the mask
-    tril = torch.ones(T, T, dtype=torch.bool, device=qf.device).tril()
-    D = torch.exp((gc.unsqueeze(-2) - gc.unsqueeze(-1)).clamp_max(0.0)) * tril  # (N, n, T, T) [i, j]
-    out = ((Qc @ Kc.transpose(-1, -2)) * D) @ Vc  # (N, n, T, e)
-    if n == 1:
-        return out.view(N, L, e)
-    # inter-chunk: state H_c = Σ_{j before chunk c} kf_j exp(g_j − G_{c-1}) v_jᵀ, G_c = g at the end of chunk c
-    G = gc[..., -1]  # (N, n)
-    kv = (Kc * torch.exp(gc - G.unsqueeze(-1)).unsqueeze(-1)).transpose(-1, -2) @ Vc  # (N, n, m, e)
-    states = [kv[:, 0]]
-    for c in range(1, n - 1):
-        states.append(states[-1] * torch.exp(G[:, c - 1] - G[:, c])[:, None, None] + kv[:, c])
-    H = torch.stack(states, dim=1)  # (N, n-1, m, e): state entering chunks 1..n-1
-    scale = torch.exp(G[:, :-1].unsqueeze(-1) - gc[:, 1:])  # (N, n-1, T), ≤ 1
-    inter = (Qc[:, 1:] @ H) * scale.unsqueeze(-1)
-    out = torch.cat([out[:, :1], out[:, 1:] + inter], dim=1)
-    return out.view(N, L, e)
-
-
-def _favor_causal(q, k, v, P, kernel, key_padding_mask, chunk_size) -> torch.Tensor:
+def _favor_causal(q, k, v, P, kernel, key_padding_mask, chunk_size, group_size) -> torch.Tensor:
     B, H, L, _ = q.shape
     T = max(1, min(chunk_size, L))
     pad = (-L) % T
@@ -190,16 +368,20 @@ def _favor_causal(q, k, v, P, kernel, key_padding_mask, chunk_size) -> torch.Ten
         q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
         mask = key_padding_mask if key_padding_mask is not None else q.new_zeros(B, L, dtype=torch.bool)
         key_padding_mask = torch.nn.functional.pad(mask, (0, pad), value=True)
-    qf = _query_features(q, P, kernel)  # (B, H, L', m)
-    kf, g, eps = _causal_keys(k, P, kernel, key_padding_mask)
-    v1 = _masked_values(v, key_padding_mask)  # (B, H, L', e+1)
-    Lp, m, e = qf.shape[2], qf.shape[-1], v1.shape[-1]
-    out = _causal_core(qf.reshape(B * H, Lp, m), kf.reshape(B * H, Lp, m), v1.reshape(B * H, Lp, e),
-                       g.reshape(B * H, Lp), T).view(B, H, Lp, e)
-    if eps:
-        # the ε floor of every key feature: Σ_f qf_if · ε · Σ_{j≤i} v_j
-        out = out + eps * qf.sum(-1, keepdim=True) * v1.cumsum(2)
-    return _normalise(out[:, :, :L])
+    Lp, acc = L + pad, _acc(q)
+    group = max(T, group_size // T * T)
+    if kernel == "softmax":
+        flat = [t.to(acc).reshape(B * H, Lp, t.shape[3]) for t in (q, k, v)]  # (N, L, ·)
+        mask = None if key_padding_mask is None else key_padding_mask.repeat_interleave(H, 0)
+        out = _SoftmaxCausal.apply(*flat, P.to(acc), mask, T, group).view(B, H, Lp, v.shape[3])
+        return out[:, :, :L]
+    qf, kf = _query_features(q, P, kernel), _query_features(k, P, kernel)  # (B, H, L, m)
+    if key_padding_mask is not None:
+        kf = kf.masked_fill(key_padding_mask[:, None, :, None], 0.0)
+    v1 = _masked_values(v, key_padding_mask)
+    m, e = qf.shape[-1], v1.shape[-1]
+    o = _CausalLinear.apply(qf.reshape(B * H, Lp, m), kf.reshape(B * H, Lp, m), v1.reshape(B * H, Lp, e), T, group)
+    return _normalise(o.view(B, H, Lp, e)[:, :, :L])
 
 
 # -----------------------------------------------------------------------------
@@ -214,7 +396,8 @@ def favor_attention(
     kernel: str = "softmax",
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
-    chunk_size: int = 128,
+    chunk_size: int = 64,
+    group_size: int = 1024,
 ) -> torch.Tensor:
     """FAVOR+ approximation of scaled_dot_product_attention(q, k, v, is_causal=causal).
 
@@ -226,13 +409,14 @@ def favor_attention(
         kernel: "softmax" (positive random features) or "relu" (relu(xPᵀ) + 1e-3).
         causal: position i attends to keys j ≤ i (needs Lq == Lk); computed in chunks, O(L·m + m·d) memory.
         key_padding_mask: (B, Lk) bool, True = padding; padded keys enter neither numerator nor normaliser.
-        chunk_size: causal chunk length (does not change the result).
+        chunk_size: causal chunk length T (does not change the result; cost ∝ L·T·m inside chunks).
+        group_size: causal positions processed per batched step (memory/speed knob, result unchanged).
     Returns:
         (B, H, Lq, e) in the dtype of v; computed in float32.
     """
     _check_inputs(q, k, v, P, kernel, causal, key_padding_mask)
     if causal:
-        out = _favor_causal(q, k, v, P, kernel, key_padding_mask, chunk_size)
+        out = _favor_causal(q, k, v, P, kernel, key_padding_mask, chunk_size, group_size)
     else:
         out = _favor_noncausal(q, k, v, P, kernel, key_padding_mask)
     return out.to(v.dtype)

@@ -1,0 +1,159 @@
+"""Benchmark FAVOR+ (this project) against exact SDPA and performer-pytorch: fwd+bwd time and peak memory.
+
+Choromanski et al. 2021 (Performers); peer: lucidrains/performer-pytorch FastAttention (not a project
+dependency: install it in a separate venv, see below; it is skipped with a message when not importable).
+
+    python -m venv .venv-bench && .venv-bench/bin/pip install -c constraints-cpu.txt torch==2.13.0 \\
+        performer-pytorch numpy && .venv-bench/bin/pip install -e . --no-deps
+    .venv-bench/bin/python scripts/bench_attention.py --out results/bench_attention.json
+
+Each (method, L) runs in its own subprocess (fresh allocator, clean high-water mark). Time: median over
+--repeats of forward + backward of sum(out²) after one warm-up call. Peak memory: the process's
+ru_maxrss (peak resident set) after the runs minus its resident set just before the first call, i.e. the
+extra memory the attention call needs on top of its inputs (inputs, parameters and the interpreter are
+excluded). B=1, 8 heads, head_dim 64, m=256 features, fp32, torch.set_num_threads(all cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+METHODS = {
+    "exact": "torch SDPA exact",
+    "exact_causal": "torch SDPA exact causal",
+    "favor": "proteinperformer FAVOR+",
+    "favor_causal": "proteinperformer FAVOR+ causal",
+    "peer": "performer-pytorch FastAttention",
+    "peer_causal": "performer-pytorch causal",
+}
+HEADS, HEAD_DIM, FEATURES = 8, 64, 256
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _build(method: str):
+    import torch
+
+    causal = method.endswith("_causal")
+    if method.startswith("exact"):
+        from proteinperformer.attention import exact_attention
+
+        return lambda q, k, v: exact_attention(q, k, v, causal=causal)
+    if method.startswith("favor"):
+        from proteinperformer.attention import favor_attention, gaussian_projection
+
+        P = gaussian_projection(FEATURES, HEAD_DIM, generator=torch.Generator().manual_seed(0))
+        return lambda q, k, v: favor_attention(q, k, v, P, causal=causal)
+    from performer_pytorch import FastAttention
+
+    fa = FastAttention(dim_heads=HEAD_DIM, nb_features=FEATURES, causal=causal)
+    return lambda q, k, v: fa(q, k, v)
+
+
+def worker(method: str, L: int, repeats: int, budget_s: float) -> dict:
+    """Time and measure one (method, L) in this process; returns a result dict."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    fn = _build(method)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, HEADS, L, HEAD_DIM, generator=g).requires_grad_() for _ in range(3))
+
+    def run():
+        q.grad = k.grad = v.grad = None
+        t = time.perf_counter()
+        out = fn(q, k, v)
+        out.square().sum().backward()
+        ok = bool(torch.isfinite(out).all())
+        return time.perf_counter() - t, ok
+
+    base = _rss_bytes()
+    first, ok = run()  # warm-up; slow cases get fewer repeats so the whole benchmark stays bounded
+    n = max(1, min(repeats, int(budget_s / max(first, 1e-9))))
+    times = [run()[0] for _ in range(n)]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return {"method": method, "L": L, "seconds": statistics.median(times), "repeats": n,
+            "peak_gib": max(peak, 0) / 2**30, "finite": ok}
+
+
+def run_case(method: str, L: int, repeats: int, budget_s: float) -> dict | None:
+    cmd = [sys.executable, __file__, "--worker", method, str(L), str(repeats), str(budget_s)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"  {method} L={L} failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--budget", type=float, default=60.0, help="max seconds of timed repeats per case")
+    ap.add_argument("--out", default="results/bench_attention.json")
+    ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        method, L, repeats, budget = args.worker
+        print(json.dumps(worker(method, int(L), int(repeats), float(budget))))
+        return
+
+    methods = list(args.methods)
+    try:
+        import performer_pytorch  # noqa: F401
+    except ImportError:
+        skipped = [m for m in methods if m.startswith("peer")]
+        methods = [m for m in methods if not m.startswith("peer")]
+        if skipped:
+            print("performer-pytorch is not importable in this interpreter: skipping the peer "
+                  "(install it in a separate venv, see the module docstring)", file=sys.stderr)
+
+    results = []
+    for L in args.lengths:
+        for method in methods:
+            r = run_case(method, L, args.repeats, args.budget)
+            if r is not None:
+                results.append(r)
+                print(f"  {METHODS[method]:34s} L={L:6d} {r['seconds']:8.3f} s  peak {r['peak_gib']:.2f} GiB "
+                      f"(n={r['repeats']})", file=sys.stderr, flush=True)
+
+    by = {(r["method"], r["L"]): r for r in results}
+    print(f"\nfwd+bwd median seconds (peak GiB), B=1, H={HEADS}, d={HEAD_DIM}, m={FEATURES}, fp32, "
+          f"{os.cpu_count()} threads")
+    print("| method | " + " | ".join(str(L) for L in args.lengths) + " |")
+    print("|---" * (len(args.lengths) + 1) + "|")
+    for method in methods:
+        cells = []
+        for L in args.lengths:
+            r = by.get((method, L))
+            cells.append("-" if r is None else f"{r['seconds']:.3f} ({r['peak_gib']:.2f})")
+        print(f"| {METHODS[method]} | " + " | ".join(cells) + " |")
+    print("\nratios (time of reference / time of FAVOR+; >1 = FAVOR+ faster)")
+    for ours, refs in (("favor", ("exact", "peer")), ("favor_causal", ("exact_causal", "peer_causal"))):
+        for ref in refs:
+            cells = []
+            for L in args.lengths:
+                a, b = by.get((ours, L)), by.get((ref, L))
+                cells.append("-" if a is None or b is None else f"{b['seconds'] / a['seconds']:.2f}x")
+            print(f"| {METHODS[ref]} / {METHODS[ours]} | " + " | ".join(cells) + " |")
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"config": {"batch": 1, "heads": HEADS, "head_dim": HEAD_DIM, "features": FEATURES,
+                                  "dtype": "float32", "threads": os.cpu_count()}, "results": results}, f, indent=1)
+        print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
