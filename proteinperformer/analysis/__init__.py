@@ -1,0 +1,63 @@
+"""Attention analysis for biologists: attention maps, amino-acid similarity vs BLOSUM, contacts vs structure.
+
+* :mod:`.maps` — attention maps of any checkpoint (FAVOR+ maps recovered with one-hot values, in blocks).
+* :mod:`.aminoacids` — Vig et al. 2020 amino-acid aggregation and comparison with substitution matrices.
+* :mod:`.contacts` — ESM-style contact prediction (symmetrise + APC + logistic regression) and precision.
+"""
+
+from .aminoacids import (
+    AMINO_ACIDS,
+    aa_similarity,
+    attention_fractions,
+    cluster_order,
+    compare_to_matrices,
+    offdiagonal_pearson,
+    pair_counts,
+    pair_counts_from_maps,
+    random_init_like,
+    substitution_matrix,
+)
+from .contacts import (
+    Chain,
+    apc,
+    background_rate,
+    contact_features,
+    contact_map,
+    contact_precisions,
+    evaluate_contacts,
+    load_structures,
+    precision_at,
+    symmetrize,
+)
+from .io import load_model, read_sequences
+from .maps import AttentionBlock, as_performer, attention_inputs, attention_maps, iter_attention_blocks
+
+__all__ = [
+    "AMINO_ACIDS",
+    "AttentionBlock",
+    "Chain",
+    "aa_similarity",
+    "apc",
+    "as_performer",
+    "attention_fractions",
+    "attention_inputs",
+    "attention_maps",
+    "background_rate",
+    "cluster_order",
+    "compare_to_matrices",
+    "contact_features",
+    "contact_map",
+    "contact_precisions",
+    "evaluate_contacts",
+    "iter_attention_blocks",
+    "load_model",
+    "load_structures",
+    "offdiagonal_pearson",
+    "pair_counts",
+    "pair_counts_from_maps",
+    "precision_at",
+    "random_init_like",
+    "read_sequences",
+    "substitution_matrix",
+    "symmetrize",
+]

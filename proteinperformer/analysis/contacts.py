@@ -1,0 +1,200 @@
+"""Residue contacts from attention, as in ESM (Rao et al. 2021, "Transformer protein language models are
+unsupervised structure learners").
+
+Every (layer, head) map is made symmetric (A + Aᵀ) and corrected with the average product correction
+(APC, Dunn et al. 2008: F − F·1 1ᵀF / 1ᵀF1, which removes the "popular residue" background); the
+layers × heads values of a residue pair are the features of a logistic regression fitted on a few solved
+structures (20 in ESM) and evaluated on others. Two residues are in contact when their Cβ atoms (or Cα)
+are closer than 8 Å. Precision of the top L, L/2, L/5 predictions is reported for medium-range
+(12 ≤ |i−j| < 24) and long-range (|i−j| ≥ 24) pairs, next to the background rate (the precision of a random
+guess: the fraction of pairs in that range that are contacts).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from proteinperformer.analysis.maps import as_performer, attention_maps
+
+RANGES = {"medium": (12, 24), "long": (24, None)}  # [min, max) sequence separation
+TOP_FRACTIONS = {"L": 1, "L/2": 2, "L/5": 5}
+
+
+@dataclass
+class Chain:
+    """One PDB chain: id (``PDBID_CHAIN``), sequence (length L), Cα and virtual Cβ coordinates [L, 3] in Å."""
+
+    id: str
+    sequence: str
+    ca: np.ndarray
+    cb: np.ndarray
+
+
+def load_structures(path: str | Path) -> list[Chain]:
+    """Read chains from an ``.npz`` in the layout of ``pdb_chains.npz`` (ids, seqs, offsets, ca, cb)."""
+    z = np.load(path, allow_pickle=False)
+    off = z["offsets"]
+    return [
+        Chain(str(z["ids"][i]), str(z["seqs"][i]), z["ca"][off[i] : off[i + 1]], z["cb"][off[i] : off[i + 1]])
+        for i in range(len(z["ids"]))
+    ]
+
+
+def contact_map(coords: np.ndarray, threshold: float = 8.0) -> np.ndarray:
+    """[L, 3] coordinates -> [L, L] bool, True where two residues are closer than ``threshold`` Å."""
+    c = np.asarray(coords, dtype=np.float64)
+    return np.linalg.norm(c[:, None] - c[None], axis=-1) < threshold
+
+
+def symmetrize(x: torch.Tensor) -> torch.Tensor:
+    """[..., L, L] -> x + xᵀ over the last two axes."""
+    return x + x.transpose(-1, -2)
+
+
+def apc(x: torch.Tensor) -> torch.Tensor:
+    """Average product correction over the last two axes: x − (row sums)(column sums) / total. [..., L, L]."""
+    rows = x.sum(-1, keepdim=True)
+    cols = x.sum(-2, keepdim=True)
+    total = x.sum((-1, -2), keepdim=True)
+    return x - rows * cols / total
+
+
+def contact_features(model: torch.nn.Module, sequence: str) -> np.ndarray:
+    """APC-corrected symmetrised attention of every layer and head: [layers × heads, L, L] float32."""
+    maps = attention_maps(model, sequence)  # [layers, heads, L, L]
+    L = maps.shape[-1]
+    return apc(symmetrize(maps)).reshape(-1, L, L).numpy()
+
+
+def pair_mask(L: int, min_sep: int, max_sep: int | None = None) -> np.ndarray:
+    """[L, L] bool: upper-triangle pairs i < j with min_sep ≤ j − i (< max_sep if given)."""
+    sep = np.arange(L)[None] - np.arange(L)[:, None]
+    mask = sep >= min_sep
+    if max_sep is not None:
+        mask &= sep < max_sep
+    return mask
+
+
+def fit_contact_regression(
+    features: list[np.ndarray], contacts: list[np.ndarray], min_sep: int = 6, C: float = 0.15
+) -> Pipeline:
+    """L1-penalised logistic regression from per-pair attention features to contact (as ESM), on
+    standardised features (so the penalty does not depend on the scale of a model's attention).
+
+    Args:
+        features: per chain [F, L, L] (F = layers × heads); contacts: per chain [L, L] bool.
+        min_sep: only pairs with j − i ≥ min_sep are used for fitting.
+        C: inverse L1 strength (ESM: 0.15).
+    """
+    xs, ys = [], []
+    for f, c in zip(features, contacts, strict=True):
+        m = pair_mask(c.shape[0], min_sep)
+        xs.append(f[:, m].T)
+        ys.append(c[m])
+    return _l1_logistic(C).fit(np.concatenate(xs), np.concatenate(ys).astype(int))
+
+
+def _l1_logistic(C: float) -> Pipeline:
+    """Standardise features, then L1 logistic regression (``l1_ratio`` since scikit-learn 1.8, else ``penalty``)."""
+    l1 = {"l1_ratio": 1.0} if "deprecated" in str(inspect.signature(LogisticRegression).parameters["penalty"]) else {
+        "penalty": "l1"}
+    return make_pipeline(StandardScaler(), LogisticRegression(C=C, solver="liblinear", max_iter=1000, **l1))
+
+
+def predict_contacts(reg: Pipeline, features: np.ndarray) -> np.ndarray:
+    """Contact probabilities [L, L] (symmetric) from features [F, L, L]."""
+    F, L, _ = features.shape
+    p = reg.predict_proba(features.reshape(F, -1).T)[:, 1].reshape(L, L)
+    return (p + p.T) / 2
+
+
+def precision_at(
+    scores: np.ndarray, contacts: np.ndarray, min_sep: int, max_sep: int | None = None, fraction: int = 1
+) -> float:
+    """Precision of the top ⌊L / fraction⌋ scored pairs (i < j, separation in [min_sep, max_sep)).
+
+    scores, contacts: [L, L]. Ties are broken by position (stable sort). NaN if no pair is in range.
+    """
+    L = contacts.shape[0]
+    m = pair_mask(L, min_sep, max_sep)
+    s, c = scores[m], contacts[m]
+    if len(s) == 0:
+        return float("nan")
+    k = max(1, min(len(s), L // fraction))
+    top = np.argsort(-s, kind="stable")[:k]
+    return float(c[top].mean())
+
+
+def background_rate(contacts: np.ndarray, min_sep: int, max_sep: int | None = None) -> float:
+    """Fraction of pairs in the separation range that are contacts (the precision of a random ranking)."""
+    c = contacts[pair_mask(contacts.shape[0], min_sep, max_sep)]
+    return float(c.mean()) if len(c) else float("nan")
+
+
+def contact_precisions(scores: np.ndarray, contacts: np.ndarray) -> dict:
+    """Precision at L, L/2, L/5 and background for the medium and long ranges of one chain.
+
+    Returns ``{"long": {"L": p, "L/2": p, "L/5": p, "background": b}, "medium": {...}}``.
+    """
+    out = {}
+    for name, (lo, hi) in RANGES.items():
+        out[name] = {k: precision_at(scores, contacts, lo, hi, f) for k, f in TOP_FRACTIONS.items()}
+        out[name]["background"] = background_rate(contacts, lo, hi)
+    return out
+
+
+def mean_precisions(per_chain: list[dict]) -> dict:
+    """Average :func:`contact_precisions` results over chains (NaN entries skipped)."""
+    return {
+        rng: {k: float(np.nanmean([p[rng][k] for p in per_chain])) for k in per_chain[0][rng]} for rng in RANGES
+    }
+
+
+def evaluate_contacts(
+    model: torch.nn.Module,
+    chains: list[Chain],
+    n_train: int = 20,
+    atom: str = "cb",
+    threshold: float = 8.0,
+    max_len: int | None = 512,
+) -> dict:
+    """Fit the contact regression on the first ``n_train`` chains and evaluate on the rest.
+
+    Chains longer than ``max_len`` are skipped. Returns a dict with "mean" (averaged precisions),
+    "per_chain" (id, L, precisions), "regression" (the fitted pipeline), "coef" [layers, heads]
+    (on standardised features) and, for plotting, "example" (id, predicted probabilities, true contacts)
+    of the first test chain.
+    """
+    if atom not in ("cb", "ca"):
+        raise ValueError(f"atom must be 'cb' or 'ca', got {atom!r}")
+    chains = [c for c in chains if max_len is None or len(c.sequence) <= max_len]
+    if len(chains) <= n_train:
+        raise ValueError(f"need more than {n_train} chains (got {len(chains)}) to train and test")
+    feats = [contact_features(model, c.sequence) for c in chains]
+    truth = [contact_map(getattr(c, atom), threshold) for c in chains]
+    reg = fit_contact_regression(feats[:n_train], truth[:n_train])
+    per_chain = []
+    example = None
+    for c, f, t in zip(chains[n_train:], feats[n_train:], truth[n_train:], strict=True):
+        probs = predict_contacts(reg, f)
+        per_chain.append({"id": c.id, "length": len(c.sequence), **contact_precisions(probs, t)})
+        if example is None:
+            example = {"id": c.id, "sequence": c.sequence, "predicted": probs, "true": t}
+    net_cfg = as_performer(model).config
+    return {
+        "mean": mean_precisions(per_chain),
+        "per_chain": per_chain,
+        "regression": reg,
+        "coef": reg[-1].coef_.reshape(net_cfg.depth, net_cfg.heads),
+        "example": example,
+        "n_train": n_train,
+        "n_test": len(per_chain),
+    }
