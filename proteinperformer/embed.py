@@ -106,16 +106,18 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Performe
     except TypeError as err:
         raise CheckpointError(f"{path}: hyper_parameters.config does not fit ModelConfig ({err})") from None
     model = PerformerLM(cfg)
-    state = ckpt["state_dict"]
-    stray = sorted(k for k in state if not k.startswith("model."))
-    result = model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")},
-                                   strict=False)
-    unexpected = stray + [f"model.{k}" for k in result.unexpected_keys]
-    if result.missing_keys or unexpected:
+    expected = model.state_dict()
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    unexpected = sorted(k for k in ckpt["state_dict"] if not k.startswith("model.") or k[6:] not in expected)
+    missing = sorted(f"model.{k}" for k in expected if k not in state)
+    shapes = [f"model.{k} {tuple(v.shape)} (config wants {tuple(expected[k].shape)})"
+              for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    if missing or unexpected or shapes:
         raise CheckpointError(
-            f"{path}: weights do not match the config {cfg.to_dict()}: "
-            f"missing keys {[f'model.{k}' for k in result.missing_keys]}, unexpected keys {unexpected}"
+            f"{path}: weights do not match the config {cfg.to_dict()}: missing keys {missing}, "
+            f"unexpected keys {unexpected}, wrong shapes {shapes}"
         )
+    model.load_state_dict(state, strict=True)
     return model.to(device).eval()
 
 
