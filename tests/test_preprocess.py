@@ -13,7 +13,7 @@ import pytest
 
 from proteinperformer.data.datasets import ConcatChunkDataset, SingleSequenceDataset
 from proteinperformer.data.fasta import FastaFormatError, load_fasta, parse_uniprot_header
-from proteinperformer.data.preprocess import iter_blocks, parse_block, parse_header, preprocess
+from proteinperformer.data.preprocess import header_columns, iter_blocks, parse_block, preprocess
 from proteinperformer.data.store import StoreError, TokenStore, open_store
 from proteinperformer.tokenizer import Alphabet
 
@@ -79,9 +79,15 @@ def test_same_tokens_as_alphabet_encode_on_real_sample(tmp_path):
     assert meta.iloc[0]["line"] == first.line
 
 
-def test_parse_header_fast_path_matches_parse_uniprot_header():
-    for h in ["P1 ontologies=MFO", "sp|Q8AWH3|SX17A_XENTR Sox OS=X tropicalis GN=sox PE=2 SV=1", "sp|bad", "x", ""]:
-        assert parse_header(h) == parse_uniprot_header(h)
+@pytest.mark.parametrize("uniprot", [False, True])
+def test_header_columns_match_parse_uniprot_header(uniprot):
+    headers = ["P1 ontologies=MFO", "P2  two  spaces ", "x", "", "sp|bad"]
+    if uniprot:
+        headers.append("sp|Q8AWH3|SX17A_XENTR Sox OS=X tropicalis GN=sox PE=2 SV=1")
+    columns = header_columns(headers)
+    for i, h in enumerate(headers):
+        expected = parse_uniprot_header(h)
+        assert {k: columns[k][i] for k in columns if columns[k][i] is not None} == expected
 
 
 def test_two_workers_give_the_same_store(tmp_path):
@@ -151,10 +157,11 @@ def test_duplicate_accessions_error_or_first_kept(tmp_path):
     assert meta["status"].tolist().count("duplicate_id") == 1
 
 
-def test_windows_line_endings_are_normalised_and_counted(tmp_path):
-    crlf = write(tmp_path / "w.fasta", GOOD.replace("\n", "\r\n"))
+@pytest.mark.parametrize("text", [GOOD, GOOD.replace("MKV\nLLA", "MKVLLA")])  # wrapped / one line per sequence
+def test_windows_line_endings_are_normalised_and_counted(tmp_path, text):
+    crlf = write(tmp_path / "w.fasta", text.replace("\n", "\r\n"))
     manifest = run(tmp_path, crlf)
-    assert manifest["counters"]["cr_bytes"] == GOOD.count("\n")
+    assert manifest["counters"]["cr_bytes"] == text.count("\n")
     assert all_sequences(tmp_path / "store") == {"A1": "MKVLLA", "A2": "ACDEFGHIKLMNPQRSTVWYXBZUO", "A3": "MK"}
     meta = TokenStore(tmp_path / "store").metadata()
     assert meta["description"].tolist()[0] == "first"  # no trailing '\r'
