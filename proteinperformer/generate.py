@@ -1,0 +1,179 @@
+"""Sample protein sequences from an autoregressive (CLM) checkpoint.
+
+Decoding runs one token at a time through each attention layer's ``step``: for FAVOR+ models the state is
+the running sums φ(K)ᵀV and φ(K)ᵀ1 (constant time and memory per token, whatever the length so far);
+for the exact Transformer it is a KV cache. Each sample starts with ``<cls>`` and an optional prompt,
+then draws residues (temperature, top-k, top-p) until ``<eos>`` or ``max_length`` residues. Only
+amino-acid letters and ``<eos>`` can be drawn, so every output is a valid protein sequence.
+
+    pp-generate CKPT OUT.fasta --num_samples 10 --max_length 300 --temperature 0.8 --top_p 0.95 --prompt M
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+from proteinperformer.attention import FavorState, KVCache
+from proteinperformer.lm import ProteinLM
+from proteinperformer.model.performer import PerformerLM, sinusoidal_positions
+from proteinperformer.tokenizer import Alphabet
+
+
+def load_clm(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[PerformerLM, Alphabet]:
+    """The network and alphabet of a CLM checkpoint written by training, in eval mode on ``device``.
+
+    Raises ValueError for a masked-LM (bidirectional) checkpoint, which cannot generate left to right.
+    """
+    lm = ProteinLM.load_from_checkpoint(str(checkpoint), map_location=device)
+    if lm.task != "clm" or not lm.model.config.causal:
+        raise ValueError(
+            f"{checkpoint} is a masked-LM (task={lm.task!r}, bidirectional) checkpoint; sampling needs an "
+            "autoregressive one: train with task=clm (e.g. experiment=paper_uni_1024)"
+        )
+    return lm.model.eval(), lm.alphabet
+
+
+def init_states(model: PerformerLM, batch_size: int, device: torch.device | None = None) -> list:
+    """One empty decoding state per layer: FavorState for FAVOR+, KVCache for exact attention."""
+    dtype = next(model.parameters()).dtype
+    return [block.attn.init_state(batch_size, device=device, dtype=dtype) for block in model.layers]
+
+
+@torch.no_grad()
+def step_logits(
+    model: PerformerLM, tokens: torch.Tensor, position: int, states: list[FavorState | KVCache]
+) -> tuple[torch.Tensor, list[FavorState | KVCache]]:
+    """Logits for the next token after feeding ``tokens`` (LongTensor [B]) at ``position``.
+
+    The same computation as ``model(...)["logits"][:, position]`` on the whole prefix (causal model, no
+    padding), but each attention layer only updates its state. Returns (logits [B, V], new states).
+    """
+    cfg = model.config
+    x = model.embed_tokens(tokens[:, None])  # (B, 1, D)
+    if model.embed_positions is None:
+        x = x + sinusoidal_positions(position + 1, cfg.dim, x.device, x.dtype)[position]
+    else:
+        if position >= cfg.max_positions:
+            raise ValueError(f"position {position} exceeds the model's max_positions={cfg.max_positions}")
+        x = x + model.embed_positions.weight[position]
+    new_states = []
+    for block, state in zip(model.layers, states, strict=True):
+        y, state = block.attn.step(block.norm1(x), state)
+        x = x + y
+        x = x + block.mlp(block.norm2(x))
+        new_states.append(state)
+    return model.lm_head(model.final_norm(x))[:, 0], new_states  # (B, V)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Keep the ``top_k`` largest logits (0 = all) and the smallest set with probability ≥ ``top_p``.
+
+    logits [B, V] -> [B, V] with the rest set to -inf (nucleus sampling, Holtzman et al. 2020).
+    """
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def sample(
+    model: PerformerLM,
+    alphabet: Alphabet,
+    num_samples: int = 1,
+    max_length: int = 500,
+    prompt: str = "",
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> list[str]:
+    """Draw ``num_samples`` sequences (in parallel) that start with ``prompt``; returns residue strings.
+
+    ``max_length`` counts residues including the prompt; a sequence ends at ``<eos>`` or there.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    device = next(model.parameters()).device
+    prefix = alphabet.encode(prompt, "prompt").tolist() if prompt else []
+    if len(prefix) > max_length:
+        raise ValueError(f"prompt of {len(prefix)} residues is longer than max_length={max_length}")
+    allowed = torch.full((model.config.vocab_size,), float("-inf"), device=device)
+    allowed[alphabet.residue_ids + [alphabet.eos_idx]] = 0.0  # only residues or the end can be drawn
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    states = init_states(model, num_samples, device)
+    out = torch.tensor(prefix, dtype=torch.long, device=device).repeat(num_samples, 1)  # (B, len(prompt))
+    finished = torch.zeros(num_samples, dtype=torch.bool, device=device)
+    token = torch.full((num_samples,), alphabet.cls_idx, dtype=torch.long, device=device)
+    for position, prompt_token in enumerate(prefix):  # feed <cls> and the prompt
+        _, states = step_logits(model, token, position, states)
+        token = torch.full_like(token, prompt_token)
+    for position in range(len(prefix), max_length):
+        logits, states = step_logits(model, token, position, states)
+        logits = filter_logits(logits.float() / temperature + allowed, top_k, top_p)
+        token = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]  # (B,)
+        finished |= token == alphabet.eos_idx
+        out = torch.cat([out, token.masked_fill(finished, alphabet.eos_idx)[:, None]], dim=1)
+        if bool(finished.all()):
+            break
+    return [alphabet.decode(row[row != alphabet.eos_idx].tolist()) for row in out]
+
+
+def write_fasta(path: str | Path, records: list[tuple[str, str]], width: int = 60) -> Path:
+    """Write ``(header, sequence)`` records as FASTA via a temp file + rename (no half-written files)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        for header, seq in records:
+            f.write(f">{header}\n")
+            f.writelines(seq[i : i + width] + "\n" for i in range(0, len(seq), width))
+    os.replace(tmp, path)
+    return path
+
+
+def create_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Sample protein sequences from a CLM checkpoint into a FASTA file.")
+    parser.add_argument("checkpoint", help="checkpoint of a model trained with task=clm")
+    parser.add_argument("output", help="FASTA file to write")
+    parser.add_argument("--num_samples", type=int, default=10)
+    parser.add_argument("--max_length", type=int, default=500, help="residues per sequence, prompt included")
+    parser.add_argument("--prompt", default="", help="residues every sample starts with, e.g. M")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling threshold (1 = off)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Load the checkpoint, sample, write the FASTA; returns its path."""
+    model, alphabet = load_clm(args.checkpoint, args.device)
+    seqs = sample(model, alphabet, args.num_samples, args.max_length, args.prompt, args.temperature,
+                  args.top_k, args.top_p, args.seed)
+    settings = f"temperature={args.temperature} top_k={args.top_k} top_p={args.top_p} seed={args.seed}"
+    records = [(f"sample_{i} length={len(s)} {settings}", s) for i, s in enumerate(seqs)]
+    return write_fasta(args.output, records)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point ``pp-generate``."""
+    path = run(create_parser().parse_args(argv))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
