@@ -56,7 +56,10 @@ def plot_similarity(sim: np.ndarray, reference: np.ndarray, ref_name: str, r: fl
     plt.close(fig)
 
 
-def run(checkpoint: str, fasta: str, n_seqs: int, out: Path, matrices: list[str], max_len: int, seed: int) -> dict:
+def run(
+    checkpoint: str, fasta: str, n_seqs: int, out: Path, matrices: list[str] = MATRICES, max_len: int = 512,
+    seed: int = 0,
+) -> dict:
     """Compute pair counts for the model and its random-init null, compare, write JSON/PNG/NPZ; return the JSON."""
     torch.set_grad_enabled(False)
     out.mkdir(parents=True, exist_ok=True)

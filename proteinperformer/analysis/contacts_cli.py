@@ -60,12 +60,15 @@ def _summary(res: dict) -> dict:
     return {"mean": res["mean"], "per_chain": res["per_chain"], "coef": np.round(res["coef"], 4).tolist()}
 
 
-def run(checkpoint: str, structures: str, n_train: int, out: Path, atom: str, max_len: int, seed: int) -> dict:
+def run(
+    checkpoint: str, structures: str, n_train: int, out: Path, atom: str = "cb", max_len: int = 512, seed: int = 0,
+    n_chains: int | None = None,
+) -> dict:
     """Evaluate contact prediction for the checkpoint and its random-init null; write JSON and PNG."""
     torch.set_grad_enabled(False)
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(checkpoint)
-    chains = load_structures(structures)
+    chains = load_structures(structures)[:n_chains]
     res = evaluate_contacts(model, chains, n_train=n_train, atom=atom, max_len=max_len)
     null = evaluate_contacts(random_init_like(model, seed), chains, n_train=n_train, atom=atom, max_len=max_len)
     result = {
@@ -92,8 +95,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--atom", choices=("cb", "ca"), default="cb", help="distance between Cβ (default) or Cα atoms")
     p.add_argument("--max-len", type=int, default=512, help="skip chains longer than this")
     p.add_argument("--seed", type=int, default=0, help="null-model seed")
+    p.add_argument("--n-chains", type=int, default=None, help="use only the first N chains (default: all)")
     a = p.parse_args(argv)
-    res = run(a.checkpoint, a.structures, a.train_chains, a.out, a.atom, a.max_len, a.seed)
+    res = run(a.checkpoint, a.structures, a.train_chains, a.out, a.atom, a.max_len, a.seed, a.n_chains)
     m, n = res["model"]["mean"]["long"], res["null_random_init"]["mean"]["long"]
     print(f"{res['n_test']} test chains, long-range P@L = {m['L']:.3f} (random-init null {n['L']:.3f}, "
           f"background {m['background']:.3f}); written to {a.out}")
