@@ -216,3 +216,21 @@ def test_bucketed_batches_pad_less_and_shard_by_rank():
     assert set(seen) == set(range(5000)) and sum(seen.values()) - 5000 < 3 * 16  # only wrap-around padding
     dropped = LengthBucketBatchSampler(tokens, 16, 50, seed=0, rank=0, world_size=3, drop_last=True)
     assert len(list(dropped)) == len(dropped) and all(len(b) == 16 for b in dropped)
+
+
+@pytest.mark.parametrize("mode", ["single", "concat"])
+def test_datamodule_reads_splits_from_a_store(store_path, mode):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base=None):
+        cfg = compose("train", overrides=["data=uniprot_store", f"data.store_path={store_path}", f"data.mode={mode}"])
+    dm = instantiate(cfg.data, task="mlm", batch_size=4, chunk_len=512)
+    dm.setup()
+    store = TokenStore(store_path)
+    assert {k: len(v) for k, v in dm.splits.items()} == {k: len(store.split(k)) for k in ("train", "valid", "test")}
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 4
+    width = batch["input_ids"].shape[1]
+    assert width == 512 if mode == "concat" else 3 <= width <= 1024

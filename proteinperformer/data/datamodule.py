@@ -20,6 +20,7 @@ from proteinperformer.data.datasets import ConcatChunkDataset, EpochShuffleSampl
 from proteinperformer.data.fasta import load_fasta
 from proteinperformer.data.sequences import TokenizedSequences
 from proteinperformer.data.splits import assign_split
+from proteinperformer.data.store import TokenStore
 from proteinperformer.tokenizer import Alphabet
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -47,6 +48,8 @@ class ProteinDataModule(pl.LightningDataModule):
         valid_frac, test_frac, split_seed: accession-hash split.
         max_sequences: keep only the first N records of the file (quick experiments).
         seed: seed for shuffling, cropping and masking.
+        store_path: token store made by ``pp-preprocess``; when set, the train/valid/test splits are read
+            from it (memory-mapped) and fasta_path, valid_frac, test_frac, split_seed, max_sequences are unused.
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class ProteinDataModule(pl.LightningDataModule):
         max_sequences: int | None = None,
         mask_prob: float = 0.15,
         seed: int = 0,
+        store_path: str | None = None,
     ) -> None:
         super().__init__()
         if task not in ("mlm", "clm"):
@@ -71,6 +75,7 @@ class ProteinDataModule(pl.LightningDataModule):
         if mode not in ("single", "concat"):
             raise ValueError(f"mode must be 'single' or 'concat', got {mode!r}")
         self.fasta_path = fasta_path
+        self.store_path = store_path
         self.task, self.mode = task, mode
         self.max_len, self.chunk_len = max_len, chunk_len
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -100,6 +105,10 @@ class ProteinDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
+            return
+        if self.store_path is not None:  # pre-tokenised, accession-hashed splits made by pp-preprocess
+            store = TokenStore(resolve_path(self.store_path))
+            self.splits = {split: store.split(split) for split in ("train", "valid", "test")}
             return
         sequences = self.load_sequences()
         names = np.array([assign_split(i, self.valid_frac, self.test_frac, self.split_seed) for i in sequences.ids])
