@@ -25,8 +25,13 @@ import torch  # noqa: E402
 from proteinperformer.analysis import evaluate_contacts, load_model, load_structures, random_init_like  # noqa: E402
 
 
-def plot_contacts(example: dict, path: Path, min_sep: int = 6) -> None:
-    """Upper triangle: the top-L predicted contacts (|i−j| ≥ min_sep); lower triangle: the true contacts."""
+def plot_contacts(example: dict, path: Path | None = None, min_sep: int = 6) -> plt.Figure:
+    """Predicted vs true contact map of one chain (``example`` from ``evaluate_contacts``).
+
+    Left: predicted probabilities (upper triangle) over true contacts (lower). Right: the top-L predictions
+    (|i−j| ≥ min_sep; blue correct, red wrong) above the diagonal, true contacts below. Saved to ``path``
+    (and closed) when given; the figure is returned.
+    """
     pred, true = example["predicted"], example["true"]
     L = true.shape[0]
     sep = np.abs(np.arange(L)[None] - np.arange(L)[:, None])
@@ -52,8 +57,10 @@ def plot_contacts(example: dict, path: Path, min_sep: int = 6) -> None:
         ax.set_xlabel("residue")
         ax.set_ylabel("residue")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    if path is not None:
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return fig
 
 
 def _summary(res: dict) -> dict:

@@ -1,0 +1,37 @@
+"""The command-line tools pp-attention-blosum and pp-contacts on the tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from proteinperformer.analysis import blosum_cli, contacts_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_attention_vs_blosum_cli(tiny_checkpoint, tmp_path):
+    blosum_cli.main([str(tiny_checkpoint), str(ROOT / "data/uniprot_sample20k.fasta.gz"), "--n-seqs", "6",
+                     "--max-len", "60", "--out", str(tmp_path), "--matrices", "BLOSUM62", "PAM250"])
+    res = json.loads((tmp_path / "attention_vs_blosum.json").read_text())
+    assert res["n_sequences"] == 6 and res["n_residues"] <= 6 * 60
+    for part in ("model", "null_random_init"):
+        assert set(res[part]["overall"]) == {"BLOSUM62", "PAM250"}
+        assert math.isfinite(res[part]["overall"]["BLOSUM62"])
+        assert len(res[part]["per_layer"]["BLOSUM62"]) == res["layers"] == 2
+    assert res["model"]["overall"]["BLOSUM62"] != res["null_random_init"]["overall"]["BLOSUM62"]
+    assert (tmp_path / "attention_vs_blosum.png").stat().st_size > 10_000
+    assert (tmp_path / "aa_pair_counts.npz").exists()
+
+
+def test_contacts_cli(tiny_checkpoint, tmp_path):
+    contacts_cli.main([str(tiny_checkpoint), "--structures", str(ROOT / "data/structures/pdb_chains_subset60.npz"),
+                       "--train-chains", "4", "--n-chains", "7", "--atom", "ca", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "contacts.json").read_text())
+    assert res["n_train"] == 4 and res["n_test"] == 3 and res["contact_definition"].startswith("CA")
+    for part in ("model", "null_random_init"):
+        for rng in ("medium", "long"):
+            assert all(0 <= v <= 1 for v in res[part]["mean"][rng].values())
+        assert len(res[part]["per_chain"]) == 3
+    assert (tmp_path / "contacts.png").stat().st_size > 10_000

@@ -1,0 +1,56 @@
+"""The biologist notebooks run top to bottom on the tiny checkpoint and report sensible numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def run_notebook(name: str, env: dict[str, str]) -> dict:
+    """Execute notebooks/<name> (kernel python3, cwd notebooks/) and return the JSON its last cell prints."""
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the kernel inherits this process's environment
+    try:
+        nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    text = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.get("output_type") == "stream")
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def test_attention_of_one_protein(tiny_checkpoint):
+    out = run_notebook("01_attention_of_one_protein.ipynb", {"PP_CHECKPOINT": str(tiny_checkpoint)})
+    assert out["protein"].startswith("sp|P68871|") and out["length"] == 147
+    assert out["row_sum_min"] == pytest.approx(1.0, abs=1e-4) and out["row_sum_max"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_attention_vs_blosum62(tiny_checkpoint):
+    out = run_notebook("02_attention_vs_blosum62.ipynb",
+                       {"PP_CHECKPOINT": str(tiny_checkpoint), "PP_NB_PROTEINS": "8"})
+    assert out["n_proteins"] == 8
+    for key in ("r_blosum62", "r_blosum62_untrained"):
+        assert math.isfinite(out[key]) and -1 <= out[key] <= 1
+
+
+def test_contacts_vs_structure(tiny_checkpoint):
+    out = run_notebook("03_contacts_vs_structure.ipynb", {"PP_CHECKPOINT": str(tiny_checkpoint), "PP_NB_CHAINS": "24"})
+    assert out["n_train"] == 20 and out["n_test"] == 4
+    for rng in ("medium", "long"):
+        for k in ("L", "L/2", "L/5", "background"):
+            assert 0 <= out["precision"][rng][k] <= 1
+        assert out["precision"][rng]["background"] > 0
