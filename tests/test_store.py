@@ -58,6 +58,17 @@ def test_store_reads_back_every_sequence_in_its_split(store_path, tmp_path):
     np.testing.assert_array_equal(sub[1], store.split("train")[2])
 
 
+def test_vectorised_split_codes_agree_with_assign_split():
+    rng = np.random.default_rng(0)
+    accessions = [
+        f"{a}{n}" for a, n in zip(rng.choice(list("OPQABX"), 20_000), rng.integers(0, 10**6, 20_000), strict=True)
+    ]
+    for valid, test, seed in [(0.05, 0.05, 0), (0.3, 0.2, 7), (0.0, 0.5, 1)]:
+        codes = pp.split_codes(accessions, valid, test, seed)
+        names = np.array(["train", "valid", "test"])[codes]
+        assert names.tolist() == [assign_split(a, valid, test, seed) for a in accessions]
+
+
 def test_store_pickles_without_its_memmaps(store_path):
     part = open_store(store_path, "train")
     _ = part[0], part.ids

@@ -102,8 +102,12 @@ class Block:
 
 try:  # ISA-L inflate is 2-3x faster than zlib; optional (pip install isal), same gzip format
     from isal.igzip import IGzipFile as _GzipFile
+    from isal.isal_zlib import error as _IsalError
+
+    _GZIP_ERRORS: tuple[type[BaseException], ...] = (EOFError, zlib.error, gzip.BadGzipFile, OSError, _IsalError)
 except ImportError:  # pragma: no cover - depends on the environment
     _GzipFile = gzip.GzipFile
+    _GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, OSError)
 
 
 def _open_binary(path: Path):
@@ -126,20 +130,23 @@ def prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
     stop = threading.Event()
     done = object()
 
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=0.1)
+                return True
+            except Full:
+                continue
+        return False
+
     def worker() -> None:
         try:
             for item in iterator:
-                while not stop.is_set():
-                    try:
-                        queue.put(item, timeout=0.1)
-                        break
-                    except Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            queue.put(done)
+            put(done)
         except BaseException as err:  # noqa: BLE001 - handed to the consumer
-            queue.put(err)
+            put(err)
 
     thread = threading.Thread(target=worker, daemon=True)
     thread.start()
@@ -169,7 +176,7 @@ def iter_blocks(path: str | Path, chunk_bytes: int = 32 << 20) -> Iterator[Block
         while True:
             try:
                 piece = handle.read(chunk_bytes)
-            except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as err:
+            except _GZIP_ERRORS as err:
                 last = line + buf.count(b"\n")
                 raise FastaFormatError(
                     f"{path}:{last}: truncated or corrupt gzip stream ({err}); re-download or re-compress the file"
@@ -432,6 +439,17 @@ def _sequence_hashes(out: Path, name: str) -> np.ndarray:
     return np.frombuffer(digests, dtype=np.uint64)
 
 
+def split_codes(accessions: Sequence[str], valid_frac: float, test_frac: float, seed: int) -> np.ndarray:
+    """``splits.assign_split`` for many accessions at once: int8 [n] indices into SPLIT_NAMES (0 train, 1 valid,
+    2 test). Same BLAKE2b-of-"seed:accession" fraction and thresholds, without two Python calls per accession
+    (``tests/test_store.py`` checks the two agree)."""
+    assign_split("", valid_frac, test_frac, seed)  # validates the fractions
+    prefix = f"{seed}:"
+    digests = b"".join([hashlib.blake2b((prefix + a).encode(), digest_size=8).digest() for a in accessions])
+    u = np.frombuffer(digests, dtype="<u8") / 2.0**64
+    return np.where(u < valid_frac, 1, np.where(u < valid_frac + test_frac, 2, 0)).astype(np.int8)
+
+
 def _split_shard(
     out: Path, name: str, status: np.ndarray, holdout: set[str], valid_frac: float, test_frac: float, seed: int
 ) -> tuple[np.ndarray, set[str]]:
@@ -439,16 +457,13 @@ def _split_shard(
 
     Returns (split codes int8 [n], -1 = not kept; indices into SPLIT_NAMES) and the holdout accessions found."""
     accessions = pd.read_parquet(out / "shards" / name / "meta.parquet", columns=["accession"])["accession"].tolist()
-    code_of = {split: c for c, split in enumerate(SPLIT_NAMES)}
-    codes = np.full(len(accessions), -1, dtype=np.int8)
-    found = set()
-    for j in np.flatnonzero(status == STATUS_KEPT).tolist():
-        acc = accessions[j]
-        if acc in holdout:
-            codes[j] = code_of["ood"]
-            found.add(acc)
-        else:
-            codes[j] = code_of[assign_split(acc, valid_frac, test_frac, seed)]
+    codes = np.where(status == STATUS_KEPT, split_codes(accessions, valid_frac, test_frac, seed), -1).astype(np.int8)
+    found: set[str] = set()
+    if holdout:
+        in_holdout = np.fromiter((a in holdout for a in accessions), dtype=bool, count=len(accessions))
+        in_holdout &= status == STATUS_KEPT
+        codes[in_holdout] = SPLIT_NAMES.index("ood")
+        found = {accessions[j] for j in np.flatnonzero(in_holdout).tolist()}
     table = pd.DataFrame(
         {
             "split": pd.Categorical.from_codes(codes, categories=list(SPLIT_NAMES)),
@@ -715,6 +730,8 @@ def preprocess(
         bar.set_postfix_str(f"{residues / max(time.perf_counter() - t0, 1e-9) / 1e6:.1f}M residues/s")
 
     pool = cf.ProcessPoolExecutor(workers) if workers > 1 else None
+    if pool is not None:
+        pool.submit(int).result()  # fork all workers now, before the prefetch thread exists
     pending: set[cf.Future] = set()
     done_bytes = 0
     try:
