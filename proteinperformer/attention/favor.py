@@ -212,138 +212,176 @@ def _chunk_scales(gc: torch.Tensor, g_prev: torch.Tensor):
     return D, G0, G1, torch.exp(gc - G1.unsqueeze(-1)), torch.exp(G0.unsqueeze(-1) - gc)
 
 
-def _chunk_states(K, Vk, G0, G1, H):
-    """States entering each chunk, (N, n, m, e), from the state H entering the group; returns (Hc, H_out)."""
+def _chunk_states(K, Vk, G0, G1, H, g_prev):
+    """States entering each chunk of a group, (N, n, m, e), and the state leaving it.
+
+    H_c = Σ_{c' < c} exp(G1[c'] − G0[c]) kv_c' + exp(g_prev − G0[c]) H: the sequential scan over chunks
+    written as one small (n, n) weight matrix (all weights ≤ 1), so it is a single batched GEMM.
+    """
+    N, n = G0.shape
     kv = K.transpose(-1, -2) @ Vk  # (N, n, m, e): each chunk's keys, relative to its own end G1
-    decay = torch.exp(G0 - G1)  # (N, n) ≤ 1
-    Hc = torch.empty_like(kv)
-    for c in range(kv.shape[1]):
-        Hc[:, c] = H
-        H = kv[:, c] + H * decay[:, c, None, None]
-    return Hc, H
+    strict = torch.ones(n, n, dtype=torch.bool, device=K.device).tril(-1)
+    W = torch.exp((G1.unsqueeze(1) - G0.unsqueeze(2)).clamp_max_(0.0)).mul_(strict)  # (N, n, n) [c, c']
+    Hc = W @ kv.view(N, n, -1)  # (N, n, m·e)
+    Hc.baddbmm_(torch.exp(g_prev.unsqueeze(1) - G0).unsqueeze(-1), H.view(N, 1, -1))  # + the incoming state
+    Hc = Hc.view_as(kv)
+    last = G1[:, -1:]  # the state leaving the group is relative to the group's last g
+    H_out = (torch.exp(G1 - last).unsqueeze(1) @ kv.view(N, n, -1)).view_as(H)
+    H_out.add_(torch.exp(g_prev.unsqueeze(1) - last)[..., None] * H)
+    return Hc, H_out
 
 
-def _causal_forward(Q, K, V, g, T, group):
-    """Q, K: (N, L, m); V: (N, L, e); g: (N, L); L % T == 0. Returns O (N, L, e) and the group-entering
-    states (N, n_groups, m, e) for the backward pass."""
-    N, L, m = Q.shape
-    e = V.shape[-1]
-    O = torch.empty(N, L, e, dtype=Q.dtype, device=Q.device)
+def _future_states(qdo, G0, G1, U, g_prev):
+    """Reverse scan of the backward pass: for each chunk c, U_c = Σ over queries in later chunks and later
+    groups of exp(G1[c] − g_i) Q_iᵀ dO_i; qdo (N, n, m, e) holds each chunk's own sum relative to G0.
+    U enters relative to the group's last g and leaves relative to g_prev. All weights ≤ 1."""
+    N, n = G0.shape
+    strict = torch.ones(n, n, dtype=torch.bool, device=qdo.device).triu(1)
+    W = torch.exp((G1.unsqueeze(2) - G0.unsqueeze(1)).clamp_max_(0.0)).mul_(strict)  # (N, n, n) [c, c']
+    last = G1[:, -1:]
+    Uc = W @ qdo.view(N, n, -1)  # (N, n, m·e)
+    Uc.baddbmm_(torch.exp(G1 - last).unsqueeze(-1), U.view(N, 1, -1))
+    Uc = Uc.view_as(qdo)
+    U_out = (torch.exp(g_prev.unsqueeze(1) - G0).unsqueeze(1) @ qdo.view(N, n, -1)).view_as(U)
+    U_out.add_(torch.exp(g_prev.unsqueeze(1) - last)[..., None] * U)
+    return Uc, U_out
+
+
+def _to_groups(x: torch.Tensor, G: int) -> torch.Tensor:
+    """(N, L, ...) -> (L/G, N, G, ...) contiguous: a group's chunks then merge with N into one bmm batch."""
+    return x.unflatten(1, (x.shape[1] // G, G)).transpose(0, 1).contiguous()
+
+
+def _from_groups(x: torch.Tensor) -> torch.Tensor:
+    """(L/G, N, G, ...) -> (N, L, ...)."""
+    return x.transpose(0, 1).flatten(1, 2)
+
+
+def _prefix_sum(x: torch.Tensor) -> torch.Tensor:
+    """Inclusive cumsum over positions in group layout (ng, N, G, e)."""
+    tot = x.sum(2, keepdim=True)  # (ng, N, 1, e)
+    return x.cumsum(2) + (tot.cumsum(0) - tot)
+
+
+def _suffix_sum(x: torch.Tensor) -> torch.Tensor:
+    """Inclusive reverse cumsum over positions in group layout (ng, N, G, e)."""
+    tot = x.sum(2, keepdim=True)
+    return x - x.cumsum(2) + tot + (tot.sum(0) - tot.cumsum(0))
+
+
+def _causal_forward(Q, K, V, g, T):
+    """Q, K: (ng, N, G, m); V: (ng, N, G, e); g: (ng, N, G); G % T == 0 (group-major layout).
+
+    Returns O (ng, N, G, e) and the states entering each group (ng, N, m, e) for the backward pass.
+    """
+    ng, N, G, m = Q.shape
+    e, n = V.shape[-1], G // T
+    O = torch.empty_like(V)
+    Hs = Q.new_empty(ng, N, m, e)
     H = Q.new_zeros(N, m, e)
-    starts = list(range(0, L, group))
-    Hs = Q.new_empty(N, len(starts), m, e)
-    for gi, s in enumerate(starts):
-        sl = slice(s, min(s + group, L))
-        n = (sl.stop - s) // T
-        Qc, Kc = Q[:, sl].view(N, n, T, m), K[:, sl].view(N, n, T, m)  # (N, n, T, m)
-        Vc, gc = V[:, sl].view(N, n, T, e), g[:, sl].view(N, n, T)
-        g_prev = g[:, s - 1] if s > 0 else g.new_full((N,), _NEG)
+    for gi in range(ng):
+        Qc, Kc, Vc, gc = Q[gi].view(N, n, T, m), K[gi].view(N, n, T, m), V[gi].view(N, n, T, e), g[gi].view(N, n, T)
+        g_prev = g[gi - 1, :, -1] if gi > 0 else g.new_full((N,), _NEG)
         D, G0, G1, wk, wq = _chunk_scales(gc, g_prev)
-        Hs[:, gi] = H
-        Hc, H = _chunk_states(Kc, Vc * wk.unsqueeze(-1), G0, G1, H)
-        Oc = ((Qc @ Kc.transpose(-1, -2)).mul_(D)) @ Vc  # intra-chunk, (N, n, T, e)
+        Hs[gi] = H
+        Hc, H = _chunk_states(Kc, Vc * wk.unsqueeze(-1), G0, G1, H, g_prev)
+        Oc = O[gi].view(N, n, T, e)
+        torch.matmul((Qc @ Kc.transpose(-1, -2)).mul_(D), Vc, out=Oc)  # intra-chunk
         Oc.add_((Qc @ Hc).mul_(wq.unsqueeze(-1)))  # earlier chunks
-        O[:, sl] = Oc.view(N, -1, e)
     return O, Hs
 
 
-def _causal_backward(Q, K, V, g, Hs, dO, T, group):
+def _causal_backward(Q, K, V, g, Hs, dO, T):
     """Gradients of _causal_forward wrt Q, K, V (g is a constant), group by group from the end."""
-    N, L, m = Q.shape
-    e = V.shape[-1]
+    ng, N, G, m = Q.shape
+    e, n = V.shape[-1], G // T
     dQ, dK, dV = torch.empty_like(Q), torch.empty_like(K), torch.empty_like(V)
     U = Q.new_zeros(N, m, e)  # Σ over later queries exp(G − g_i) Q_iᵀ dO_i, G = g at the group's end
-    starts = list(range(0, L, group))
-    for gi in reversed(range(len(starts))):
-        s = starts[gi]
-        sl = slice(s, min(s + group, L))
-        n = (sl.stop - s) // T
-        Qc, Kc = Q[:, sl].view(N, n, T, m), K[:, sl].view(N, n, T, m)
-        Vc, gc, dOc = V[:, sl].view(N, n, T, e), g[:, sl].view(N, n, T), dO[:, sl].view(N, n, T, e)
-        g_prev = g[:, s - 1] if s > 0 else g.new_full((N,), _NEG)
+    for gi in reversed(range(ng)):
+        Qc, Kc, Vc, gc = Q[gi].view(N, n, T, m), K[gi].view(N, n, T, m), V[gi].view(N, n, T, e), g[gi].view(N, n, T)
+        dOc = dO[gi].view(N, n, T, e)
+        g_prev = g[gi - 1, :, -1] if gi > 0 else g.new_full((N,), _NEG)
         D, G0, G1, wk, wq = _chunk_scales(gc, g_prev)
         Vk = Vc * wk.unsqueeze(-1)
-        Hc, _ = _chunk_states(Kc, Vk, G0, G1, Hs[:, gi])
+        Hc, _ = _chunk_states(Kc, Vk, G0, G1, Hs[gi], g_prev)
+        dQc, dKc, dVc = dQ[gi].view(N, n, T, m), dK[gi].view(N, n, T, m), dV[gi].view(N, n, T, e)
         # intra-chunk
         S = (Qc @ Kc.transpose(-1, -2)).mul_(D)  # (N, n, T, T)
-        dVc = S.transpose(-1, -2) @ dOc
+        torch.matmul(S.transpose(-1, -2), dOc, out=dVc)
         del S
         dP = (dOc @ Vc.transpose(-1, -2)).mul_(D)
-        dQc = dP @ Kc
-        dKc = dP.transpose(-1, -2) @ Qc
+        torch.matmul(dP, Kc, out=dQc)
+        torch.matmul(dP.transpose(-1, -2), Qc, out=dKc)
         del dP
         # earlier chunks seen by these queries
         dOq = dOc * wq.unsqueeze(-1)  # (N, n, T, e)
         dQc.add_(dOq @ Hc.transpose(-1, -2))
-        # later queries seen by these keys: reverse scan of U over chunks
-        qdo = Qc.transpose(-1, -2) @ dOq  # (N, n, m, e), chunk c's queries relative to G0[c]
-        decay = torch.exp(G0 - G1)
-        Uc = torch.empty_like(qdo)
-        for c in reversed(range(n)):
-            Uc[:, c] = U
-            U = qdo[:, c] + U * decay[:, c, None, None]
+        # later queries seen by these keys
+        Uc, U = _future_states(Qc.transpose(-1, -2) @ dOq, G0, G1, U, g_prev)
         dKc.add_(Vk @ Uc.transpose(-1, -2))
         dVc.add_((Kc @ Uc).mul_(wk.unsqueeze(-1)))
-        dQ[:, sl], dK[:, sl], dV[:, sl] = dQc.view(N, -1, m), dKc.view(N, -1, m), dVc.view(N, -1, e)
     return dQ, dK, dV
 
 
 class _SoftmaxCausal(torch.autograd.Function):
-    """FAVOR+ causal softmax attention on flattened (N, L, ·) inputs, L % chunk == 0."""
+    """FAVOR+ causal softmax attention on flattened (N, L, ·) inputs, L % group == 0, group % chunk == 0."""
 
     @staticmethod
     def forward(ctx, q, k, v, P, mask, chunk, group):
         Pa = _augmented_projection(P, q.dtype)
-        Q = _logits(q, Pa)  # (N, L, m)
+        q, k, v = (_to_groups(t, group) for t in (q, k, v))  # (ng, N, G, ·)
+        mask = None if mask is None else _to_groups(mask, group)
+        Q = _logits(q, Pa)  # (ng, N, G, m)
         Q.sub_(Q.amax(-1, keepdim=True)).exp_().add_(SOFTMAX_EPS)  # φ(q) up to m^(-1/2)
         K = _logits(k, Pa)
         if mask is not None:
             K.masked_fill_(mask.unsqueeze(-1), float("-inf"))
-        g = K.amax(-1).cummax(-1).values.clamp_min_(_NEG)  # (N, L) running key max: no future keys
+        # running key max over positions (never a future key)
+        g = _to_groups(_from_groups(K.amax(-1)).cummax(-1).values.clamp_min_(_NEG), group)  # (ng, N, G)
         K.sub_(g.unsqueeze(-1)).exp_()  # ≤ 1
-        V = _values_with_ones(v, mask)  # (N, L, e+1)
-        O, Hs = _causal_forward(Q, K, V, g, chunk, group)
+        V = _values_with_ones(v, mask)  # (ng, N, G, e+1)
+        O, Hs = _causal_forward(Q, K, V, g, chunk)
         # ε floor of φ(k_j): Σ_{j≤i} ε (Σ_f φ(q_i)_f) v_j
-        O.add_(SOFTMAX_EPS * Q.sum(-1, keepdim=True) * V.cumsum(1))
+        O.add_(SOFTMAX_EPS * Q.sum(-1, keepdim=True) * _prefix_sum(V))
         den = O[..., -1:].clamp_min(1e-30)
         out = O[..., :-1] / den
         ctx.save_for_backward(q, k, Q, K, V, g, Hs, out, den, Pa, mask)
-        ctx.chunk, ctx.group = chunk, group
-        return out
+        ctx.chunk = chunk
+        return _from_groups(out)
 
     @staticmethod
     def backward(ctx, grad):
         q, k, Q, K, V, g, Hs, out, den, Pa, mask = ctx.saved_tensors
-        dO = _normaliser_backward(grad, out, den)  # (N, L, e+1)
-        dQ, dK, dV = _causal_backward(Q, K, V, g, Hs, dO, ctx.chunk, ctx.group)
-        # ε term: o_i += ε s_i C_i with s = Σ_f Q_if and C = cumsum(V)
-        dQ.add_(SOFTMAX_EPS * (dO * V.cumsum(1)).sum(-1, keepdim=True))
-        sdo = Q.sum(-1, keepdim=True) * dO
-        dV.add_(SOFTMAX_EPS * (sdo + sdo.sum(1, keepdim=True) - sdo.cumsum(1)))  # reverse cumsum
+        dO = _normaliser_backward(_to_groups(grad, out.shape[2]), out, den)  # (ng, N, G, e+1)
+        dQ, dK, dV = _causal_backward(Q, K, V, g, Hs, dO, ctx.chunk)
+        # ε term: o_i += ε s_i C_i with s = Σ_f Q_if and C = prefix sums of V
+        dQ.add_(SOFTMAX_EPS * (dO * _prefix_sum(V)).sum(-1, keepdim=True))
+        dV.add_(SOFTMAX_EPS * _suffix_sum(Q.sum(-1, keepdim=True) * dO))
         dq = _logits_backward(dQ.mul_(Q - SOFTMAX_EPS), q, Pa)
         dk = _logits_backward(dK.mul_(K), k, Pa)
         dv = dV[..., :-1]
         if mask is not None:
             dv = dv.masked_fill(mask.unsqueeze(-1), 0.0)
-        return dq, dk, dv, None, None, None, None
+        return _from_groups(dq), _from_groups(dk), _from_groups(dv), None, None, None, None
 
 
 class _CausalLinear(torch.autograd.Function):
-    """o_i = Σ_{j≤i} (Q_i·K_j) V_j for given features (the relu kernel; no stabiliser)."""
+    """o_i = Σ_{j≤i} (Q_i·K_j) V_j for given features (the relu kernel; no stabiliser); (N, L, ·) inputs."""
 
     @staticmethod
     def forward(ctx, Q, K, V, chunk, group):
+        Q, K, V = (_to_groups(t, group) for t in (Q, K, V))
         g = Q.new_zeros(Q.shape[:-1])
-        O, Hs = _causal_forward(Q, K, V, g, chunk, group)
+        O, Hs = _causal_forward(Q, K, V, g, chunk)
         ctx.save_for_backward(Q, K, V, g, Hs)
-        ctx.chunk, ctx.group = chunk, group
-        return O
+        ctx.chunk = chunk
+        return _from_groups(O)
 
     @staticmethod
     def backward(ctx, dO):
         Q, K, V, g, Hs = ctx.saved_tensors
-        dQ, dK, dV = _causal_backward(Q, K, V, g, Hs, dO.contiguous(), ctx.chunk, ctx.group)
-        return dQ, dK, dV, None, None
+        dQ, dK, dV = _causal_backward(Q, K, V, g, Hs, _to_groups(dO, Q.shape[2]), ctx.chunk)
+        return _from_groups(dQ), _from_groups(dK), _from_groups(dV), None, None
 
 
 def _favor_noncausal(q, k, v, P, kernel, key_padding_mask) -> torch.Tensor:
@@ -363,13 +401,15 @@ def _favor_noncausal(q, k, v, P, kernel, key_padding_mask) -> torch.Tensor:
 def _favor_causal(q, k, v, P, kernel, key_padding_mask, chunk_size, group_size) -> torch.Tensor:
     B, H, L, _ = q.shape
     T = max(1, min(chunk_size, L))
-    pad = (-L) % T
+    n_chunks = -(-L // T)
+    n_groups = -(-n_chunks // max(1, group_size // T))
+    group = T * -(-n_chunks // n_groups)  # equal groups of whole chunks; pads fewer than n_groups·T rows
+    pad = n_groups * group - L
     if pad:  # right-pad to a whole number of chunks; padded keys come last so they reach no real query
         q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
         mask = key_padding_mask if key_padding_mask is not None else q.new_zeros(B, L, dtype=torch.bool)
         key_padding_mask = torch.nn.functional.pad(mask, (0, pad), value=True)
     Lp, acc = L + pad, _acc(q)
-    group = max(T, group_size // T * T)
     if kernel == "softmax":
         flat = [t.to(acc).reshape(B * H, Lp, t.shape[3]) for t in (q, k, v)]  # (N, L, ·)
         mask = None if key_padding_mask is None else key_padding_mask.repeat_interleave(H, 0)
@@ -396,7 +436,7 @@ def favor_attention(
     kernel: str = "softmax",
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
-    chunk_size: int = 64,
+    chunk_size: int = 128,
     group_size: int = 1024,
 ) -> torch.Tensor:
     """FAVOR+ approximation of scaled_dot_product_attention(q, k, v, is_causal=causal).
