@@ -137,6 +137,14 @@ def test_empty_record(tmp_path):
     assert manifest["counters"]["skipped_empty"] == 1 and manifest["counts"]["sequences_kept"] == 2
 
 
+def test_empty_records_in_a_one_line_per_record_file(tmp_path):
+    fasta = write(tmp_path / "e.fasta", ">A1\n>A2\n>A3\nMK\n")  # pairs up as header/sequence lines at first sight
+    with pytest.raises(FastaFormatError, match=r"e\.fasta:1: record 'A1' has no sequence"):
+        run(tmp_path, fasta)
+    manifest = run(tmp_path, fasta, on_invalid="skip", overwrite=True)
+    assert manifest["counters"]["skipped_empty"] == 2 and all_sequences(tmp_path / "store") == {"A3": "MK"}
+
+
 def test_header_without_id(tmp_path):
     fasta = write(tmp_path / "n.fasta", ">A1\nMKV\n>\nMKV\n")
     with pytest.raises(FastaFormatError, match=r"n\.fasta:3: record '<no id>' header '>' has no identifier"):

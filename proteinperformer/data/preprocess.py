@@ -238,15 +238,17 @@ def _residue_position(body: bytes, k: int) -> tuple[int, int]:
     raise IndexError(k)
 
 
-def _records(data: bytes) -> tuple[list[bytes], list[bytes], np.ndarray]:
+def _records(data: bytes, fast: bool = True) -> tuple[list[bytes], list[bytes], np.ndarray]:
     """Split whole records into (header bytes without '>', raw body bytes, header line offsets from the block
-    start [n]). Fast path when every record is one header line + one sequence line."""
-    lines = data.split(b"\n")
-    if lines and not lines[-1]:
-        lines.pop()
-    heads, seqs = lines[0::2], lines[1::2]
-    if len(heads) == len(seqs) and all(h[:1] == b">" for h in heads) and not any(s[:1] == b">" for s in seqs):
-        return [h[1:] for h in heads], seqs, 2 * np.arange(len(heads), dtype=np.int64)
+    start [n]). Fast path when every record looks like one header line + one sequence line; the caller must
+    redo it with ``fast=False`` if a "sequence" line holds '>' (then it was a header: an empty record)."""
+    if fast:
+        lines = data.split(b"\n")
+        if lines and not lines[-1]:
+            lines.pop()
+        heads, seqs = lines[0::2], lines[1::2]
+        if len(heads) == len(seqs) and all(h[:1] == b">" for h in heads):
+            return [h[1:] for h in heads], seqs, 2 * np.arange(len(heads), dtype=np.int64)
     starts = [0] + [m.start() + 1 for m in _RECORD_START.finditer(data)]
     ends = starts[1:] + [len(data)]
     find, count = data.find, data.count
@@ -276,6 +278,19 @@ def header_columns(headers: list[str]) -> dict[str, list]:
     return columns
 
 
+def _encode(bodies: list[bytes]) -> tuple[np.ndarray, np.ndarray, list[bytes] | None]:
+    """Translate record bodies to token ids: (tokens uint8 [sum], lengths int64 [n], per-record parts or None)."""
+    joined = b"".join(bodies)
+    encoded = joined.translate(_TRANSLATE, _WHITESPACE_BYTES)
+    parts = None
+    if len(encoded) == len(joined):  # no whitespace inside sequences: lengths are the body lengths
+        lengths = np.fromiter(map(len, bodies), dtype=np.int64, count=len(bodies))
+    else:
+        parts = [b.translate(_TRANSLATE, _WHITESPACE_BYTES) for b in bodies]
+        lengths = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
+    return np.frombuffer(encoded, dtype=np.uint8), lengths, parts
+
+
 def parse_block(data: bytes, path: str, first_line: int = 1, on_invalid: str = "error") -> ParsedBlock:
     """Parse and encode whole FASTA records (``data`` starts with '>').
 
@@ -287,20 +302,15 @@ def parse_block(data: bytes, path: str, first_line: int = 1, on_invalid: str = "
     if on_invalid not in ("error", "skip"):
         raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
     raw_headers, bodies, line_offsets = _records(data)
+    tokens, lengths, parts = _encode(bodies)
+    if len(tokens) and tokens.max() >= _STAR and any(b[:1] == b">" for b in bodies):
+        # '>' in a "sequence" line: a record without sequence fooled the fast path; split properly
+        raw_headers, bodies, line_offsets = _records(data, fast=False)
+        tokens, lengths, parts = _encode(bodies)
     lines = line_offsets + first_line
     headers = [h.strip() for h in b"\n".join(raw_headers).decode("latin-1").split("\n")]
     columns = header_columns(headers)
     counters: Counter = Counter(records_read=len(bodies), cr_bytes=data.count(b"\r"))
-
-    joined = b"".join(bodies)
-    encoded = joined.translate(_TRANSLATE, _WHITESPACE_BYTES)
-    parts: list[bytes] | None = None
-    if len(encoded) == len(joined):  # no whitespace inside sequences: lengths are the body lengths
-        lengths = np.fromiter(map(len, bodies), dtype=np.int64, count=len(bodies))
-    else:
-        parts = [b.translate(_TRANSLATE, _WHITESPACE_BYTES) for b in bodies]
-        lengths = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
-    tokens = np.frombuffer(encoded, dtype=np.uint8)
 
     problems: dict[int, tuple[str, str, int]] = {}  # record -> (reason, detail, line)
     if len(tokens) and tokens.max() >= _STAR:  # slow path: '*' or invalid characters somewhere
