@@ -681,6 +681,8 @@ def _check_config(out: Path, config: dict, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)  # the store is incomplete until finalize ends
     (out / "shards").mkdir(exist_ok=True)
+    for leftover in (out / "shards").glob(".*.tmp-*"):  # half-written shards of a killed run
+        shutil.rmtree(leftover)
     _atomic_write_text(path, json.dumps(config, indent=1))
 
 
