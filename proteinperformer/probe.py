@@ -262,6 +262,8 @@ def plot_report(report: dict, path: Path) -> None:
         cm = np.asarray(r["confusion"], dtype=float)
         cm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
         ax.imshow(cm, vmin=0, vmax=1, cmap="Blues")
+        for (i, j), v in np.ndenumerate(cm):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white" if v > 0.5 else "black")
         ax.set(title=f"{name} ({MAIN_METRIC[report['task']]} {r[MAIN_METRIC[report['task']]]:.3f})",
                xlabel="predicted", ylabel="true", xticks=range(len(classes)), yticks=range(len(classes)))
         ax.set_xticklabels(classes, rotation=90, fontsize=7)
