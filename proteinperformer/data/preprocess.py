@@ -396,7 +396,10 @@ def process_block(block: Block, file_index: int, shard_root: str, on_invalid: st
     np.save(tmp / "tokens.npy", parsed.tokens)
     np.save(tmp / "offsets.npy", offsets)
     accessions = np.array(parsed.columns["accession"], dtype=object)
-    np.save(tmp / "acc_hash.npy", pd.util.hash_array(accessions) if len(accessions) else np.zeros(0, np.uint64))
+    np.save(
+        tmp / "acc_hash.npy",
+        pd.util.hash_array(accessions, categorize=False) if len(accessions) else np.zeros(0, np.uint64),
+    )
     n = len(parsed.lengths)
     meta = {name: pa.array(values, type=pa.string()) for name, values in parsed.columns.items()}
     meta["length"] = pa.array(parsed.lengths)
