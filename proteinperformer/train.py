@@ -10,15 +10,21 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import WandbLogger
 
 from proteinperformer.data.datamodule import PROJECT_ROOT
 
 log = logging.getLogger("proteinperformer.train")
+
+# Lightning warns on any mid-epoch resume unless the DataLoader itself is stateful; here the DataModule's
+# state_dict holds the sampler position (and StepSeedCallback the RNG), so such a resume is exact.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 def _instantiate_all(group: DictConfig | None) -> list:
@@ -76,6 +82,9 @@ def train(cfg: DictConfig) -> dict:
             f"perplexity {metrics['baseline_ppl']:.2f}\n"
             f"checkpoint: {best or metrics['last_checkpoint']}\nmetrics:    {output_dir / 'metrics.json'}"
         )
+    for logger in trainer.loggers:  # close the wandb run, so the next run in this process (sweeps) gets its own
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+            logger.experiment.finish()
     return metrics
 
 

@@ -37,8 +37,10 @@ def _rss_gib() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**30
 
 
-def bench_one(model: str, length: int, repeats: int, device: str, precision: str, threads: int) -> dict:
-    """Median seconds of ``repeats`` training steps (after one warm-up step) of one model at one length."""
+def bench_one(
+    model: str, length: int, repeats: int, warmup: int, device: str, precision: str, threads: int
+) -> dict:
+    """Median seconds of ``repeats`` training steps (after ``warmup`` untimed ones) of one model at one length."""
     from proteinperformer.data.collate import MLMCollator
     from proteinperformer.lm import ProteinLM
     from proteinperformer.tokenizer import Alphabet
@@ -68,7 +70,8 @@ def bench_one(model: str, length: int, repeats: int, device: str, precision: str
         return time.perf_counter() - start
 
     rss_before = _rss_gib()
-    step()  # warm-up (allocations, AdamW state)
+    for _ in range(warmup):  # allocations, AdamW state
+        step()
     seconds = statistics.median(step() for _ in range(repeats))
     if cuda:
         peak = torch.cuda.max_memory_allocated() / 2**30
@@ -85,7 +88,7 @@ def run(args: argparse.Namespace) -> dict:
     with ProcessPoolExecutor(1, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
         for length in args.lengths:
             for model in args.models:
-                r = pool.submit(bench_one, model, length, args.repeats, args.device, args.precision,
+                r = pool.submit(bench_one, model, length, args.repeats, args.warmup, args.device, args.precision,
                                 args.threads).result()
                 print(f"  {model:18s} L={length:6d}  {r['seconds_per_step']:8.3f} s/step", flush=True)
                 results.append(r)
@@ -93,7 +96,7 @@ def run(args: argparse.Namespace) -> dict:
         ref = next((x for x in results if x["model"] == "transformer" and x["length"] == r["length"]), None)
         r["speedup_vs_transformer"] = r["tokens_per_sec"] / ref["tokens_per_sec"] if ref else None
     return {"device": args.device, "precision": args.precision, "threads": args.threads, "batch_size": 1,
-            "repeats": args.repeats, "model": PAPER, "results": results}
+            "repeats": args.repeats, "warmup": args.warmup, "model": PAPER, "results": results}
 
 
 def format_table(payload: dict) -> str:
@@ -110,7 +113,8 @@ def create_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up step (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps (median)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (0 on a slow CPU at 8192)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads per run")

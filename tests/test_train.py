@@ -1,0 +1,79 @@
+"""Training configs at scale: experiment presets, trainer options, loggers, checkpoints and throughput."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import hydra
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from proteinperformer.train import train
+from tests.conftest import ROOT, tiny_config
+
+
+def _compose(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+@pytest.mark.parametrize("name", ["paper_bid_1024", "paper_uni_1024", "paper_concat8192"])
+def test_paper_presets_match_the_paper(name: str) -> None:
+    cfg = _compose([f"experiment={name}"])
+    m = cfg.model.config
+    assert (m.dim, m.depth, m.heads, m.ff_dim, m.positions) == (512, 6, 8, 2048, "learned")
+    assert (cfg.model.lr, cfg.model.weight_decay, list(cfg.model.betas)) == (1e-3, 0.1, [0.9, 0.98])
+    assert cfg.trainer.gradient_clip_val == 0.5 and cfg.model.config.attention == "favor"
+    assert cfg.task_name == ("clm" if name == "paper_uni_1024" else "mlm") and m.causal == (cfg.task_name == "clm")
+    if name == "paper_concat8192":
+        assert (cfg.data.mode, cfg.data.chunk_len, m.max_positions, cfg.data.batch_size) == ("concat", 8192, 8192, 8)
+    else:
+        assert (cfg.data.mode, cfg.data.max_len, m.max_positions) == ("single", 1024, 1024)
+    lm = hydra.utils.instantiate(cfg.model, _convert_="all")
+    assert 18e6 < lm.model.num_parameters() < 24e6  # 6 × (4·512² + 2·512·2048) + embeddings
+
+
+def test_trainer_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    gpu = _compose(["trainer=gpu"]).trainer
+    assert (gpu.accelerator, gpu.precision) == ("gpu", "bf16-mixed")
+    ddp = _compose(["trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"]).trainer
+    assert (ddp.strategy, ddp.devices, ddp.num_nodes, ddp.use_distributed_sampler) == ("ddp", 4, 2, False)
+    fsdp = hydra.utils.instantiate(_compose(["trainer=fsdp"]).trainer.strategy)
+    assert type(fsdp).__name__ == "FSDPStrategy"
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4")
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "3")
+    slurm = _compose(["trainer=slurm"]).trainer
+    assert (slurm.devices, slurm.num_nodes, slurm.strategy) == (4, 3, "ddp")
+    assert _compose(["experiment=tiny"]).trainer.accelerator == "cpu"
+
+
+def test_tiny_run_logs_checkpoints_and_throughput(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TensorBoard + wandb (offline, no account) + CSV; periodic, best and last checkpoints; tokens/s."""
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = tiny_config(tmp_path, [
+        "experiment=tiny", "logger=[tensorboard,wandb]", "trainer.max_steps=8", "trainer.val_check_interval=4",
+        "trainer.limit_val_batches=2", "trainer.log_every_n_steps=2", "data.max_sequences=300",
+        "callbacks.periodic_checkpoint.every_n_train_steps=3", "callbacks.throughput.log_every_n_steps=2",
+    ])
+    metrics = train(cfg)
+
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert {"step3.ckpt", "step6.ckpt", "last.ckpt"} <= set(names), names
+    assert any(n.startswith("step8-ppl") or n.startswith("step4-ppl") for n in names), names
+    assert metrics["global_step"] == 8 and Path(metrics["best_checkpoint"]).exists()
+
+    rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
+    rates = [float(r["perf/tokens_per_sec"]) for r in rows if r.get("perf/tokens_per_sec")]
+    assert len(rates) == 4 and all(r > 0 for r in rates)
+    assert any(r.get("lr-AdamW/pg1") for r in rows), "LearningRateMonitor logs the learning rate"
+    assert "model" in (tmp_path / "csv" / "hparams.yaml").read_text(), "the run config is logged as hparams"
+
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    offline = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert offline, "wandb runs offline by default, without an account"
+    record = next(offline[0].glob("run-*.wandb")).read_bytes()  # offline runs keep the config in this record
+    assert b"proteinperformer.lm.ProteinLM" in record, "the run config is logged to wandb as hyper-parameters"
