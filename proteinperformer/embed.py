@@ -29,7 +29,8 @@ killed run resumes where it stopped. Output formats:
   "representations": {layer: [L, D]}, "mean_representations": {layer: [D]}, "bos_representations":
   {layer: [D]}}`` with non-negative layer numbers (-1 is written as ``depth``, as esm-extract does).
 - ``h5`` / ``npz``: one ``OUTDIR/embeddings.h5|npz`` with datasets ``<label>/<kind>/<layer>`` (kind as
-  in ``pt``). Ranks write part files under ``OUTDIR/.parts/`` which rank 0 merges at the end.
+  in ``pt``). Ranks write part files under ``OUTDIR/.parts/`` which rank 0 merges at the end; the merge
+  holds the whole collection in memory, so use ``pt`` for millions of sequences.
 
 File names and keys escape a label with URL percent-encoding (:func:`safe_name`): letters, digits and
 ``_.-~`` stay, anything else (``/``, ``|``, spaces, ...) becomes ``%XX``, and a leading ``.`` is escaped

@@ -235,3 +235,22 @@ def test_cli_single_file_formats_resume(tiny_checkpoint, model, tmp_path, fmt):
         torch.testing.assert_close(got[label]["mean_representations"][depth], ref[label]["mean"][-1],
                                    atol=1e-5, rtol=0)
         assert got[label]["representations"][depth].shape == ref[label]["per_tok"][-1].shape
+
+
+@pytest.mark.slow
+def test_cli_two_process_ddp_matches_single(tiny_checkpoint, model, tmp_path):
+    """--devices 2 on CPU: Lightning launches a second rank (DDP, gloo); parts from both ranks are merged."""
+    import subprocess
+    import sys
+
+    fasta = _fasta(tmp_path / "in.fasta", SEQS)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "proteinperformer.embed", str(tiny_checkpoint), str(fasta), str(out), "--format",
+           "npz", "--devices", "2", "--toks-per-batch", "40"]  # small budget: several batches, split over ranks
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300, cwd=tmp_path)
+    got = read_embeddings(out, "npz")
+    ref = embed(model, SEQS)
+    assert sorted(got) == sorted(ref)
+    for label in ref:
+        torch.testing.assert_close(got[label]["mean_representations"][model.config.depth], ref[label]["mean"][-1],
+                                   atol=1e-5, rtol=0)
