@@ -6,27 +6,9 @@ import random
 from pathlib import Path
 
 from proteinperformer.data.fasta import read_fasta
-from proteinperformer.model import PerformerLM
+from proteinperformer.embed import load_model  # the project's checkpoint loader (PerformerLM, eval mode)
 
-
-def load_model(path: str | Path, device: str = "cpu") -> PerformerLM:
-    """The PerformerLM of a training checkpoint (``.ckpt``), in eval mode on ``device``.
-
-    Uses ``proteinperformer.embed.load_model`` when that module is available, else loads the
-    Lightning checkpoint directly.
-    """
-    try:
-        from proteinperformer.embed import load_model as _embed_load
-    except ImportError:
-        _embed_load = None
-    if _embed_load is not None:
-        model = _embed_load(path, device)
-    else:
-        from proteinperformer.lm import ProteinLM
-
-        model = ProteinLM.load_from_checkpoint(str(path), map_location=device)
-    net = model.model if hasattr(model, "model") and isinstance(model.model, PerformerLM) else model
-    return net.to(device).eval()
+__all__ = ["load_model", "read_sequences"]
 
 
 def read_sequences(
