@@ -357,7 +357,10 @@ class _SoftmaxCausal(torch.autograd.Function):
         # ε term: o_i += ε s_i C_i with s = Σ_f Q_if and C = prefix sums of V
         dQ.add_(SOFTMAX_EPS * (dO * _prefix_sum(V)).sum(-1, keepdim=True))
         dV.add_(SOFTMAX_EPS * _suffix_sum(Q.sum(-1, keepdim=True) * dO))
-        dq = _logits_backward(dQ.mul_(Q - SOFTMAX_EPS), q, Pa)
+        for gi in range(Q.shape[0]):  # d/d logits = dQ ⊙ (Q − ε), group by group: no (L, m) temporary
+            dQ[gi].mul_(Q[gi] - SOFTMAX_EPS)
+        dq = _logits_backward(dQ, q, Pa)
+        del dQ
         dk = _logits_backward(dK.mul_(K), k, Pa)
         dv = dV[..., :-1]
         if mask is not None:
