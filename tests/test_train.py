@@ -31,8 +31,9 @@ def test_paper_presets_match_the_paper(name: str) -> None:
         assert (cfg.data.mode, cfg.data.chunk_len, m.max_positions, cfg.data.batch_size) == ("concat", 8192, 8192, 8)
     else:
         assert (cfg.data.mode, cfg.data.max_len, m.max_positions) == ("single", 1024, 1024)
-    lm = hydra.utils.instantiate(cfg.model, _convert_="all")
-    assert 18e6 < lm.model.num_parameters() < 24e6  # 6 × (4·512² + 2·512·2048) + embeddings
+    if name == "paper_bid_1024":  # building one 19M-parameter model is enough
+        lm = hydra.utils.instantiate(cfg.model, _convert_="all")
+        assert 18e6 < lm.model.num_parameters() < 20e6  # 6 × (4·512² + 2·512·2048) + positions
 
 
 def test_trainer_options(monkeypatch: pytest.MonkeyPatch) -> None:
