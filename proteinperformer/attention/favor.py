@@ -440,7 +440,7 @@ def favor_attention(
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
     chunk_size: int = 128,
-    group_size: int = 1024,
+    group_size: int = 4096,
 ) -> torch.Tensor:
     """FAVOR+ approximation of scaled_dot_product_attention(q, k, v, is_causal=causal).
 
