@@ -56,12 +56,12 @@ def plot_similarity(sim: np.ndarray, reference: np.ndarray, ref_name: str, r: fl
     plt.close(fig)
 
 
+@torch.no_grad()  # a context, not set_grad_enabled: callers (tests, notebooks) keep autograd
 def run(
     checkpoint: str, fasta: str, n_seqs: int, out: Path, matrices: list[str] = MATRICES, max_len: int = 512,
     seed: int = 0,
 ) -> dict:
     """Compute pair counts for the model and its random-init null, compare, write JSON/PNG/NPZ; return the JSON."""
-    torch.set_grad_enabled(False)
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(checkpoint)
     records = read_sequences(fasta, n=n_seqs, max_len=max_len, seed=seed)

@@ -67,12 +67,12 @@ def _summary(res: dict) -> dict:
     return {"mean": res["mean"], "per_chain": res["per_chain"], "coef": np.round(res["coef"], 4).tolist()}
 
 
+@torch.no_grad()  # a context, not set_grad_enabled: callers (tests, notebooks) keep autograd
 def run(
     checkpoint: str, structures: str, n_train: int, out: Path, atom: str = "cb", max_len: int = 512, seed: int = 0,
     n_chains: int | None = None,
 ) -> dict:
     """Evaluate contact prediction for the checkpoint and its random-init null; write JSON and PNG."""
-    torch.set_grad_enabled(False)
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(checkpoint)
     chains = load_structures(structures)[:n_chains]
