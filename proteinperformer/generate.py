@@ -19,7 +19,7 @@ import torch
 
 from proteinperformer.attention import FavorState, KVCache
 from proteinperformer.lm import ProteinLM
-from proteinperformer.model.performer import PerformerLM, sinusoidal_positions
+from proteinperformer.model.performer import PerformerLM
 from proteinperformer.tokenizer import Alphabet
 
 
@@ -52,14 +52,8 @@ def step_logits(
     The same computation as ``model(...)["logits"][:, position]`` on the whole prefix (causal model, no
     padding), but each attention layer only updates its state. Returns (logits [B, V], new states).
     """
-    cfg = model.config
     x = model.embed_tokens(tokens[:, None])  # (B, 1, D)
-    if model.embed_positions is None:
-        x = x + sinusoidal_positions(position + 1, cfg.dim, x.device, x.dtype)[position]
-    else:
-        if position >= cfg.max_positions:
-            raise ValueError(f"position {position} exceeds the model's max_positions={cfg.max_positions}")
-        x = x + model.embed_positions.weight[position]
+    x = x + model.position_embedding(position, 1, x.dtype)
     new_states = []
     for block, state in zip(model.layers, states, strict=True):
         y, state = block.attn.step(block.norm1(x), state)

@@ -46,9 +46,11 @@ class ModelConfig:
         return asdict(self)
 
 
-def sinusoidal_positions(length: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Fixed sin/cos position encodings (Vaswani et al. 2017): [length, dim]; defined for any length."""
-    pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
+def sinusoidal_positions(
+    length: int, dim: int, device=None, dtype=torch.float32, start: int = 0
+) -> torch.Tensor:
+    """Fixed sin/cos position encodings (Vaswani et al. 2017) of positions start..start+length-1: [length, dim]."""
+    pos = torch.arange(start, start + length, device=device, dtype=torch.float32)[:, None]
     freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
     table = torch.zeros(length, dim, device=device)
     table[:, 0::2] = torch.sin(pos * freq)
@@ -102,6 +104,10 @@ class PerformerLM(nn.Module):
         if cfg.positions not in ("learned", "sinusoidal"):
             raise ValueError(f"positions must be 'learned' or 'sinusoidal', got {cfg.positions!r}")
         self.embed_positions = nn.Embedding(cfg.max_positions, cfg.dim) if cfg.positions == "learned" else None
+        # Sin/cos values are O(1) while token embeddings start at std 0.02: unscaled, position drowns identity
+        # and MLM stalls at the unigram baseline (measured). A learned gain, started at the embedding scale,
+        # fixes that (as x-transformers' ScaledSinusoidalEmbedding).
+        self.position_scale = nn.Parameter(torch.tensor(0.02)) if cfg.positions == "sinusoidal" else None
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.final_norm = nn.LayerNorm(cfg.dim)
@@ -127,15 +133,19 @@ class PerformerLM(nn.Module):
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, length], got shape {tuple(tokens.shape)}")
         x = self.embed_tokens(tokens)
+        return self.dropout(x + self.position_embedding(0, tokens.shape[1], x.dtype))
+
+    def position_embedding(self, start: int, length: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """What is added to the token embeddings at positions start..start+length-1: [length, D]."""
+        device = self.embed_tokens.weight.device
         if self.embed_positions is None:
-            return self.dropout(x + sinusoidal_positions(tokens.shape[1], self.config.dim, x.device, x.dtype))
-        if tokens.shape[1] > self.config.max_positions:
+            return self.position_scale.to(dtype) * sinusoidal_positions(length, self.config.dim, device, dtype, start)
+        if start + length > self.config.max_positions:
             raise ValueError(
-                f"input of {tokens.shape[1]} tokens exceeds the model's max_positions={self.config.max_positions} "
+                f"input of {start + length} tokens exceeds the model's max_positions={self.config.max_positions} "
                 "(learned positions); crop the sequence or use a model with positions='sinusoidal'"
             )
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
-        return self.dropout(x + self.embed_positions(positions))
+        return self.embed_positions.weight[start : start + length].to(dtype)
 
     def forward(
         self,
