@@ -130,3 +130,27 @@ def test_datamodule_splits_and_baseline(tmp_path):
     batch = next(iter(dm.val_dataloader()))
     sel = batch["labels"] != IGNORE_INDEX
     assert (batch["input_ids"][sel] == alphabet.mask_idx).all(), "evaluation masks every selected residue"
+
+
+def test_datamodule_bucketing_covers_the_epoch_once_with_little_padding():
+    def epoch_stats(bucketing: bool) -> tuple[ProteinDataModule, float]:
+        dm = ProteinDataModule(max_sequences=1000, max_len=512, batch_size=8, bucketing=bucketing, pool_batches=20)
+        dm.setup()
+        real = padded = 0
+        for batch in dm.train_dataloader():
+            real += int((~batch["padding_mask"]).sum())
+            padded += batch["padding_mask"].numel()
+        return dm, 1 - real / padded
+
+    _, plain_pad = epoch_stats(False)
+    dm, bucket_pad = epoch_stats(True)
+    assert bucket_pad < 0.1 < 0.3 < plain_pad, (bucket_pad, plain_pad)
+    # every training sequence exactly once per epoch: the sampler's batches partition the split
+    sampler = dm.train_dataloader().batch_sampler
+    seen = [i for batch in sampler for _, i in batch]
+    assert sorted(seen) == list(range(len(dm.splits["train"])))
+    # Lightning reshuffles through batch_sampler.sampler.set_epoch (not batch_sampler.set_epoch)
+    sampler.sampler.set_epoch(1)
+    assert [i for batch in sampler for _, i in batch] != seen
+    with pytest.raises(ValueError, match="bucketing applies to mode='single'"):
+        ProteinDataModule(mode="concat", bucketing=True)

@@ -66,14 +66,16 @@ def _losses(path: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines())}
 
 
-def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path: Path) -> None:
-    _run(tmp_path / "a", tmp_path / "a.jsonl")
+@pytest.mark.parametrize("bucketing", [False, True], ids=["random-batches", "length-bucketed"])
+def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path: Path, bucketing: bool) -> None:
+    data = [f"data.bucketing={bucketing}", "data.pool_batches=4"]
+    _run(tmp_path / "a", tmp_path / "a.jsonl", data)
     crash = [f"+callbacks.crash._target_={__name__}.CrashAtStep", "+callbacks.crash.step=10"]
     with pytest.raises(SimulatedCrash):
-        _run(tmp_path / "b", tmp_path / "b1.jsonl", crash)
+        _run(tmp_path / "b", tmp_path / "b1.jsonl", [*data, *crash])
     checkpoint = tmp_path / "b" / "checkpoints" / "step10.ckpt"
     assert checkpoint.exists(), sorted(p.name for p in (tmp_path / "b").rglob("*.ckpt"))
-    metrics = _run(tmp_path / "b", tmp_path / "b2.jsonl", [f"ckpt_path={checkpoint}"])
+    metrics = _run(tmp_path / "b", tmp_path / "b2.jsonl", [*data, f"ckpt_path={checkpoint}"])
 
     straight, before, resumed = (_losses(tmp_path / f"{n}.jsonl") for n in ("a", "b1", "b2"))
     assert sorted(straight) == list(range(1, 21)) and sorted(before) == list(range(1, 11))

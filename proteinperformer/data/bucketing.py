@@ -45,9 +45,16 @@ class LengthBucketBatchSampler(Sampler):
         self.batch_size, self.pool_batches, self.seed, self.shuffle = batch_size, pool_batches, seed, shuffle
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch = 0
+        self.start = 0  # batches of this rank's epoch to skip (resume mid-epoch)
+        # Lightning calls set_epoch on ``batch_sampler.sampler``, never on the batch sampler itself
+        # (lightning_fabric.utilities.data._set_sampler_epoch): without this handle every epoch would
+        # repeat epoch 0's batches.
+        self.sampler = _EpochHandle(self)
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the batches of ``epoch`` (call at every epoch start)."""
+        """Select the batches of ``epoch`` (Lightning calls this at every epoch start)."""
+        if epoch != self.epoch:
+            self.start = 0
         self.epoch = epoch
 
     def global_batches(self) -> list[np.ndarray]:
@@ -74,16 +81,27 @@ class LengthBucketBatchSampler(Sampler):
         return batches
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for batch in self.global_batches()[self.rank :: self.world_size]:
+        for batch in self.global_batches()[self.rank :: self.world_size][self.start :]:
             yield [(self.epoch, int(i)) for i in batch]
 
     def __len__(self) -> int:
+        # The whole epoch, also when resuming at ``start`` (see EpochShuffleSampler.__len__).
         n_batches = (
             len(self.num_tokens) // self.batch_size
             if self.drop_last
             else math.ceil(len(self.num_tokens) / self.batch_size)
         )
         return n_batches // self.world_size if self.drop_last else math.ceil(n_batches / self.world_size)
+
+
+class _EpochHandle:
+    """Forwards ``set_epoch`` to the batch sampler that owns it."""
+
+    def __init__(self, owner: LengthBucketBatchSampler) -> None:
+        self.owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self.owner.set_epoch(epoch)
 
 
 def padding_fraction(batches: Sequence[Sequence[int]], num_tokens: np.ndarray) -> float:

@@ -15,6 +15,7 @@ import numpy as np
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
+from proteinperformer.data.bucketing import LengthBucketBatchSampler
 from proteinperformer.data.collate import CLMCollator, MLMCollator
 from proteinperformer.data.datasets import ConcatChunkDataset, EpochShuffleSampler, SingleSequenceDataset
 from proteinperformer.data.fasta import load_fasta
@@ -50,6 +51,8 @@ class ProteinDataModule(pl.LightningDataModule):
         seed: seed for shuffling, cropping and masking.
         store_path: token store made by ``pp-preprocess``; when set, the train/valid/test splits are read
             from it (memory-mapped) and fasta_path, valid_frac, test_frac, split_seed, max_sequences are unused.
+        bucketing: single mode only: train batches of similar length (``LengthBucketBatchSampler``, sorted
+            within pools of ``pool_batches`` batches), which cuts padding from ~50% to ~1% on UniProt.
     """
 
     def __init__(
@@ -68,6 +71,8 @@ class ProteinDataModule(pl.LightningDataModule):
         mask_prob: float = 0.15,
         seed: int = 0,
         store_path: str | None = None,
+        bucketing: bool = False,
+        pool_batches: int = 100,
     ) -> None:
         super().__init__()
         if task not in ("mlm", "clm"):
@@ -82,6 +87,9 @@ class ProteinDataModule(pl.LightningDataModule):
         self.valid_frac, self.test_frac, self.split_seed = valid_frac, test_frac, split_seed
         self.max_sequences = max_sequences
         self.seed = seed
+        if bucketing and mode != "single":
+            raise ValueError("bucketing applies to mode='single' (concat chunks all have chunk_len tokens)")
+        self.bucketing, self.pool_batches = bucketing, pool_batches
         self.alphabet = Alphabet()
         if task == "mlm":
             self.collator = MLMCollator(self.alphabet, mask_prob)
@@ -91,7 +99,7 @@ class ProteinDataModule(pl.LightningDataModule):
         else:
             self.collator = self.eval_collator = CLMCollator(self.alphabet)
         self.splits: dict[str, TokenizedSequences] = {}
-        self._train_sampler: EpochShuffleSampler | None = None
+        self._train_sampler: EpochShuffleSampler | LengthBucketBatchSampler | None = None
         self._resume_state: dict | None = None
         self._baseline: dict[str, float] | None = None
 
@@ -130,21 +138,24 @@ class ProteinDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self.dataset(split)
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        sampler = EpochShuffleSampler(len(dataset), self.seed, shuffle, rank, world, drop_last=False)
+        collate = self.collator if split == "train" else self.eval_collator
+        if split == "train" and self.bucketing:
+            num_tokens = np.minimum(self.splits[split].lengths + 2, self.max_len)
+            sampler = LengthBucketBatchSampler(num_tokens, self.batch_size, self.pool_batches, self.seed,
+                                               shuffle, rank, world)
+            batching = {"batch_sampler": sampler}
+        else:
+            sampler = EpochShuffleSampler(len(dataset), self.seed, shuffle, rank, world, drop_last=False)
+            batching = {"batch_size": self.batch_size, "sampler": sampler}
         if split == "train":
             if self._resume_state is not None:
                 sampler.set_epoch(self._resume_state["epoch"])
-                sampler.start = self._resume_state["start"]
+                # EpochShuffleSampler skips examples, the bucket sampler whole batches
+                sampler.start = self._resume_state["batches"] * (1 if self.bucketing else self.batch_size)
                 self._resume_state = None
             self._train_sampler = sampler
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            collate_fn=self.collator if split == "train" else self.eval_collator,
-            num_workers=self.num_workers,
-            persistent_workers=False,
-        )
+        return DataLoader(dataset, **batching, collate_fn=collate, num_workers=self.num_workers,
+                          persistent_workers=False)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -166,10 +177,12 @@ class ProteinDataModule(pl.LightningDataModule):
         if self._train_sampler is None or self.trainer is None:
             return {}
         processed = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": self._train_sampler.epoch, "start": processed * self.batch_size}
+        return {"epoch": self._train_sampler.epoch, "batches": processed}
 
     def load_state_dict(self, state: dict) -> None:
         self._resume_state = dict(state) if state else None
+        if self._resume_state and "batches" not in self._resume_state:  # checkpoints before bucketing existed
+            self._resume_state["batches"] = self._resume_state.pop("start") // self.batch_size
 
     # ---- the unigram (amino-acid frequency) baseline -----------------------------------------
     def unigram_baseline(self) -> dict[str, float]:
