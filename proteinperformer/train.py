@@ -19,6 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 
 from proteinperformer.data.datamodule import PROJECT_ROOT
+from proteinperformer.data.fasta import FastaFormatError
+from proteinperformer.data.store import StoreError
+from proteinperformer.tokenizer import TokenizationError
 
 log = logging.getLogger("proteinperformer.train")
 
@@ -91,7 +94,11 @@ def train(cfg: DictConfig) -> dict:
 @hydra.main(config_path=str(PROJECT_ROOT / "conf"), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point (``pp-train`` / ``scripts/train.py``); returns validation perplexity for sweeps."""
-    return train(cfg)["val_ppl"]
+    try:
+        return train(cfg)["val_ppl"]
+    except (FastaFormatError, TokenizationError, StoreError, FileNotFoundError, IsADirectoryError) as err:
+        # Bad input: the message names the file, line and record; a traceback would only bury it.
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

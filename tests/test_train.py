@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 from pathlib import Path
 
 import hydra
@@ -78,3 +80,22 @@ def test_tiny_run_logs_checkpoints_and_throughput(tmp_path: Path, monkeypatch: p
     assert offline, "wandb runs offline by default, without an account"
     record = next(offline[0].glob("run-*.wandb")).read_bytes()  # offline runs keep the config in this record
     assert b"proteinperformer.lm.ProteinLM" in record, "the run config is logged to wandb as hyper-parameters"
+
+
+@pytest.mark.parametrize(
+    "content,expected",
+    [(">sp|P1|A_HUMAN x\nMKV1LL\n", "bad.fasta:1: sequence 'P1': invalid character '1' at position 4"),
+     ("", "bad.fasta"), (None, "no such file")],
+    ids=["bad-character", "empty-file", "missing-file"],
+)
+def test_bad_input_stops_with_a_message_not_a_traceback(tmp_path: Path, content: str | None, expected: str) -> None:
+    fasta = tmp_path / "bad.fasta"
+    if content is not None:
+        fasta.write_text(content)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), "experiment=tiny", f"data.fasta_path={fasta}",
+         f"hydra.run.dir={tmp_path}/run"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1
+    assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
