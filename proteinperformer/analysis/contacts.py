@@ -40,11 +40,13 @@ class Chain:
 
 def load_structures(path: str | Path) -> list[Chain]:
     """Read chains from an ``.npz`` in the layout of ``pdb_chains.npz`` (ids, seqs, offsets, ca, cb)."""
-    z = np.load(path, allow_pickle=False)
-    off = z["offsets"]
+    # Read every array once: each ``z[key]`` of an NpzFile decompresses the whole array again, and slices
+    # of it would keep one full copy alive per chain (3,421 chains of pdb_chains.npz filled 24 GiB).
+    with np.load(path, allow_pickle=False) as z:
+        ids, seqs, off, ca, cb = (z[key] for key in ("ids", "seqs", "offsets", "ca", "cb"))
     return [
-        Chain(str(z["ids"][i]), str(z["seqs"][i]), z["ca"][off[i] : off[i + 1]], z["cb"][off[i] : off[i + 1]])
-        for i in range(len(z["ids"]))
+        Chain(str(ids[i]), str(seqs[i]), ca[off[i] : off[i + 1]].copy(), cb[off[i] : off[i + 1]].copy())
+        for i in range(len(ids))
     ]
 
 
