@@ -130,6 +130,12 @@ def test_datamodule_splits_and_baseline(tmp_path):
     batch = next(iter(dm.val_dataloader()))
     sel = batch["labels"] != IGNORE_INDEX
     assert (batch["input_ids"][sel] == alphabet.mask_idx).all(), "evaluation masks every selected residue"
+    # Lightning calls set_epoch on the validation sampler at every epoch (and after fit): the masked
+    # residues must stay the same, or validation scores of different epochs are not comparable.
+    loader = dm.val_dataloader()
+    loader.sampler.set_epoch(3)
+    later = next(iter(loader))
+    assert torch.equal(later["labels"], batch["labels"]) and torch.equal(later["input_ids"], batch["input_ids"])
 
 
 def test_datamodule_bucketing_covers_the_epoch_once_with_little_padding():

@@ -145,7 +145,8 @@ class ProteinDataModule(pl.LightningDataModule):
                                                shuffle, rank, world)
             batching = {"batch_sampler": sampler}
         else:
-            sampler = EpochShuffleSampler(len(dataset), self.seed, shuffle, rank, world, drop_last=False)
+            sampler = EpochShuffleSampler(len(dataset), self.seed, shuffle, rank, world, drop_last=False,
+                                          follow_epoch=split == "train")  # same eval masks at every epoch
             batching = {"batch_size": self.batch_size, "sampler": sampler}
         if split == "train":
             if self._resume_state is not None:

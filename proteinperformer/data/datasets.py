@@ -125,7 +125,9 @@ class EpochShuffleSampler(Sampler):
     Each of ``world_size`` ranks takes every ``world_size``-th index of the permutation (after padding
     the permutation by wrapping, as ``DistributedSampler`` does, unless ``drop_last``), so ranks see
     disjoint data and the same number of batches. ``start`` skips the first items of the epoch on this
-    rank (used to resume mid-epoch).
+    rank (used to resume mid-epoch). ``follow_epoch=False`` pins the epoch at 0 for evaluation: Lightning
+    calls ``set_epoch`` on validation samplers too, and the epoch seeds every example's crop and masks, so
+    without the pin each epoch (and the final ``validate`` after fit) would score different masked residues.
     """
 
     def __init__(
@@ -136,16 +138,20 @@ class EpochShuffleSampler(Sampler):
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = False,
+        follow_epoch: bool = True,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
         self.length, self.seed, self.shuffle = length, seed, shuffle
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.follow_epoch = follow_epoch
         self.epoch = 0
         self.start = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Select the permutation of ``epoch`` (Lightning calls this at every epoch start)."""
+        if not self.follow_epoch:
+            return
         if epoch != self.epoch:
             self.start = 0
         self.epoch = epoch
