@@ -1,4 +1,5 @@
-"""The biologist notebooks run top to bottom on the tiny checkpoint and report sensible numbers."""
+"""The biologist notebooks run top to bottom, as a user opens them (on the shipped reference checkpoint),
+and report sensible numbers; PP_CHECKPOINT points them at any other checkpoint."""
 
 from __future__ import annotations
 
@@ -13,11 +14,16 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+REFERENCE = NOTEBOOKS.parent / "checkpoints" / "pp_mlm_relu_2.7M.ckpt"
 
 
 def run_notebook(name: str, env: dict[str, str]) -> dict:
-    """Execute notebooks/<name> (kernel python3, cwd notebooks/) and return the JSON its last cell prints."""
+    """Execute notebooks/<name> (kernel python3, cwd notebooks/) and return the JSON its last cell prints.
+
+    Without PP_CHECKPOINT in ``env`` the notebook uses its default, the shipped reference checkpoint.
+    """
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    env = {"PP_CHECKPOINT": "", **env}  # "" = unset for the notebook: the user's own variable must not leak in
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the kernel inherits this process's environment
     try:
@@ -33,23 +39,25 @@ def run_notebook(name: str, env: dict[str, str]) -> dict:
     return json.loads(text.strip().splitlines()[-1])
 
 
-def test_attention_of_one_protein(tiny_checkpoint):
-    out = run_notebook("01_attention_of_one_protein.ipynb", {"PP_CHECKPOINT": str(tiny_checkpoint)})
+@pytest.mark.parametrize("which", ["reference", "PP_CHECKPOINT"])
+def test_attention_of_one_protein(which, tiny_checkpoint):
+    env = {} if which == "reference" else {"PP_CHECKPOINT": str(tiny_checkpoint)}
+    out = run_notebook("01_attention_of_one_protein.ipynb", env)
+    assert out["checkpoint"] == (REFERENCE.name if which == "reference" else tiny_checkpoint.name)
     assert out["protein"].startswith("sp|P68871|") and out["length"] == 147
     assert out["row_sum_min"] == pytest.approx(1.0, abs=1e-4) and out["row_sum_max"] == pytest.approx(1.0, abs=1e-4)
 
 
-def test_attention_vs_blosum62(tiny_checkpoint):
-    out = run_notebook("02_attention_vs_blosum62.ipynb",
-                       {"PP_CHECKPOINT": str(tiny_checkpoint), "PP_NB_PROTEINS": "8"})
-    assert out["n_proteins"] == 8
+def test_attention_vs_blosum62():
+    out = run_notebook("02_attention_vs_blosum62.ipynb", {"PP_NB_PROTEINS": "8"})
+    assert out["checkpoint"] == REFERENCE.name and out["n_proteins"] == 8
     for key in ("r_blosum62", "r_blosum62_untrained"):
         assert math.isfinite(out[key]) and -1 <= out[key] <= 1
 
 
-def test_contacts_vs_structure(tiny_checkpoint):
-    out = run_notebook("03_contacts_vs_structure.ipynb", {"PP_CHECKPOINT": str(tiny_checkpoint), "PP_NB_CHAINS": "24"})
-    assert out["n_train"] == 20 and out["n_test"] == 4
+def test_contacts_vs_structure():
+    out = run_notebook("03_contacts_vs_structure.ipynb", {"PP_NB_CHAINS": "24"})
+    assert out["checkpoint"] == REFERENCE.name and out["n_train"] == 20 and out["n_test"] == 4
     for rng in ("medium", "long"):
         for k in ("L", "L/2", "L/5", "background"):
             assert 0 <= out["precision"][rng][k] <= 1
