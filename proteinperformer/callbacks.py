@@ -1,6 +1,7 @@
-"""Training callbacks: throughput (non-pad tokens/s, peak GPU memory) and per-batch RNG seeding.
+"""Training callbacks: throughput (non-pad tokens/s, peak GPU memory), per-batch RNG seeding, and a
+periodic ModelCheckpoint whose ``last.ckpt`` is always the state at the end of training.
 
-Both are plain Lightning callbacks, configured in ``conf/callbacks/default.yaml`` next to Lightning's own
+They are Lightning callbacks, configured in ``conf/callbacks/default.yaml`` next to Lightning's own
 (ModelCheckpoint, LearningRateMonitor, progress bar) and the FAVOR+ ``FeatureRedrawCallback``.
 """
 
@@ -10,6 +11,7 @@ import time
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from proteinperformer.data.datasets import example_seed
 
@@ -87,3 +89,20 @@ class ThroughputCallback(pl.Callback):
                 logger.log_metrics(metrics, step=trainer.global_step)
         self.last_metrics = metrics
         self._start = None
+
+
+class PeriodicCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint that also writes ``last.ckpt`` when training ends between two saves.
+
+    With ``save_last=True`` Lightning refreshes ``last.ckpt`` only together with a regular save, so a run
+    stopped by ``max_time`` (or whose ``max_steps`` is not a multiple of ``every_n_train_steps``) left
+    ``last.ckpt`` at the previous save, and resuming from it repeated up to N steps of work. Arguments are
+    ModelCheckpoint's.
+    """
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        # the private names are the ones ModelCheckpoint's own on_train_end / on_exception use
+        if self.save_last and not trainer.fast_dev_run and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._last_global_step_saved = trainer.global_step

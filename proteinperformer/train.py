@@ -60,6 +60,8 @@ def train(cfg: DictConfig) -> dict:
 
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None else ""
+    # read before validate(): loading the best checkpoint restores the callbacks' state as it was then
+    last = next((c.last_model_path for c in trainer.checkpoint_callbacks if c.last_model_path), "")
     final = trainer.validate(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0]
     metrics = {
         "val_acc": final.get("val/acc"),
@@ -67,7 +69,7 @@ def train(cfg: DictConfig) -> dict:
         "baseline_acc": final.get("val/baseline_acc"),
         "baseline_ppl": final.get("val/baseline_ppl"),
         "best_checkpoint": best,
-        "last_checkpoint": checkpoint.last_model_path if checkpoint is not None else "",
+        "last_checkpoint": last,
         "global_step": trainer.global_step,
         "parameters": model.model.num_parameters(),
         "train_seconds": round(time.time() - start, 1),

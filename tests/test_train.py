@@ -9,6 +9,7 @@ from pathlib import Path
 
 import hydra
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -65,7 +66,10 @@ def test_tiny_run_logs_checkpoints_and_throughput(tmp_path: Path, monkeypatch: p
     metrics = train(cfg)
 
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert {"step3.ckpt", "step6.ckpt", "last.ckpt"} <= set(names), names
+    assert {"step3.ckpt", "step6.ckpt", "last.ckpt"} <= set(names) and "last-v1.ckpt" not in names, names
+    # training ended between two periodic saves (6 and 9): last.ckpt still holds the final state
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8
+    assert metrics["last_checkpoint"] == str(tmp_path / "checkpoints" / "last.ckpt")
     assert any(n.startswith("step8-ppl") or n.startswith("step4-ppl") for n in names), names
     assert metrics["global_step"] == 8 and Path(metrics["best_checkpoint"]).exists()
 
