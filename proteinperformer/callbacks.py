@@ -92,17 +92,32 @@ class ThroughputCallback(pl.Callback):
 
 
 class PeriodicCheckpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint that also writes ``last.ckpt`` when training ends between two saves.
+    """Lightning's ModelCheckpoint that also writes ``last.ckpt`` when training stops between two saves.
 
     With ``save_last=True`` Lightning refreshes ``last.ckpt`` only together with a regular save, so a run
     stopped by ``max_time`` (or whose ``max_steps`` is not a multiple of ``every_n_train_steps``) left
-    ``last.ckpt`` at the previous save, and resuming from it repeated up to N steps of work. Arguments are
-    ModelCheckpoint's.
+    ``last.ckpt`` at the previous save, and resuming from it repeated up to N steps of work. Here the batch
+    that ends training also saves ``last.ckpt``, from ``on_train_batch_end`` like the periodic saves: a
+    checkpoint written later (``on_train_end``) records the epoch as finished, and a resumed run would start
+    a new epoch instead of continuing this one. Arguments are ModelCheckpoint's.
     """
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # Timer (max_time) sets should_stop in its on_train_batch_end, which Lightning runs before any
+        # ModelCheckpoint's; max_steps is reached when this step is the last one.
+        stopping = trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step
+        if stopping and self.save_last and not trainer.fast_dev_run:
+            self._save_last_if_new(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
+        if self.save_last and not trainer.fast_dev_run:  # any other way out (e.g. the epoch limit)
+            self._save_last_if_new(trainer)
+
+    def _save_last_if_new(self, trainer: pl.Trainer) -> None:
         # the private names are the ones ModelCheckpoint's own on_train_end / on_exception use
-        if self.save_last and not trainer.fast_dev_run and self._last_global_step_saved != trainer.global_step:
+        if self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             self._last_global_step_saved = trainer.global_step

@@ -87,3 +87,28 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path: Path, bucket
         assert resumed[step] == pytest.approx(straight[step], abs=1e-6), f"step {step} after resuming"
     # the run is not trivially constant: losses change from step to step
     assert len({round(v, 6) for v in straight.values()}) > 15
+
+
+class StopAtStep(pl.Callback):
+    """Ask the trainer to stop after optimizer step ``step``, as Lightning's Timer does for ``max_time``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+def test_run_stopped_between_checkpoints_resumes_from_last_ckpt(tmp_path: Path) -> None:
+    """A run stopped at step 7 (max_time-like, between the periodic saves at 0 and 10) leaves last.ckpt at
+    step 7, and resuming from it continues the same epoch: steps 8-20 equal the straight run."""
+    _run(tmp_path / "a", tmp_path / "a.jsonl")
+    stop = [f"+callbacks.stop._target_={__name__}.StopAtStep", "+callbacks.stop.step=7"]
+    first = _run(tmp_path / "b", tmp_path / "b1.jsonl", stop)
+    assert first["global_step"] == 7 and first["last_checkpoint"].endswith("last.ckpt")
+    _run(tmp_path / "b", tmp_path / "b2.jsonl", [f"ckpt_path={first['last_checkpoint']}"])
+    straight, resumed = _losses(tmp_path / "a.jsonl"), _losses(tmp_path / "b2.jsonl")
+    assert sorted(resumed) == list(range(8, 21))
+    for step in range(8, 21):
+        assert resumed[step] == pytest.approx(straight[step], abs=1e-6), f"step {step} after resuming"
