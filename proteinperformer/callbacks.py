@@ -107,17 +107,15 @@ class PeriodicCheckpoint(ModelCheckpoint):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         # Timer (max_time) sets should_stop in its on_train_batch_end, which Lightning runs before any
         # ModelCheckpoint's; max_steps is reached when this step is the last one.
-        stopping = trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step
-        if stopping and self.save_last and not trainer.fast_dev_run:
+        if trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step:
             self._save_last_if_new(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
-        if self.save_last and not trainer.fast_dev_run:  # any other way out (e.g. the epoch limit)
-            self._save_last_if_new(trainer)
+        self._save_last_if_new(trainer)  # any other way out (e.g. the epoch limit)
 
     def _save_last_if_new(self, trainer: pl.Trainer) -> None:
         # the private names are the ones ModelCheckpoint's own on_train_end / on_exception use
-        if self._last_global_step_saved != trainer.global_step:
+        if self.save_last and not trainer.fast_dev_run and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             self._last_global_step_saved = trainer.global_step
