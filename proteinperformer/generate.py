@@ -60,7 +60,7 @@ def step_logits(
         x = x + y
         x = x + block.mlp(block.norm2(x))
         new_states.append(state)
-    return model.lm_head(model.final_norm(x))[:, 0], new_states  # (B, V)
+    return model.logits(model.final_norm(x))[:, 0], new_states  # (B, V)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

@@ -12,6 +12,10 @@ Token ids (stable: checkpoints and token stores depend on them)::
 
 ``<cls>`` starts every sequence (its hidden state is the "bos" representation) and ``<eos>`` ends it;
 in concatenated mode ``<eos>`` is the separator between sequences.
+
+``Alphabet("esm")`` is ESM-2's vocabulary (fair-esm ``Alphabet.from_architecture("ESM-1b")``, 33 tokens,
+``<cls>`` 0, ``<pad>`` 1, ``<eos>`` 2, ``<unk>`` 3, residues L A G V ... from 4, ``<mask>`` 32) with the same
+``<cls> ... <eos>`` framing; models imported from ESM-2 carry it (``ModelConfig.alphabet``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,12 @@ STANDARD_RESIDUES = "ACDEFGHIKLMNPQRSTVWY"
 RARE_RESIDUES = "XBZUO"
 SPECIAL_TOKENS = ("<pad>", "<cls>", "<eos>", "<unk>", "<mask>")
 NULL_TOKENS = ("<null_0>", "<null_1>")
+# ESM-2's vocabulary in id order (fair-esm esm/constants.py proteinseq_toks with the ESM-1b specials)
+ESM_TOKENS = ("<cls>", "<pad>", "<eos>", "<unk>", *"LAGVSERTIDPKQNFYMHWCXBUZO.-", "<null_1>", "<mask>")
+ALPHABETS = {
+    "proteinperformer": (*SPECIAL_TOKENS, *STANDARD_RESIDUES, *RARE_RESIDUES, *NULL_TOKENS),
+    "esm": ESM_TOKENS,
+}
 
 
 class TokenizationError(ValueError):
@@ -35,18 +45,26 @@ class Alphabet:
 
     Encoding accepts lower case and strips one terminal ``*`` (stop codon marker in translated FASTA);
     any other character raises :class:`TokenizationError` naming the sequence id and position.
+
+    Args:
+        name: "proteinperformer" (this project's ids, the default) or "esm" (ESM-2's ids); see ``ALPHABETS``.
     """
 
-    def __init__(self) -> None:
-        self.all_toks: list[str] = [*SPECIAL_TOKENS, *STANDARD_RESIDUES, *RARE_RESIDUES, *NULL_TOKENS]
+    def __init__(self, name: str = "proteinperformer") -> None:
+        if name not in ALPHABETS:
+            raise ValueError(f"unknown alphabet {name!r}; choose from {sorted(ALPHABETS)}")
+        self.name = name
+        self.all_toks: list[str] = list(ALPHABETS[name])
         self.tok_to_idx: dict[str, int] = {t: i for i, t in enumerate(self.all_toks)}
         self.padding_idx = self.tok_to_idx["<pad>"]
         self.cls_idx = self.tok_to_idx["<cls>"]
         self.eos_idx = self.tok_to_idx["<eos>"]
         self.unk_idx = self.tok_to_idx["<unk>"]
         self.mask_idx = self.tok_to_idx["<mask>"]
-        self.standard_ids = list(range(5, 25))
-        self.residue_ids = list(range(5, 30))
+        self.standard_ids = [self.tok_to_idx[aa] for aa in STANDARD_RESIDUES]
+        self.residue_ids = [self.tok_to_idx[aa] for aa in STANDARD_RESIDUES + RARE_RESIDUES]
+        self._residue_table = torch.zeros(len(self.all_toks), dtype=torch.bool)
+        self._residue_table[self.residue_ids] = True
         # Byte -> id lookup table (256 entries, -1 = invalid), so encoding is one vectorised gather.
         table = torch.full((256,), -1, dtype=torch.int64)
         for aa in STANDARD_RESIDUES + RARE_RESIDUES:
@@ -59,7 +77,7 @@ class Alphabet:
 
     def is_residue(self, tokens: torch.Tensor) -> torch.Tensor:
         """Bool mask of residue tokens (standard or rare), same shape as ``tokens``."""
-        return (tokens >= self.residue_ids[0]) & (tokens <= self.residue_ids[-1])
+        return self._residue_table.to(tokens.device)[tokens]
 
     def encode(self, sequence: str, seq_id: str = "<sequence>") -> torch.Tensor:
         """Residue string -> LongTensor [len] of residue ids (no special tokens added).

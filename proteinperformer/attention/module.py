@@ -16,6 +16,7 @@ import torch.nn as nn
 from .exact import exact_attention
 from .favor import FavorState, favor_attention, favor_step
 from .projection import gaussian_projection
+from .rotary import apply_rotary
 
 
 @dataclass
@@ -39,6 +40,7 @@ class MultiheadSelfAttention(nn.Module):
         use_projection: relu kernel only; False -> φ(x) = relu(x) + 1e-3 with no projection (reference default).
         causal: autoregressive masking.
         dropout: dropout on the attention output (FAVOR+ has no explicit attention matrix to drop from).
+        rotary: rotary position embeddings on q and k (ESM-2, RoFormer), applied before any FAVOR+ feature map.
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class MultiheadSelfAttention(nn.Module):
         use_projection: bool = True,
         causal: bool = False,
         dropout: float = 0.0,
+        rotary: bool = False,
     ):
         super().__init__()
         if dim % heads != 0:
@@ -65,6 +68,7 @@ class MultiheadSelfAttention(nn.Module):
         self.heads, self.head_dim = heads, dim // heads
         self.attention, self.kernel, self.causal = attention, kernel, causal
         self.num_features, self.orthogonal = num_features, orthogonal
+        self.rotary = rotary
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(dropout)
@@ -81,11 +85,14 @@ class MultiheadSelfAttention(nn.Module):
         new = gaussian_projection(self.num_features, self.head_dim, self.orthogonal, generator=generator)
         self.projection.copy_(new)
 
-    def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, L, D) -> q, k, v each (B, H, L, head_dim)."""
+    def split_heads(self, x: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, L, D) -> q, k, v each (B, H, L, head_dim); with rotary, q and k are rotated by their positions
+        start..start+L-1 (so every attention path, and the maps in ``analysis.maps``, sees rotated q and k)."""
         B, L, _ = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (B, H, L, hd)
+        if self.rotary:
+            q, k = apply_rotary(q, start), apply_rotary(k, start)
         return q, k, v
 
     def _merge(self, y: torch.Tensor) -> torch.Tensor:
@@ -116,10 +123,17 @@ class MultiheadSelfAttention(nn.Module):
         """One causal decoding step. x_t: (B, 1, D) -> (y_t (B, 1, D), new state); equals forward's row t."""
         if x_t.dim() != 3 or x_t.shape[1] != 1:
             raise ValueError(f"x_t must be [batch, 1, dim], got {tuple(x_t.shape)}")
-        q, k, v = self.split_heads(x_t)  # (B, H, 1, hd)
+        q, k, v = self.split_heads(x_t, tokens_seen(state))  # (B, H, 1, hd); this token's position
         if self.attention == "exact":
             state = KVCache(k=torch.cat([state.k, k], dim=2), v=torch.cat([state.v, v], dim=2))
             y = exact_attention(q, state.k, state.v)  # the cache holds only keys ≤ t
         else:
             y, state = favor_step(q, k, v, self.projection, state, kernel=self.kernel)
         return self._merge(y), state
+
+
+def tokens_seen(state: FavorState | KVCache) -> int:
+    """How many tokens a decoding state has consumed (= the position of the next token)."""
+    if isinstance(state, KVCache):
+        return state.k.shape[2]
+    return int(round(float(state.vsum[0, 0, -1])))  # vsum's last column is Σ_j 1 (see FavorState)

@@ -8,6 +8,11 @@ implemented in ``proteinperformer.attention``. Shapes: B batch, T tokens, D mode
 References: Choromanski et al. 2020 ("Masked Language Modeling for Proteins via Linearly Scalable
 Long-Context Transformers") and 2021 ("Rethinking Attention with Performers"); the layout (learned
 positions, pre-LN, tied LM head) follows google-research/protein_lm and karpathy/nanoGPT.
+
+ESM-2 (Lin et al. 2023) is the same pre-LN stack with rotary positions (``positions="rotary"``), LayerNorm
+eps 1e-5, an LM head with a dense + GELU + LayerNorm transform (``lm_head_dense``), token dropout
+(``token_dropout``) and its own vocabulary (``alphabet="esm"``); ``proteinperformer.esm_import`` loads its
+checkpoints into this class, with exact or FAVOR+ attention.
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from proteinperformer.attention import MultiheadSelfAttention
+from proteinperformer.tokenizer import Alphabet
+
+POSITIONS = ("learned", "sinusoidal", "rotary")
+TOKEN_DROPOUT_TRAIN_RATIO = 0.15 * 0.8  # ESM-2's masking rate x <mask> share, hard-coded in esm2.py
 
 
 @dataclass
@@ -31,7 +40,7 @@ class ModelConfig:
     depth: int = 6
     heads: int = 8
     ff_dim: int = 2048
-    positions: str = "learned"  # "learned" (paper; caps length at max_positions) or "sinusoidal" (no cap)
+    positions: str = "learned"  # "learned" (paper; caps length at max_positions), "sinusoidal" or "rotary" (no cap)
     max_positions: int = 1024  # size of the learned position table = longest input such a model accepts
     attention: str = "favor"  # "favor" (Performer) or "exact" (Transformer baseline, torch SDPA)
     kernel: str = "relu"  # FAVOR+ kernel: "relu" (paper's best protein model) or "softmax"
@@ -41,6 +50,11 @@ class ModelConfig:
     causal: bool = False  # True for autoregressive (CLM) models
     dropout: float = 0.0
     padding_idx: int = 0
+    alphabet: str = "proteinperformer"  # tokenizer.Alphabet name: "proteinperformer" or "esm" (ESM-2's ids)
+    layer_norm_eps: float = 1e-5
+    lm_head_dense: bool = False  # ESM-2 / RoBERTa LM head: dense + GELU + LayerNorm before the tied decoder
+    token_dropout: bool = False  # ESM-2: zero <mask> embeddings, rescale by (1 - 0.12) / (1 - observed mask ratio)
+    contact_head: bool = False  # ESM-2's logistic regression over all attention maps (esm_contacts.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,7 +88,7 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.dim)
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
         self.attn = MultiheadSelfAttention(
             cfg.dim,
             cfg.heads,
@@ -85,8 +99,9 @@ class Block(nn.Module):
             use_projection=cfg.use_projection,
             causal=cfg.causal,
             dropout=cfg.dropout,
+            rotary=cfg.positions == "rotary",
         )
-        self.norm2 = nn.LayerNorm(cfg.dim)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg.dim, cfg.ff_dim, cfg.dropout)
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -94,15 +109,31 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class LMHeadTransform(nn.Module):
+    """ESM-2's (RoBERTa's) transform before the tied decoder: LayerNorm(GELU(dense(x)))."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.dense = nn.Linear(dim, dim)
+        self.layer_norm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer_norm(F.gelu(self.dense(x)))
+
+
 class PerformerLM(nn.Module):
-    """Token embedding + learned positions -> ``depth`` blocks -> final LayerNorm -> tied LM head."""
+    """Token embedding + positions -> ``depth`` blocks -> final LayerNorm -> (transform) -> tied LM head."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
+        self.alphabet = Alphabet(cfg.alphabet)
+        if len(self.alphabet) > cfg.vocab_size:
+            raise ValueError(f"vocab_size {cfg.vocab_size} is smaller than the {cfg.alphabet!r} alphabet "
+                             f"({len(self.alphabet)} tokens)")
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim, padding_idx=cfg.padding_idx)
-        if cfg.positions not in ("learned", "sinusoidal"):
-            raise ValueError(f"positions must be 'learned' or 'sinusoidal', got {cfg.positions!r}")
+        if cfg.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {cfg.positions!r}")
         self.embed_positions = nn.Embedding(cfg.max_positions, cfg.dim) if cfg.positions == "learned" else None
         # Sin/cos values are O(1) while token embeddings start at std 0.02: unscaled, position drowns identity
         # and MLM stalls at the unigram baseline (measured). A learned gain, started at the embedding scale,
@@ -110,9 +141,11 @@ class PerformerLM(nn.Module):
         self.position_scale = nn.Parameter(torch.tensor(0.02)) if cfg.positions == "sinusoidal" else None
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
-        self.final_norm = nn.LayerNorm(cfg.dim)
+        self.final_norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
+        self.lm_transform = LMHeadTransform(cfg.dim, cfg.layer_norm_eps) if cfg.lm_head_dense else None
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=True)
         self.lm_head.weight = self.embed_tokens.weight  # weight tying, as BERT/ESM/nanoGPT
+        self.contact_head = nn.Linear(cfg.depth * cfg.heads, 1) if cfg.contact_head else None
         self.apply(self._init_weights)
 
     @staticmethod
@@ -128,16 +161,31 @@ class PerformerLM(nn.Module):
         """Number of distinct trainable parameters (tied weights counted once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token + position embeddings: LongTensor [B, T] -> [B, T, D] (the layer-0 representation)."""
+    def embed(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token + position embeddings: LongTensor [B, T] -> [B, T, D] (the layer-0 representation).
+
+        With ``token_dropout`` (ESM-2) the ``<mask>`` embeddings are zeroed and each row is scaled by
+        (1 − 0.15·0.8) / (1 − its share of ``<mask>`` among non-padding tokens), in training and inference.
+        """
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, length], got shape {tuple(tokens.shape)}")
         x = self.embed_tokens(tokens)
+        if self.config.token_dropout:
+            if padding_mask is None:
+                padding_mask = tokens == self.config.padding_idx
+            is_mask = tokens == self.alphabet.mask_idx
+            x = x.masked_fill(is_mask.unsqueeze(-1), 0.0)
+            observed = is_mask.sum(-1).to(x.dtype) / (~padding_mask).sum(-1).clamp_min(1)
+            x = x * (1 - TOKEN_DROPOUT_TRAIN_RATIO) / (1 - observed)[:, None, None]
+        if self.config.positions == "rotary":  # positions enter attention as rotations of q and k
+            return self.dropout(x)
         return self.dropout(x + self.position_embedding(0, tokens.shape[1], x.dtype))
 
     def position_embedding(self, start: int, length: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """What is added to the token embeddings at positions start..start+length-1: [length, D]."""
         device = self.embed_tokens.weight.device
+        if self.config.positions == "rotary":
+            return torch.zeros(length, self.config.dim, device=device, dtype=dtype)
         if self.embed_positions is None:
             return self.position_scale.to(dtype) * sinusoidal_positions(length, self.config.dim, device, dtype, start)
         if start + length > self.config.max_positions:
@@ -169,7 +217,7 @@ class PerformerLM(nn.Module):
         kpm = padding_mask if bool(padding_mask.any()) else None
         wanted = {layer % (self.config.depth + 1) for layer in repr_layers}
         reps: dict[int, torch.Tensor] = {}
-        x = self.embed(tokens)
+        x = self.embed(tokens, padding_mask)
         if 0 in wanted:
             reps[0] = x
         for i, block in enumerate(self.layers, start=1):
@@ -179,7 +227,11 @@ class PerformerLM(nn.Module):
         x = self.final_norm(x)
         if self.config.depth in wanted:
             reps[self.config.depth] = x
-        return {"logits": self.lm_head(x), "representations": reps}
+        return {"logits": self.logits(x), "representations": reps}
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """LM head on the final (LayerNorm'ed) representation: [..., D] -> [..., V]."""
+        return self.lm_head(x if self.lm_transform is None else self.lm_transform(x))
 
     @torch.no_grad()
     def redraw_features(self, generator: torch.Generator | None = None) -> None:
