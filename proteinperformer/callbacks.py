@@ -1,8 +1,8 @@
-"""Training callbacks: throughput (non-pad tokens/s, peak GPU memory), per-batch RNG seeding, and a
-periodic ModelCheckpoint whose ``last.ckpt`` is always the state at the end of training.
+"""Training callbacks: FAVOR+ feature redraw, throughput (non-pad tokens/s, peak GPU memory), per-batch RNG
+seeding, and a periodic ModelCheckpoint whose ``last.ckpt`` is always the state at the end of training.
 
 They are Lightning callbacks, configured in ``conf/callbacks/default.yaml`` next to Lightning's own
-(ModelCheckpoint, LearningRateMonitor, progress bar) and the FAVOR+ ``FeatureRedrawCallback``.
+(ModelCheckpoint, LearningRateMonitor, progress bar).
 """
 
 from __future__ import annotations
@@ -13,7 +13,39 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from proteinperformer.attention import redraw_projections
 from proteinperformer.data.datasets import example_seed
+
+
+class FeatureRedrawCallback(pl.Callback):
+    """Every ``every_n_steps`` optimizer steps, redraw the projection of each FAVOR+ attention layer.
+
+    Default every 1000 steps (performer-pytorch's default): frequent enough that the model never depends on
+    one draw, rare enough that the optimiser is not fighting fresh noise at every step. The draw for step s
+    is a function of (seed, s) (:func:`proteinperformer.attention.redraw_projections`), so DDP ranks agree
+    and a resumed run redraws as the straight one.
+
+    Args:
+        every_n_steps: redraw interval in optimizer steps (trainer.global_step); <= 0 disables.
+        seed: base seed.
+    """
+
+    def __init__(self, every_n_steps: int = 1000, seed: int = 0):
+        super().__init__()
+        self.every_n_steps, self.seed = every_n_steps, seed
+        self._last_step = -1
+
+    @staticmethod
+    def redraw(module: torch.nn.Module, seed: int, step: int) -> int:
+        """Redraw every FAVOR+ projection in ``module`` from (seed, step); returns how many were redrawn."""
+        return redraw_projections(module, seed, step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        # with gradient accumulation several batches share a global_step: redraw once per step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.redraw(pl_module, self.seed, step)
+            self._last_step = step
 
 
 class StepSeedCallback(pl.Callback):

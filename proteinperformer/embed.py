@@ -56,6 +56,13 @@ from tqdm import tqdm
 
 from proteinperformer.data.fasta import load_fasta
 from proteinperformer.model import ModelConfig, PerformerLM
+from proteinperformer.precision import (
+    INFERENCE_PRECISIONS,
+    LIGHTNING_PRECISION,
+    PrecisionError,
+    check_inference_precision,
+    inference_autocast,
+)
 from proteinperformer.tokenizer import Alphabet
 
 INCLUDE = ("mean", "per_tok", "bos")
@@ -217,11 +224,14 @@ def embed_batch(
     layers: Iterable[int] = (-1,),
     include: Iterable[str] = ("mean",),
     on_long: str = "error",
+    precision: str = "32",
 ) -> list[tuple[str, dict[str, dict[int, torch.Tensor]]]]:
     """Embed one batch of (label, sequence) in a single padded forward pass.
 
     Returns [(label, {kind: {layer: tensor}})] in input order, tensors on CPU in fp32: ``mean`` [D],
     ``per_tok`` [L, D] (residues only) and ``bos`` [D]. See the module docstring for ``on_long``.
+    ``precision`` "bf16" or "16" runs the forward pass under torch.autocast in that dtype
+    (:mod:`proteinperformer.precision`); the returned tensors are float32 either way.
     """
     include = tuple(include)
     if bad := [k for k in include if k not in INCLUDE]:
@@ -247,7 +257,8 @@ def embed_batch(
             )
     device = next(model.parameters()).device
     _, _, tokens = Alphabet().get_batch_converter()([(str(i), s) for i, _, s in pieces])  # (P, T)
-    reps = model(tokens.to(device), repr_layers=sorted(set(layer_map.values())))["representations"]
+    with inference_autocast(precision, device):
+        reps = model(tokens.to(device), repr_layers=sorted(set(layer_map.values())))["representations"]
 
     results = []
     for item, (label, seq) in enumerate(batch):
@@ -280,18 +291,21 @@ def embed(
     toks_per_batch: int = 4096,
     on_long: str = "error",
     progress: bool = False,
+    precision: str = "32",
 ) -> Embeddings:
     """Embed sequences (list of (label, seq), {label: seq} or a FASTA path) in token-budget batches.
 
-    Returns ``{label: {kind: {layer: tensor}}}`` in input order; see :func:`embed_batch` for shapes.
+    Returns ``{label: {kind: {layer: tensor}}}`` in input order; see :func:`embed_batch` for shapes and
+    ``precision`` ("32", "bf16", "16").
     """
     records = as_records(sequences)
     layers = list(layers)
     resolve_layers(layers, model.config.depth)  # fail before any work
+    check_inference_precision(precision, next(model.parameters()).device)
     out: Embeddings = {}
     batches = batch_indices([len(s) for _, s in records], toks_per_batch)
     for idx in tqdm(batches, desc="embed", unit="batch", disable=not progress):
-        out.update(embed_batch(model, [records[i] for i in idx], layers, include, on_long))
+        out.update(embed_batch(model, [records[i] for i in idx], layers, include, on_long, precision))
     return {label: out[label] for label, _ in records}
 
 
@@ -468,11 +482,14 @@ def create_parser() -> argparse.ArgumentParser:
     long.add_argument("--chunk", action="store_true", help="embed too-long sequences in overlapping windows")
     parser.add_argument("--device", default="cpu", help="accelerator: cpu, gpu/cuda, mps or auto")
     parser.add_argument("--devices", type=int, default=1, help="number of devices (>1 runs DDP)")
+    parser.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="32",
+                        help="32, or autocast to bf16 / 16 (fp16) for speed and memory (default 32)")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     """Embed every FASTA record not yet in ``args.outdir``; returns the number of sequences embedded."""
+    check_inference_precision(args.precision, args.device if args.device != "auto" else "cpu")
     model = load_model(args.checkpoint)
     layers = list(args.repr_layers)
     resolve_layers(layers, model.config.depth)
@@ -489,7 +506,7 @@ def run(args: argparse.Namespace) -> int:
             accelerator=accelerator,
             devices=args.devices,
             strategy="ddp" if args.devices > 1 else "auto",
-            precision="32-true",
+            precision=LIGHTNING_PRECISION[args.precision],  # autocast around predict_step, as in training
             logger=False,
             callbacks=[EmbeddingWriter(args.outdir, args.format)],
             use_distributed_sampler=False,  # EmbeddingData shards the batches by rank itself
@@ -509,7 +526,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    run(create_parser().parse_args(argv))
+    try:
+        run(create_parser().parse_args(argv))
+    except PrecisionError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

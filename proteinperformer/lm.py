@@ -38,6 +38,7 @@ class ProteinLM(pl.LightningModule):
         betas: tuple[float, float] = (0.9, 0.98),
         warmup_steps: int = 500,
         min_lr_ratio: float = 0.1,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if task not in TASKS:
@@ -46,8 +47,14 @@ class ProteinLM(pl.LightningModule):
         if cfg.causal != (task == "clm"):
             raise ValueError(f"task={task!r} needs model causal={task == 'clm'}, got causal={cfg.causal}")
         self.save_hyperparameters({"config": cfg.to_dict(), "task": task, "lr": lr, "weight_decay": weight_decay,
-                                   "betas": tuple(betas), "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio})
+                                   "betas": tuple(betas), "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio,
+                                   "compile": compile})
         self.model = PerformerLM(cfg)
+        if compile:
+            # In place (nn.Module.compile): state-dict keys stay "model.…", so checkpoints load either way.
+            # FAVOR+'s autograd Functions trace as they are; the one graph break is the padding check in
+            # PerformerLM.forward (a data-dependent branch that picks the unpadded fast path).
+            self.model.compile()
         self.task = task
         self.alphabet = Alphabet()
         residue = torch.zeros(cfg.vocab_size, dtype=torch.bool)

@@ -21,6 +21,7 @@ from pytorch_lightning.loggers import WandbLogger
 from proteinperformer.data.datamodule import PROJECT_ROOT
 from proteinperformer.data.fasta import FastaFormatError
 from proteinperformer.data.store import StoreError
+from proteinperformer.precision import PrecisionError, check_trainer
 from proteinperformer.tokenizer import TokenizationError
 
 log = logging.getLogger("proteinperformer.train")
@@ -44,6 +45,9 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 def train(cfg: DictConfig) -> dict:
     """Fit a model from a composed config; returns the final metrics (also written to metrics.json)."""
     start = time.time()
+    # fail in one line, before any data is read, if this machine cannot run the requested accelerator/precision
+    check_trainer(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("precision", "32-true"),
+                  cfg.trainer.get("devices", 1))
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.output_dir)
     log.info("data: %s", cfg.data._target_)
@@ -98,7 +102,8 @@ def main(cfg: DictConfig) -> float | None:
     """Hydra entry point (``pp-train`` / ``scripts/train.py``); returns validation perplexity for sweeps."""
     try:
         return train(cfg)["val_ppl"]
-    except (FastaFormatError, TokenizationError, StoreError, FileNotFoundError, IsADirectoryError) as err:
+    except (FastaFormatError, TokenizationError, StoreError, PrecisionError, FileNotFoundError,
+            IsADirectoryError) as err:
         # Bad input: the message names the file, line and record; a traceback would only bury it.
         raise SystemExit(f"error: {err}") from None
 

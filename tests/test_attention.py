@@ -7,15 +7,16 @@ import pytest
 import torch
 
 from proteinperformer.attention import (
-    FeatureRedrawCallback,
     MultiheadSelfAttention,
     exact_attention,
     favor_attention,
     favor_step,
     gaussian_projection,
     positive_random_features,
+    redraw_projections,
 )
 from proteinperformer.attention.favor import SOFTMAX_EPS
+from proteinperformer.callbacks import FeatureRedrawCallback
 
 
 def gen(seed: int) -> torch.Generator:
@@ -340,7 +341,7 @@ def test_redraw_changes_buffer_and_is_deterministic():
     assert a.projection.shape == before.shape and not torch.equal(a.projection, before)
     nets = [torch.nn.Sequential(MultiheadSelfAttention(32, 4), MultiheadSelfAttention(32, 4)) for _ in range(2)]
     for net in nets:
-        assert FeatureRedrawCallback.redraw(net, seed=3, step=2000) == 2
+        assert redraw_projections(net, seed=3, step=2000) == 2
     assert torch.equal(nets[0][0].projection, nets[1][0].projection)
     assert not torch.equal(nets[0][0].projection, nets[0][1].projection)  # layers get distinct draws
 

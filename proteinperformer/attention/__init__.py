@@ -1,14 +1,13 @@
-"""FAVOR+ attention (Choromanski et al. 2020, 2021) and the exact softmax reference."""
+"""FAVOR+ attention (Choromanski et al. 2020, 2021) and the exact softmax reference: plain torch, no Lightning."""
 
 from .exact import exact_attention
 from .favor import FavorState, favor_attention, favor_step, positive_random_features
 from .module import KVCache, MultiheadSelfAttention
 from .projection import gaussian_projection
-from .redraw import FeatureRedrawCallback
+from .redraw import redraw_projections
 
 __all__ = [
     "FavorState",
-    "FeatureRedrawCallback",
     "KVCache",
     "MultiheadSelfAttention",
     "exact_attention",
@@ -16,4 +15,5 @@ __all__ = [
     "favor_step",
     "gaussian_projection",
     "positive_random_features",
+    "redraw_projections",
 ]

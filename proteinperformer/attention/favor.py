@@ -17,10 +17,18 @@ Stabilisers c (they cancel exactly in the ratio; they only set the scale the ε 
     max as extra state. Earlier contributions are rescaled by exp(c_old − c_new) ≤ 1 when the max grows
     (as in online softmax), so nothing overflows.
 Stabilisers are treated as constants in the backward pass (as the reference's stop_gradient).
+
+Mixed precision: under torch.autocast (bf16/fp16, CUDA or CPU) every public entry point and the backward of
+every custom Function runs in an autocast-disabled region on float32 copies of its inputs (the exp of the
+features, the prefix sums and the normalisers would lose the attention signal in 8 mantissa bits), and the
+result is returned in the autocast dtype, as autocast returns a matmul's. Outside autocast the result has v's
+dtype. float64 inputs stay float64 (gradient checks).
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +70,30 @@ def _check_inputs(q, k, v, P, kernel, causal, key_padding_mask) -> None:
                 f"key_padding_mask must be [batch, Lk] = {(k.shape[0], k.shape[2])}, "
                 f"got {tuple(key_padding_mask.shape)}"
             )
+
+
+def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The dtype torch.autocast would give a matmul on t's device, or None when autocast is off there."""
+    device = t.device.type
+    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
+def _float32_region(fn: Callable) -> Callable:
+    """Run fn with autocast disabled on the device of its first tensor argument.
+
+    torch.amp.custom_fwd/custom_bwd would do this for one device type fixed at decoration time; FAVOR+ runs
+    on CPU and CUDA alike, so the region is opened for whichever device the tensors are on.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        with torch.autocast(device_type=device, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _shape(t) -> str:
@@ -153,6 +185,7 @@ class _SoftmaxNoncausal(torch.autograd.Function):
     """FAVOR+ noncausal softmax attention on flattened (N = B·H) inputs in the accumulation dtype."""
 
     @staticmethod
+    @_float32_region
     def forward(ctx, q, k, v, P, mask):
         Pa = _augmented_projection(P, q.dtype)
         eq = _logits(q, Pa)  # (N, Lq, m)
@@ -171,6 +204,7 @@ class _SoftmaxNoncausal(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_float32_region
     def backward(ctx, grad):
         q, k, eq, ek, v1, kv, out, den, Pa, mask = ctx.saved_tensors
         do = _normaliser_backward(grad, out, den)  # (N, Lq, e+1)
@@ -327,6 +361,7 @@ class _SoftmaxCausal(torch.autograd.Function):
     """FAVOR+ causal softmax attention on flattened (N, L, ·) inputs, L % group == 0, group % chunk == 0."""
 
     @staticmethod
+    @_float32_region
     def forward(ctx, q, k, v, P, mask, chunk, group):
         Pa = _augmented_projection(P, q.dtype)
         q, k, v = (_to_groups(t, group) for t in (q, k, v))  # (ng, N, G, ·)
@@ -350,6 +385,7 @@ class _SoftmaxCausal(torch.autograd.Function):
         return _from_groups(out)
 
     @staticmethod
+    @_float32_region
     def backward(ctx, grad):
         q, k, Q, K, V, g, Hs, out, den, Pa, mask = ctx.saved_tensors
         dO = _normaliser_backward(_to_groups(grad, out.shape[2]), out, den)  # (ng, N, G, e+1)
@@ -372,6 +408,7 @@ class _CausalLinear(torch.autograd.Function):
     """o_i = Σ_{j≤i} (Q_i·K_j) V_j for given features (the relu kernel; no stabiliser); (N, L, ·) inputs."""
 
     @staticmethod
+    @_float32_region
     def forward(ctx, Q, K, V, chunk, group):
         Q, K, V = (_to_groups(t, group) for t in (Q, K, V))
         g = Q.new_zeros(Q.shape[:-1])
@@ -381,6 +418,7 @@ class _CausalLinear(torch.autograd.Function):
         return _from_groups(O)
 
     @staticmethod
+    @_float32_region
     def backward(ctx, dO):
         Q, K, V, g, Hs = ctx.saved_tensors
         dQ, dK, dV = _causal_backward(Q, K, V, g, Hs, _to_groups(dO, Q.shape[2]), ctx.chunk)
@@ -455,14 +493,15 @@ def favor_attention(
         chunk_size: causal chunk length T (does not change the result; cost ∝ L·T·m inside chunks).
         group_size: causal positions processed per batched step (memory/speed knob, result unchanged).
     Returns:
-        (B, H, Lq, e) in the dtype of v; computed in float32.
+        (B, H, Lq, e) computed in float32; returned in the autocast dtype inside torch.autocast, else in v's dtype.
     """
     _check_inputs(q, k, v, P, kernel, causal, key_padding_mask)
+    out_dtype = _autocast_dtype(q) or v.dtype
     if causal:
-        out = _favor_causal(q, k, v, P, kernel, key_padding_mask, chunk_size, group_size)
+        out = _float32_region(_favor_causal)(q, k, v, P, kernel, key_padding_mask, chunk_size, group_size)
     else:
-        out = _favor_noncausal(q, k, v, P, kernel, key_padding_mask)
-    return out.to(v.dtype)
+        out = _float32_region(_favor_noncausal)(q, k, v, P, kernel, key_padding_mask)
+    return out.to(out_dtype)
 
 
 @dataclass
@@ -504,11 +543,18 @@ def favor_step(
         q_t, k_t: (B, H, 1, d); v_t: (B, H, 1, e); P: (m, d) or None (relu); state: from the previous step
         (None = empty).
     Returns:
-        (out_t (B, H, 1, e) in v_t's dtype, new state). Constant time and memory per token.
+        (out_t (B, H, 1, e), new state). Constant time and memory per token. The state is float32 (float64 for
+        float64 inputs); out_t has the autocast dtype inside torch.autocast, else v_t's dtype.
     """
     _check_inputs(q_t, k_t, v_t, P, kernel, True, None)
     if q_t.shape[2] != 1:
         raise ValueError(f"favor_step takes one token, got length {q_t.shape[2]}")
+    out_dtype = _autocast_dtype(q_t) or v_t.dtype
+    out, state = _float32_region(_favor_step)(q_t, k_t, v_t, P, state, kernel)
+    return out.to(out_dtype), state
+
+
+def _favor_step(q_t, k_t, v_t, P, state, kernel) -> tuple[torch.Tensor, FavorState]:
     B, H = q_t.shape[:2]
     qf = _query_features(q_t, P, kernel)  # (B, H, 1, m)
     v1 = _masked_values(v_t, None)  # (B, H, 1, e+1)
@@ -525,4 +571,4 @@ def favor_step(
         eps = SOFTMAX_EPS
     vsum = state.vsum + v1[:, :, 0]
     out = qf @ kv + eps * qf.sum(-1, keepdim=True) * vsum.unsqueeze(2)
-    return _normalise(out).to(v_t.dtype), FavorState(kv=kv, vsum=vsum, g=g)
+    return _normalise(out), FavorState(kv=kv, vsum=vsum, g=g)

@@ -1,0 +1,96 @@
+"""Numeric precision for training and inference, and the hardware checks that go with it.
+
+Training precision is Lightning's (``trainer.precision``: ``32-true``, ``bf16-mixed``, ``16-mixed``,
+``bf16-true``); inference precision is one of ``32``, ``bf16``, ``16`` (``pp-embed --precision``, ``embed()``,
+``pp-generate`` and the analysis CLIs) and means torch.autocast in that dtype, as Lightning's ``*-mixed``: weights
+stay float32, matmuls run in the low dtype, LayerNorm/softmax and FAVOR+'s feature maps and sums in float32.
+
+The checks turn "this machine cannot do that" into one line that says what to use instead, before Lightning or
+torch fail deep inside a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+INFERENCE_PRECISIONS = ("32", "bf16", "16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}
+# the Lightning precision plugin that does what an inference precision means
+LIGHTNING_PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
+GPU_ACCELERATORS = ("gpu", "cuda")
+
+
+class PrecisionError(ValueError):
+    """A precision or accelerator this machine cannot run; the message says what to use instead."""
+
+
+def _device_type(device: str | torch.device) -> str:
+    return torch.device("cuda" if str(device) == "gpu" else device).type
+
+
+def _cpu_autocast_works(dtype: torch.dtype) -> bool:
+    try:
+        with torch.autocast("cpu", dtype=dtype):
+            torch.ones(4, 4) @ torch.ones(4, 4)
+        return True
+    except (RuntimeError, TypeError):
+        return False
+
+
+def check_inference_precision(precision: str, device: str | torch.device = "cpu") -> None:
+    """Raise :class:`PrecisionError` unless ``precision`` (32, bf16, 16) can run on ``device``."""
+    if precision not in INFERENCE_PRECISIONS:
+        raise PrecisionError(f"precision must be one of {INFERENCE_PRECISIONS}, got {precision!r}")
+    kind = _device_type(device)
+    if kind == "cuda":
+        check_cuda(devices=1)
+        if precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+            raise PrecisionError(f"{torch.cuda.get_device_name()} has no bfloat16 support; use precision 16 (or 32)")
+    elif kind == "cpu" and precision in AUTOCAST_DTYPES and not _cpu_autocast_works(AUTOCAST_DTYPES[precision]):
+        raise PrecisionError(f"this torch build cannot autocast to precision {precision} on the CPU; use 32 or bf16")
+
+
+def inference_autocast(precision: str, device: str | torch.device = "cpu") -> contextlib.AbstractContextManager:
+    """A context that runs a forward pass at ``precision`` on ``device`` (a no-op for 32)."""
+    check_inference_precision(precision, device)
+    if precision == "32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=_device_type(device), dtype=AUTOCAST_DTYPES[precision])
+
+
+def check_cuda(devices: int | str | list = 1) -> None:
+    """Raise :class:`PrecisionError` unless CUDA is usable with the requested number of devices."""
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise PrecisionError(
+            f"a GPU was requested but torch {torch.__version__} ({build}) sees no CUDA device; use trainer=cpu "
+            "(pp-embed/pp-generate: --device cpu), or install a CUDA build of torch on a GPU machine"
+        )
+    wanted = len(devices) if isinstance(devices, list | tuple) else devices
+    if isinstance(wanted, int) and wanted > torch.cuda.device_count():
+        raise PrecisionError(f"{wanted} GPUs requested but {torch.cuda.device_count()} visible; "
+                             f"set trainer.devices={torch.cuda.device_count()} (or -1 for all)")
+
+
+def check_trainer(accelerator: str, precision: str | int, devices: int | str | list = 1) -> None:
+    """Check a Trainer's accelerator/precision pair on this machine before Lightning builds it.
+
+    Raises :class:`PrecisionError` for: a GPU accelerator without CUDA (or fewer GPUs than ``devices``), bf16 on
+    a GPU without bfloat16, fp16 on a CPU torch cannot autocast to, and ``16-true`` (pure fp16 weights: AdamW's
+    eps=1e-8 underflows in fp16 and the loss is NaN from the first step; measured here).
+    """
+    precision = str(precision)
+    if precision in ("16", "16-true"):
+        raise PrecisionError("trainer.precision=16-true keeps the weights and optimiser state in float16, where "
+                             "AdamW diverges (NaN loss at step 1); use 16-mixed or bf16-mixed")
+    if accelerator in GPU_ACCELERATORS or (accelerator == "auto" and torch.cuda.is_available()):
+        check_cuda(devices)
+        if precision.startswith("bf16") and not torch.cuda.is_bf16_supported(including_emulation=False):
+            raise PrecisionError(f"{torch.cuda.get_device_name()} has no bfloat16 support; "
+                                 f"use trainer.precision=16-mixed (or 32-true)")
+    elif accelerator == "cpu" and precision.startswith("16") and not _cpu_autocast_works(torch.float16):
+        raise PrecisionError("this torch build cannot autocast to float16 on the CPU; "
+                             "use trainer.precision=bf16-mixed or 32-true")
+
