@@ -12,6 +12,16 @@ Tasks (CSV formats of ``data/probes/``, see its README; the task is read off the
   ``onehot`` = one-hot of the 30 N-terminal and 30 C-terminal residues (where targeting signals sit; a
   mean-pooled one-hot would just be the composition); ``composition`` = amino-acid composition (21
   fractions summing to 1).
+- ``fold_class`` (columns id, sequence, fold_class): per-protein structural class (mainly_alpha / mainly_beta /
+  alpha_beta). Same probe, baselines and metrics as ``location``; macro-F1 is the main metric (the classes are
+  unbalanced) and picks C.
+- ``go_mf`` (columns id, sequence, go): multi-label GO molecular-function prediction scored with CAFA's
+  protein-centric F-max and micro-AUPR against the naive, composition, 3-mer and nearest-neighbour baselines
+  (:mod:`proteinperformer.probe_go`). The vocabulary is taken from the whole ``--train`` file, before
+  ``--max-train`` sampling, so numbers stay comparable across sample sizes.
+
+Every label of a valid/test table must occur in the training table (an error names file, line and column);
+the report counts what is skipped (unannotated GO proteins, GO terms outside the vocabulary).
 
 The 21 residue classes are the 20 standard amino acids plus one for X/B/Z/U/O. Every feature set goes
 through the same ``StandardScaler -> LogisticRegression`` pipeline. ``--max-train N`` samples N training
@@ -36,10 +46,13 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_s
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from proteinperformer.probe_go import check_go_column, plot_go, run_go_probe, split_terms, term_vocabulary
 from proteinperformer.tokenizer import STANDARD_RESIDUES, Alphabet, TokenizationError
 
 SS3_CLASSES = ("H", "E", "C")
-TASK_COLUMNS = {"ss3": ("id", "sequence", "ss3", "mask"), "location": ("id", "sequence", "location")}
+TASK_COLUMNS = {"ss3": ("id", "sequence", "ss3", "mask"), "location": ("id", "sequence", "location"),
+                "fold_class": ("id", "sequence", "fold_class"), "go_mf": ("id", "sequence", "go")}
+PER_PROTEIN = ("location", "fold_class")  # single-label per-protein tasks: the label column is the task name
 N_AA = 21  # 20 standard residues + 1 for any rare/ambiguous letter
 WINDOW = 7
 TERMINAL = 30
@@ -66,6 +79,8 @@ def read_probe_csv(path: str | Path) -> tuple[str, pd.DataFrame]:
     tasks = [t for t, cols in TASK_COLUMNS.items() if set(cols) <= set(df.columns)]
     if not tasks:
         raise ProbeDataError(f"{path}: columns {list(df.columns)} fit no probe task; expected {TASK_COLUMNS}")
+    if len(df) == 0:
+        raise ProbeDataError(f"{path}: no rows after the header (an empty split)")
     task = tasks[0]
     alphabet = Alphabet()
     seen: dict[str, int] = {}
@@ -88,9 +103,26 @@ def read_probe_csv(path: str | Path) -> tuple[str, pd.DataFrame]:
                 raise ProbeDataError(f"{where}: ss3 labels {sorted(bad)} not in {SS3_CLASSES}")
             if bad := set(row.mask) - {"0", "1"}:
                 raise ProbeDataError(f"{where}: mask characters {sorted(bad)} not 0/1")
-        elif not row.location:
-            raise ProbeDataError(f"{where}: empty location")
+        elif task in PER_PROTEIN and not getattr(row, task):
+            raise ProbeDataError(f"{where}: column {task!r}: empty label")
+    if task == "go_mf":
+        try:
+            check_go_column(df, path)
+        except ValueError as err:
+            raise ProbeDataError(str(err)) from None
     return task, df
+
+
+def check_labels_seen(task: str, train: pd.DataFrame, other: pd.DataFrame, path: str | Path) -> None:
+    """Raise :class:`ProbeDataError` naming ``file:line``, id and column for a label of ``other`` (a valid/test
+    table read from ``path``) that no training protein has (a per-protein probe could never predict it)."""
+    if task not in PER_PROTEIN:
+        return
+    seen = set(getattr(train, task))
+    for i, (pid, label) in enumerate(zip(other.id, getattr(other, task), strict=True)):
+        if label not in seen:
+            raise ProbeDataError(f"{path}:{i + 2}: id {pid!r}: column {task!r}: label {label!r} never occurs in the "
+                                 f"training table (labels there: {sorted(seen)}; with --max-train, sample more)")
 
 
 # ---- baseline features --------------------------------------------------------------------------
@@ -169,7 +201,7 @@ def features(task: str, df: pd.DataFrame, reps: dict | None, layer: int) -> tupl
                 sets["embedding"].append(reps[row.id]["mean"][layer].numpy()[None])
             sets["onehot"].append(terminal_onehot(row.sequence)[None])
             sets["composition"].append(composition(row.sequence)[None])
-            labels.append(np.array([row.location]))
+            labels.append(np.array([getattr(row, task)]))
     return {k: np.concatenate(v) for k, v in sets.items()}, np.concatenate(labels)
 
 
@@ -182,7 +214,7 @@ def score(task: str, y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[s
     return ss3_metrics(y_true, y_pred) if task == "ss3" else location_metrics(y_true, y_pred, classes)
 
 
-MAIN_METRIC = {"ss3": "q3", "location": "accuracy"}
+MAIN_METRIC = {"ss3": "q3", "location": "accuracy", "fold_class": "macro_f1", "go_mf": "fmax"}
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -196,11 +228,14 @@ def run_probe(
     Cs: Sequence[float] = (1.0,),
     seed: int = 0,
     toks_per_batch: int = 4096,
+    go_vocabulary: Sequence[str] | None = None,
 ) -> dict:
     """Fit the probe on ``train`` for the embedding and both baselines, score on ``test`` (default ``valid``).
 
     With several ``Cs`` the best C per feature set is chosen on ``valid`` (then ``test`` must be given).
     Returns a JSON-ready dict with per-feature-set metrics, predictions' confusion matrices and timing.
+    ``go_mf`` scores the terms of ``go_vocabulary`` (default: terms of ≥ 20 proteins of ``train``) with
+    :func:`proteinperformer.probe_go.run_go_probe`.
     """
     from proteinperformer.embed import embed
 
@@ -216,8 +251,16 @@ def run_probe(
                      toks_per_batch=toks_per_batch, progress=True)
         seconds += time.perf_counter() - start
         n_res += int(df.sequence.str.len().sum())
-        data[name] = features(task, df, reps, layer)
-    classes = list(SS3_CLASSES) if task == "ss3" else sorted(set(train.location) | set(splits["test"].location))
+        data[name] = (np.stack([reps[i]["mean"][layer].numpy() for i in df.id]) if task == "go_mf"
+                      else features(task, df, reps, layer))
+    throughput = {"residues": n_res, "seconds": round(seconds, 2),
+                  "residues_per_second": round(n_res / max(seconds, 1e-9), 1)}
+    if task == "go_mf":
+        vocabulary = go_vocabulary or term_vocabulary([split_terms(v) for v in train.go])
+        report = run_go_probe(train, splits["test"], (data["train"], data["test"]), vocabulary,
+                              valid=splits.get("valid"), valid_embeddings=data.get("valid"), Cs=Cs, seed=seed)
+        return {"task": task, "layer": layer, **report, "embedding_throughput": throughput}
+    classes = list(SS3_CLASSES) if task == "ss3" else sorted(set(getattr(train, task)))
     results = {}
     for name in FEATURE_SETS:
         x_train, y_train = data["train"][0][name], data["train"][1]
@@ -236,15 +279,13 @@ def run_probe(
     return {"task": task, "layer": layer, "classes": classes, "n_train_proteins": len(train),
             "n_test_proteins": len(splits["test"]), "n_train_items": int(len(data["train"][1])),
             "n_test_items": int(len(data["test"][1])),
-            "embedding_throughput": {"residues": n_res, "seconds": round(seconds, 2),
-                                     "residues_per_second": round(n_res / max(seconds, 1e-9), 1)},
-            "results": results}
+            "embedding_throughput": throughput, "results": results}
 
 
 def results_table(report: dict) -> pd.DataFrame:
     """One row per feature set: the main metrics (Q3, or accuracy and macro-F1) and the probe's C."""
-    keys = ["q3"] if report["task"] == "ss3" else ["accuracy", "macro_f1"]
-    rows = {name: {k: r[k] for k in [*keys, "n_features", "C"]} for name, r in report["results"].items()}
+    keys = {"ss3": ["q3"], "go_mf": ["fmax", "aupr", "threshold"]}.get(report["task"], ["accuracy", "macro_f1"])
+    rows = {name: {k: r.get(k) for k in [*keys, "n_features", "C"]} for name, r in report["results"].items()}
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
@@ -286,8 +327,9 @@ def plot_report(report: dict, path: Path) -> None:
 def create_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pp-probe",
-        description="Linear probes (ss3 per-residue / location per-protein) on a checkpoint's embeddings, "
-        "against one-hot and composition baselines. The task is inferred from the CSV columns.",
+        description="Linear probes on a checkpoint's embeddings against sequence-only baselines: ss3 (per residue), "
+        "location and fold_class (per protein), go_mf (GO terms, CAFA F-max). The task is inferred from the CSV "
+        "columns.",
     )
     parser.add_argument("checkpoint", type=Path, help="a .ckpt written by pp-train (or a slim export)")
     parser.add_argument("--train", type=Path, required=True, help="training CSV")
@@ -304,34 +346,81 @@ def create_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def read_tables(
+    train_path: str | Path, valid_path: str | Path, test_path: str | Path | None = None,
+    max_train: int | None = None, seed: int = 0,
+) -> tuple[str, pd.DataFrame, pd.DataFrame, pd.DataFrame | None, list[str] | None]:
+    """Read and cross-check a probe's tables: (task, train (sampled to ``max_train``), valid, test or None,
+    GO vocabulary from the whole training table or None). Raises :class:`ProbeDataError` naming file, line and
+    column (mismatched tasks, a valid/test label no training protein has)."""
+    task, train = read_probe_csv(train_path)
+    tables = {"valid": (valid_path, read_probe_csv(valid_path))}
+    if test_path is not None:
+        tables["test"] = (test_path, read_probe_csv(test_path))
+    for name, (path, (got, _)) in tables.items():
+        if got != task:
+            raise ProbeDataError(f"{path}: --{name} is a {got!r} table but --train {train_path} is {task!r}")
+    vocabulary = term_vocabulary([split_terms(v) for v in train.go]) if task == "go_mf" else None
+    if max_train is not None and max_train < len(train):
+        train = train.sample(n=max_train, random_state=seed).reset_index(drop=True)
+    for path, (_, df) in tables.values():
+        check_labels_seen(task, train, df, path)
+    test = tables["test"][1][1] if "test" in tables else None
+    return task, train, tables["valid"][1][1], test, vocabulary
+
+
+def probe_files(
+    model,
+    train_path: str | Path,
+    valid_path: str | Path,
+    out: str | Path,
+    test_path: str | Path | None = None,
+    max_train: int | None = None,
+    layer: int = -1,
+    Cs: Sequence[float] = (1.0,),
+    seed: int = 0,
+    toks_per_batch: int = 4096,
+) -> dict:
+    """Read and check the CSVs, run :func:`run_probe` (task from the columns) and write ``out`` (JSON) and
+    ``<out stem>.png`` (confusion matrices, or PR curves for go_mf); returns the report."""
+    task, train, valid, test, vocabulary = read_tables(train_path, valid_path, test_path, max_train, seed)
+    report = run_probe(model, task, train, valid, test, layer=layer, Cs=Cs, seed=seed,
+                       toks_per_batch=toks_per_batch, go_vocabulary=vocabulary)
+    report |= {"train": str(train_path), "valid": str(valid_path), "test": str(test_path or valid_path),
+               "max_train": max_train}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, out)
+    (plot_go if task == "go_mf" else plot_report)(report, out.with_suffix(".png"))
+    if task == "go_mf":
+        print(f"\n{task}: {report['n_terms']} terms, train {report['n_train_proteins']} proteins, test "
+              f"{report['n_test_proteins']} proteins ({report['n_evaluated_proteins']} with a vocabulary term), "
+              f"layer {layer}; skipped: {report['skipped']}")
+    else:
+        print(f"\n{task}: train {report['n_train_proteins']} proteins ({report['n_train_items']} items), "
+              f"test {report['n_test_proteins']} proteins ({report['n_test_items']} items), layer {layer}")
+    print(results_table(report).to_string(float_format=lambda v: f"{v:.4f}"))
+    through = report["embedding_throughput"]
+    print(f"embedding: {through['residues']} residues in {through['seconds']} s "
+          f"({through['residues_per_second']:.0f} residues/s)")
+    print(f"results: {out}  plot: {out.with_suffix('.png')}")
+    return report
+
+
 def run(args: argparse.Namespace) -> dict:
-    """Read the CSVs, embed, fit and score; write ``args.out`` (JSON) and ``<out stem>.png``."""
+    """Load the checkpoint, then :func:`probe_files`; writes ``args.out`` (JSON) and ``<out stem>.png``."""
     from proteinperformer.embed import load_model
 
-    task, train = read_probe_csv(args.train)
-    tables = {"valid": read_probe_csv(args.valid), "test": read_probe_csv(args.test) if args.test else None}
-    for name, got in tables.items():
-        if got is not None and got[0] != task:
-            raise ProbeDataError(f"--{name} is a {got[0]!r} table but --train is {task!r}")
-    if args.max_train is not None and args.max_train < len(train):
-        train = train.sample(n=args.max_train, random_state=args.seed).reset_index(drop=True)
+    read_tables(args.train, args.valid, args.test, args.max_train, args.seed)  # bad data fails before the model
     model = load_model(args.checkpoint, args.device)
-    report = run_probe(model, task, train, tables["valid"][1], tables["test"][1] if tables["test"] else None,
-                       layer=args.layer, Cs=args.C, seed=args.seed, toks_per_batch=args.toks_per_batch)
-    report |= {"checkpoint": str(args.checkpoint), "train": str(args.train), "valid": str(args.valid),
-               "test": str(args.test or args.valid), "max_train": args.max_train}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report = probe_files(model, args.train, args.valid, args.out, args.test, args.max_train, args.layer, args.C,
+                         args.seed, args.toks_per_batch)
+    report["checkpoint"] = str(args.checkpoint)
     tmp = args.out.with_name(f".{args.out.name}.{uuid.uuid4().hex}.tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, args.out)
-    plot_report(report, args.out.with_suffix(".png"))
-    through = report["embedding_throughput"]
-    print(f"\n{task}: train {report['n_train_proteins']} proteins ({report['n_train_items']} items), "
-          f"test {report['n_test_proteins']} proteins ({report['n_test_items']} items), layer {args.layer}")
-    print(results_table(report).to_string(float_format=lambda v: f"{v:.4f}"))
-    print(f"embedding: {through['residues']} residues in {through['seconds']} s "
-          f"({through['residues_per_second']:.0f} residues/s)")
-    print(f"results: {args.out}  plot: {args.out.with_suffix('.png')}")
     return report
 
 

@@ -16,11 +16,18 @@ def test_attention_vs_blosum_cli(tiny_checkpoint, tmp_path):
                      "--max-len", "60", "--out", str(tmp_path), "--matrices", "BLOSUM62", "PAM250"])
     res = json.loads((tmp_path / "attention_vs_blosum.json").read_text())
     assert res["n_sequences"] == 6 and res["n_residues"] <= 6 * 60
+    assert res["method"] == "vig" and res["model"] == res["methods"]["vig"]["model"]
+    assert (res["vig_threshold"], res["vig_min_edges"]) == (0.3, 100)
+    weighted = res["methods"]["weighted"]
     for part in ("model", "null_random_init"):
-        assert set(res[part]["overall"]) == {"BLOSUM62", "PAM250"}
-        assert math.isfinite(res[part]["overall"]["BLOSUM62"])
-        assert len(res[part]["per_layer"]["BLOSUM62"]) == res["layers"] == 2
-    assert res["model"]["overall"]["BLOSUM62"] != res["null_random_init"]["overall"]["BLOSUM62"]
+        assert set(weighted[part]["overall"]) == {"BLOSUM62", "PAM250"}
+        assert math.isfinite(weighted[part]["overall"]["BLOSUM62"])
+        assert len(weighted[part]["per_layer"]["BLOSUM62"]) == res["layers"] == 2
+        vig = res["methods"]["vig"][part]
+        assert vig["n_heads"] == 4 and 0 <= vig["n_heads_kept"] <= 4
+        assert sum(map(sum, vig["edges_per_head"])) <= 6 * 60 * 60 * 4  # at most every (query, key) pair
+        assert (vig["overall"]["BLOSUM62"] is None) == (vig["n_heads_kept"] < 2)  # NaN is written as null
+    assert weighted["model"]["overall"]["BLOSUM62"] != weighted["null_random_init"]["overall"]["BLOSUM62"]
     assert (tmp_path / "attention_vs_blosum.png").stat().st_size > 10_000
     assert (tmp_path / "aa_pair_counts.npz").exists()
 

@@ -51,8 +51,11 @@ def test_attention_of_one_protein(which, tiny_checkpoint):
 def test_attention_vs_blosum62():
     out = run_notebook("02_attention_vs_blosum62.ipynb", {"PP_NB_PROTEINS": "8"})
     assert out["checkpoint"] == REFERENCE.name and out["n_proteins"] == 8
-    for key in ("r_blosum62", "r_blosum62_untrained"):
+    for key in ("r_blosum62_weighted", "r_blosum62_weighted_untrained"):
         assert math.isfinite(out[key]) and -1 <= out[key] <= 1
+    # Vig et al.'s method: r exists only when at least two heads keep >= 100 edges of weight >= 0.3
+    assert out["n_heads"] == 36 and 0 <= out["vig_heads_kept"] <= 36
+    assert (out["r_blosum62_vig"] is None) == (out["vig_heads_kept"] < 2)
 
 
 def test_contacts_vs_structure():

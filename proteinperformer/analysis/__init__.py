@@ -1,14 +1,19 @@
 """Attention analysis for biologists: attention maps, amino-acid similarity vs BLOSUM, contacts vs structure.
 
 * :mod:`.maps` — attention maps of any checkpoint (FAVOR+ maps recovered with one-hot values, in blocks).
-* :mod:`.aminoacids` — Vig et al. 2020 amino-acid aggregation and comparison with substitution matrices.
+* :mod:`.aminoacids` — Vig et al. 2020 amino-acid aggregation (their binarised method and an attention-weighted
+  variant) and comparison with substitution matrices.
 * :mod:`.contacts` — ESM-style contact prediction (symmetrise + APC + logistic regression) and precision.
 """
 
 from .aminoacids import (
     AMINO_ACIDS,
+    VIG_MIN_EDGES,
+    VIG_THRESHOLD,
     aa_similarity,
+    attention_counts,
     attention_fractions,
+    binarised_target_counts,
     cluster_order,
     compare_to_matrices,
     offdiagonal_pearson,
@@ -16,6 +21,8 @@ from .aminoacids import (
     pair_counts_from_maps,
     random_init_like,
     substitution_matrix,
+    vig_compare,
+    vig_fractions,
 )
 from .contacts import (
     Chain,
@@ -34,15 +41,19 @@ from .maps import AttentionBlock, as_performer, attention_inputs, attention_maps
 
 __all__ = [
     "AMINO_ACIDS",
+    "VIG_MIN_EDGES",
+    "VIG_THRESHOLD",
     "AttentionBlock",
     "Chain",
     "aa_similarity",
     "apc",
     "as_performer",
+    "attention_counts",
     "attention_fractions",
     "attention_inputs",
     "attention_maps",
     "background_rate",
+    "binarised_target_counts",
     "cluster_order",
     "compare_to_matrices",
     "contact_features",
@@ -60,4 +71,6 @@ __all__ = [
     "read_sequences",
     "substitution_matrix",
     "symmetrize",
+    "vig_compare",
+    "vig_fractions",
 ]

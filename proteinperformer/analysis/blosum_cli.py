@@ -6,7 +6,13 @@
 Writes ``attention_vs_blosum.json`` (Pearson r of the attention-derived amino-acid similarity against
 BLOSUM62 and other matrices, overall and per layer, for the trained model and a randomly initialised model
 of the same shape), ``attention_vs_blosum.png`` (model similarity next to BLOSUM62, both in a clustered
-amino-acid order) and ``aa_pair_counts.npz`` (the raw attention-weighted pair counts).
+amino-acid order) and ``aa_pair_counts.npz`` (the raw counts of both methods).
+
+Both methods come from the same pass over the attention maps (``proteinperformer.analysis.aminoacids``):
+``vig`` (default) is Vig et al.'s published method (attention binarised at weight ≥ ``--threshold`` 0.3, edges
+counted by the residue attended to, heads with < ``--min-edges`` 100 edges dropped; the JSON says how many heads
+survive), ``weighted`` the attention-weighted variant over all heads. ``model`` / ``null_random_init`` in the
+JSON hold the ``--method`` result; ``methods`` holds both.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -25,18 +32,23 @@ import torch  # noqa: E402
 
 from proteinperformer.analysis import (  # noqa: E402
     AMINO_ACIDS,
+    VIG_MIN_EDGES,
+    VIG_THRESHOLD,
     aa_similarity,
+    attention_counts,
     attention_fractions,
     cluster_order,
     compare_to_matrices,
     load_model,
-    pair_counts,
     random_init_like,
     read_sequences,
     substitution_matrix,
+    vig_compare,
+    vig_fractions,
 )
 
 MATRICES = ("BLOSUM62", "BLOSUM45", "BLOSUM80", "PAM250")
+METHODS = ("vig", "weighted")
 
 
 def plot_similarity(sim: np.ndarray, reference: np.ndarray, ref_name: str, r: float, path: Path) -> None:
@@ -56,37 +68,79 @@ def plot_similarity(sim: np.ndarray, reference: np.ndarray, ref_name: str, r: fl
     plt.close(fig)
 
 
+def _json_safe(x):
+    """NaN/inf -> None, recursively (strict JSON)."""
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, float) and not np.isfinite(x):
+        return None
+    return x
+
+
+def compare_both(counts: dict[str, torch.Tensor], matrices: Sequence[str], min_edges: int = VIG_MIN_EDGES) -> dict:
+    """Both methods' comparison with ``matrices`` from :func:`attention_counts` output."""
+    return {"vig": vig_compare(counts["binarised"], matrices, min_edges),
+            "weighted": compare_to_matrices(counts["weighted"], matrices)}
+
+
+@torch.no_grad()  # a context, not set_grad_enabled: callers (tests, notebooks) keep autograd
+def analyse(
+    model: torch.nn.Module, sequences: Sequence[str], matrices: Sequence[str] = MATRICES, seed: int = 0,
+    threshold: float = VIG_THRESHOLD, min_edges: int = VIG_MIN_EDGES,
+) -> tuple[dict, dict, dict]:
+    """Counts of the model and of its random-init null over ``sequences`` and both methods' r against
+    ``matrices``; returns (model counts, null counts, ``{method: {"model": ..., "null_random_init": ...}}``)."""
+    counts = attention_counts(model, sequences, threshold=threshold)
+    null_counts = attention_counts(random_init_like(model, seed), sequences, threshold=threshold)
+    trained, null = compare_both(counts, matrices, min_edges), compare_both(null_counts, matrices, min_edges)
+    methods = {m: {"model": trained[m], "null_random_init": null[m]} for m in METHODS}
+    for part, c in (("model", counts), ("null_random_init", null_counts)):
+        methods["vig"][part]["max_attention_weight"] = float(c["max_weight"].max())
+    return counts, null_counts, methods
+
+
 @torch.no_grad()  # a context, not set_grad_enabled: callers (tests, notebooks) keep autograd
 def run(
     checkpoint: str, fasta: str, n_seqs: int, out: Path, matrices: list[str] = MATRICES, max_len: int = 512,
-    seed: int = 0,
+    seed: int = 0, method: str = "vig", threshold: float = VIG_THRESHOLD, min_edges: int = VIG_MIN_EDGES,
 ) -> dict:
-    """Compute pair counts for the model and its random-init null, compare, write JSON/PNG/NPZ; return the JSON."""
+    """Compute both methods' counts for the model and its random-init null, compare, write JSON/PNG/NPZ; return
+    the JSON (``model`` / ``null_random_init`` = the ``method`` result, ``methods`` = both)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(checkpoint)
     records = read_sequences(fasta, n=n_seqs, max_len=max_len, seed=seed)
     seqs = [s for _, s in records]
     t0 = time.time()
-    counts = pair_counts(model, seqs)
-    t_model = time.time() - t0
-    null_counts = pair_counts(random_init_like(model, seed), seqs)
+    counts, null_counts, methods = analyse(model, seqs, matrices, seed, threshold, min_edges)
     result = {
         "checkpoint": str(checkpoint),
         "fasta": str(fasta),
         "n_sequences": len(seqs),
         "n_residues": int(sum(len(s) for s in seqs)),
         "max_len": max_len,
-        "layers": int(counts.shape[0]),
-        "heads_per_layer": int(counts.shape[1]),
-        "model": compare_to_matrices(counts, matrices),
-        "null_random_init": compare_to_matrices(null_counts, matrices),
-        "seconds_model": round(t_model, 1),
-        "reference": "Vig et al. 2020: ProtBert-BFD 0.75, TapeBert 0.73; untrained null -0.05 to 0.21",
+        "layers": int(counts["weighted"].shape[0]),
+        "heads_per_layer": int(counts["weighted"].shape[1]),
+        "method": method,
+        "vig_threshold": threshold,
+        "vig_min_edges": min_edges,
+        "model": methods[method]["model"],
+        "null_random_init": methods[method]["null_random_init"],
+        "methods": methods,
+        "seconds": round(time.time() - t0, 1),
+        "reference": "Vig et al. 2020 (binarised method): ProtBert-BFD 0.75, TapeBert 0.73; untrained -0.05 to 0.21",
     }
-    np.savez_compressed(out / "aa_pair_counts.npz", model=counts.numpy(), null=null_counts.numpy(),
-                        amino_acids=np.array(list(AMINO_ACIDS)))
-    (out / "attention_vs_blosum.json").write_text(json.dumps(result, indent=2))
-    sim = aa_similarity(attention_fractions(counts).reshape(-1, 20))
+    np.savez_compressed(out / "aa_pair_counts.npz", model=counts["weighted"].numpy(),
+                        null=null_counts["weighted"].numpy(), model_binarised=counts["binarised"].numpy(),
+                        null_binarised=null_counts["binarised"].numpy(), amino_acids=np.array(list(AMINO_ACIDS)))
+    (out / "attention_vs_blosum.json").write_text(json.dumps(_json_safe(result), indent=2))
+    if method == "vig" and result["model"]["n_heads_kept"] >= 2:
+        sim = aa_similarity(vig_fractions(counts["binarised"], min_edges)[0])
+    else:
+        sim = aa_similarity(attention_fractions(counts["weighted"]).reshape(-1, 20))
     plot_similarity(sim, substitution_matrix(matrices[0]), matrices[0], result["model"]["overall"][matrices[0]],
                     out / "attention_vs_blosum.png")
     return result
@@ -102,11 +156,21 @@ def main(argv: list[str] | None = None) -> None:
                    help="Biopython substitution matrices; the first is plotted (default: %(default)s)")
     p.add_argument("--max-len", type=int, default=512, help="crop proteins to this many residues")
     p.add_argument("--seed", type=int, default=0, help="sequence subset and null-model seed")
+    p.add_argument("--method", choices=METHODS, default="vig",
+                   help="vig: Vig et al.'s binarised method (default); weighted: attention-weighted fractions")
+    p.add_argument("--threshold", type=float, default=VIG_THRESHOLD, help="vig: attention weight of an edge (0.3)")
+    p.add_argument("--min-edges", type=int, default=VIG_MIN_EDGES, help="vig: drop heads with fewer edges (100)")
     a = p.parse_args(argv)
-    res = run(a.checkpoint, a.fasta, a.n_seqs, a.out, a.matrices, a.max_len, a.seed)
+    res = run(a.checkpoint, a.fasta, a.n_seqs, a.out, a.matrices, a.max_len, a.seed, a.method, a.threshold,
+              a.min_edges)
     first = a.matrices[0]
-    print(f"{res['n_sequences']} sequences: r vs {first} = {res['model']['overall'][first]:.3f} "
-          f"(random-init null {res['null_random_init']['overall'][first]:.3f}); written to {a.out}")
+    print(f"{res['n_sequences']} sequences, r vs {first}:")
+    for m, r in res["methods"].items():
+        kept = (f" ({r['model']['n_heads_kept']}/{r['model']['n_heads']} heads with >= {a.min_edges} edges >= "
+                f"{a.threshold}; null {r['null_random_init']['n_heads_kept']})" if m == "vig" else " (all heads)")
+        print(f"  {m:9s} model {r['model']['overall'][first]:.3f}, random-init null "
+              f"{r['null_random_init']['overall'][first]:.3f}{kept}")
+    print(f"written to {a.out}")
 
 
 if __name__ == "__main__":
