@@ -21,13 +21,20 @@ limit (their memory is quadratic); a longer sequence raises :class:`SequenceTooL
 (overlapping windows of the maximum length with half-window stride, residue states averaged where
 windows overlap, ``bos`` from the first window) is chosen.
 
+``include=("contacts",)`` adds esm-extract's ``contacts``: contact probabilities [L, L] from a logistic head
+over the APC-corrected symmetrised attention maps of all layers × heads: the head ``pp-contacts`` fitted and
+saved (``contact_head.json``; ``contact_head=`` / ``--contact-head``) or, when none is given, the model's own
+contact regression (``model.contact_head``, e.g. an ESM-2 import). Maps are computed per protein (L² memory
+per head); not with ``on_long="chunk"``.
+
 The CLI (``pp-embed CHECKPOINT FASTA OUTDIR``) runs through Lightning ``Trainer.predict`` so ``--devices
 N`` shards batches over N processes (DDP); an :class:`EmbeddingWriter` writes as batches finish, so a
 killed run resumes where it stopped. Output formats:
 
 - ``pt`` (default): one ``OUTDIR/<label>.pt`` per sequence as esm-extract writes it: ``{"label",
   "representations": {layer: [L, D]}, "mean_representations": {layer: [D]}, "bos_representations":
-  {layer: [D]}}`` with non-negative layer numbers (-1 is written as ``depth``, as esm-extract does).
+  {layer: [D]}, "contacts": [L, L]}`` with non-negative layer numbers (-1 is written as ``depth``, as
+  esm-extract does).
 - ``h5`` / ``npz``: one ``OUTDIR/embeddings.h5|npz`` with datasets ``<label>/<kind>/<layer>`` (kind as
   in ``pt``). Ranks write part files under ``OUTDIR/.parts/`` which rank 0 merges at the end; the merge
   holds the whole collection in memory, so use ``pt`` for millions of sequences.
@@ -65,11 +72,12 @@ from proteinperformer.precision import (
 )
 from proteinperformer.tokenizer import Alphabet
 
-INCLUDE = ("mean", "per_tok", "bos")
+INCLUDE = ("mean", "per_tok", "bos", "contacts")
 ON_LONG = ("error", "truncate", "chunk")
 FORMATS = ("pt", "h5", "npz")
 # esm-extract's key names, used in every output file.
-FILE_KEYS = {"mean": "mean_representations", "per_tok": "representations", "bos": "bos_representations"}
+FILE_KEYS = {"mean": "mean_representations", "per_tok": "representations", "bos": "bos_representations",
+             "contacts": "contacts"}
 
 Embeddings = dict[str, dict[str, dict[int, torch.Tensor]]]  # label -> kind -> layer -> tensor
 
@@ -225,11 +233,14 @@ def embed_batch(
     include: Iterable[str] = ("mean",),
     on_long: str = "error",
     precision: str = "32",
+    contact_head=None,
 ) -> list[tuple[str, dict[str, dict[int, torch.Tensor]]]]:
     """Embed one batch of (label, sequence) in a single padded forward pass.
 
     Returns [(label, {kind: {layer: tensor}})] in input order, tensors on CPU in fp32: ``mean`` [D],
-    ``per_tok`` [L, D] (residues only) and ``bos`` [D]. See the module docstring for ``on_long``.
+    ``per_tok`` [L, D] (residues only) and ``bos`` [D]; ``contacts`` is one [L, L] tensor (not per layer), from
+    ``contact_head`` (an :class:`~proteinperformer.analysis.contacts.ContactHead`) or the model's own contact
+    regression. See the module docstring for ``on_long``.
     ``precision`` "bf16" or "16" runs the forward pass under torch.autocast in that dtype
     (:mod:`proteinperformer.precision`); the returned tensors are float32 either way.
     """
@@ -238,6 +249,10 @@ def embed_batch(
         raise ValueError(f"include: unknown {bad}; choose from {INCLUDE}")
     if on_long not in ON_LONG:
         raise ValueError(f"on_long must be one of {ON_LONG}, got {on_long!r}")
+    if "contacts" in include:
+        contact_head = resolve_contact_head(model, contact_head)
+        if on_long == "chunk":
+            raise ValueError("contacts need the whole protein in one pass: use on_long='truncate' (or 'error')")
     layer_map = resolve_layers(layers, model.config.depth)
     limit = residue_limit(model.config)
     pieces: list[tuple[int, int, str]] = []  # (item, start residue, subsequence)
@@ -279,8 +294,29 @@ def embed_batch(
                 out["mean"][given] = per_tok.mean(0).cpu()
             if "bos" in include:
                 out["bos"][given] = hidden[rows[0][0], 0].cpu().clone()
+        if "contacts" in include:
+            from proteinperformer.analysis.contacts import predict_contact_map
+
+            out["contacts"] = torch.from_numpy(predict_contact_map(model, seq[:n_res], contact_head))
         results.append((label, out))
     return results
+
+
+def resolve_contact_head(model: PerformerLM, contact_head=None):
+    """The contact head to use: ``contact_head`` (a ContactHead or the path of a ``contact_head.json`` from
+    ``pp-contacts``), else the model's own contact regression; raises ValueError when there is none."""
+    from proteinperformer.analysis.contacts import ContactHead
+
+    if isinstance(contact_head, str | Path):
+        contact_head = ContactHead.load(contact_head)
+    head = contact_head or ContactHead.of_model(model)
+    if head is None:
+        raise ValueError("include 'contacts' needs a contact head: pass the contact_head.json that pp-contacts "
+                         "writes (--contact-head) or use a model with its own contact regression (ESM-2 import)")
+    if head.layers * head.heads != model.config.depth * model.config.heads:
+        raise ValueError(f"contact head {head.source or ''} was fitted for {head.layers} layers x {head.heads} "
+                         f"heads; this model has {model.config.depth} x {model.config.heads}")
+    return head
 
 
 def embed(
@@ -292,6 +328,7 @@ def embed(
     on_long: str = "error",
     progress: bool = False,
     precision: str = "32",
+    contact_head=None,
 ) -> Embeddings:
     """Embed sequences (list of (label, seq), {label: seq} or a FASTA path) in token-budget batches.
 
@@ -302,10 +339,12 @@ def embed(
     layers = list(layers)
     resolve_layers(layers, model.config.depth)  # fail before any work
     check_inference_precision(precision, next(model.parameters()).device)
+    if "contacts" in include:
+        contact_head = resolve_contact_head(model, contact_head)  # fail before any work
     out: Embeddings = {}
     batches = batch_indices([len(s) for _, s in records], toks_per_batch)
     for idx in tqdm(batches, desc="embed", unit="batch", disable=not progress):
-        out.update(embed_batch(model, [records[i] for i in idx], layers, include, on_long, precision))
+        out.update(embed_batch(model, [records[i] for i in idx], layers, include, on_long, precision, contact_head))
     return {label: out[label] for label, _ in records}
 
 
@@ -320,6 +359,9 @@ def to_file_record(label: str, reps: dict[str, dict[int, torch.Tensor]], depth: 
     """esm-extract's per-sequence dict: label + ``*_representations`` keyed by non-negative layer."""
     record: dict = {"label": label}
     for kind, by_layer in reps.items():
+        if kind == "contacts":  # one [L, L] map, not per layer
+            record["contacts"] = by_layer
+            continue
         record[FILE_KEYS[kind]] = {layer % (depth + 1): t for layer, t in by_layer.items()}
     return record
 
@@ -350,8 +392,12 @@ def _read_bundle(path: Path) -> dict[str, dict]:
             f.visititems(lambda name, obj: flat.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
     records: dict[str, dict] = {}
     for key, value in flat.items():
-        name, kind, layer = key.split("/")
+        name, kind, *layer = key.split("/")  # contacts: "<label>/contacts"
         label = unquote(name)
+        if not layer:
+            records.setdefault(label, {"label": label})[kind] = torch.from_numpy(value)
+            continue
+        layer = layer[0]
         records.setdefault(label, {"label": label}).setdefault(kind, {})[int(layer)] = torch.from_numpy(value)
     return records
 
@@ -365,14 +411,16 @@ def read_embeddings(outdir: str | Path, fmt: str = "pt") -> dict[str, dict]:
 
 
 def _write_bundle(records: Iterable[dict], path: Path) -> None:
-    """Write {label/kind/layer: array} to ``path`` (h5 or npz) via a temp file + rename."""
+    """Write {label/kind/layer: array} (contacts: {label/contacts: array}) to ``path`` (h5 or npz) via a temp
+    file + rename."""
     flat = {
         f"{safe_name(r['label'])}/{kind}/{layer}": t.numpy()
         for r in records
         for kind, by_layer in r.items()
-        if kind != "label"
+        if kind not in ("label", "contacts")
         for layer, t in by_layer.items()
     }
+    flat |= {f"{safe_name(r['label'])}/contacts": r["contacts"].numpy() for r in records if "contacts" in r}
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp{path.suffix}")
     if path.suffix == ".npz":
         np.savez(tmp, **flat)
@@ -417,12 +465,15 @@ def merge_parts(outdir: Path, fmt: str) -> int:
 class EmbeddingTask(pl.LightningModule):
     """Wraps a PerformerLM for ``Trainer.predict``: each batch is a list of (label, sequence)."""
 
-    def __init__(self, model: PerformerLM, layers: Sequence[int], include: Sequence[str], on_long: str) -> None:
+    def __init__(self, model: PerformerLM, layers: Sequence[int], include: Sequence[str], on_long: str,
+                 contact_head=None, precision: str = "32") -> None:
         super().__init__()
         self.model, self.layers, self.include, self.on_long = model, list(layers), tuple(include), on_long
+        self.contact_head, self.precision = contact_head, precision
 
     def predict_step(self, batch: list[tuple[str, str]], batch_idx: int) -> list[dict]:
-        reps = embed_batch(self.model, batch, self.layers, self.include, self.on_long)
+        reps = embed_batch(self.model, batch, self.layers, self.include, self.on_long, precision=self.precision,
+                           contact_head=self.contact_head)
         return [to_file_record(label, r, self.model.config.depth) for label, r in reps]
 
 
@@ -475,6 +526,9 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repr-layers", "--repr_layers", type=int, nargs="+", default=[-1],
                         help="layers to return: 0 = embeddings, -1 = final (default -1)")
     parser.add_argument("--include", nargs="+", choices=INCLUDE, default=["mean"], help="what to save")
+    parser.add_argument("--contact-head", type=Path, default=None,
+                        help="for --include contacts: the contact_head.json pp-contacts wrote (default: the "
+                        "model's own contact regression, e.g. an ESM-2 import)")
     parser.add_argument("--toks-per-batch", "--toks_per_batch", type=int, default=4096, help="tokens per batch")
     parser.add_argument("--format", choices=FORMATS, default="pt", help="pt: a file per label; h5/npz: one file")
     long = parser.add_mutually_exclusive_group()
@@ -493,6 +547,9 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.checkpoint)
     layers = list(args.repr_layers)
     resolve_layers(layers, model.config.depth)
+    contact_head = resolve_contact_head(model, args.contact_head) if "contacts" in args.include else None
+    if contact_head is not None and args.chunk:
+        raise ValueError("--include contacts needs the whole protein in one pass: use --truncate, not --chunk")
     records = as_records(args.fasta)
     args.outdir.mkdir(parents=True, exist_ok=True)
     done = done_labels(args.outdir, args.format)
@@ -513,7 +570,7 @@ def run(args: argparse.Namespace) -> int:
             enable_model_summary=False,
             enable_checkpointing=False,
         )
-        task = EmbeddingTask(model, layers, args.include, on_long)
+        task = EmbeddingTask(model, layers, args.include, on_long, contact_head, args.precision)
         warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")  # batches are lists
         trainer.predict(task, datamodule=EmbeddingData(todo, args.toks_per_batch), return_predictions=False)
         trainer.strategy.barrier()

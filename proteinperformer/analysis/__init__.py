@@ -26,6 +26,7 @@ from .aminoacids import (
 )
 from .contacts import (
     Chain,
+    ContactHead,
     apc,
     background_rate,
     contact_features,
@@ -34,6 +35,7 @@ from .contacts import (
     evaluate_contacts,
     load_structures,
     precision_at,
+    predict_contact_map,
     symmetrize,
 )
 from .io import load_model, read_sequences
@@ -45,6 +47,7 @@ __all__ = [
     "VIG_THRESHOLD",
     "AttentionBlock",
     "Chain",
+    "ContactHead",
     "aa_similarity",
     "apc",
     "as_performer",
@@ -67,6 +70,7 @@ __all__ = [
     "pair_counts",
     "pair_counts_from_maps",
     "precision_at",
+    "predict_contact_map",
     "random_init_like",
     "read_sequences",
     "substitution_matrix",

@@ -8,12 +8,20 @@ structures (20 in ESM) and evaluated on others. Two residues are in contact when
 are closer than 8 Å. Precision of the top L, L/2, L/5 predictions is reported for medium-range
 (12 ≤ |i−j| < 24) and long-range (|i−j| ≥ 24) pairs, next to the background rate (the precision of a random
 guess: the fraction of pairs in that range that are contacts).
+
+The fitted regression is a :class:`ContactHead` (feature means and scales, coefficients, intercept), which
+``pp-contacts`` saves as ``contact_head.json`` and ``pp-embed --include contacts --contact-head`` applies; an
+imported model's own contact regression (``model.contact_head``, an ``nn.Linear(layers × heads, 1)`` as in ESM-2)
+is the same head without standardisation (:meth:`ContactHead.of_model`).
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +126,85 @@ def predict_contacts(reg: Pipeline, features: np.ndarray) -> np.ndarray:
     return (p + p.T) / 2
 
 
+@dataclass
+class ContactHead:
+    """Logistic regression from a residue pair's layers × heads APC-corrected symmetrised attention to P(contact).
+
+    P = sigmoid(Σ_f coef[f] · (x[f] − mean[f]) / scale[f] + intercept), features in (layer, head) order.
+    """
+
+    layers: int
+    heads: int
+    mean: list[float]
+    scale: list[float]
+    coef: list[float]
+    intercept: float
+    source: str = ""
+
+    @classmethod
+    def from_pipeline(cls, reg: Pipeline, layers: int, heads: int, source: str = "") -> ContactHead:
+        """The head of a fitted ``StandardScaler -> LogisticRegression`` pipeline (:func:`fit_contact_regression`)."""
+        scaler, lr = reg[0], reg[-1]
+        return cls(layers, heads, scaler.mean_.tolist(), scaler.scale_.tolist(), lr.coef_[0].tolist(),
+                   float(lr.intercept_[0]), source)
+
+    @classmethod
+    def of_model(cls, model: torch.nn.Module) -> ContactHead | None:
+        """The model's own contact regression (``contact_head``: ``nn.Linear(layers·heads, 1)``), or None."""
+        net = as_performer(model)
+        linear = getattr(net, "contact_head", None)
+        if linear is None:
+            return None
+        n = net.config.depth * net.config.heads
+        weight, bias = linear.weight.detach().float().reshape(-1), linear.bias.detach().float().reshape(-1)
+        return cls(net.config.depth, net.config.heads, [0.0] * n, [1.0] * n, weight.tolist(), float(bias[0]),
+                   "model.contact_head")
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """Contact probabilities [L, L] (symmetric) from features [layers·heads, L, L]."""
+        F, L, _ = features.shape
+        if F != self.layers * self.heads:
+            raise ValueError(f"contact head wants {self.layers} x {self.heads} = {self.layers * self.heads} "
+                             f"attention maps per pair, got {F} (a head fitted on another architecture?)")
+        z = (features.reshape(F, -1).T.astype(np.float64) - self.mean) / self.scale
+        p = 1.0 / (1.0 + np.exp(-(z @ np.asarray(self.coef) + self.intercept))).reshape(L, L)
+        return ((p + p.T) / 2).astype(np.float32)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the head as JSON (temp file + rename)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        tmp.write_text(json.dumps({"format": "proteinperformer.contact_head/1", **asdict(self)}, indent=1) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ContactHead:
+        """Read a head written by :meth:`save` (``pp-contacts`` writes ``contact_head.json``)."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+            if data.pop("format", None) != "proteinperformer.contact_head/1":
+                raise ValueError("no 'format': 'proteinperformer.contact_head/1' entry")
+            head = cls(**data)
+        except (OSError, ValueError, TypeError) as err:
+            raise ValueError(f"{path}: not a contact head written by pp-contacts ({err})") from None
+        n = head.layers * head.heads
+        if not len(head.mean) == len(head.scale) == len(head.coef) == n:
+            raise ValueError(f"{path}: {head.layers} x {head.heads} heads but {len(head.coef)} coefficients")
+        return head
+
+
+def predict_contact_map(model: torch.nn.Module, sequence: str, head: ContactHead | None = None) -> np.ndarray:
+    """Contact probabilities of one protein: [L, L] float32, from ``head`` or else the model's own contact
+    regression; raises ValueError when there is neither."""
+    head = head or ContactHead.of_model(model)
+    if head is None:
+        raise ValueError("no contact head: pass one fitted by pp-contacts (contact_head.json, --contact-head) or "
+                         "use a model with its own contact regression (an ESM-2 import with -contact-regression.pt)")
+    return head.predict(contact_features(model, sequence))
+
+
 def precision_at(
     scores: np.ndarray, contacts: np.ndarray, min_sep: int, max_sep: int | None = None, fraction: int = 1
 ) -> float:
@@ -172,8 +259,8 @@ def evaluate_contacts(
 
     Chains longer than ``max_len`` are skipped. Returns a dict with "mean" (averaged precisions),
     "per_chain" (id, L, precisions), "regression" (the fitted pipeline), "coef" [layers, heads]
-    (on standardised features) and, for plotting, "example" (id, predicted probabilities, true contacts)
-    of the first test chain.
+    (on standardised features), "head" (the :class:`ContactHead`) and, for plotting, "example" (id, predicted
+    probabilities, true contacts) of the first test chain.
     """
     if atom not in ("cb", "ca"):
         raise ValueError(f"atom must be 'cb' or 'ca', got {atom!r}")
@@ -195,6 +282,7 @@ def evaluate_contacts(
         "mean": mean_precisions(per_chain),
         "per_chain": per_chain,
         "regression": reg,
+        "head": ContactHead.from_pipeline(reg, net_cfg.depth, net_cfg.heads),
         "coef": reg[-1].coef_.reshape(net_cfg.depth, net_cfg.heads),
         "example": example,
         "n_train": n_train,

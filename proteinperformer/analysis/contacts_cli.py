@@ -6,7 +6,8 @@
 Fits a logistic regression on the APC-corrected symmetrised attention of every layer and head using the
 first ``--train-chains`` chains, evaluates on the rest and writes ``contacts.json`` (mean precision of the
 top L, L/2, L/5 medium- and long-range predictions, the background rate, per-chain values, the same for a
-randomly initialised model of the same shape) and ``contacts.png`` (predicted vs true map of one test chain).
+randomly initialised model of the same shape), ``contacts.png`` (predicted vs true map of one test chain) and
+``contact_head.json`` (the fitted regression, for ``pp-embed --include contacts --contact-head``).
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ def run(
         "model": _summary(res),
         "null_random_init": _summary(null),
     }
+    res["head"].source = f"pp-contacts {checkpoint} on {structures} ({res['n_train']} chains)"
+    result["contact_head"] = str(res["head"].save(out / "contact_head.json"))
     (out / "contacts.json").write_text(json.dumps(result, indent=2))
     plot_contacts(res["example"], out / "contacts.png")
     return result
