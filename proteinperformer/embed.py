@@ -62,7 +62,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from proteinperformer.data.fasta import load_fasta
-from proteinperformer.model import ModelConfig, PerformerLM
+from proteinperformer.model import ModelConfig, PerformerLM, convert_attention
 from proteinperformer.precision import (
     INFERENCE_PRECISIONS,
     LIGHTNING_PRECISION,
@@ -91,20 +91,51 @@ class SequenceTooLongError(ValueError):
 
 
 # ---- loading ------------------------------------------------------------------------------------
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> PerformerLM:
-    """Rebuild the :class:`PerformerLM` of a checkpoint written by ``train.py`` (or :func:`export_slim`).
+def load_model(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    attention: str | None = None,
+    num_features: int | None = None,
+    kernel: str | None = None,
+) -> PerformerLM:
+    """Load a model for embedding: a ``train.py`` / ``pp-convert`` checkpoint, a fair-esm ESM-2 ``.pt`` file
+    (``esm2_t6_8M_UR50D.pt`` ..., with ``-contact-regression.pt`` beside it when present) or a Hugging Face
+    ESM directory (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``).
 
-    Checks strictly: the file must hold ``state_dict`` (keys prefixed ``model.``), ``hyper_parameters.config``
-    (a ModelConfig dict) and ``alphabet`` equal to this package's :class:`Alphabet`; any missing or
-    unexpected weight is named in a :class:`CheckpointError`. Returns the model in eval mode on ``device``.
+    ``attention``: None keeps the file's attention (ESM-2 files: exact softmax), "exact" or "favor" swaps it
+    (weights kept; FAVOR+ draws ``num_features`` random features per head, default 256, with ``kernel``,
+    default "softmax" for ESM-2 and the checkpoint's kernel otherwise; see :func:`convert_attention`).
+    Checks strictly: every tensor must be used and every weight filled with the right shape, the alphabet
+    must be one this package knows; anything else raises :class:`CheckpointError` naming the file.
+    Returns the model in eval mode on ``device``; ``model.alphabet`` is the tokenizer that goes with it.
     """
+    from proteinperformer.esm_import import EsmImportError, load_esm, read_torch
+
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+    hf_file = path.suffix in (".safetensors", ".bin", ".json") and (path.parent / "config.json").is_file()
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {err})") from None
+        if path.is_dir() or hf_file:
+            model = load_esm(path if path.is_dir() else path.parent, attention=attention or "exact",
+                             num_features=num_features or 256, kernel=kernel or "softmax")
+            return model.to(device).eval()
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such checkpoint file")
+        ckpt = read_torch(path)
+        if isinstance(ckpt, dict) and "state_dict" not in ckpt and ({"cfg", "args"} & set(ckpt)):
+            model = load_esm(path, data=ckpt, attention=attention or "exact", num_features=num_features or 256,
+                             kernel=kernel or "softmax")
+            return model.to(device).eval()
+    except EsmImportError as err:
+        msg = str(err).replace("not a readable torch file", "not a readable torch checkpoint")
+        raise CheckpointError(msg) from None
+    model = _load_project_checkpoint(path, ckpt)
+    if attention is not None or num_features is not None or kernel is not None:
+        model = convert_attention(model, attention, num_features, kernel)
+    return model.to(device).eval()
+
+
+def _load_project_checkpoint(path: Path, ckpt: object) -> PerformerLM:
+    """The PerformerLM of a checkpoint written by ``train.py`` / :func:`export_slim` / ``pp-convert``."""
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: not a proteinperformer checkpoint (holds a {type(ckpt).__name__})")
     hparams = ckpt.get("hyper_parameters") or {}
@@ -113,14 +144,18 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Performe
         missing.append("hyper_parameters.config")
     if missing:
         raise CheckpointError(
-            f"{path}: not a proteinperformer checkpoint: missing {missing}; top-level keys are {sorted(ckpt)}"
+            f"{path}: not a proteinperformer checkpoint: missing {missing}; top-level keys are {sorted(ckpt)} "
+            "(expected a proteinperformer checkpoint, a fair-esm ESM-2 .pt with 'model' and 'cfg', or a Hugging "
+            "Face ESM directory)"
         )
-    if list(ckpt["alphabet"]) != Alphabet().all_toks:
-        raise CheckpointError(f"{path}: the checkpoint's alphabet {ckpt['alphabet']} differs from this package's")
     try:
         cfg = ModelConfig(**hparams["config"])
-    except TypeError as err:
+        known = Alphabet(cfg.alphabet).all_toks
+    except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: hyper_parameters.config does not fit ModelConfig ({err})") from None
+    if list(ckpt["alphabet"]) != known:
+        raise CheckpointError(f"{path}: the checkpoint's alphabet {ckpt['alphabet']} differs from this package's "
+                              f"{cfg.alphabet!r} alphabet {known}")
     model = PerformerLM(cfg)
     expected = model.state_dict()
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
@@ -134,7 +169,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Performe
             f"unexpected keys {unexpected}, wrong shapes {shapes}"
         )
     model.load_state_dict(state, strict=True)
-    return model.to(device).eval()
+    return model
 
 
 def export_slim(src: str | Path, dst: str | Path) -> Path:
@@ -271,7 +306,7 @@ def embed_batch(
                 f"first {limit} residues, or on_long='chunk' / --chunk for overlapping windows"
             )
     device = next(model.parameters()).device
-    _, _, tokens = Alphabet().get_batch_converter()([(str(i), s) for i, _, s in pieces])  # (P, T)
+    _, _, tokens = model.alphabet.get_batch_converter()([(str(i), s) for i, _, s in pieces])  # (P, T)
     with inference_autocast(precision, device):
         reps = model(tokens.to(device), repr_layers=sorted(set(layer_map.values())))["representations"]
 

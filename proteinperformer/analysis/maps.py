@@ -71,7 +71,7 @@ def attention_inputs(model: torch.nn.Module, sequence: str) -> list[torch.Tensor
     was_training = net.training
     net.eval()  # no dropout
     try:
-        tokens = encode(sequence).to(next(net.parameters()).device)
+        tokens = encode(sequence, net.alphabet).to(next(net.parameters()).device)
         net(tokens)
     finally:
         net.train(was_training)

@@ -1,5 +1,5 @@
 """The Performer protein LM as a plain ``nn.Module`` (training concerns live in ``proteinperformer.lm``)."""
 
-from proteinperformer.model.performer import Block, ModelConfig, PerformerLM
+from proteinperformer.model.performer import Block, ModelConfig, PerformerLM, convert_attention
 
-__all__ = ["Block", "ModelConfig", "PerformerLM"]
+__all__ = ["Block", "ModelConfig", "PerformerLM", "convert_attention"]

@@ -18,7 +18,7 @@ checkpoints into this class, with exact or FAVOR+ attention.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -238,3 +238,30 @@ class PerformerLM(nn.Module):
         """Resample the FAVOR+ projection of every attention layer (no-op for exact attention)."""
         for block in self.layers:
             block.attn.redraw_projection(generator)
+
+
+def convert_attention(
+    model: PerformerLM,
+    attention: str | None = None,
+    num_features: int | None = None,
+    kernel: str | None = None,
+    seed: int = 0,
+) -> PerformerLM:
+    """The same network with another attention: every weight is copied, only the FAVOR+ projections are new.
+
+    Swapping exact softmax attention for FAVOR+ (``attention="favor"``, kernel "softmax") is the Performer's
+    backward compatibility: the trained q/k/v weights stay and φ(q)·φ(k) estimates their softmax kernel. The
+    new projections are drawn from ``seed`` (reproducible). Arguments left None keep the model's value; the
+    result is on the model's device, in eval mode if the model was.
+    """
+    cfg = replace(model.config, attention=attention or model.config.attention,
+                  num_features=num_features or model.config.num_features, kernel=kernel or model.config.kernel)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        new = PerformerLM(cfg)
+    fresh = new.state_dict()
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("attn.projection")}
+    state.update({k: v for k, v in fresh.items() if k.endswith("attn.projection")})
+    new.load_state_dict(state, strict=True)
+    device = next(model.parameters()).device
+    return new.to(device).train(model.training)
