@@ -65,7 +65,6 @@ from proteinperformer.data.fasta import load_fasta
 from proteinperformer.model import ModelConfig, PerformerLM, convert_attention
 from proteinperformer.precision import (
     INFERENCE_PRECISIONS,
-    LIGHTNING_PRECISION,
     PrecisionError,
     check_inference_precision,
     inference_autocast,
@@ -598,7 +597,7 @@ def run(args: argparse.Namespace) -> int:
             accelerator=accelerator,
             devices=args.devices,
             strategy="ddp" if args.devices > 1 else "auto",
-            precision=LIGHTNING_PRECISION[args.precision],  # autocast around predict_step, as in training
+            precision="32-true",  # EmbeddingTask autocasts itself: Lightning's CPU 16-mixed silently runs bf16
             logger=False,
             callbacks=[EmbeddingWriter(args.outdir, args.format)],
             use_distributed_sampler=False,  # EmbeddingData shards the batches by rank itself

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from proteinperformer.lm import ProteinLM
@@ -15,10 +16,12 @@ from proteinperformer.lm import ProteinLM
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_ddp_two_cpu_ranks_see_disjoint_data(tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_ddp_two_cpu_ranks_see_disjoint_data(tmp_path: Path, precision: str) -> None:
+    """Also under bf16-mixed, the precision of trainer=ddp on GPUs (its CPU twin: gloo + CPU autocast)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_train.py"), str(tmp_path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_train.py"), str(tmp_path), precision], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
