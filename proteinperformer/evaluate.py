@@ -1,0 +1,395 @@
+"""One command that evaluates a checkpoint and writes its model card: ``pp-evaluate CKPT --out DIR``.
+
+Runs, with the data shipped in ``data/`` by default (every path is an option):
+
+1. masked-residue accuracy and perplexity on the valid and test splits of ``--fasta`` (accession-hash splits,
+   ``--valid-frac`` / ``--test-frac`` / ``--split-seed`` as in training, so a checkpoint trained with the same
+   fractions never saw these proteins; 15% of residues, all replaced by ``<mask>``) against the unigram baseline
+   (training-split residue frequencies, scored on the same masked residues);
+2. the probes of ``pp-probe`` against their baselines: SS3 (Q3), location and fold class (accuracy, macro-F1),
+   GO molecular function (CAFA F-max, micro-AUPR);
+3. attention vs BLOSUM62 (``pp-attention-blosum``): Vig et al.'s binarised method (with the number of surviving
+   heads) and the attention-weighted variant, each beside a randomly initialised model of the same shape;
+4. contact precision (``pp-contacts``): long- and medium-range precision at L and L/5 against the random-init
+   null and the background rate.
+
+Writes ``DIR/card.json`` (every number), ``DIR/card.md`` (the model-card table), ``DIR/card.png`` (each task's
+headline metric, model vs its best baseline) and the per-task JSON/PNG files of the commands above under
+``DIR/probes``, ``DIR/blosum``, ``DIR/contacts``. ``--update-readme FILE`` replaces the part of FILE between
+``<!-- pp-evaluate:begin -->`` and ``<!-- pp-evaluate:end -->`` with the card (how ``checkpoints/README.md``
+is made). ``--skip`` leaves sections out; the ``--*-max-train`` options bound the probes' CPU time (defaults:
+about 10 minutes on 2 CPU cores for the 2.7M-parameter reference checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from proteinperformer.data.collate import IGNORE_INDEX
+from proteinperformer.data.datamodule import ProteinDataModule, resolve_path
+from proteinperformer.tokenizer import Alphabet
+
+SECTIONS = ("mlm", "ss3", "location", "go_mf", "fold_class", "blosum", "contacts")
+PROBES = {  # task: (train, valid, default --max-train)
+    "ss3": ("data/probes/ss3/train.csv", "data/probes/ss3/valid.csv", None),
+    "location": ("data/probes/deeploc/train.csv", "data/probes/deeploc/valid.csv", None),
+    "go_mf": ("data/probes/go_mf/train.csv.gz", "data/probes/go_mf/valid.csv.gz", 4000),
+    "fold_class": ("data/probes/fold_class/train.csv", "data/probes/fold_class/valid.csv", None),
+}
+BASELINE_NAMES = {"onehot": "one-hot", "composition": "composition", "kmer3": "3-mer spectrum",
+                  "naive": "naive (term frequency)", "nn_kmer3": "3-mer nearest neighbours"}
+BEGIN, END = "<!-- pp-evaluate:begin -->", "<!-- pp-evaluate:end -->"
+
+
+# ---- masked-residue accuracy and perplexity -----------------------------------------------------
+@torch.inference_mode()
+def masked_lm_scores(
+    model: torch.nn.Module,
+    fasta: str | Path,
+    valid_frac: float = 0.01,
+    test_frac: float = 0.01,
+    split_seed: int = 0,
+    max_len: int = 256,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> dict:
+    """Accuracy and perplexity of the masked residues of the valid and test splits of ``fasta``, beside the
+    unigram baseline on the same residues: ``{split: {"model": {"accuracy", "perplexity"}, "unigram": {...},
+    "n_sequences", "n_masked"}}``. Evaluation masking as in training's validation (15% of residues, every one
+    replaced by ``<mask>``, fixed per example), sequences cropped to ``max_len`` tokens (deterministic)."""
+    dm = ProteinDataModule(fasta_path=str(fasta), task="mlm", max_len=max_len, batch_size=batch_size,
+                           valid_frac=valid_frac, test_frac=test_frac, split_seed=split_seed, seed=seed)
+    dm.setup()
+    alphabet = dm.alphabet
+    residue_ids = torch.tensor(alphabet.residue_ids)
+    counts = torch.bincount(torch.as_tensor(np.asarray(dm.splits["train"].tokens)), minlength=len(alphabet))
+    freqs = torch.zeros(len(alphabet), dtype=torch.float64)
+    freqs[residue_ids] = counts[residue_ids].double() + 1.0  # add-one smoothing over the residue letters
+    log_p = (freqs / freqs.sum()).log()
+    best = int(freqs.argmax())
+    out = {}
+    for split, loader in (("valid", dm.val_dataloader()), ("test", dm.test_dataloader())):
+        n = correct = nll = base_correct = base_nll = 0.0
+        for batch in tqdm(loader, desc=f"masked LM ({split})", unit="batch", leave=False):
+            logits = model(batch["input_ids"], batch["padding_mask"])["logits"].float()
+            labels = batch["labels"]
+            sel = labels != IGNORE_INDEX
+            target = labels[sel]
+            logit = logits[sel]
+            n += len(target)
+            correct += float((logit.argmax(-1) == target).sum())
+            nll += float(F.cross_entropy(logit, target, reduction="sum"))
+            base_correct += float((target == best).sum())
+            base_nll -= float(log_p[target].sum())
+        if n == 0:
+            raise ValueError(f"{fasta}: the {split} split has no masked residue (valid_frac={valid_frac}, "
+                             f"test_frac={test_frac}); use a larger FASTA or larger fractions")
+        out[split] = {"model": {"accuracy": correct / n, "perplexity": math.exp(nll / n)},
+                      "unigram": {"accuracy": base_correct / n, "perplexity": math.exp(base_nll / n)},
+                      "n_sequences": len(dm.splits[split]), "n_masked": int(n)}
+    out["unigram_most_frequent"] = alphabet.all_toks[best]
+    out["n_train_sequences"] = len(dm.splits["train"])
+    return out
+
+
+# ---- the card -----------------------------------------------------------------------------------
+def _f(x, digits: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def card_rows(card: dict) -> list[tuple[str, str, str, str]]:
+    """(evaluation, metric, this model, baselines / null) rows of the model-card table."""
+    rows = []
+    s = card["sections"]
+    if "mlm" in s:
+        for split in ("valid", "test"):
+            m = s["mlm"][split]
+            rows.append((f"masked residues, {split} split ({m['n_masked']:,} residues of {m['n_sequences']} proteins)",
+                         "accuracy / perplexity",
+                         f"**{100 * m['model']['accuracy']:.2f}% / {m['model']['perplexity']:.2f}**",
+                         f"unigram {100 * m['unigram']['accuracy']:.2f}% / {m['unigram']['perplexity']:.2f}"))
+    probe_metrics = {"ss3": ("Q3", ("q3",)), "location": ("accuracy / macro-F1", ("accuracy", "macro_f1")),
+                     "fold_class": ("accuracy / macro-F1", ("accuracy", "macro_f1")),
+                     "go_mf": ("F-max / micro-AUPR", ("fmax", "aupr"))}
+    titles = {"ss3": "secondary structure (SS3)", "location": "subcellular location (10 classes)",
+              "fold_class": "structural class (α / β / α-β)", "go_mf": "GO molecular function"}
+    for task, (metric, keys) in probe_metrics.items():
+        if task not in s:
+            continue
+        rep = s[task]
+        res = rep["results"]
+        val = lambda r, keys=keys: " / ".join(_f(r[k]) for k in keys)  # noqa: E731
+        size = (f"{rep['n_terms']} terms, {rep['n_train_proteins']} train / {rep['n_evaluated_proteins']} valid "
+                "proteins" if task == "go_mf" else
+                f"{rep['n_train_proteins']} train / {rep['n_test_proteins']} valid proteins")
+        baselines = "; ".join(f"{BASELINE_NAMES[k]} {val(r)}" for k, r in res.items() if k != "embedding")
+        rows.append((f"{titles[task]} ({size})", metric, f"**{val(res['embedding'])}**", baselines))
+    if "blosum" in s:
+        b = s["blosum"]["methods"]
+        v = b["vig"]
+        rows.append((f"attention vs BLOSUM62, Vig et al. method ({s['blosum']['n_sequences']} proteins)",
+                     "Pearson r (heads kept: ≥ 100 edges of weight ≥ 0.3)",
+                     f"**{_f(v['model']['overall']['BLOSUM62'])}** ({v['model']['n_heads_kept']}/"
+                     f"{v['model']['n_heads']} heads)",
+                     f"random-init null {_f(v['null_random_init']['overall']['BLOSUM62'])} "
+                     f"({v['null_random_init']['n_heads_kept']}/{v['null_random_init']['n_heads']} heads)"))
+        w = b["weighted"]
+        rows.append(("attention vs BLOSUM62, attention-weighted variant", "Pearson r (all heads)",
+                     f"**{_f(w['model']['overall']['BLOSUM62'])}**",
+                     f"random-init null {_f(w['null_random_init']['overall']['BLOSUM62'])}"))
+    if "contacts" in s:
+        c = s["contacts"]
+        for rng in ("long", "medium"):
+            m, n = c["model"]["mean"][rng], c["null_random_init"]["mean"][rng]
+            rows.append((f"contacts, {rng} range ({c['n_test']} test chains, {c['contact_definition']})",
+                         "precision top-L / L/5", f"**{_f(m['L'])} / {_f(m['L/5'])}**",
+                         f"random-init null {_f(n['L'])} / {_f(n['L/5'])}; background {_f(m['background'])}"))
+    return rows
+
+
+def card_markdown(card: dict) -> str:
+    """The model-card section: header facts, the table, how it was made."""
+    m = card["model"]
+    cfg = m["config"]
+    lines = [
+        f"## Evaluation (`pp-evaluate`, {card['wall_seconds'] / 60:.1f} min on {card['host']['cpus']} CPU cores)",
+        "",
+        f"Checkpoint `{Path(card['checkpoint']).name}`: {m['parameters']:,} parameters, dim {cfg['dim']}, depth "
+        f"{cfg['depth']}, {cfg['heads']} heads, {cfg['attention']} attention"
+        + (f" ({cfg['kernel']} kernel, m = {cfg['num_features']})" if cfg["attention"] == "favor" else "")
+        + (f", step {m['global_step']:,}" if m.get("global_step") is not None else "") + ".",
+        "",
+        "| evaluation | metric | this model | baselines / null |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in card_rows(card)]
+    s = card["sections"]
+    notes = ["", "Probes are logistic regressions on final-layer mean (per-residue for SS3) embeddings, the "
+             "baselines the same probe on sequence-only features (`pp-probe`); the GO-MF vocabulary comes from the "
+             "whole training file."]
+    if "go_mf" in s:
+        sk = s["go_mf"]["skipped"]
+        notes.append(f"GO-MF: {sk['test_proteins_without_vocabulary_term']} valid proteins without a vocabulary term "
+                     f"were skipped, {sk['test_annotations_outside_vocabulary']:,} valid annotations fall outside "
+                     f"the vocabulary.")
+    if "blosum" in s:
+        v = s["blosum"]["methods"]["vig"]["model"]
+        if v["n_heads_kept"] < 2:
+            notes.append(f"Vig et al.'s statistic is undefined here: only {v['n_heads_kept']} of {v['n_heads']} heads "
+                         f"have ≥ 100 attention weights ≥ 0.3 (largest weight seen "
+                         f"{_f(v.get('max_attention_weight'), 2)}; FAVOR+ spreads attention thinly), and the "
+                         "threshold is not lowered.")
+    notes += ["", "Data: " + "; ".join(f"{k} `{v}`" for k, v in card["data"].items()) + ".", "", "Command:", "",
+              "```bash", card["command"], "```"]
+    return "\n".join(lines + notes) + "\n"
+
+
+def plot_card(card: dict, path: Path) -> None:
+    """One bar group per task: the model's headline metric beside its baselines / null."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = []
+    s = card["sections"]
+    if "mlm" in s:
+        groups.append(("masked acc. (valid)", {"model": s["mlm"]["valid"]["model"]["accuracy"],
+                                                "unigram": s["mlm"]["valid"]["unigram"]["accuracy"]}))
+    for task, key in (("ss3", "q3"), ("location", "macro_f1"), ("fold_class", "macro_f1"), ("go_mf", "fmax")):
+        if task in s:
+            groups.append((f"{task} {key}", {k: r[key] for k, r in s[task]["results"].items()}))
+    if "contacts" in s:
+        c = s["contacts"]
+        groups.append(("long P@L", {"model": c["model"]["mean"]["long"]["L"],
+                                    "null": c["null_random_init"]["mean"]["long"]["L"],
+                                    "background": c["model"]["mean"]["long"]["background"]}))
+    fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(2.6 * max(len(groups), 1), 3.6), squeeze=False)
+    for ax, (title, values) in zip(axes[0], groups, strict=False):
+        names = list(values)
+        colors = ["tab:blue" if n in ("embedding", "model") else "tab:gray" for n in names]
+        ax.bar(range(len(names)), [values[n] for n in names], color=colors)
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+        ax.set_title(title, fontsize=9)
+    fig.suptitle(Path(card["checkpoint"]).name, fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def update_readme(readme: Path, markdown: str) -> None:
+    """Replace the text between the pp-evaluate markers of ``readme`` with ``markdown`` (temp file + rename)."""
+    text = readme.read_text()
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise ValueError(f"{readme}: needs exactly one {BEGIN} line followed by one {END} line")
+    head, rest = text.split(BEGIN)
+    _, tail = rest.split(END)
+    tmp = readme.with_name(f".{readme.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(f"{head}{BEGIN}\n{markdown}{END}{tail}")
+    os.replace(tmp, readme)
+
+
+def _write_json(obj: dict, path: Path) -> None:
+    def safe(x):
+        if isinstance(x, dict):
+            return {k: safe(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [safe(v) for v in x]
+        return None if isinstance(x, float) and not math.isfinite(x) else x
+
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(safe(obj), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# ---- the run ------------------------------------------------------------------------------------
+def evaluate(args: argparse.Namespace) -> dict:
+    """Run every section not in ``args.skip``; write card.json / card.md / card.png under ``args.out``."""
+    from proteinperformer.analysis import blosum_cli, contacts_cli
+    from proteinperformer.embed import load_model
+    from proteinperformer.probe import probe_files, read_tables
+
+    start = time.perf_counter()
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    skip = set(args.skip)
+    paths = {task: (resolve_path(getattr(args, f"{task}_train")), resolve_path(getattr(args, f"{task}_valid")))
+             for task in PROBES}
+    for task, (train, valid) in paths.items():  # bad data fails before any model work
+        if task not in skip:
+            read_tables(train, valid, max_train=getattr(args, f"{task}_max_train"), seed=args.seed)
+    model = load_model(args.checkpoint)
+    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True) if Path(args.checkpoint).is_file() \
+        else {}
+    card = {
+        "checkpoint": str(args.checkpoint),
+        "model": {"config": model.config.to_dict(), "parameters": model.num_parameters(),
+                  "global_step": ckpt.get("global_step") if isinstance(ckpt, dict) else None},
+        "host": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "data": {},
+        "sections": {},
+        "seconds": {},
+        "command": args.command,
+    }
+    del ckpt
+
+    def stage(name: str) -> float:
+        print(f"\n== {name} ({time.perf_counter() - start:.0f} s elapsed)", flush=True)
+        return time.perf_counter()
+
+    if "mlm" not in skip:
+        t = stage("masked residues")
+        if list(getattr(model, "alphabet", Alphabet()).all_toks) != Alphabet().all_toks:
+            card["sections"]["mlm_skipped"] = "the model's alphabet is not this package's (an import): not scored"
+        else:
+            fasta = resolve_path(args.fasta)
+            card["data"]["masked residues"] = str(args.fasta)
+            card["sections"]["mlm"] = masked_lm_scores(model, fasta, args.valid_frac, args.test_frac, args.split_seed,
+                                                       args.max_len, args.batch_size, args.seed)
+            for split in ("valid", "test"):
+                m = card["sections"]["mlm"][split]
+                print(f"{split}: model {100 * m['model']['accuracy']:.2f}% / {m['model']['perplexity']:.2f}, "
+                      f"unigram {100 * m['unigram']['accuracy']:.2f}% / {m['unigram']['perplexity']:.2f}")
+        card["seconds"]["mlm"] = round(time.perf_counter() - t, 1)
+    for task, (train, valid) in paths.items():
+        if task in skip:
+            continue
+        t = stage(f"probe {task}")
+        (out / "probes").mkdir(exist_ok=True)
+        card["data"][task] = f"{getattr(args, f'{task}_train')}, {getattr(args, f'{task}_valid')}"
+        report = probe_files(model, train, valid, out / "probes" / f"{task}.json",
+                             max_train=getattr(args, f"{task}_max_train"), seed=args.seed,
+                             toks_per_batch=args.toks_per_batch)
+        for r in report["results"].values():  # curves and confusion matrices stay in probes/<task>.json
+            for key in ("curve", "pr_curve", "confusion"):
+                r.pop(key, None)
+        card["sections"][task] = report
+        card["seconds"][task] = round(time.perf_counter() - t, 1)
+    if "blosum" not in skip:
+        t = stage("attention vs BLOSUM62")
+        card["data"]["BLOSUM62"] = f"{args.blosum_fasta} ({args.blosum_n_seqs} proteins)"
+        res = blosum_cli.run(str(args.checkpoint), str(resolve_path(args.blosum_fasta)), args.blosum_n_seqs,
+                             out / "blosum", ["BLOSUM62"], args.blosum_max_len, args.seed)
+        for part in res["methods"].values():
+            for r in part.values():
+                r.pop("edges_per_head", None)
+        card["sections"]["blosum"] = {k: res[k] for k in ("n_sequences", "n_residues", "max_len", "methods")}
+        card["seconds"]["blosum"] = round(time.perf_counter() - t, 1)
+    if "contacts" not in skip:
+        t = stage("contacts")
+        card["data"]["contacts"] = str(args.structures)
+        res = contacts_cli.run(str(args.checkpoint), str(resolve_path(args.structures)), args.contact_train_chains,
+                               out / "contacts", max_len=args.contact_max_len, seed=args.seed)
+        card["sections"]["contacts"] = {k: res[k] for k in ("contact_definition", "n_train", "n_test")} | {
+            part: {"mean": res[part]["mean"]} for part in ("model", "null_random_init")}
+        card["seconds"]["contacts"] = round(time.perf_counter() - t, 1)
+    card["wall_seconds"] = round(time.perf_counter() - start, 1)
+    markdown = card_markdown(card)
+    _write_json(card, out / "card.json")
+    (out / "card.md").write_text(markdown)
+    plot_card(card, out / "card.png")
+    if args.update_readme is not None:
+        update_readme(args.update_readme, markdown)
+    print("\n" + markdown)
+    print(f"written: {out / 'card.json'}, {out / 'card.md'}, {out / 'card.png'} ({card['wall_seconds'] / 60:.1f} min)")
+    return card
+
+
+def create_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pp-evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", type=Path, help="a .ckpt written by pp-train (or a slim export)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--skip", nargs="+", choices=SECTIONS, default=[], help="sections to leave out")
+    p.add_argument("--fasta", default="data/uniprot_sample20k.fasta.gz", help="masked-residue evaluation FASTA")
+    p.add_argument("--valid-frac", type=float, default=0.01, help="accession-hash valid fraction (as in training)")
+    p.add_argument("--test-frac", type=float, default=0.01, help="accession-hash test fraction (as in training)")
+    p.add_argument("--split-seed", type=int, default=0, help="accession-hash split seed (as in training)")
+    p.add_argument("--max-len", type=int, default=256, help="masked LM: tokens per sequence (crop)")
+    p.add_argument("--batch-size", type=int, default=16, help="masked LM: sequences per batch")
+    for task, (train, valid, max_train) in PROBES.items():
+        p.add_argument(f"--{task.replace('_', '-')}-train", dest=f"{task}_train", default=train,
+                       help=f"{task} training CSV")
+        p.add_argument(f"--{task.replace('_', '-')}-valid", dest=f"{task}_valid", default=valid,
+                       help=f"{task} validation CSV (scored)")
+        p.add_argument(f"--{task.replace('_', '-')}-max-train", dest=f"{task}_max_train", type=int,
+                       default=max_train, help=f"{task}: sample this many training proteins (default: all)")
+    p.add_argument("--toks-per-batch", type=int, default=4096, help="probes: embedding batch size in tokens")
+    p.add_argument("--blosum-fasta", default="data/uniprot_sample20k.fasta.gz", help="proteins for attention vs BLOSUM")
+    p.add_argument("--blosum-n-seqs", type=int, default=500, help="number of proteins for attention vs BLOSUM")
+    p.add_argument("--blosum-max-len", type=int, default=512, help="crop proteins for attention vs BLOSUM")
+    p.add_argument("--structures", default="data/structures/pdb_chains_subset60.npz", help="chains for contacts")
+    p.add_argument("--contact-train-chains", type=int, default=20, help="chains that fit the contact regression")
+    p.add_argument("--contact-max-len", type=int, default=512, help="skip longer chains")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--update-readme", type=Path, default=None,
+                   help=f"replace the text between {BEGIN} and {END} in this file with the card")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import shlex
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = create_parser().parse_args(argv)
+    args.command = "pp-evaluate " + shlex.join(argv)
+    evaluate(args)
+
+
+if __name__ == "__main__":
+    main()
