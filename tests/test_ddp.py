@@ -41,3 +41,25 @@ def test_ddp_two_cpu_ranks_see_disjoint_data(tmp_path: Path, precision: str) -> 
     assert abs(checksum - ranks[0]["param_checksum"]) < 1e-6
     tokens = torch.tensor([[1, 10, 11, 12]])
     assert lm.model(tokens)["logits"].shape == (1, 4, lm.model.config.vocab_size)
+
+
+def test_fsdp_config_shards_and_trains_like_one_process(tmp_path: Path) -> None:
+    """trainer=fsdp's wrapping (FULL_SHARD, one unit per Block) on 2 gloo ranks equals one unsharded process.
+
+    Lightning's FSDPStrategy refuses the CPU, so tests/fsdp_cpu.py drives torch FSDP with the config's sharding
+    strategy and auto-wrap policy; what only a GPU run shows (NCCL, Lightning's FSDP plugin) is in gpu_check."""
+    from tests.fsdp_cpu import checksum, make_batch, new_model, train_steps
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "fsdp_cpu.py"), str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads((tmp_path / "fsdp.json").read_text())
+    tokens, labels = make_batch()
+    for run, autocast in (("fp32", False), ("bf16", True)):
+        model = new_model()
+        loss = train_steps(model, tokens, labels, autocast)
+        assert record[run]["units"] == 1 + model.config.depth  # the root + one per Block
+        tol = 1e-5 if run == "fp32" else 2e-2
+        assert record[run]["loss"] == pytest.approx(loss, rel=tol)
+        assert record[run]["checksum"] == pytest.approx(checksum(model), rel=tol)
