@@ -56,7 +56,7 @@ class ProteinLM(pl.LightningModule):
             # PerformerLM.forward (a data-dependent branch that picks the unpadded fast path).
             self.model.compile()
         self.task = task
-        self.alphabet = Alphabet()
+        self.alphabet = Alphabet(cfg.alphabet)
         residue = torch.zeros(cfg.vocab_size, dtype=torch.bool)
         residue[self.alphabet.residue_ids] = True
         self.register_buffer("is_residue_id", residue, persistent=False)

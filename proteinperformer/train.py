@@ -15,12 +15,13 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.loggers import WandbLogger
 
 from proteinperformer.data.datamodule import PROJECT_ROOT
 from proteinperformer.data.fasta import FastaFormatError
 from proteinperformer.data.store import StoreError
+from proteinperformer.embed import CheckpointError
 from proteinperformer.precision import PrecisionError, check_trainer
 from proteinperformer.tokenizer import TokenizationError
 
@@ -42,6 +43,42 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def _init_weights_from(cfg: DictConfig):
+    """``init_from=PATH``: the network of PATH (any file ``embed.load_model`` reads), with cfg.model.config
+    replaced by its config (so the data module tokenises with its alphabet); None when init_from is unset."""
+    if not cfg.get("init_from"):
+        return None
+    from proteinperformer.data.datamodule import resolve_path
+    from proteinperformer.embed import load_model
+
+    net = load_model(resolve_path(cfg.init_from))
+    with open_dict(cfg):
+        cfg.model.config = net.config.to_dict()
+    log.info("init_from %s: weights and model.config from the checkpoint", cfg.init_from)
+    return net
+
+
+def _instantiate_model(cfg: DictConfig, net):
+    model = hydra.utils.instantiate(cfg.model, _convert_="all")
+    if net is not None:
+        model.model.load_state_dict(net.state_dict(), strict=True)
+    return model
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> dict:
+    """Validation accuracy/perplexity of ``cfg.init_from`` as it is (no training), with the config's data."""
+    pl.seed_everything(cfg.seed, workers=True)
+    net = _init_weights_from(cfg)
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    model = _instantiate_model(cfg, net)
+    trainer = pl.Trainer(accelerator=cfg.trainer.get("accelerator", "auto"), devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         limit_val_batches=cfg.trainer.get("limit_val_batches"))
+    final = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
+    return {"val_acc": final.get("val/acc"), "val_ppl": final.get("val/ppl"),
+            "baseline_acc": final.get("val/baseline_acc"), "baseline_ppl": final.get("val/baseline_ppl")}
+
+
 def train(cfg: DictConfig) -> dict:
     """Fit a model from a composed config; returns the final metrics (also written to metrics.json)."""
     start = time.time()
@@ -50,10 +87,11 @@ def train(cfg: DictConfig) -> dict:
                   cfg.trainer.get("devices", 1))
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.output_dir)
+    net = _init_weights_from(cfg)
     log.info("data: %s", cfg.data._target_)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     log.info("model: %s (%s)", cfg.model._target_, dict(cfg.model.config))
-    model = hydra.utils.instantiate(cfg.model, _convert_="all")
+    model = _instantiate_model(cfg, net)
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -103,7 +141,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         return train(cfg)["val_ppl"]
     except (FastaFormatError, TokenizationError, StoreError, PrecisionError, FileNotFoundError,
-            IsADirectoryError) as err:
+            IsADirectoryError, CheckpointError) as err:
         # Bad input: the message names the file, line and record; a traceback would only bury it.
         raise SystemExit(f"error: {err}") from None
 

@@ -17,33 +17,39 @@ SEQS = [("a", "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ"), ("b", "MXBZUKLVAAGG"), ("c",
 LAYERS, DIM, HEADS = 2, 64, 4
 
 
-def _perturb(module: torch.nn.Module, seed: int) -> None:
+def _perturb(module: torch.nn.Module, seed: int, scale: float = 0.1) -> None:
     """Random values in every parameter (LayerNorm gains and biases included), so nothing is trivially 0 or 1."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def write_fair_esm(directory: Path, layers: int = LAYERS, dim: int = DIM, heads: int = HEADS, seed: int = 0,
+                   scale: float = 0.1) -> tuple[Path, torch.nn.Module]:
+    """A randomly initialised fair-esm ESM2 saved as fair-esm does (prefixed keys, Namespace cfg, regression file)."""
+    import esm
+
+    torch.manual_seed(seed)
+    alphabet = esm.Alphabet.from_architecture("ESM-1b")
+    model = esm.ESM2(num_layers=layers, embed_dim=dim, attention_heads=heads, alphabet=alphabet,
+                     token_dropout=True).eval()
+    _perturb(model, seed, scale)
+    state = model.state_dict()
+    prefixed = {("encoder." if k.startswith("lm_head") else "encoder.sentence_encoder.") + k: v
+                for k, v in state.items() if not k.startswith("contact_head")}
+    cfg = argparse.Namespace(encoder_layers=layers, encoder_embed_dim=dim, encoder_attention_heads=heads,
+                             token_dropout=True, encoder_ffn_embed_dim=4 * dim)
+    path = directory / f"esm2_t{layers}_tiny_UR50D.pt"
+    torch.save({"model": prefixed, "cfg": {"model": cfg}}, path)
+    regression = {k: v for k, v in state.items() if k.startswith("contact_head")}
+    torch.save({"model": regression}, path.with_name(f"esm2_t{layers}_tiny_UR50D-contact-regression.pt"))
+    return path, model
 
 
 @pytest.fixture(scope="module")
 def fair_esm_file(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
-    import esm
-
-    torch.manual_seed(0)
-    alphabet = esm.Alphabet.from_architecture("ESM-1b")
-    model = esm.ESM2(num_layers=LAYERS, embed_dim=DIM, attention_heads=HEADS, alphabet=alphabet,
-                     token_dropout=True).eval()
-    _perturb(model, 0)
-    state = model.state_dict()
-    prefixed = {("encoder." if k.startswith("lm_head") else "encoder.sentence_encoder.") + k: v
-                for k, v in state.items() if not k.startswith("contact_head")}
-    cfg = argparse.Namespace(encoder_layers=LAYERS, encoder_embed_dim=DIM, encoder_attention_heads=HEADS,
-                             token_dropout=True, encoder_ffn_embed_dim=4 * DIM)
-    path = tmp_path_factory.mktemp("fair") / "esm2_t2_tiny_UR50D.pt"
-    torch.save({"model": prefixed, "cfg": {"model": cfg}}, path)
-    regression = {k: v for k, v in state.items() if k.startswith("contact_head")}
-    torch.save({"model": regression}, path.with_name("esm2_t2_tiny_UR50D-contact-regression.pt"))
-    return path, model
+    return write_fair_esm(tmp_path_factory.mktemp("fair"))
 
 
 @pytest.fixture(scope="module")

@@ -53,6 +53,8 @@ class ProteinDataModule(pl.LightningDataModule):
             from it (memory-mapped) and fasta_path, valid_frac, test_frac, split_seed, max_sequences are unused.
         bucketing: single mode only: train batches of similar length (``LengthBucketBatchSampler``, sorted
             within pools of ``pool_batches`` batches), which cuts padding from ~50% to ~1% on UniProt.
+        alphabet: the model's ``tokenizer.Alphabet`` name ("proteinperformer", or "esm" for ESM-2 models);
+            token stores hold "proteinperformer" ids only.
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class ProteinDataModule(pl.LightningDataModule):
         store_path: str | None = None,
         bucketing: bool = False,
         pool_batches: int = 100,
+        alphabet: str = "proteinperformer",
     ) -> None:
         super().__init__()
         if task not in ("mlm", "clm"):
@@ -90,7 +93,10 @@ class ProteinDataModule(pl.LightningDataModule):
         if bucketing and mode != "single":
             raise ValueError("bucketing applies to mode='single' (concat chunks all have chunk_len tokens)")
         self.bucketing, self.pool_batches = bucketing, pool_batches
-        self.alphabet = Alphabet()
+        self.alphabet = Alphabet(alphabet)
+        if store_path is not None and alphabet != "proteinperformer":
+            raise ValueError(f"{store_path}: token stores hold proteinperformer token ids, but the model uses the "
+                             f"{alphabet!r} alphabet; train it from FASTA (data=fasta)")
         if task == "mlm":
             self.collator = MLMCollator(self.alphabet, mask_prob)
             # Evaluation replaces every selected residue by <mask>: with BERT's 10% "kept" targets the

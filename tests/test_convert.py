@@ -1,0 +1,64 @@
+"""pp-convert: an ESM-2 file becomes a FAVOR+ project checkpoint that load_model, embed() and train.py init_from
+use; --report measures FAVOR+ against exact attention."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from proteinperformer import convert
+from proteinperformer.embed import embed, load_model
+from proteinperformer.model import convert_attention
+from proteinperformer.train import _init_weights_from, _instantiate_model, train
+from tests.conftest import tiny_config
+from tests.test_esm_import import SEQS, write_fair_esm
+
+
+@pytest.fixture(scope="module")
+def esm_file(tmp_path_factory) -> Path:
+    return write_fair_esm(tmp_path_factory.mktemp("esm"), layers=2, dim=32, heads=4, scale=0.02)[0]
+
+
+def test_convert_writes_a_favor_checkpoint_that_loads_and_embeds(esm_file, tmp_path):
+    out = tmp_path / "favor.ckpt"
+    convert.main([str(esm_file), str(out), "--attention", "favor", "--num-features", "64", "--seed", "3"])
+    model = load_model(out)
+    cfg = model.config
+    assert (cfg.attention, cfg.kernel, cfg.num_features, cfg.alphabet, cfg.positions) == (
+        "favor", "softmax", 64, "esm", "rotary")
+    want = convert_attention(load_model(esm_file), "favor", 64, "softmax", seed=3)
+    tokens = model.alphabet.get_batch_converter()(SEQS)[2]
+    with torch.no_grad():
+        assert torch.equal(model(tokens)["logits"], want(tokens)["logits"])  # weights and draw as converted
+    reps = embed(model, SEQS, include=("per_tok",))
+    assert reps["b"]["per_tok"][-1].shape == (len(SEQS[1][1]), 32)
+
+
+def test_init_from_fine_tunes_the_converted_model_with_its_alphabet(esm_file, tmp_path):
+    out = tmp_path / "favor.ckpt"
+    convert.main([str(esm_file), str(out), "--num-features", "32"])
+    cfg = tiny_config(tmp_path / "run", [f"init_from={out}", "trainer.max_steps=3"])
+    net = _init_weights_from(cfg)
+    assert cfg.model.config.alphabet == "esm" and cfg.data.alphabet == "esm"  # data follows the model
+    lm = _instantiate_model(cfg, net)
+    for k, v in net.state_dict().items():
+        assert torch.equal(lm.model.state_dict()[k], v), k
+    metrics = train(tiny_config(tmp_path / "run2", [f"init_from={out}", "trainer.max_steps=3"]))
+    assert metrics["global_step"] == 3 and math.isfinite(metrics["val_ppl"])
+    tuned = load_model(metrics["last_checkpoint"])
+    assert tuned.config.alphabet == "esm" and tuned.config.dim == 32
+    changed = [k for k, v in tuned.state_dict().items() if not torch.equal(v, net.state_dict()[k])]
+    assert "layers.0.attn.qkv.weight" in changed  # fine-tuned from the converted weights
+
+
+def test_report_measures_favor_against_exact(esm_file, tmp_path):
+    fasta = tmp_path / "seqs.fasta"
+    fasta.write_text("".join(f">{label}\n{seq}\n" for label, seq in SEQS))
+    few = convert.report(esm_file, fasta, num_features=16, draws=2)
+    many = convert.report(esm_file, fasta, num_features=1024, draws=2)
+    assert few["sequences"] == 3 and len(few["layer_rel_error_mean"]) == 2
+    assert all(0 < e < 1 for e in few["layer_rel_error_mean"])
+    assert all(m < f for m, f in zip(many["layer_rel_error_mean"], few["layer_rel_error_mean"], strict=True))
+    assert few["exact_acc"] == many["exact_acc"] and few["exact_ppl"] == many["exact_ppl"]
+    assert abs(many["favor_ppl"] - many["exact_ppl"]) < abs(few["favor_ppl"] - few["exact_ppl"]) + 1e-3
