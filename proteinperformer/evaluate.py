@@ -257,6 +257,15 @@ def _write_json(obj: dict, path: Path) -> None:
 
 
 # ---- the run ------------------------------------------------------------------------------------
+def _global_step(path: Path) -> int | None:
+    """The training step recorded in a pp-train checkpoint (None for other files, e.g. an ESM-2 import)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a directory or a file this loader does not read: no step to report
+        return None
+    return ckpt.get("global_step") if isinstance(ckpt, dict) else None
+
+
 def evaluate(args: argparse.Namespace) -> dict:
     """Run every section not in ``args.skip``; write card.json / card.md / card.png under ``args.out``."""
     from proteinperformer.analysis import blosum_cli, contacts_cli
@@ -273,19 +282,16 @@ def evaluate(args: argparse.Namespace) -> dict:
         if task not in skip:
             read_tables(train, valid, max_train=getattr(args, f"{task}_max_train"), seed=args.seed)
     model = load_model(args.checkpoint)
-    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True) if Path(args.checkpoint).is_file() \
-        else {}
     card = {
         "checkpoint": str(args.checkpoint),
         "model": {"config": model.config.to_dict(), "parameters": model.num_parameters(),
-                  "global_step": ckpt.get("global_step") if isinstance(ckpt, dict) else None},
+                  "global_step": _global_step(args.checkpoint)},
         "host": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "data": {},
         "sections": {},
         "seconds": {},
         "command": args.command,
     }
-    del ckpt
 
     def stage(name: str) -> float:
         print(f"\n== {name} ({time.perf_counter() - start:.0f} s elapsed)", flush=True)
@@ -376,6 +382,9 @@ def create_parser() -> argparse.ArgumentParser:
     p.add_argument("--contact-train-chains", type=int, default=20, help="chains that fit the contact regression")
     p.add_argument("--contact-max-len", type=int, default=512, help="skip longer chains")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; use 1 when other jobs share the cores, where "
+                   "two threads per core run several times slower)")
     p.add_argument("--update-readme", type=Path, default=None,
                    help=f"replace the text between {BEGIN} and {END} in this file with the card")
     return p
@@ -388,6 +397,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = create_parser().parse_args(argv)
     args.command = "pp-evaluate " + shlex.join(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     evaluate(args)
 
 
