@@ -1,4 +1,4 @@
-"""Linear probes (secondary structure, localisation) on embeddings: python scripts/probe.py ... (= pp-probe)."""
+"""Linear probes (SS3, location, fold class, GO terms) on embeddings: python scripts/probe.py ... (= pp-probe)."""
 
 from proteinperformer.probe import main
 
