@@ -62,3 +62,17 @@ def test_report_measures_favor_against_exact(esm_file, tmp_path):
     assert all(m < f for m, f in zip(many["layer_rel_error_mean"], few["layer_rel_error_mean"], strict=True))
     assert few["exact_acc"] == many["exact_acc"] and few["exact_ppl"] == many["exact_ppl"]
     assert abs(many["favor_ppl"] - many["exact_ppl"]) < abs(few["favor_ppl"] - few["exact_ppl"]) + 1e-3
+
+
+def test_pp_embed_runs_on_a_fair_esm_file_unchanged(esm_file, tmp_path):
+    from proteinperformer.embed import main as pp_embed
+    from proteinperformer.embed import read_embeddings
+
+    fasta = tmp_path / "seqs.fasta"
+    fasta.write_text("".join(f">{label}\n{seq}\n" for label, seq in SEQS))
+    pp_embed([str(esm_file), str(fasta), str(tmp_path / "out"), "--include", "per_tok", "mean"])
+    out = read_embeddings(tmp_path / "out")
+    direct = embed(load_model(esm_file), SEQS, include=("per_tok",))
+    for label, seq in SEQS:
+        assert out[label]["representations"][2].shape == (len(seq), 32)  # residues only, keyed by depth
+        assert torch.allclose(out[label]["representations"][2], direct[label]["per_tok"][-1], atol=1e-5)
