@@ -20,6 +20,12 @@ import torch
 from proteinperformer.attention import FavorState, KVCache
 from proteinperformer.lm import ProteinLM
 from proteinperformer.model.performer import PerformerLM
+from proteinperformer.precision import (
+    INFERENCE_PRECISIONS,
+    PrecisionError,
+    check_inference_precision,
+    inference_autocast,
+)
 from proteinperformer.tokenizer import Alphabet
 
 
@@ -90,10 +96,12 @@ def sample(
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int = 0,
+    precision: str = "32",
 ) -> list[str]:
     """Draw ``num_samples`` sequences (in parallel) that start with ``prompt``; returns residue strings.
 
-    ``max_length`` counts residues including the prompt; a sequence ends at ``<eos>`` or there.
+    ``max_length`` counts residues including the prompt; a sequence ends at ``<eos>`` or there. ``precision``
+    "bf16" / "16" runs each decoding step under torch.autocast (FAVOR+ states stay float32).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -107,15 +115,18 @@ def sample(
     allowed[alphabet.residue_ids + [alphabet.eos_idx]] = 0.0  # only residues or the end can be drawn
     generator = torch.Generator(device=device).manual_seed(seed)
 
+    autocast = inference_autocast(precision, device)
     states = init_states(model, num_samples, device)
     out = torch.tensor(prefix, dtype=torch.long, device=device).repeat(num_samples, 1)  # (B, len(prompt))
     finished = torch.zeros(num_samples, dtype=torch.bool, device=device)
     token = torch.full((num_samples,), alphabet.cls_idx, dtype=torch.long, device=device)
     for position, prompt_token in enumerate(prefix):  # feed <cls> and the prompt
-        _, states = step_logits(model, token, position, states)
+        with autocast:
+            _, states = step_logits(model, token, position, states)
         token = torch.full_like(token, prompt_token)
     for position in range(len(prefix), max_length):
-        logits, states = step_logits(model, token, position, states)
+        with autocast:
+            logits, states = step_logits(model, token, position, states)
         logits = filter_logits(logits.float() / temperature + allowed, top_k, top_p)
         token = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]  # (B,)
         finished |= token == alphabet.eos_idx
@@ -150,14 +161,17 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling threshold (1 = off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="32",
+                        help="32, or autocast each step to bf16 / 16 (default 32)")
     return parser
 
 
 def run(args: argparse.Namespace) -> Path:
     """Load the checkpoint, sample, write the FASTA; returns its path."""
+    check_inference_precision(args.precision, args.device)
     model, alphabet = load_clm(args.checkpoint, args.device)
     seqs = sample(model, alphabet, args.num_samples, args.max_length, args.prompt, args.temperature,
-                  args.top_k, args.top_p, args.seed)
+                  args.top_k, args.top_p, args.seed, args.precision)
     settings = f"temperature={args.temperature} top_k={args.top_k} top_p={args.top_p} seed={args.seed}"
     records = [(f"sample_{i} length={len(s)} {settings}", s) for i, s in enumerate(seqs)]
     return write_fasta(args.output, records)
@@ -165,7 +179,10 @@ def run(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point ``pp-generate``."""
-    path = run(create_parser().parse_args(argv))
+    try:
+        path = run(create_parser().parse_args(argv))
+    except PrecisionError as err:
+        raise SystemExit(f"error: {err}") from None
     print(f"wrote {path}")
 
 

@@ -12,6 +12,13 @@ Each (method, L) runs in its own subprocess (fresh allocator, clean high-water m
 ru_maxrss (peak resident set) after the runs minus its resident set just before the first call, i.e. the
 extra memory the attention call needs on top of its inputs (inputs, parameters and the interpreter are
 excluded). B=1, 8 heads, head_dim 64, m=256 features, fp32, torch.set_num_threads(all cores).
+
+On CUDA (``--device cuda --dtype fp32|bf16``) each method runs all lengths in one process, longest last; peak
+memory is ``torch.cuda.max_memory_allocated`` per call, and a length that runs out of memory ends that method
+(the longest L that fits is reported). SDPA picks its backend itself: flash for bf16, memory-efficient for fp32.
+
+    python scripts/bench_attention.py --device cuda --dtype bf16 --lengths 1024 4096 16384 65536 --methods exact \
+        exact_causal favor favor_causal
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ METHODS = {
     "peer_causal": "performer-pytorch causal",
 }
 HEADS, HEAD_DIM, FEATURES = 8, 64, 256
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def _rss_bytes() -> int:
@@ -58,6 +66,51 @@ def _build(method: str):
 
     fa = FastAttention(dim_heads=HEAD_DIM, nb_features=FEATURES, causal=causal)
     return lambda q, k, v: fa(q, k, v)
+
+
+def _time_cuda(fn, q, k, v, repeats: int, budget_s: float) -> tuple[float, int, float, bool]:
+    """Median fwd+bwd seconds, repeats, peak extra GiB and finiteness of fn(q, k, v) on CUDA."""
+    import torch
+
+    def run():
+        q.grad = k.grad = v.grad = None
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = fn(q, k, v)
+        out.float().square().sum().backward()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t, bool(torch.isfinite(out).all())
+
+    run()  # warm-up (kernels, allocator)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    first, ok = run()
+    n = max(1, min(repeats, int(budget_s / max(first, 1e-9))))
+    times = [first] + [run()[0] for _ in range(n - 1)]
+    return statistics.median(times), n, (torch.cuda.max_memory_allocated() - base) / 2**30, ok
+
+
+def cuda_worker(method: str, lengths: list[int], repeats: int, budget_s: float, dtype: str) -> list[dict]:
+    """Time every L for one method on CUDA in this process, stopping at the first out-of-memory length."""
+    import torch
+
+    fn = _build(method)
+    results = []
+    for L in lengths:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        try:
+            qkv = [torch.randn(1, HEADS, L, HEAD_DIM, generator=g, device="cuda", dtype=getattr(torch, DTYPES[dtype]))
+                   .requires_grad_() for _ in range(3)]
+            seconds, n, peak, ok = _time_cuda(fn, *qkv, repeats, budget_s)
+        except torch.cuda.OutOfMemoryError:
+            results.append({"method": method, "L": L, "oom": True, "dtype": dtype})
+            break
+        finally:
+            qkv = None
+            torch.cuda.empty_cache()
+        results.append({"method": method, "L": L, "seconds": seconds, "repeats": n, "peak_gib": peak,
+                        "finite": ok, "dtype": dtype})
+    return results
 
 
 def worker(method: str, L: int, repeats: int, budget_s: float) -> dict:
@@ -95,6 +148,20 @@ def run_case(method: str, L: int, repeats: int, budget_s: float) -> dict | None:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def run_cuda_method(method: str, lengths: list[int], repeats: int, budget_s: float, dtype: str) -> list[dict]:
+    cmd = [sys.executable, __file__, "--cuda-worker", method, str(repeats), str(budget_s), dtype,
+           "--lengths", *map(str, lengths)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"  {method} failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return []
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for r in results:
+        note = "out of memory" if r.get("oom") else f"{r['seconds']:8.4f} s  peak {r['peak_gib']:.2f} GiB"
+        print(f"  {METHODS[method]:34s} L={r['L']:6d} {note}", file=sys.stderr, flush=True)
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
@@ -102,12 +169,21 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--budget", type=float, default=60.0, help="max seconds of timed repeats per case")
     ap.add_argument("--out", default="results/bench_attention.json")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="q/k/v dtype (cuda; the CPU runs fp32)")
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--cuda-worker", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         method, L, repeats, budget = args.worker
         print(json.dumps(worker(method, int(L), int(repeats), float(budget))))
         return
+    if args.cuda_worker:
+        method, repeats, budget, dtype = args.cuda_worker
+        print(json.dumps(cuda_worker(method, args.lengths, int(repeats), float(budget), dtype)))
+        return
+    if args.device == "cpu" and args.dtype != "fp32":
+        ap.error("--dtype bf16 is for --device cuda (the CPU benchmark is fp32)")
 
     methods = list(args.methods)
     try:
@@ -120,17 +196,24 @@ def main() -> None:
                   "(install it in a separate venv, see the module docstring)", file=sys.stderr)
 
     results = []
-    for L in args.lengths:
+    if args.device == "cuda":
         for method in methods:
-            r = run_case(method, L, args.repeats, args.budget)
-            if r is not None:
-                results.append(r)
-                print(f"  {METHODS[method]:34s} L={L:6d} {r['seconds']:8.3f} s  peak {r['peak_gib']:.2f} GiB "
-                      f"(n={r['repeats']})", file=sys.stderr, flush=True)
+            results.extend(run_cuda_method(method, args.lengths, args.repeats, args.budget, args.dtype))
+    else:
+        for L in args.lengths:
+            for method in methods:
+                r = run_case(method, L, args.repeats, args.budget)
+                if r is not None:
+                    results.append(r)
+                    print(f"  {METHODS[method]:34s} L={L:6d} {r['seconds']:8.3f} s  peak {r['peak_gib']:.2f} GiB "
+                          f"(n={r['repeats']})", file=sys.stderr, flush=True)
+    longest = {m: max((r["L"] for r in results if r["method"] == m and not r.get("oom")), default=None)
+               for m in methods}
 
-    by = {(r["method"], r["L"]): r for r in results}
-    print(f"\nfwd+bwd median seconds (peak GiB), B=1, H={HEADS}, d={HEAD_DIM}, m={FEATURES}, fp32, "
-          f"{os.cpu_count()} threads")
+    by = {(r["method"], r["L"]): r for r in results if not r.get("oom")}
+    where = f"{os.cpu_count()} threads" if args.device == "cpu" else f"CUDA, {args.dtype}"
+    print(f"\nfwd+bwd median seconds (peak GiB), B=1, H={HEADS}, d={HEAD_DIM}, m={FEATURES}, "
+          f"{'fp32' if args.device == 'cpu' else args.dtype}, {where}")
     print("| method | " + " | ".join(str(L) for L in args.lengths) + " |")
     print("|---" * (len(args.lengths) + 1) + "|")
     for method in methods:
@@ -147,11 +230,13 @@ def main() -> None:
                 a, b = by.get((ours, L)), by.get((ref, L))
                 cells.append("-" if a is None or b is None else f"{b['seconds'] / a['seconds']:.2f}x")
             print(f"| {METHODS[ref]} / {METHODS[ours]} | " + " | ".join(cells) + " |")
+    print("\nlongest L that ran: " + ", ".join(f"{METHODS[m]} {L}" for m, L in longest.items()))
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
             json.dump({"config": {"batch": 1, "heads": HEADS, "head_dim": HEAD_DIM, "features": FEATURES,
-                                  "dtype": "float32", "threads": os.cpu_count()}, "results": results}, f, indent=1)
+                                  "dtype": DTYPES[args.dtype], "device": args.device, "threads": os.cpu_count()},
+                       "longest": longest, "results": results}, f, indent=1)
         print(f"\nwrote {args.out}")
 
 

@@ -74,3 +74,29 @@ def test_mlm_checkpoint_is_refused(tmp_path: Path) -> None:
     ckpt = _save(_lm("mlm"), tmp_path / "mlm.ckpt")
     with pytest.raises(ValueError, match="masked-LM.*task=clm"):
         load_clm(ckpt)
+
+
+@pytest.mark.parametrize("config", [{"attention": "favor", "kernel": "softmax"}, {"attention": "exact"}],
+                         ids=["favor-softmax", "exact-kvcache"])
+def test_stepwise_decoding_under_bf16_autocast_tracks_float32(config: dict) -> None:
+    """pp-generate --precision bf16: each step under autocast stays close to the float32 full forward."""
+    model = _lm(**config).model
+    tokens = torch.randint(5, 25, (3, 30))
+    tokens[:, 0] = 1
+    with torch.no_grad():
+        full = model(tokens)["logits"]
+    states = init_states(model, tokens.shape[0])
+    for t in range(tokens.shape[1]):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, states = step_logits(model, tokens[:, t], t, states)
+        err = ((logits.float() - full[:, t]).norm() / full[:, t].norm()).item()
+        assert err < 0.02, f"position {t}: relative error {err:.4f}"
+
+
+def test_generate_cli_precision(tmp_path: Path) -> None:
+    ckpt = _save(_lm(), tmp_path / "clm.ckpt")
+    out = tmp_path / "bf16.fasta"
+    main([str(ckpt), str(out), "--num_samples", "3", "--max_length", "20", "--precision", "bf16", "--device", "cpu"])
+    assert len(list(SeqIO.parse(out, "fasta"))) == 3
+    with pytest.raises(SystemExit, match="error: a GPU was requested"):
+        main([str(ckpt), str(out), "--precision", "bf16", "--device", "cuda"])
