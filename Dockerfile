@@ -2,6 +2,7 @@
 # Build: docker build -t proteinperformer .
 # Run:   docker run --gpus all --rm -v $PWD/runs:/app/runs proteinperformer \
 #            python scripts/train.py trainer.accelerator=gpu trainer.precision=bf16-mixed
+# Check: docker run --gpus all --rm -v $PWD/results:/app/results proteinperformer python scripts/gpu_check.py
 FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
 
 ENV PYTHONUNBUFFERED=1 \
@@ -15,6 +16,7 @@ COPY conf ./conf
 COPY scripts ./scripts
 COPY data ./data
 COPY checkpoints ./checkpoints
+COPY tests ./tests
 # torch is already in the base image (>=2.2 satisfies the requirement), so pip keeps its CUDA build.
 RUN pip install -e ".[dev]"
 

@@ -46,6 +46,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_s
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from proteinperformer.precision import INFERENCE_PRECISIONS
 from proteinperformer.probe_go import check_go_column, plot_go, run_go_probe, split_terms, term_vocabulary
 from proteinperformer.tokenizer import STANDARD_RESIDUES, Alphabet, TokenizationError
 
@@ -229,6 +230,7 @@ def run_probe(
     seed: int = 0,
     toks_per_batch: int = 4096,
     go_vocabulary: Sequence[str] | None = None,
+    precision: str = "32",
 ) -> dict:
     """Fit the probe on ``train`` for the embedding and both baselines, score on ``test`` (default ``valid``).
 
@@ -248,7 +250,7 @@ def run_probe(
     for name, df in splits.items():
         start = time.perf_counter()
         reps = embed(model, list(zip(df.id, df.sequence, strict=True)), layers=[layer], include=include,
-                     toks_per_batch=toks_per_batch, progress=True)
+                     toks_per_batch=toks_per_batch, progress=True, precision=precision)
         seconds += time.perf_counter() - start
         n_res += int(df.sequence.str.len().sum())
         data[name] = (np.stack([reps[i]["mean"][layer].numpy() for i in df.id]) if task == "go_mf"
@@ -343,6 +345,8 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--toks-per-batch", type=int, default=4096)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="32",
+                        help="embed in 32, or autocast to bf16 / 16 (default 32)")
     return parser
 
 
@@ -380,14 +384,15 @@ def probe_files(
     Cs: Sequence[float] = (1.0,),
     seed: int = 0,
     toks_per_batch: int = 4096,
+    precision: str = "32",
 ) -> dict:
     """Read and check the CSVs, run :func:`run_probe` (task from the columns) and write ``out`` (JSON) and
     ``<out stem>.png`` (confusion matrices, or PR curves for go_mf); returns the report."""
     task, train, valid, test, vocabulary = read_tables(train_path, valid_path, test_path, max_train, seed)
     report = run_probe(model, task, train, valid, test, layer=layer, Cs=Cs, seed=seed,
-                       toks_per_batch=toks_per_batch, go_vocabulary=vocabulary)
+                       toks_per_batch=toks_per_batch, go_vocabulary=vocabulary, precision=precision)
     report |= {"train": str(train_path), "valid": str(valid_path), "test": str(test_path or valid_path),
-               "max_train": max_train}
+               "max_train": max_train, "precision": precision}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
@@ -416,7 +421,7 @@ def run(args: argparse.Namespace) -> dict:
     read_tables(args.train, args.valid, args.test, args.max_train, args.seed)  # bad data fails before the model
     model = load_model(args.checkpoint, args.device)
     report = probe_files(model, args.train, args.valid, args.out, args.test, args.max_train, args.layer, args.C,
-                         args.seed, args.toks_per_batch)
+                         args.seed, args.toks_per_batch, args.precision)
     report["checkpoint"] = str(args.checkpoint)
     tmp = args.out.with_name(f".{args.out.name}.{uuid.uuid4().hex}.tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")

@@ -274,3 +274,26 @@ def test_attention_imports_without_lightning() -> None:
             "assert 'pytorch_lightning' not in [m for m in sys.modules if sys.modules[m] is not None]")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_analysis_clis_precision(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """pp-attention-blosum and pp-contacts --precision bf16 give the float32 numbers to within bf16 rounding."""
+    import json
+
+    from proteinperformer.analysis import blosum_cli, contacts_cli
+
+    fasta, structures = ROOT / "data/uniprot_sample20k.fasta.gz", ROOT / "data/structures/pdb_chains_subset60.npz"
+    results = {}
+    for precision in ("32", "bf16"):
+        out = tmp_path / precision
+        blosum_cli.main([str(tiny_checkpoint), str(fasta), "--n-seqs", "4", "--max-len", "50", "--out", str(out),
+                         "--matrices", "BLOSUM62", "--precision", precision])
+        contacts_cli.main([str(tiny_checkpoint), "--structures", str(structures), "--train-chains", "3",
+                           "--n-chains", "5", "--out", str(out), "--precision", precision])
+        results[precision] = (json.loads((out / "attention_vs_blosum.json").read_text()),
+                              json.loads((out / "contacts.json").read_text()))
+    (b32, c32), (b16, c16) = results["32"], results["bf16"]
+    assert b16["precision"] == "bf16" and c16["precision"] == "bf16"
+    r32, r16 = (b["methods"]["weighted"]["model"]["overall"]["BLOSUM62"] for b in (b32, b16))
+    assert r16 == pytest.approx(r32, abs=0.05) and r16 != r32
+    assert c16["model"]["mean"]["long"]["L"] == pytest.approx(c32["model"]["mean"]["long"]["L"], abs=0.05)

@@ -46,6 +46,7 @@ from proteinperformer.analysis import (  # noqa: E402
     vig_compare,
     vig_fractions,
 )
+from proteinperformer.precision import INFERENCE_PRECISIONS, inference_autocast  # noqa: E402
 
 MATRICES = ("BLOSUM62", "BLOSUM45", "BLOSUM80", "PAM250")
 METHODS = ("vig", "weighted")
@@ -105,6 +106,7 @@ def analyse(
 def run(
     checkpoint: str, fasta: str, n_seqs: int, out: Path, matrices: list[str] = MATRICES, max_len: int = 512,
     seed: int = 0, method: str = "vig", threshold: float = VIG_THRESHOLD, min_edges: int = VIG_MIN_EDGES,
+    precision: str = "32",
 ) -> dict:
     """Compute both methods' counts for the model and its random-init null, compare, write JSON/PNG/NPZ; return
     the JSON (``model`` / ``null_random_init`` = the ``method`` result, ``methods`` = both)."""
@@ -115,7 +117,8 @@ def run(
     records = read_sequences(fasta, n=n_seqs, max_len=max_len, seed=seed)
     seqs = [s for _, s in records]
     t0 = time.time()
-    counts, null_counts, methods = analyse(model, seqs, matrices, seed, threshold, min_edges)
+    with inference_autocast(precision):  # the forward passes that produce q and k
+        counts, null_counts, methods = analyse(model, seqs, matrices, seed, threshold, min_edges)
     result = {
         "checkpoint": str(checkpoint),
         "fasta": str(fasta),
@@ -125,6 +128,7 @@ def run(
         "layers": int(counts["weighted"].shape[0]),
         "heads_per_layer": int(counts["weighted"].shape[1]),
         "method": method,
+        "precision": precision,
         "vig_threshold": threshold,
         "vig_min_edges": min_edges,
         "model": methods[method]["model"],
@@ -160,9 +164,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="vig: Vig et al.'s binarised method (default); weighted: attention-weighted fractions")
     p.add_argument("--threshold", type=float, default=VIG_THRESHOLD, help="vig: attention weight of an edge (0.3)")
     p.add_argument("--min-edges", type=int, default=VIG_MIN_EDGES, help="vig: drop heads with fewer edges (100)")
+    p.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="32", help="32, or autocast to bf16 / 16")
     a = p.parse_args(argv)
     res = run(a.checkpoint, a.fasta, a.n_seqs, a.out, a.matrices, a.max_len, a.seed, a.method, a.threshold,
-              a.min_edges)
+              a.min_edges, a.precision)
     first = a.matrices[0]
     print(f"{res['n_sequences']} sequences, r vs {first}:")
     for m, r in res["methods"].items():

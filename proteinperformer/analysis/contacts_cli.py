@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from proteinperformer.analysis import evaluate_contacts, load_model, load_structures, random_init_like  # noqa: E402
+from proteinperformer.precision import INFERENCE_PRECISIONS, inference_autocast  # noqa: E402
 
 
 def plot_contacts(example: dict, path: Path | None = None, min_sep: int = 6) -> plt.Figure:
@@ -71,18 +72,20 @@ def _summary(res: dict) -> dict:
 @torch.no_grad()  # a context, not set_grad_enabled: callers (tests, notebooks) keep autograd
 def run(
     checkpoint: str, structures: str, n_train: int, out: Path, atom: str = "cb", max_len: int = 512, seed: int = 0,
-    n_chains: int | None = None,
+    n_chains: int | None = None, precision: str = "32",
 ) -> dict:
     """Evaluate contact prediction for the checkpoint and its random-init null; write JSON and PNG."""
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(checkpoint)
     chains = load_structures(structures)[:n_chains]
-    res = evaluate_contacts(model, chains, n_train=n_train, atom=atom, max_len=max_len)
-    null = evaluate_contacts(random_init_like(model, seed), chains, n_train=n_train, atom=atom, max_len=max_len)
+    with inference_autocast(precision):
+        res = evaluate_contacts(model, chains, n_train=n_train, atom=atom, max_len=max_len)
+        null = evaluate_contacts(random_init_like(model, seed), chains, n_train=n_train, atom=atom, max_len=max_len)
     result = {
         "checkpoint": str(checkpoint),
         "structures": str(structures),
         "contact_definition": f"{atom.upper()} < 8 Å",
+        "precision": precision,
         "n_train": res["n_train"],
         "n_test": res["n_test"],
         "model": _summary(res),
@@ -106,8 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-len", type=int, default=512, help="skip chains longer than this")
     p.add_argument("--seed", type=int, default=0, help="null-model seed")
     p.add_argument("--n-chains", type=int, default=None, help="use only the first N chains (default: all)")
+    p.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="32", help="32, or autocast to bf16 / 16")
     a = p.parse_args(argv)
-    res = run(a.checkpoint, a.structures, a.train_chains, a.out, a.atom, a.max_len, a.seed, a.n_chains)
+    res = run(a.checkpoint, a.structures, a.train_chains, a.out, a.atom, a.max_len, a.seed, a.n_chains, a.precision)
     m, n = res["model"]["mean"]["long"], res["null_random_init"]["mean"]["long"]
     print(f"{res['n_test']} test chains, long-range P@L = {m['L']:.3f} (random-init null {n['L']:.3f}, "
           f"background {m['background']:.3f}); written to {a.out}")
