@@ -62,16 +62,18 @@ def main() -> None:
     parser.add_argument("--base-steps", type=int, default=1000, help="Transformer steps before the conversion")
     parser.add_argument("--finetune-lr", type=float, default=3e-4)
     parser.add_argument("--num-features", type=int, default=128)
-    parser.add_argument("--stages", choices=("all", "base"), default="all",
-                        help="base: only the runs that need no conversion")
+    parser.add_argument("--stages", choices=("all", "base", "finetune"), default="all",
+                        help="base: only the runs that need no conversion; finetune: only the conversion and "
+                        "fine-tuning runs (the two can run side by side); all: everything, then the table")
     args = parser.parse_args()
     out = args.outdir
     out.mkdir(parents=True, exist_ok=True)
     total = args.base_steps + max(FINETUNE_STEPS)
     base = train(out, f"transformer_{args.base_steps}", args.base_steps, ["model=transformer"])
-    transformer = train(out, f"transformer_{total}", total, ["model=transformer"])
-    performer = train(out, f"performer_{total}", total,
-                      ["model=performer_softmax", f"model.config.num_features={args.num_features}"])
+    if args.stages != "finetune":
+        transformer = train(out, f"transformer_{total}", total, ["model=transformer"])
+        performer = train(out, f"performer_{total}", total,
+                          ["model=performer_softmax", f"model.config.num_features={args.num_features}"])
     if args.stages == "base":
         return
     converted = out / "converted_favor.ckpt"
@@ -79,18 +81,21 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "proteinperformer.convert", base["last_checkpoint"], str(converted),
                         "--attention", "favor", "--kernel", "softmax", "--num-features", str(args.num_features)],
                        check=True, cwd=ROOT)
+    at_once = evaluate(converted, out)
+    finetuned = {n: train(out, f"finetune_{n}", n, [f"init_from={converted}", f"model.lr={args.finetune_lr}",
+                                                   f"model.warmup_steps={max(n // 10, 1)}"])
+                 for n in FINETUNE_STEPS}
+    if args.stages == "finetune":
+        return
     rows = [{"model": "Transformer (exact)", "steps": args.base_steps, "val_acc": base["val_acc"],
              "val_ppl": base["val_ppl"]},
             {"model": "Transformer (exact)", "steps": total, "val_acc": transformer["val_acc"],
              "val_ppl": transformer["val_ppl"]},
             {"model": "Performer from scratch", "steps": total, "val_acc": performer["val_acc"],
              "val_ppl": performer["val_ppl"]}]
-    at_once = evaluate(converted, out)
     rows.append({"model": "Transformer -> FAVOR+ (no fine-tuning)", "steps": args.base_steps,
                  "val_acc": at_once["val_acc"], "val_ppl": at_once["val_ppl"]})
-    for n in FINETUNE_STEPS:
-        m = train(out, f"finetune_{n}", n, [f"init_from={converted}", f"model.lr={args.finetune_lr}",
-                                           f"model.warmup_steps={max(n // 10, 1)}"])
+    for n, m in finetuned.items():
         rows.append({"model": f"Transformer -> FAVOR+ + {n} fine-tuning steps", "steps": args.base_steps + n,
                      "val_acc": m["val_acc"], "val_ppl": m["val_ppl"]})
     table = {"base_steps": args.base_steps, "num_features": args.num_features, "kernel": "softmax",
