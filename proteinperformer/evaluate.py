@@ -45,7 +45,7 @@ SECTIONS = ("mlm", "ss3", "location", "go_mf", "fold_class", "blosum", "contacts
 PROBES = {  # task: (train, valid, default --max-train)
     "ss3": ("data/probes/ss3/train.csv", "data/probes/ss3/valid.csv", None),
     "location": ("data/probes/deeploc/train.csv", "data/probes/deeploc/valid.csv", None),
-    "go_mf": ("data/probes/go_mf/train.csv.gz", "data/probes/go_mf/valid.csv.gz", 4000),
+    "go_mf": ("data/probes/go_mf/train.csv.gz", "data/probes/go_mf/valid.csv.gz", 3000),
     "fold_class": ("data/probes/fold_class/train.csv", "data/probes/fold_class/valid.csv", None),
 }
 BASELINE_NAMES = {"onehot": "one-hot", "composition": "composition", "kmer3": "3-mer spectrum",
@@ -376,7 +376,7 @@ def create_parser() -> argparse.ArgumentParser:
                        default=max_train, help=f"{task}: sample this many training proteins (default: all)")
     p.add_argument("--toks-per-batch", type=int, default=4096, help="probes: embedding batch size in tokens")
     p.add_argument("--blosum-fasta", default="data/uniprot_sample20k.fasta.gz", help="proteins for attention vs BLOSUM")
-    p.add_argument("--blosum-n-seqs", type=int, default=500, help="number of proteins for attention vs BLOSUM")
+    p.add_argument("--blosum-n-seqs", type=int, default=300, help="number of proteins for attention vs BLOSUM")
     p.add_argument("--blosum-max-len", type=int, default=512, help="crop proteins for attention vs BLOSUM")
     p.add_argument("--structures", default="data/structures/pdb_chains_subset60.npz", help="chains for contacts")
     p.add_argument("--contact-train-chains", type=int, default=20, help="chains that fit the contact regression")

@@ -33,6 +33,7 @@ import torch
 from Bio.Align import substitution_matrices
 from scipy.cluster.hierarchy import leaves_list, linkage
 from scipy.spatial.distance import squareform
+from tqdm import tqdm
 
 from proteinperformer.analysis.maps import as_performer, iter_attention_blocks
 from proteinperformer.model import PerformerLM
@@ -94,6 +95,7 @@ def attention_counts(
     max_len: int | None = 1024,
     block_size: int = 512,
     threshold: float = VIG_THRESHOLD,
+    progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Both amino-acid statistics of attention, summed over proteins in one pass over their maps.
 
@@ -101,7 +103,7 @@ def attention_counts(
     :func:`pair_counts`), ``"binarised": [n_layers, n_heads, 21]`` high-confidence edges by target residue (as
     :func:`binarised_target_counts`), ``"max_weight": [n_layers, n_heads]`` the largest attention weight seen}.
     Streams each protein's maps block by block (never a full L×L per head); proteins longer than ``max_len``
-    residues are cropped to their first ``max_len`` residues.
+    residues are cropped to their first ``max_len`` residues; ``progress`` shows a bar over proteins.
     """
     net = as_performer(model)
     layers = list(range(len(net.layers))) if layers is None else list(layers)
@@ -109,7 +111,7 @@ def attention_counts(
     binarised = torch.zeros(len(layers), net.config.heads, 21)
     max_weight = torch.zeros(len(layers), net.config.heads)
     index = {layer: i for i, layer in enumerate(layers)}
-    for seq in sequences:
+    for seq in tqdm(sequences, desc="attention maps", unit="protein", disable=not progress, leave=False):
         seq = seq[:max_len] if max_len else seq
         onehot, target = residue_onehot(seq), target_onehot(seq)
         for blk in iter_attention_blocks(net, seq, layers, block_size=block_size):

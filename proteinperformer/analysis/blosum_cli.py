@@ -93,8 +93,8 @@ def analyse(
 ) -> tuple[dict, dict, dict]:
     """Counts of the model and of its random-init null over ``sequences`` and both methods' r against
     ``matrices``; returns (model counts, null counts, ``{method: {"model": ..., "null_random_init": ...}}``)."""
-    counts = attention_counts(model, sequences, threshold=threshold)
-    null_counts = attention_counts(random_init_like(model, seed), sequences, threshold=threshold)
+    counts = attention_counts(model, sequences, threshold=threshold, progress=True)
+    null_counts = attention_counts(random_init_like(model, seed), sequences, threshold=threshold, progress=True)
     trained, null = compare_both(counts, matrices, min_edges), compare_both(null_counts, matrices, min_edges)
     methods = {m: {"model": trained[m], "null_random_init": null[m]} for m in METHODS}
     for part, c in (("model", counts), ("null_random_init", null_counts)):

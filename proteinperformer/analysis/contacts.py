@@ -29,6 +29,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
+from tqdm import tqdm
 
 from proteinperformer.analysis.maps import as_performer, attention_maps
 
@@ -254,6 +255,7 @@ def evaluate_contacts(
     atom: str = "cb",
     threshold: float = 8.0,
     max_len: int | None = 512,
+    progress: bool = False,
 ) -> dict:
     """Fit the contact regression on the first ``n_train`` chains and evaluate on the rest.
 
@@ -267,7 +269,8 @@ def evaluate_contacts(
     chains = [c for c in chains if max_len is None or len(c.sequence) <= max_len]
     if len(chains) <= n_train:
         raise ValueError(f"need more than {n_train} chains (got {len(chains)}) to train and test")
-    feats = [contact_features(model, c.sequence) for c in chains]
+    feats = [contact_features(model, c.sequence)
+             for c in tqdm(chains, desc="contact features", unit="chain", disable=not progress, leave=False)]
     truth = [contact_map(getattr(c, atom), threshold) for c in chains]
     reg = fit_contact_regression(feats[:n_train], truth[:n_train])
     per_chain = []

@@ -79,8 +79,9 @@ def run(
     model = load_model(checkpoint)
     chains = load_structures(structures)[:n_chains]
     with inference_autocast(precision):
-        res = evaluate_contacts(model, chains, n_train=n_train, atom=atom, max_len=max_len)
-        null = evaluate_contacts(random_init_like(model, seed), chains, n_train=n_train, atom=atom, max_len=max_len)
+        res = evaluate_contacts(model, chains, n_train=n_train, atom=atom, max_len=max_len, progress=True)
+        null = evaluate_contacts(random_init_like(model, seed), chains, n_train=n_train, atom=atom, max_len=max_len,
+                                 progress=True)
     result = {
         "checkpoint": str(checkpoint),
         "structures": str(structures),
