@@ -66,7 +66,7 @@ def check_cuda(devices: int | str | list = 1) -> None:
         build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
         raise PrecisionError(
             f"a GPU was requested but torch {torch.__version__} ({build}) sees no CUDA device; use trainer=cpu "
-            "(pp-embed/pp-generate: --device cpu), or install a CUDA build of torch on a GPU machine"
+            "or trainer.accelerator=cpu (pp-embed/pp-generate: --device cpu), or a CUDA build of torch on a GPU machine"
         )
     wanted = len(devices) if isinstance(devices, list | tuple) else devices
     if isinstance(wanted, int) and wanted > torch.cuda.device_count():
