@@ -1,13 +1,19 @@
-"""Training throughput of the paper's model: Performer (FAVOR+ softmax, ReLU) vs Transformer (exact attention).
+"""Training throughput: Performer variants (FAVOR+ ReLU with / without projection, softmax) vs the Transformer.
 
-One training step = forward + MLM loss + backward + gradient clipping + AdamW step, batch 1, for the paper's
-network (6 layers, width 512, 8 heads, MLP 2048, learned positions) at each length. Every (model, length)
-runs in a fresh process so that its peak memory is its own: on CPU the peak resident set size (includes
-the ~0.3 GiB of weights and AdamW state), on CUDA ``torch.cuda.max_memory_allocated``. Prints a table with
-tokens/s and the ratio to the Transformer at the same length, and writes JSON (``--out``).
+One training step = forward + MLM loss + backward + gradient clipping + AdamW step, for the paper's network
+(``--size paper``: 6 layers, width 512, 8 heads, MLP 2048, learned positions) or the reference checkpoint's
+(``--size reference``: 6 × 192, 6 heads, MLP 768, sinusoidal positions), at each ``--shapes BATCHxLENGTH``.
+Every (model, shape) runs in a fresh process so that its peak memory is its own: on CPU the peak resident set
+size (includes weights and AdamW state), on CUDA ``torch.cuda.max_memory_allocated``.
 
-    python scripts/bench_training.py --lengths 1024 8192 --out bench_training.json
-    python scripts/bench_training.py --device cuda --precision bf16 --lengths 1024 8192 16384
+Reported per row: tokens/s, the ratio to the Transformer at the same shape (same run), and model FLOP
+utilisation (MFU): the step's model FLOPs (6 × non-embedding parameters × tokens for the dense layers, plus
+the attention's own matmuls: exact 12·L²·D per layer, FAVOR+ 12·L·m·D + the feature maps) per second, divided
+by the machine's dense GEMM rate measured in the same run (a 1024³ fp32 matmul with the same threads).
+
+    python scripts/bench_training.py --size reference --shapes 16x256 4x1024 --out results/bench_training_ref.json
+    python scripts/bench_training.py --size paper --shapes 1x1024 1x8192
+    python scripts/bench_training.py --device cuda --precision bf16 --shapes 8x1024 1x8192
 """
 
 from __future__ import annotations
@@ -23,12 +29,16 @@ from pathlib import Path
 
 import torch
 
-MODELS = {  # conf/model/*.yaml
+MODELS = {  # conf/model/*.yaml, and the variants the throughput question is about
+    "performer_relu": {"attention": "favor", "kernel": "relu", "use_projection": True},
+    "performer_relu_noproj": {"attention": "favor", "kernel": "relu", "use_projection": False},
     "performer_softmax": {"attention": "favor", "kernel": "softmax"},
-    "performer_relu": {"attention": "favor", "kernel": "relu"},
     "transformer": {"attention": "exact"},
 }
-PAPER = {"dim": 512, "depth": 6, "heads": 8, "ff_dim": 2048, "num_features": 256, "positions": "learned"}
+SIZES = {
+    "paper": {"dim": 512, "depth": 6, "heads": 8, "ff_dim": 2048, "num_features": 256, "positions": "learned"},
+    "reference": {"dim": 192, "depth": 6, "heads": 6, "ff_dim": 768, "num_features": 256, "positions": "sinusoidal"},
+}
 
 
 def _rss_gib() -> float:
@@ -37,21 +47,57 @@ def _rss_gib() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**30
 
 
+def gemm_flops_per_sec(device: str, threads: int, n: int = 1024, repeats: int = 5) -> float:
+    """Dense fp32 matmul rate of this machine (median of ``repeats`` n×n×n products)."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times)
+
+
+def step_flops(cfg: dict, batch: int, length: int, dense_params: int) -> float:
+    """Model FLOPs of one training step (forward + backward = 3 × forward)."""
+    tokens = batch * length
+    D, depth, m = cfg["dim"], cfg["depth"], cfg["num_features"]
+    hd = D // cfg["heads"]
+    if cfg["attention"] == "exact":
+        attn = 4 * length * length * D  # QKᵀ and AV, forward, per sequence and layer
+    else:
+        projected = cfg.get("kernel") == "softmax" or cfg.get("use_projection", True)
+        feats = m if projected else hd  # relu without projection: φ(x) = relu(x) + ε, elementwise
+        projection = 2 * 2 * length * (hd + 1) * feats if projected else 0  # φ(Q), φ(K) (softmax: +‖x‖² column)
+        attn = cfg["heads"] * (projection + 2 * 2 * length * feats * (hd + 1))  # φ(K)ᵀ[V,1], then φ(Q)·that
+    return 3 * (2 * dense_params * tokens + depth * batch * attn)
+
+
 def bench_one(
-    model: str, length: int, repeats: int, warmup: int, device: str, precision: str, threads: int
+    model: str, size: str, batch: int, length: int, repeats: int, warmup: int, device: str, precision: str,
+    threads: int,
 ) -> dict:
-    """Median seconds of ``repeats`` training steps (after ``warmup`` untimed ones) of one model at one length."""
+    """Median seconds of ``repeats`` training steps (after ``warmup`` untimed ones) of one model at one shape."""
     from proteinperformer.data.collate import MLMCollator
     from proteinperformer.lm import ProteinLM
     from proteinperformer.tokenizer import Alphabet
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    lm = ProteinLM({**PAPER, **MODELS[model], "max_positions": length}, task="mlm").to(device).train()
+    cfg = {**SIZES[size], **MODELS[model], "max_positions": length}
+    lm = ProteinLM(cfg, task="mlm").to(device).train()
     optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98))
     alphabet = Alphabet()
-    tokens = torch.randint(alphabet.standard_ids[0], alphabet.standard_ids[-1] + 1, (length,))
-    batch = {k: v.to(device) for k, v in MLMCollator(alphabet)([{"tokens": tokens, "seed": 0}]).items()}
+    g = torch.Generator().manual_seed(0)
+    items = [{"tokens": torch.randint(alphabet.standard_ids[0], alphabet.standard_ids[-1] + 1, (length,),
+                                      generator=g), "seed": i} for i in range(batch)]
+    batch_t = {k: v.to(device) for k, v in MLMCollator(alphabet)(items).items()}
     dtype = {"bf16": torch.bfloat16, "fp32": None}[precision]
     cuda = device.startswith("cuda")
 
@@ -60,7 +106,7 @@ def bench_one(
             torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
-            loss = lm.model_step(batch)["loss"]
+            loss = lm.model_step(batch_t)["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 0.5)
         optimizer.step()
@@ -77,41 +123,61 @@ def bench_one(
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    return {"model": model, "length": length, "seconds_per_step": seconds, "tokens_per_sec": length / seconds,
+    embeddings = sum(p.numel() for n, p in lm.model.named_parameters() if "embed" in n or "position" in n)
+    dense = lm.model.num_parameters() - embeddings
+    return {"model": model, "size": size, "batch": batch, "length": length, "seconds_per_step": seconds,
+            "tokens_per_sec": batch * length / seconds, "flops_per_step": step_flops(cfg, batch, length, dense),
             "peak_memory_gib": peak, "memory_before_step_gib": rss_before if not cuda else None,
             "parameters": lm.model.num_parameters()}
 
 
+def parse_shape(text: str) -> tuple[int, int]:
+    """'16x256' -> (16, 256)."""
+    try:
+        batch, length = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must be BATCHxLENGTH, e.g. 16x256; got {text!r}") from None
+    return batch, length
+
+
 def run(args: argparse.Namespace) -> dict:
-    """Benchmark every model at every length, each in its own process; returns the JSON payload."""
+    """Benchmark every model at every shape, each in its own process; returns the JSON payload."""
+    gemm = gemm_flops_per_sec(args.device, args.threads)
+    print(f"dense fp32 GEMM rate: {gemm / 1e9:.1f} GFLOP/s ({args.threads} threads)", flush=True)
     results = []
     with ProcessPoolExecutor(1, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
-        for length in args.lengths:
+        for batch, length in args.shapes:
             for model in args.models:
-                r = pool.submit(bench_one, model, length, args.repeats, args.warmup, args.device, args.precision,
-                                args.threads).result()
-                print(f"  {model:18s} L={length:6d}  {r['seconds_per_step']:8.3f} s/step", flush=True)
+                r = pool.submit(bench_one, model, args.size, batch, length, args.repeats, args.warmup, args.device,
+                                args.precision, args.threads).result()
+                print(f"  {model:22s} {batch}x{length:<6d} {r['seconds_per_step']:8.3f} s/step", flush=True)
                 results.append(r)
     for r in results:
-        ref = next((x for x in results if x["model"] == "transformer" and x["length"] == r["length"]), None)
+        ref = next((x for x in results if x["model"] == "transformer" and (x["batch"], x["length"]) ==
+                    (r["batch"], r["length"])), None)
         r["speedup_vs_transformer"] = r["tokens_per_sec"] / ref["tokens_per_sec"] if ref else None
-    return {"device": args.device, "precision": args.precision, "threads": args.threads, "batch_size": 1,
-            "repeats": args.repeats, "warmup": args.warmup, "model": PAPER, "results": results}
+        r["mfu"] = r["flops_per_step"] / r["seconds_per_step"] / gemm
+    return {"device": args.device, "precision": args.precision, "threads": args.threads, "size": args.size,
+            "model_config": SIZES[args.size], "gemm_flops_per_sec": gemm, "repeats": args.repeats,
+            "warmup": args.warmup, "results": results}
 
 
 def format_table(payload: dict) -> str:
-    """Markdown table of the results (one row per model and length)."""
-    lines = ["| model | L | s/step | tokens/s | × Transformer | peak GiB |", "|---|---|---|---|---|---|"]
+    """Markdown table of the results (one row per model and shape)."""
+    lines = ["| model | batch × L | s/step | tokens/s | × Transformer | MFU | peak GiB |",
+             "|---|---|---|---|---|---|---|"]
     for r in payload["results"]:
         ratio = f"{r['speedup_vs_transformer']:.2f}" if r["speedup_vs_transformer"] else "-"
-        lines.append(f"| {r['model']} | {r['length']} | {r['seconds_per_step']:.3f} | {r['tokens_per_sec']:.0f} | "
-                     f"{ratio} | {r['peak_memory_gib']:.2f} |")
+        lines.append(f"| {r['model']} | {r['batch']} × {r['length']} | {r['seconds_per_step']:.3f} | "
+                     f"{r['tokens_per_sec']:.0f} | {ratio} | {100 * r['mfu']:.1f}% | {r['peak_memory_gib']:.2f} |")
     return "\n".join(lines)
 
 
 def create_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192])
+    parser.add_argument("--size", choices=list(SIZES), default="paper")
+    parser.add_argument("--shapes", type=parse_shape, nargs="+", default=[(1, 1024), (1, 8192)],
+                        help="BATCHxLENGTH per run (default 1x1024 1x8192)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--repeats", type=int, default=3, help="timed steps (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (0 on a slow CPU at 8192)")
@@ -127,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     payload = run(args)
     print(format_table(payload))
     if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(payload, indent=2) + "\n")
         print(f"wrote {args.out}")
 
