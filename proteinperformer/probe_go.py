@@ -253,7 +253,8 @@ def run_go_probe(
                                                                 seed, f"{name} C={c}")[vk])["fmax"] for c in Cs}
                 C = max(by_C, key=by_C.get)
             scores = one_vs_rest_scores(feats_train[name], y_train, feats_test[name], C, seed, name)
-        results[name] = score_go(y_test[keep], scores[keep]) | {"C": C}
+        n_features = feats_train[name].shape[1] if name in feats_train else None
+        results[name] = score_go(y_test[keep], scores[keep]) | {"C": C, "n_features": n_features}
         results[name]["pr_curve"] = _pr_curve(y_test[keep], scores[keep])
     return {"n_terms": len(vocabulary), "n_train_proteins": len(train), "n_test_proteins": len(test),
             "n_evaluated_proteins": int(keep.sum()), "skipped": skipped,
