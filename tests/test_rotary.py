@@ -88,3 +88,21 @@ def test_rotary_favor_model_has_no_length_cap():
     with torch.no_grad():
         out = model(torch.randint(5, 25, (1, 3000)))["logits"]
     assert out.shape == (1, 3000, 32) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("attention", ["favor", "exact"])
+def test_generation_steps_equal_full_forward_for_a_rotary_clm(attention):
+    from proteinperformer.generate import init_states, step_logits
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=32, depth=2, heads=2, ff_dim=64, positions="rotary", attention=attention,
+                      kernel="softmax", num_features=32, causal=True)
+    model = PerformerLM(cfg).eval()
+    tokens = torch.randint(5, 25, (2, 25))
+    with torch.no_grad():
+        full = model(tokens)["logits"]
+        states, steps = init_states(model, 2), []
+        for t in range(tokens.shape[1]):
+            logits, states = step_logits(model, tokens[:, t], t, states)
+            steps.append(logits)
+    assert torch.allclose(torch.stack(steps, 1), full, atol=1e-4)
