@@ -136,6 +136,11 @@ def test_hf_exact_import_reproduces_esm_for_masked_lm(hf_dir):
     again = load_model(bin_dir)
     with torch.no_grad():
         assert torch.allclose(again(tokens)["logits"][real], want.logits[real], atol=1e-4)
+    sharded = path.parent / "sharded"  # model.safetensors.index.json + shards, as the large ESM-2 repos
+    ref.save_pretrained(sharded, max_shard_size="40KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    with torch.no_grad():
+        assert torch.allclose(load_model(sharded)(tokens)["logits"][real], want.logits[real], atol=1e-4)
 
 
 def test_favor_import_approximates_and_converts_back(fair_esm_file):
