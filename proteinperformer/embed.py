@@ -572,13 +572,19 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--devices", type=int, default=1, help="number of devices (>1 runs DDP)")
     parser.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="32",
                         help="32, or autocast to bf16 / 16 (fp16) for speed and memory (default 32)")
+    parser.add_argument("--attention", choices=("exact", "favor"), default=None,
+                        help="swap the model's attention (weights kept): favor = FAVOR+, linear memory, no length "
+                        "cap (e.g. an ESM-2 file on a 35,000-residue protein); default: as in the file")
+    parser.add_argument("--num-features", type=int, default=None, help="FAVOR+ random features per head (256)")
+    parser.add_argument("--kernel", choices=("softmax", "relu"), default=None,
+                        help="FAVOR+ kernel when swapping (default softmax for ESM-2, else the checkpoint's)")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     """Embed every FASTA record not yet in ``args.outdir``; returns the number of sequences embedded."""
     check_inference_precision(args.precision, args.device if args.device != "auto" else "cpu")
-    model = load_model(args.checkpoint)
+    model = load_model(args.checkpoint, attention=args.attention, num_features=args.num_features, kernel=args.kernel)
     layers = list(args.repr_layers)
     resolve_layers(layers, model.config.depth)
     contact_head = resolve_contact_head(model, args.contact_head) if "contacts" in args.include else None

@@ -11,18 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from proteinperformer.analysis.contacts import apc, symmetrize
 from proteinperformer.analysis.maps import as_performer, attention_maps
-
-
-def symmetrize(x: torch.Tensor) -> torch.Tensor:
-    """x + xᵀ over the last two dimensions."""
-    return x + x.transpose(-1, -2)
-
-
-def apc(x: torch.Tensor) -> torch.Tensor:
-    """Average product correction: x − (row sums · column sums) / total, over the last two dimensions."""
-    a1, a2 = x.sum(-1, keepdim=True), x.sum(-2, keepdim=True)
-    return x - a1 * a2 / x.sum((-1, -2), keepdim=True)
 
 
 @torch.no_grad()

@@ -76,3 +76,21 @@ def test_pp_embed_runs_on_a_fair_esm_file_unchanged(esm_file, tmp_path):
     for label, seq in SEQS:
         assert out[label]["representations"][2].shape == (len(seq), 32)  # residues only, keyed by depth
         assert torch.allclose(out[label]["representations"][2], direct[label]["per_tok"][-1], atol=1e-5)
+
+
+def test_pp_embed_attention_favor_on_a_fair_esm_file(esm_file, tmp_path):
+    """pp-embed ESM2.pt --attention favor: the swap happens at load time, beyond ESM-2's 1,022-residue cap."""
+    from proteinperformer.embed import main as pp_embed
+    from proteinperformer.embed import read_embeddings
+
+    long_seq = ("MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ" * 40)[:1300]
+    fasta = tmp_path / "long.fasta"
+    fasta.write_text(f">long\n{long_seq}\n>short\n{SEQS[0][1]}\n")
+    pp_embed([str(esm_file), str(fasta), str(tmp_path / "favor"), "--attention", "favor", "--num-features", "64"])
+    out = read_embeddings(tmp_path / "favor")
+    assert out["long"]["mean_representations"][2].shape == (32,)
+    torch.manual_seed(0)
+    exact = embed(load_model(esm_file), [("short", SEQS[0][1])])["short"]["mean"][-1]
+    favor = out["short"]["mean_representations"][2]
+    assert not torch.equal(favor, exact)  # FAVOR+ really ran
+    assert ((favor - exact).norm() / exact.norm()).item() < 0.2
