@@ -33,6 +33,7 @@ MODELS = {  # conf/model/*.yaml, and the variants the throughput question is abo
     "performer_relu": {"attention": "favor", "kernel": "relu", "use_projection": True},
     "performer_relu_noproj": {"attention": "favor", "kernel": "relu", "use_projection": False},
     "performer_softmax": {"attention": "favor", "kernel": "softmax"},
+    "performer_softmax_m64": {"attention": "favor", "kernel": "softmax", "num_features": 64},
     "transformer": {"attention": "exact"},
 }
 SIZES = {
