@@ -49,7 +49,7 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _build(method: str):
+def _build(method: str, device: str = "cpu"):
     import torch
 
     causal = method.endswith("_causal")
@@ -60,7 +60,7 @@ def _build(method: str):
     if method.startswith("favor"):
         from proteinperformer.attention import favor_attention, gaussian_projection
 
-        P = gaussian_projection(FEATURES, HEAD_DIM, generator=torch.Generator().manual_seed(0))
+        P = gaussian_projection(FEATURES, HEAD_DIM, generator=torch.Generator().manual_seed(0)).to(device)
         return lambda q, k, v: favor_attention(q, k, v, P, causal=causal)
     from performer_pytorch import FastAttention
 
@@ -94,7 +94,7 @@ def cuda_worker(method: str, lengths: list[int], repeats: int, budget_s: float, 
     """Time every L for one method on CUDA in this process, stopping at the first out-of-memory length."""
     import torch
 
-    fn = _build(method)
+    fn = _build(method, "cuda")
     results = []
     for L in lengths:
         g = torch.Generator(device="cuda").manual_seed(0)

@@ -53,7 +53,8 @@ def test_forward_backward_vs_float64_cpu(kernel: str, causal: bool, dtype: str) 
     outs, grads = [], []
     for tensors, device, autocast in ((ref_in, "cpu", False), (dev_in, DEVICE, dtype != "fp32")):
         with torch.autocast(torch.device(device).type, dtype=DTYPES[dtype], enabled=autocast):
-            out = favor_attention(*tensors, P.to(device, tensors[0].dtype), kernel=kernel, causal=causal,
+            proj = P.double() if device == "cpu" and not autocast else P.to(device)  # the layer's buffer is fp32
+            out = favor_attention(*tensors, proj, kernel=kernel, causal=causal,
                                   key_padding_mask=mask.to(device), chunk_size=64)
         assert torch.isfinite(out).all()
         (out.double() * weight.to(device, torch.float64)).sum().backward()
