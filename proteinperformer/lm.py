@@ -60,7 +60,9 @@ class ProteinLM(pl.LightningModule):
         residue = torch.zeros(cfg.vocab_size, dtype=torch.bool)
         residue[self.alphabet.residue_ids] = True
         self.register_buffer("is_residue_id", residue, persistent=False)
-        self.val_loss, self.val_acc, self.val_nll = MeanMetric(), MeanMetric(), MeanMetric()
+        # NaN kept (not dropped with a warning): a diverged run then logs val/ppl = nan instead of logging nothing,
+        # which made ModelCheckpoint(monitor="val/ppl") fail with "could not find the monitored key"
+        self.val_loss, self.val_acc, self.val_nll = (MeanMetric(nan_strategy="disable") for _ in range(3))
 
     # ---- one step shared by train / val / test -------------------------------------------------
     def model_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 import warnings
@@ -119,6 +120,9 @@ def train(cfg: DictConfig) -> dict:
     if cfg.get("test"):
         test = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0]
         metrics.update({"test_acc": test.get("test/acc"), "test_ppl": test.get("test/ppl")})
+    if metrics["val_ppl"] is not None and not math.isfinite(metrics["val_ppl"]):
+        log.warning("validation perplexity is %s: training diverged. Lower model.lr or raise model.warmup_steps; "
+                    "in 16-mixed try bf16-mixed", metrics["val_ppl"])
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(output_dir / "metrics.json", metrics)

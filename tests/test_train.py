@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import hydra
 import pytest
+import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
@@ -103,3 +105,23 @@ def test_bad_input_stops_with_a_message_not_a_traceback(tmp_path: Path, content:
     )
     assert proc.returncode == 1
     assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+class Diverge(pl.Callback):
+    """Turn every weight into NaN after each optimizer step, as a diverged (e.g. fp16-overflowed) run would."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        with torch.no_grad():
+            for p in pl_module.parameters():
+                p.fill_(float("nan"))
+
+
+def test_diverged_run_reports_nan_perplexity(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """NaN validation used to log nothing, and ModelCheckpoint(monitor='val/ppl') crashed with "could not find
+    the monitored key"; now the run finishes, reports val_ppl = nan and says it diverged."""
+    overrides = ["trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=1",
+                 f"+callbacks.diverge._target_={__name__}.Diverge"]
+    with caplog.at_level("WARNING", logger="proteinperformer.train"):
+        metrics = train(tiny_config(tmp_path, overrides))
+    assert math.isnan(metrics["val_ppl"]) and metrics["global_step"] == 3
+    assert "training diverged" in caplog.text
