@@ -35,16 +35,11 @@ class FeatureRedrawCallback(pl.Callback):
         self.every_n_steps, self.seed = every_n_steps, seed
         self._last_step = -1
 
-    @staticmethod
-    def redraw(module: torch.nn.Module, seed: int, step: int) -> int:
-        """Redraw every FAVOR+ projection in ``module`` from (seed, step); returns how many were redrawn."""
-        return redraw_projections(module, seed, step)
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         # with gradient accumulation several batches share a global_step: redraw once per step
         if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self.redraw(pl_module, self.seed, step)
+            redraw_projections(pl_module, self.seed, step)
             self._last_step = step
 
 

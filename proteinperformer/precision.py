@@ -12,6 +12,7 @@ torch fail deep inside a traceback.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -30,6 +31,7 @@ def _device_type(device: str | torch.device) -> str:
     return torch.device("cuda" if str(device) == "gpu" else device).type
 
 
+@functools.cache  # one probe per dtype and process, not one per batch
 def _cpu_autocast_works(dtype: torch.dtype) -> bool:
     try:
         with torch.autocast("cpu", dtype=dtype):
@@ -46,8 +48,8 @@ def check_inference_precision(precision: str, device: str | torch.device = "cpu"
     kind = _device_type(device)
     if kind == "cuda":
         check_cuda(devices=1)
-        if precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
-            raise PrecisionError(f"{torch.cuda.get_device_name()} has no bfloat16 support; use precision 16 (or 32)")
+        if precision == "bf16":
+            _check_cuda_bf16("precision 16 (or 32)")
     elif kind == "cpu" and precision in AUTOCAST_DTYPES and not _cpu_autocast_works(AUTOCAST_DTYPES[precision]):
         raise PrecisionError(f"this torch build cannot autocast to precision {precision} on the CPU; use 32 or bf16")
 
@@ -74,6 +76,11 @@ def check_cuda(devices: int | str | list = 1) -> None:
                              f"set trainer.devices={torch.cuda.device_count()} (or -1 for all)")
 
 
+def _check_cuda_bf16(instead: str) -> None:
+    if not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise PrecisionError(f"{torch.cuda.get_device_name()} has no bfloat16 support; use {instead}")
+
+
 def check_trainer(accelerator: str, precision: str | int, devices: int | str | list = 1) -> None:
     """Check a Trainer's accelerator/precision pair on this machine before Lightning builds it.
 
@@ -87,9 +94,8 @@ def check_trainer(accelerator: str, precision: str | int, devices: int | str | l
                              "AdamW diverges (NaN loss at step 1); use 16-mixed or bf16-mixed")
     if accelerator in GPU_ACCELERATORS or (accelerator == "auto" and torch.cuda.is_available()):
         check_cuda(devices)
-        if precision.startswith("bf16") and not torch.cuda.is_bf16_supported(including_emulation=False):
-            raise PrecisionError(f"{torch.cuda.get_device_name()} has no bfloat16 support; "
-                                 f"use trainer.precision=16-mixed (or 32-true)")
+        if precision.startswith("bf16"):
+            _check_cuda_bf16("trainer.precision=16-mixed (or 32-true)")
     elif accelerator == "cpu" and precision.startswith("16") and not _cpu_autocast_works(torch.float16):
         raise PrecisionError("this torch build cannot autocast to float16 on the CPU; "
                              "use trainer.precision=bf16-mixed or 32-true")

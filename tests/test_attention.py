@@ -355,7 +355,7 @@ def test_redraw_changes_buffer_and_is_deterministic():
     assert not torch.equal(p1, p0)
     cb.on_train_batch_end(SimpleNamespace(global_step=10), net, None, None, 1)  # accumulation: same step
     assert torch.equal(net[0].projection, p1)
-    FeatureRedrawCallback.redraw(nets[1], seed=3, step=10)
+    redraw_projections(nets[1], seed=3, step=10)
     assert torch.equal(nets[1][0].projection, p1)  # resume / other rank: same draw from (seed, step)
 
 

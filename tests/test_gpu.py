@@ -41,6 +41,16 @@ def inputs(L=300, d=32, seed=0):
     return q, k, v, P, mask
 
 
+def on_device(L: int):
+    """q, k, v, P of :func:`inputs` on DEVICE."""
+    return [t.to(DEVICE) for t in inputs(L=L)[:4]]
+
+
+def autocast(dtype: str):
+    """Autocast to ``dtype`` on DEVICE (off for fp32)."""
+    return torch.autocast(torch.device(DEVICE).type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 @pytest.mark.parametrize("kernel", ["softmax", "relu"])
@@ -70,9 +80,8 @@ def test_forward_backward_vs_float64_cpu(kernel: str, causal: bool, dtype: str) 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("kernel", ["softmax", "relu"])
 def test_causal_equals_noncausal_on_every_prefix(kernel: str, dtype: str) -> None:
-    q, k, v, P, _ = inputs(L=200)
-    q, k, v, P = (t.to(DEVICE) for t in (q, k, v, P))
-    with torch.autocast(torch.device(DEVICE).type, dtype=DTYPES[dtype], enabled=dtype != "fp32"):
+    q, k, v, P = on_device(200)
+    with autocast(dtype):
         full = favor_attention(q, k, v, P, kernel=kernel, causal=True, chunk_size=32)
         for i in (0, 31, 32, 99, 199):
             prefix = favor_attention(q[:, :, : i + 1], k[:, :, : i + 1], v[:, :, : i + 1], P, kernel=kernel)
@@ -82,8 +91,7 @@ def test_causal_equals_noncausal_on_every_prefix(kernel: str, dtype: str) -> Non
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 @pytest.mark.parametrize("kernel", ["softmax", "relu"])
 def test_padding_does_not_change_real_positions(kernel: str, causal: bool) -> None:
-    q, k, v, P, _ = inputs(L=150)
-    q, k, v, P = (t.to(DEVICE) for t in (q, k, v, P))
+    q, k, v, P = on_device(150)
     alone = favor_attention(q[:1, :, :100], k[:1, :, :100], v[:1, :, :100], P, kernel=kernel, causal=causal)
     garbage = torch.randn_like(q[:1, :, 100:]) * 10
     padded = [torch.cat([t[:1, :, :100], garbage], 2) for t in (q, k, v)]
@@ -96,9 +104,8 @@ def test_padding_does_not_change_real_positions(kernel: str, causal: bool) -> No
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("kernel", ["softmax", "relu"])
 def test_decoding_step_equals_full_causal(kernel: str, dtype: str) -> None:
-    q, k, v, P, _ = inputs(L=64)
-    q, k, v, P = (t.to(DEVICE) for t in (q, k, v, P))
-    with torch.autocast(torch.device(DEVICE).type, dtype=DTYPES[dtype], enabled=dtype != "fp32"):
+    q, k, v, P = on_device(64)
+    with autocast(dtype):
         full = favor_attention(q, k, v, P, kernel=kernel, causal=True, chunk_size=16)
         state, rows = None, []
         for t in range(64):

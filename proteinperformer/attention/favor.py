@@ -425,6 +425,7 @@ class _CausalLinear(torch.autograd.Function):
         return _from_groups(dQ), _from_groups(dK), _from_groups(dV), None, None
 
 
+@_float32_region
 def _favor_noncausal(q, k, v, P, kernel, key_padding_mask) -> torch.Tensor:
     B, H = q.shape[:2]
     acc = _acc(q)
@@ -439,6 +440,7 @@ def _favor_noncausal(q, k, v, P, kernel, key_padding_mask) -> torch.Tensor:
     return _normalise(qf @ kv)
 
 
+@_float32_region
 def _favor_causal(q, k, v, P, kernel, key_padding_mask, chunk_size, group_size) -> torch.Tensor:
     B, H, L, _ = q.shape
     T = max(1, min(chunk_size, L))
@@ -498,9 +500,9 @@ def favor_attention(
     _check_inputs(q, k, v, P, kernel, causal, key_padding_mask)
     out_dtype = _autocast_dtype(q) or v.dtype
     if causal:
-        out = _float32_region(_favor_causal)(q, k, v, P, kernel, key_padding_mask, chunk_size, group_size)
+        out = _favor_causal(q, k, v, P, kernel, key_padding_mask, chunk_size, group_size)
     else:
-        out = _float32_region(_favor_noncausal)(q, k, v, P, kernel, key_padding_mask)
+        out = _favor_noncausal(q, k, v, P, kernel, key_padding_mask)
     return out.to(out_dtype)
 
 
@@ -550,10 +552,11 @@ def favor_step(
     if q_t.shape[2] != 1:
         raise ValueError(f"favor_step takes one token, got length {q_t.shape[2]}")
     out_dtype = _autocast_dtype(q_t) or v_t.dtype
-    out, state = _float32_region(_favor_step)(q_t, k_t, v_t, P, state, kernel)
+    out, state = _favor_step(q_t, k_t, v_t, P, state, kernel)
     return out.to(out_dtype), state
 
 
+@_float32_region
 def _favor_step(q_t, k_t, v_t, P, state, kernel) -> tuple[torch.Tensor, FavorState]:
     B, H = q_t.shape[:2]
     qf = _query_features(q_t, P, kernel)  # (B, H, 1, m)
