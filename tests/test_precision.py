@@ -136,6 +136,17 @@ def test_bf16_mixed_trains_every_model_task_and_mode(tmp_path: Path, model: str,
     assert Path(metrics["last_checkpoint"]).is_file()
 
 
+@pytest.mark.parametrize("task", ["mlm", "clm"])
+@pytest.mark.parametrize("positions", ["sinusoidal", "rotary"])
+@pytest.mark.parametrize("model", ["performer_relu", "performer_softmax", "transformer"])
+def test_bf16_mixed_trains_every_position_encoding(tmp_path: Path, model: str, positions: str, task: str) -> None:
+    """The matrix above uses learned positions (the default); the other two position encodings, every model and
+    task, under bf16-mixed."""
+    metrics = _train(tmp_path, [f"model={model}", f"task={task}", f"model.config.positions={positions}",
+                                "trainer.precision=bf16-mixed"])
+    assert metrics["global_step"] == 3 and _finite(metrics)
+
+
 @pytest.mark.parametrize("precision", ["16-mixed", "bf16-true"])
 @pytest.mark.parametrize("model", ["performer_relu", "performer_softmax", "transformer"])
 def test_other_precisions_lightning_accepts_on_cpu(tmp_path: Path, model: str, precision: str) -> None:
