@@ -10,6 +10,9 @@ Reported per row: tokens/s, the ratio to the Transformer at the same shape (same
 utilisation (MFU): the step's model FLOPs (6 × non-embedding parameters × tokens for the dense layers, plus
 the attention's own matmuls: exact 12·L²·D per layer, FAVOR+ 12·L·m·D + the feature maps) per second, divided
 by the machine's dense GEMM rate measured in the same run (a 1024³ fp32 matmul with the same threads).
+The profile columns split the step: "attention" is depth × the forward + backward of one layer's attention core
+alone (q, k, v -> heads' outputs, timed separately at the same shape), "rest" the step minus that (QKV and
+output projections, feed-forward, embeddings, loss, AdamW). It shows where FAVOR+ loses at short L.
 
     python scripts/bench_training.py --size reference --shapes 16x256 4x1024 --out results/bench_training_ref.json
     python scripts/bench_training.py --size paper --shapes 1x1024 1x8192
@@ -30,8 +33,8 @@ from pathlib import Path
 import torch
 
 MODELS = {  # conf/model/*.yaml, and the variants the throughput question is about
-    "performer_relu": {"attention": "favor", "kernel": "relu", "use_projection": True},
-    "performer_relu_noproj": {"attention": "favor", "kernel": "relu", "use_projection": False},
+    "performer_relu": {"attention": "favor", "kernel": "relu", "use_projection": False},  # the default
+    "performer_relu_m256": {"attention": "favor", "kernel": "relu", "use_projection": True},
     "performer_softmax": {"attention": "favor", "kernel": "softmax"},
     "performer_softmax_m64": {"attention": "favor", "kernel": "softmax", "num_features": 64},
     "transformer": {"attention": "exact"},
@@ -120,6 +123,7 @@ def bench_one(
     for _ in range(warmup):  # allocations, AdamW state
         step()
     seconds = statistics.median(step() for _ in range(repeats))
+    attention_seconds = cfg["depth"] * attention_core_seconds(lm.model, batch, length, repeats, device, dtype)
     if cuda:
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
@@ -128,8 +132,41 @@ def bench_one(
     dense = lm.model.num_parameters() - embeddings
     return {"model": model, "size": size, "batch": batch, "length": length, "seconds_per_step": seconds,
             "tokens_per_sec": batch * length / seconds, "flops_per_step": step_flops(cfg, batch, length, dense),
+            "attention_seconds_per_step": attention_seconds,
             "peak_memory_gib": peak, "memory_before_step_gib": rss_before if not cuda else None,
             "parameters": lm.model.num_parameters()}
+
+
+def attention_core_seconds(net, batch: int, length: int, repeats: int, device: str, dtype) -> float:
+    """Median seconds of forward + backward of one layer's attention core alone (exact SDPA or FAVOR+, from
+    q, k, v (B, H, L, head_dim) to the heads' outputs; no QKV/output projections): the profile that shows how
+    much of a step is attention, and so where the Performer's time goes at short L."""
+    from proteinperformer.attention.exact import exact_attention
+    from proteinperformer.attention.favor import favor_attention
+
+    layer = next(m for m in net.modules() if hasattr(m, "split_heads"))
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(batch, layer.heads, length, layer.head_dim, generator=g).to(device).requires_grad_()
+               for _ in range(3))
+    grad = torch.randn(batch, layer.heads, length, layer.head_dim, generator=g).to(device)
+    cuda = device.startswith("cuda")
+
+    def core() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
+            if layer.attention == "exact":
+                y = exact_attention(q, k, v, causal=layer.causal)
+            else:
+                y = favor_attention(q, k, v, layer.projection, kernel=layer.kernel, causal=layer.causal)
+        y.backward(grad)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    core()
+    return statistics.median(core() for _ in range(repeats))
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -165,12 +202,14 @@ def run(args: argparse.Namespace) -> dict:
 
 def format_table(payload: dict) -> str:
     """Markdown table of the results (one row per model and shape)."""
-    lines = ["| model | batch × L | s/step | tokens/s | × Transformer | MFU | peak GiB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | batch × L | s/step | tokens/s | × Transformer | attention s/step (share) | rest s/step | MFU "
+             "| peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in payload["results"]:
         ratio = f"{r['speedup_vs_transformer']:.2f}" if r["speedup_vs_transformer"] else "-"
+        att = r["attention_seconds_per_step"]
         lines.append(f"| {r['model']} | {r['batch']} × {r['length']} | {r['seconds_per_step']:.3f} | "
-                     f"{r['tokens_per_sec']:.0f} | {ratio} | {100 * r['mfu']:.1f}% | {r['peak_memory_gib']:.2f} |")
+                     f"{r['tokens_per_sec']:,.0f} | {ratio} | {att:.3f} ({100 * att / r['seconds_per_step']:.0f}%) | "
+                     f"{r['seconds_per_step'] - att:.3f} | {100 * r['mfu']:.1f}% | {r['peak_memory_gib']:.2f} |")
     return "\n".join(lines)
 
 

@@ -160,3 +160,24 @@ def test_datamodule_bucketing_covers_the_epoch_once_with_little_padding():
     assert [i for batch in sampler for _, i in batch] != seen
     with pytest.raises(ValueError, match="bucketing applies to mode='single'"):
         ProteinDataModule(mode="concat", bucketing=True)
+
+
+def test_eval_max_len_scores_every_crop_length_on_the_same_windows():
+    """A run that trains on 32-token crops is validated on exactly the batches (windows and masks) of a run
+    that trains on 64-token crops, when both set eval_max_len=64."""
+    def loaders(max_len: int, eval_max_len: int | None):
+        dm = ProteinDataModule(max_sequences=300, valid_frac=0.2, test_frac=0.1, max_len=max_len,
+                               eval_max_len=eval_max_len, batch_size=8)
+        dm.setup()
+        return dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()
+
+    short_train, short_val, short_test = loaders(32, 64)
+    _, long_val, long_test = loaders(64, None)
+    assert max(b["input_ids"].shape[1] for b in short_train) == 32
+    for ours, theirs in ((short_val, long_val), (short_test, long_test)):
+        pairs = list(zip(ours, theirs, strict=True))
+        assert max(a["input_ids"].shape[1] for a, _ in pairs) == 64
+        for a, b in pairs:
+            assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+    _, default_val, _ = loaders(32, None)  # without eval_max_len, evaluation crops at max_len as before
+    assert max(b["input_ids"].shape[1] for b in default_val) == 32

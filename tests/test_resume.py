@@ -28,6 +28,7 @@ RESUME_OVERRIDES = [
     "trainer.log_every_n_steps=5",
     "callbacks.periodic_checkpoint.every_n_train_steps=10",
     "callbacks.feature_redraw.every_n_steps=4",
+    "model.config.use_projection=true",  # a projection to redraw (the ReLU default has none)
 ]
 
 

@@ -125,3 +125,50 @@ def test_diverged_run_reports_nan_perplexity(tmp_path: Path, caplog: pytest.LogC
         metrics = train(tiny_config(tmp_path, overrides))
     assert math.isnan(metrics["val_ppl"]) and metrics["global_step"] == 3
     assert "training diverged" in caplog.text
+
+
+@pytest.mark.parametrize("task", ["mlm", "clm"])
+@pytest.mark.parametrize("model", ["performer_relu", "performer_softmax", "transformer"])
+def test_table2_runs_differ_only_in_attention_and_task(task: str, model: str) -> None:
+    """The Table-2 sweep compares attentions at one size, recipe and budget: everything else is the recipe's."""
+    cfg = _compose(["experiment=table2", f"task={task}", f"model={model}"])
+    recipe = _compose(["experiment=recipe"])
+    m = cfg.model.config
+    assert (m.dim, m.depth, m.heads, m.ff_dim, m.positions) == (128, 4, 4, 512, "sinusoidal")
+    assert m.causal == (task == "clm") and cfg.task_name == task
+    assert m.attention == ("exact" if model == "transformer" else "favor")
+    assert m.use_projection == (model == "performer_softmax")  # the ReLU default has none, softmax needs one
+    for key in ("lr", "warmup_steps", "weight_decay"):
+        assert cfg.model[key] == recipe.model[key]
+    assert (cfg.data.fasta_path, cfg.data.max_len, cfg.data.eval_max_len, cfg.data.mask_prob) == (
+        recipe.data.fasta_path, recipe.data.max_len, recipe.data.eval_max_len, recipe.data.mask_prob)
+    assert cfg.trainer.max_time == recipe.trainer.max_time and cfg.callbacks.periodic_checkpoint.save_top_k == -1
+
+
+def test_reference_presets() -> None:
+    """experiment=reference is the recipe with a full schedule on CPU; reference_gpu the same recipe, larger, on
+    one GPU in bf16 with an 8-minute budget, reading the ≤ 40 MB subset written by scripts/subset_fasta.py."""
+    recipe, ref, gpu = (_compose([f"experiment={n}"]) for n in ("recipe", "reference", "reference_gpu"))
+    assert ref.trainer.accelerator == "cpu" and ref.trainer.max_steps < 10_000
+    assert (ref.model.lr, ref.data.mask_prob, ref.data.max_len) == (recipe.model.lr, recipe.data.mask_prob,
+                                                                     recipe.data.max_len)
+    assert (gpu.trainer.accelerator, gpu.trainer.precision) == ("gpu", "bf16-mixed")
+    assert gpu.trainer.max_time == "00:00:08:00"
+    assert gpu.model.lr == ref.model.lr and gpu.data.mask_prob == ref.data.mask_prob
+    assert gpu.model.config.dim > ref.model.config.dim and gpu.data.batch_size > ref.data.batch_size
+    assert gpu.data.fasta_path == "data/swissprot_gpu.fasta.gz"
+
+
+def test_subset_fasta_keeps_a_prefix_of_records_under_the_size_limit(tmp_path: Path) -> None:
+    from proteinperformer.data import load_fasta
+    from proteinperformer.tokenizer import Alphabet
+
+    src = ROOT / "data" / "uniprot_sample20k.fasta.gz"
+    dst = tmp_path / "subset.fasta.gz"
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "subset_fasta.py"), str(src), str(dst),
+                          "--max-mb", "1"], capture_output=True, text=True, check=True)
+    assert "records" in out.stdout and not list(tmp_path.glob("*.tmp"))
+    assert 0.8e6 < dst.stat().st_size <= 1e6
+    kept, full = load_fasta(dst, Alphabet()), load_fasta(src, Alphabet())
+    assert 1000 < len(kept) < len(full)
+    assert [(r.id, r.sequence) for r in kept] == [(r.id, r.sequence) for r in full[: len(kept)]]

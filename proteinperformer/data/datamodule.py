@@ -55,6 +55,8 @@ class ProteinDataModule(pl.LightningDataModule):
             within pools of ``pool_batches`` batches), which cuts padding from ~50% to ~1% on UniProt.
         alphabet: the model's ``tokenizer.Alphabet`` name ("proteinperformer", or "esm" for ESM-2 models);
             token stores hold "proteinperformer" ids only.
+        eval_max_len: single mode: tokens per validation/test example (default ``max_len``), so runs that
+            train on different crop lengths are scored on the same windows.
     """
 
     def __init__(
@@ -76,6 +78,7 @@ class ProteinDataModule(pl.LightningDataModule):
         bucketing: bool = False,
         pool_batches: int = 100,
         alphabet: str = "proteinperformer",
+        eval_max_len: int | None = None,
     ) -> None:
         super().__init__()
         if task not in ("mlm", "clm"):
@@ -86,6 +89,8 @@ class ProteinDataModule(pl.LightningDataModule):
         self.store_path = store_path
         self.task, self.mode = task, mode
         self.max_len, self.chunk_len = max_len, chunk_len
+        # a run that trains on short crops is still validated on the same windows as every other run
+        self.eval_max_len = max_len if eval_max_len is None else eval_max_len
         self.batch_size, self.num_workers = batch_size, num_workers
         self.valid_frac, self.test_frac, self.split_seed = valid_frac, test_frac, split_seed
         self.max_sequences = max_sequences
@@ -139,7 +144,8 @@ class ProteinDataModule(pl.LightningDataModule):
         sequences = self.splits[split]
         if self.mode == "concat":
             return ConcatChunkDataset(sequences, self.alphabet, self.chunk_len, seed=self.seed)
-        return SingleSequenceDataset(sequences, self.alphabet, self.max_len, self.seed, random_crop=split == "train")
+        max_len = self.max_len if split == "train" else self.eval_max_len
+        return SingleSequenceDataset(sequences, self.alphabet, max_len, self.seed, random_crop=split == "train")
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self.dataset(split)
