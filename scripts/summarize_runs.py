@@ -74,13 +74,15 @@ def markdown_table(rows: list[dict]) -> str:
 def plot_curves(rows: list[dict], path: Path, minutes: float | None = None) -> None:
     """Validation perplexity against step or, given the runs' equal wall-clock budget in ``minutes``, against
     training minutes (a budget-limited run spreads its steps evenly over the budget)."""
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in sorted(rows, key=lambda r: r.get("val_ppl") or float("inf")):
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    colors = plt.cm.tab20.colors  # distinct colours for up to 20 runs (the default cycle repeats after 10)
+    for i, r in enumerate(sorted(rows, key=lambda r: r.get("val_ppl") or float("inf"))):
         curve = r["curve"]
         if curve.empty:
             continue
         xs = curve["step"] * (minutes / r["global_step"]) if minutes and r.get("global_step") else curve["step"]
-        ax.plot(xs, curve["val/ppl"], marker=".", label=r["run"])
+        ax.plot(xs, curve["val/ppl"], marker=".", color=colors[(2 * i) % 20 + (2 * i) // 20 % 2],
+                linestyle="-" if i < 10 else "--", label=r["run"])
     baseline = next((r["baseline_ppl"] for r in rows if r.get("baseline_ppl")), None)
     if baseline:
         ax.axhline(baseline, color="grey", linestyle="--", label=f"unigram {baseline:.2f}")

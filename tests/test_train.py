@@ -130,28 +130,32 @@ def test_diverged_run_reports_nan_perplexity(tmp_path: Path, caplog: pytest.LogC
 @pytest.mark.parametrize("task", ["mlm", "clm"])
 @pytest.mark.parametrize("model", ["performer_relu", "performer_softmax", "transformer"])
 def test_table2_runs_differ_only_in_attention_and_task(task: str, model: str) -> None:
-    """The Table-2 sweep compares attentions at one size, recipe and budget: everything else is the recipe's."""
+    """The Table-2 sweep compares attentions at one size, recipe and budget: the reference's optimiser and
+    masking, the study's data and time budget."""
     cfg = _compose(["experiment=table2", f"task={task}", f"model={model}"])
-    recipe = _compose(["experiment=recipe"])
+    recipe, reference = _compose(["experiment=recipe"]), _compose(["experiment=reference"])
     m = cfg.model.config
     assert (m.dim, m.depth, m.heads, m.ff_dim, m.positions) == (128, 4, 4, 512, "sinusoidal")
     assert m.causal == (task == "clm") and cfg.task_name == task
     assert m.attention == ("exact" if model == "transformer" else "favor")
-    assert m.use_projection == (model == "performer_softmax")  # the ReLU default has none, softmax needs one
+    if model != "transformer":  # the ReLU default has no projection, softmax needs one
+        assert m.use_projection == (model == "performer_softmax")
     for key in ("lr", "warmup_steps", "weight_decay"):
-        assert cfg.model[key] == recipe.model[key]
-    assert (cfg.data.fasta_path, cfg.data.max_len, cfg.data.eval_max_len, cfg.data.mask_prob) == (
-        recipe.data.fasta_path, recipe.data.max_len, recipe.data.eval_max_len, recipe.data.mask_prob)
+        assert cfg.model[key] == reference.model[key]
+    assert cfg.data.mask_prob == reference.data.mask_prob
+    assert (cfg.data.fasta_path, cfg.data.max_len, cfg.data.eval_max_len) == (
+        recipe.data.fasta_path, recipe.data.max_len, recipe.data.eval_max_len)
     assert cfg.trainer.max_time == recipe.trainer.max_time and cfg.callbacks.periodic_checkpoint.save_top_k == -1
 
 
 def test_reference_presets() -> None:
-    """experiment=reference is the recipe with a full schedule on CPU; reference_gpu the same recipe, larger, on
-    one GPU in bf16 with an 8-minute budget, reading the ≤ 40 MB subset written by scripts/subset_fasta.py."""
+    """experiment=reference is the study's base with its winners and a full schedule on CPU; reference_gpu the
+    same recipe, larger, on one GPU in bf16 with an 8-minute budget, reading the ≤ 40 MB subset written by
+    scripts/subset_fasta.py."""
     recipe, ref, gpu = (_compose([f"experiment={n}"]) for n in ("recipe", "reference", "reference_gpu"))
     assert ref.trainer.accelerator == "cpu" and ref.trainer.max_steps < 10_000
-    assert (ref.model.lr, ref.data.mask_prob, ref.data.max_len) == (recipe.model.lr, recipe.data.mask_prob,
-                                                                     recipe.data.max_len)
+    assert ref.model.config == recipe.model.config and ref.data.max_len == recipe.data.max_len
+    assert (ref.model.lr, ref.model.warmup_steps, ref.data.mask_prob) == (4e-3, 25, 0.3)  # the study's winners
     assert (gpu.trainer.accelerator, gpu.trainer.precision) == ("gpu", "bf16-mixed")
     assert gpu.trainer.max_time == "00:00:08:00"
     assert gpu.model.lr == ref.model.lr and gpu.data.mask_prob == ref.data.mask_prob
