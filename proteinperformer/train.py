@@ -80,6 +80,28 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
             "baseline_acc": final.get("val/baseline_acc"), "baseline_ppl": final.get("val/baseline_ppl")}
 
 
+def score_checkpoint(ckpt: str | Path, task: str, datamodule, limit_val_batches=1.0,
+                     limit_test_batches=None) -> dict[str, float]:
+    """Validation (and, given ``limit_test_batches``, test) accuracy / perplexity of a checkpoint's weights
+    (loaded without pickle) on a set-up DataModule; used to score several runs on one data load."""
+    from proteinperformer.embed import load_model
+    from proteinperformer.lm import ProteinLM
+
+    net = load_model(Path(ckpt))
+    model = ProteinLM(task=task, config=net.config.to_dict())
+    model.model.load_state_dict(net.state_dict(), strict=True)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=limit_val_batches, limit_test_batches=limit_test_batches or 1.0)
+    val = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
+    out = {"val_acc": val["val/acc"], "val_ppl": val["val/ppl"], "baseline_acc": val["val/baseline_acc"],
+           "baseline_ppl": val["val/baseline_ppl"]}
+    if limit_test_batches:
+        test = trainer.test(model, datamodule=datamodule, verbose=False)[0]
+        out.update({"test_acc": test["test/acc"], "test_ppl": test["test/ppl"]})
+    return out
+
+
 def train(cfg: DictConfig) -> dict:
     """Fit a model from a composed config; returns the final metrics (also written to metrics.json)."""
     start = time.time()

@@ -52,6 +52,31 @@ def load_run(run: Path) -> dict:
     return row
 
 
+def rescore(rows: list[dict], mask_prob: float) -> None:
+    """Replace val_ppl / val_acc of runs validated at another MLM masking rate by their best checkpoint's score
+    on the masks at ``mask_prob`` (one data load, the first such run's data config); marks them ``rescored``."""
+    import hydra
+    from omegaconf import OmegaConf
+
+    from proteinperformer.train import score_checkpoint
+
+    datamodule = None
+    for r in rows:
+        cfg = OmegaConf.load(Path(r["dir"]) / ".hydra" / "config.yaml")
+        scored_at = cfg.data.get("eval_mask_prob") or cfg.data.mask_prob
+        if not r["finished"] or cfg.task_name != "mlm" or abs(scored_at - mask_prob) < 1e-9:
+            continue
+        if datamodule is None:
+            cfg.data.eval_mask_prob, cfg.data.num_workers = mask_prob, 0
+            datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+        best = Path(r["dir"]) / "checkpoints" / Path(json.loads((Path(r["dir"]) / "metrics.json").read_text())
+                                                     ["best_checkpoint"]).name
+        score = score_checkpoint(best, "mlm", datamodule, cfg.trainer.limit_val_batches)
+        r.update({"val_ppl": score["val_ppl"], "val_acc": score["val_acc"], "rescored": scored_at})
+        print(f"{r['run']}: validated at {scored_at:.0%} masks; best checkpoint at {mask_prob:.0%}: "
+              f"{100 * score['val_acc']:.2f}% / {score['val_ppl']:.3f}", flush=True)
+
+
 def markdown_table(rows: list[dict]) -> str:
     """Rows sorted by validation perplexity (best first); unfinished runs last."""
     lines = ["| run | steps | train tokens/s | valid acc | valid ppl | Δppl vs best |",
@@ -60,7 +85,8 @@ def markdown_table(rows: list[dict]) -> str:
     best = done[0]["val_ppl"] if done else float("nan")
     for r in done:
         rate = f"{r['tokens_per_sec']:,.0f}" if r["tokens_per_sec"] else "–"
-        lines.append(f"| `{r['run']}` | {r['global_step']:,} | {rate} | {100 * r['val_acc']:.2f}% | "
+        note = f" (re-scored; its curve is at {r['rescored']:.0%} masks)" if r.get("rescored") else ""
+        lines.append(f"| `{r['run']}`{note} | {r['global_step']:,} | {rate} | {100 * r['val_acc']:.2f}% | "
                      f"{r['val_ppl']:.3f} | {r['val_ppl'] - best:+.3f} |")
     for r in rows:
         if not r["finished"]:
@@ -103,11 +129,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output prefix: writes OUT.md, OUT.json, OUT.png")
     parser.add_argument("--minutes", type=float, default=None,
                         help="the runs' equal wall-clock budget: plot against minutes instead of steps")
+    parser.add_argument("--rescore-masks", type=float, default=None, metavar="P",
+                        help="MLM: re-score the best checkpoint of every run validated with a masking rate other "
+                             "than P (runs before data.eval_mask_prob existed validated at their training rate)")
     args = parser.parse_args(argv)
     run_dirs = sorted(p for p in args.runs.iterdir() if (p / "csv").is_dir() or (p / "metrics.json").exists())
     if not run_dirs:
         raise SystemExit(f"error: {args.runs}: no run directories (with csv/ or metrics.json) inside")
     rows = [load_run(p) for p in run_dirs]
+    if args.rescore_masks is not None:
+        rescore(rows, args.rescore_masks)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows)
     args.out.with_suffix(".md").write_text(table + "\n")

@@ -7,8 +7,9 @@
 Per task (runs/table2/<task>/<model>/), "same steps" is the checkpoint at the largest multiple of the
 checkpoint interval that every model of that task reached within the budget; "same wall-clock" is the run's
 best checkpoint by validation perplexity (the last validations are the best in every run so far). Both are
-scored on the run's own validation batches (the same windows and masks for every model) and on the test split
-(``trainer.limit_test_batches`` of the experiment). Writes OUT.md (one table per task, with the unigram
+scored on the run's own validation batches (the same windows and masks for every model; MLM masks 15% of
+residues, all by <mask>, whatever rate the runs trained with) and on the test split (``trainer.limit_test_batches``
+of the experiment). Writes OUT.md (one table per task, with the unigram
 baseline and the paper's numbers) and OUT.json.
 """
 
@@ -21,11 +22,9 @@ import re
 from pathlib import Path
 
 import hydra
-import pytorch_lightning as pl
 from omegaconf import OmegaConf
 
-from proteinperformer.embed import load_model
-from proteinperformer.lm import ProteinLM
+from proteinperformer.train import score_checkpoint
 
 # Choromanski et al. 2020, Table 2 (TrEMBL test, accuracy % / perplexity; 36M-parameter models, 1024 tokens)
 PAPER = {
@@ -56,21 +55,11 @@ def best_checkpoint(run: Path) -> Path:
 
 def score(ckpt: Path, cfg, datamodule) -> dict[str, float]:
     """Validation and test accuracy / perplexity of one checkpoint (weights only, loaded without pickle)."""
-    net = load_model(ckpt)
-    model = ProteinLM(task=cfg.task_name, config=net.config.to_dict())
-    model.model.load_state_dict(net.state_dict(), strict=True)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=cfg.trainer.limit_val_batches,
-                         limit_test_batches=cfg.trainer.get("limit_test_batches", 1.0))
-    val = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
-    test = trainer.test(model, datamodule=datamodule, verbose=False)[0]
-    return {"val_acc": val["val/acc"], "val_ppl": val["val/ppl"], "test_acc": test["test/acc"],
-            "test_ppl": test["test/ppl"], "baseline_acc": val["val/baseline_acc"],
-            "baseline_ppl": val["val/baseline_ppl"]}
+    return score_checkpoint(ckpt, cfg.task_name, datamodule, cfg.trainer.limit_val_batches,
+                            cfg.trainer.get("limit_test_batches") or 1.0)
 
 
-def score_task(task_dir: Path) -> list[dict]:
+def score_task(task_dir: Path, eval_mask_prob: float = 0.15) -> list[dict]:
     runs = sorted(p for p in task_dir.iterdir() if (p / "checkpoints").is_dir())
     if not runs:
         raise SystemExit(f"error: {task_dir}: no runs with checkpoints/ inside")
@@ -80,6 +69,7 @@ def score_task(task_dir: Path) -> list[dict]:
         raise SystemExit(f"error: {task_dir}: the runs share no periodic checkpoint step")
     cfg = OmegaConf.load(runs[0] / ".hydra" / "config.yaml")
     cfg.data.num_workers = 0
+    cfg.data.eval_mask_prob = eval_mask_prob  # MLM: the scored masks do not depend on the training mask rate
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")  # one data load for every model of the task
     rows = []
     for run, run_steps in zip(runs, steps, strict=True):
@@ -122,11 +112,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("runs", type=Path, help="the sweep directory (runs/table2: one subdirectory per task)")
     parser.add_argument("--out", type=Path, required=True, help="output prefix: writes OUT.md and OUT.json")
     parser.add_argument("--tasks", nargs="+", default=["mlm", "clm"], choices=["mlm", "clm"])
+    parser.add_argument("--eval-mask-prob", type=float, default=0.15,
+                        help="MLM: share of residues masked (all by <mask>) when scoring; 0.15 as the paper")
     args = parser.parse_args(argv)
     task_dirs = [args.runs / t for t in args.tasks if (args.runs / t).is_dir()]
     if not task_dirs:
         raise SystemExit(f"error: {args.runs}: no mlm/ or clm/ subdirectory (run the sweep first)")
-    rows = [row for task_dir in task_dirs for row in score_task(task_dir)]
+    rows = [row for task_dir in task_dirs for row in score_task(task_dir, args.eval_mask_prob)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for suffix, text in ((".json", json.dumps(rows, indent=2) + "\n"), (".md", markdown(rows) + "\n")):
         tmp = args.out.with_suffix(suffix + ".tmp")

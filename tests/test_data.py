@@ -181,3 +181,19 @@ def test_eval_max_len_scores_every_crop_length_on_the_same_windows():
             assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
     _, default_val, _ = loaders(32, None)  # without eval_max_len, evaluation crops at max_len as before
     assert max(b["input_ids"].shape[1] for b in default_val) == 32
+
+
+def test_eval_mask_prob_scores_every_masking_rate_on_the_same_masks():
+    """Training at 30% masking and validating with eval_mask_prob=0.15 scores exactly the masks of a 15% run;
+    without it, validation masks at the training rate (about twice the residues)."""
+    def val_batches(mask_prob: float, eval_mask_prob: float | None):
+        dm = ProteinDataModule(max_sequences=300, valid_frac=0.2, test_frac=0.1, max_len=64, batch_size=8,
+                               mask_prob=mask_prob, eval_mask_prob=eval_mask_prob)
+        dm.setup()
+        return list(dm.val_dataloader())
+
+    fixed, reference, default = val_batches(0.3, 0.15), val_batches(0.15, None), val_batches(0.3, None)
+    for a, b in zip(fixed, reference, strict=True):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+    masked = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in fixed)
+    assert 1.6 < sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in default) / masked < 2.4

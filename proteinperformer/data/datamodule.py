@@ -57,6 +57,8 @@ class ProteinDataModule(pl.LightningDataModule):
             token stores hold "proteinperformer" ids only.
         eval_max_len: single mode: tokens per validation/test example (default ``max_len``), so runs that
             train on different crop lengths are scored on the same windows.
+        eval_mask_prob: MLM: share of residues masked in validation/test (default ``mask_prob``), so runs that
+            train with different masking rates are scored on the same masks.
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class ProteinDataModule(pl.LightningDataModule):
         pool_batches: int = 100,
         alphabet: str = "proteinperformer",
         eval_max_len: int | None = None,
+        eval_mask_prob: float | None = None,
     ) -> None:
         super().__init__()
         if task not in ("mlm", "clm"):
@@ -106,7 +109,9 @@ class ProteinDataModule(pl.LightningDataModule):
             self.collator = MLMCollator(self.alphabet, mask_prob)
             # Evaluation replaces every selected residue by <mask>: with BERT's 10% "kept" targets the
             # model would score free hits by copying its input, inflating accuracy by ~10 points.
-            self.eval_collator = MLMCollator(self.alphabet, mask_prob, mask_frac=1.0, random_frac=0.0)
+            # eval_mask_prob fixes the scored residues when runs train with different masking rates
+            eval_prob = mask_prob if eval_mask_prob is None else eval_mask_prob
+            self.eval_collator = MLMCollator(self.alphabet, eval_prob, mask_frac=1.0, random_frac=0.0)
         else:
             self.collator = self.eval_collator = CLMCollator(self.alphabet)
         self.splits: dict[str, TokenizedSequences] = {}
