@@ -168,7 +168,9 @@ def card_markdown(card: dict) -> str:
         "",
         f"Checkpoint `{Path(card['checkpoint']).name}`: {m['parameters']:,} parameters, dim {cfg['dim']}, depth "
         f"{cfg['depth']}, {cfg['heads']} heads, {cfg['attention']} attention"
-        + (f" ({cfg['kernel']} kernel, m = {cfg['num_features']})" if cfg["attention"] == "favor" else "")
+        + (f" ({cfg['kernel']} kernel, "
+           + (f"m = {cfg['num_features']})" if cfg["kernel"] == "softmax" or cfg.get("use_projection", True)
+              else "no projection)") if cfg["attention"] == "favor" else "")
         + (f", step {m['global_step']:,}" if m.get("global_step") is not None else "") + ".",
         "",
         "| evaluation | metric | this model | baselines / null |",
