@@ -51,22 +51,25 @@ def _rss_gib() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**30
 
 
+def seconds_of(fn, device: str) -> float:
+    """Wall seconds of one call of ``fn`` (on CUDA, with the queued kernels finished before and after)."""
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def gemm_flops_per_sec(device: str, threads: int, n: int = 1024, repeats: int = 20) -> float:
     """Dense fp32 matmul rate of this machine: the fastest of ``repeats`` n×n×n products (the attainable peak;
     a median of 5 once read 69 instead of 136 GFLOP/s on a VM whose neighbours were busy, giving MFU > 100%)."""
     torch.set_num_threads(threads)
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        a @ b
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / min(times)
+    return 2 * n**3 / min(seconds_of(lambda: a @ b, device) for _ in range(repeats))
 
 
 def step_flops(cfg: dict, batch: int, length: int, dense_params: int) -> float:
@@ -106,24 +109,18 @@ def bench_one(
     dtype = {"bf16": torch.bfloat16, "fp32": None}[precision]
     cuda = device.startswith("cuda")
 
-    def step() -> float:
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+    def step() -> None:
         with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
             loss = lm.model_step(batch_t)["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 0.5)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
 
     rss_before = _rss_gib()
     for _ in range(warmup):  # allocations, AdamW state
         step()
-    seconds = statistics.median(step() for _ in range(repeats))
+    seconds = statistics.median(seconds_of(step, device) for _ in range(repeats))
     attention_seconds = cfg["depth"] * attention_core_seconds(lm.model, batch, length, repeats, device, dtype)
     if cuda:
         peak = torch.cuda.max_memory_allocated() / 2**30
@@ -150,24 +147,17 @@ def attention_core_seconds(net, batch: int, length: int, repeats: int, device: s
     q, k, v = (torch.randn(batch, layer.heads, length, layer.head_dim, generator=g).to(device).requires_grad_()
                for _ in range(3))
     grad = torch.randn(batch, layer.heads, length, layer.head_dim, generator=g).to(device)
-    cuda = device.startswith("cuda")
 
-    def core() -> float:
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+    def core() -> None:
         with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
             if layer.attention == "exact":
                 y = exact_attention(q, k, v, causal=layer.causal)
             else:
                 y = favor_attention(q, k, v, layer.projection, kernel=layer.kernel, causal=layer.causal)
         y.backward(grad)
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
 
     core()
-    return statistics.median(core() for _ in range(repeats))
+    return statistics.median(seconds_of(core, device) for _ in range(repeats))
 
 
 def parse_shape(text: str) -> tuple[int, int]:
