@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from proteinperformer.embed import export_slim, load_model
+from proteinperformer.checkpoints import export_slim, load_model
 
 
 def main() -> None:

@@ -37,8 +37,8 @@ def rss_gib() -> float:
 def one(attention: str, length: int, num_features: int, threads: int) -> dict:
     import torch
 
-    from proteinperformer.embed import embed
-    from proteinperformer.esm_import import esm2_config
+    from proteinperformer.checkpoints.esm import esm2_config
+    from proteinperformer.inference.embed import embed
     from proteinperformer.model import PerformerLM
 
     torch.set_num_threads(threads)

@@ -93,8 +93,8 @@ def bench_one(
 ) -> dict:
     """Median seconds of ``repeats`` training steps (after ``warmup`` untimed ones) of one model at one shape."""
     from proteinperformer.data.collate import MLMCollator
-    from proteinperformer.lm import ProteinLM
     from proteinperformer.tokenizer import Alphabet
+    from proteinperformer.training.lm import ProteinLM
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

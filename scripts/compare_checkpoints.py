@@ -18,8 +18,8 @@ from pathlib import Path
 import hydra
 from hydra import compose, initialize_config_dir
 
-from proteinperformer.data.datamodule import PROJECT_ROOT
-from proteinperformer.train import score_checkpoint
+from proteinperformer.paths import PROJECT_ROOT
+from proteinperformer.training.train import score_checkpoint
 
 
 def main(argv: list[str] | None = None) -> None:

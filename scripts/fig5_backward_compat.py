@@ -48,7 +48,7 @@ def evaluate(checkpoint: Path, outdir: Path) -> dict:
     if not path.exists():
         from hydra import compose, initialize_config_dir
 
-        from proteinperformer.train import evaluate_checkpoint
+        from proteinperformer.training.train import evaluate_checkpoint
 
         with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
             cfg = compose("train", overrides=[*COMMON, f"init_from={checkpoint}", f"output_dir={outdir}/_eval"])
@@ -78,7 +78,7 @@ def main() -> None:
         return
     converted = out / "converted_favor.ckpt"
     if not converted.exists():
-        subprocess.run([sys.executable, "-m", "proteinperformer.convert", base["last_checkpoint"], str(converted),
+        subprocess.run([sys.executable, "-m", "proteinperformer.cli.convert", base["last_checkpoint"], str(converted),
                         "--attention", "favor", "--kernel", "softmax", "--num-features", str(args.num_features)],
                        check=True, cwd=ROOT)
     at_once = evaluate(converted, out)

@@ -3,7 +3,7 @@
     python scripts/gpu_check.py --out results/gpu_check      # also installed as pp-gpu-check
 """
 
-from proteinperformer.gpu_check import main
+from proteinperformer.cli.gpu_check import main
 
 if __name__ == "__main__":
     main()

@@ -1,13 +1,11 @@
-"""FASTA -> sharded token store. Thin CLI over ``proteinperformer.data.preprocess`` (also ``pp-preprocess``).
+"""FASTA -> sharded token store. Thin CLI over ``proteinperformer.cli.preprocess`` (also ``pp-preprocess``).
 
 Example::
 
     python scripts/preprocess.py /path/uniprot_trembl.fasta.gz --out /data/trembl_store --workers 16 --dedup
 """
 
-import sys
-
-from proteinperformer.data.preprocess import main
+from proteinperformer.cli.preprocess import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

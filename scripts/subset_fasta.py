@@ -1,6 +1,6 @@
 """Write the first records of a FASTA file (plain or .gz) to a gzipped FASTA of at most a given size.
 
-    python scripts/subset_fasta.py /work/shared/data/uniprot/swissprot_go_2014.fasta.gz \
+    python scripts/subset_fasta.py "$PP_SHARED_DATA/uniprot/swissprot_go_2014.fasta.gz" \
         data/swissprot_gpu.fasta.gz --max-mb 38
 
 The training data of ``experiment=reference_gpu`` (which must fit in 40 MB beside the repository). Records are

@@ -58,7 +58,7 @@ def rescore(rows: list[dict], mask_prob: float) -> None:
     import hydra
     from omegaconf import OmegaConf
 
-    from proteinperformer.train import score_checkpoint
+    from proteinperformer.training.train import score_checkpoint
 
     datamodule = None
     for r in rows:

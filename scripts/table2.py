@@ -24,7 +24,7 @@ from pathlib import Path
 import hydra
 from omegaconf import OmegaConf
 
-from proteinperformer.train import score_checkpoint
+from proteinperformer.training.train import score_checkpoint
 
 # Choromanski et al. 2020, Table 2 (TrEMBL test, accuracy % / perplexity; 36M-parameter models, 1024 tokens)
 PAPER = {

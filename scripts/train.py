@@ -5,7 +5,7 @@
     python scripts/train.py experiment=paper_bid_1024 trainer=gpu data.fasta_path=/data/uniref50.fasta.gz
 """
 
-from proteinperformer.train import main
+from proteinperformer.cli.train import main
 
 if __name__ == "__main__":
     main()

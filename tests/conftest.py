@@ -41,7 +41,7 @@ def tiny_config(tmp_path: Path, overrides: list[str] = ()) -> DictConfig:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A checkpoint of a tiny MLM Performer trained for 30 steps by the real train() (built once)."""
-    from proteinperformer.train import train
+    from proteinperformer.training.train import train
 
     out = tmp_path_factory.mktemp("tiny_run")
     metrics = train(tiny_config(out, ["model.config.positions=sinusoidal"]))

@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `tests` importable when run as a script
 
-from proteinperformer.train import train  # noqa: E402
+from proteinperformer.training.train import train  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 
 DDP_OVERRIDES = [

@@ -133,7 +133,7 @@ def test_blocked_equals_full(kind):
 
 
 def test_maps_select_layers_heads_and_accept_lightning_module():
-    from proteinperformer.lm import ProteinLM
+    from proteinperformer.training.lm import ProteinLM
 
     lm = ProteinLM(dict(dim=32, depth=2, heads=2, ff_dim=64, num_features=16, positions="sinusoidal"))
     full = attention_maps(lm, SEQ)

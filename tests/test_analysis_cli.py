@@ -6,7 +6,8 @@ import json
 import math
 from pathlib import Path
 
-from proteinperformer.analysis import blosum_cli, contacts_cli
+from proteinperformer.cli import attention_blosum as blosum_cli
+from proteinperformer.cli import contacts as contacts_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ from proteinperformer.attention import (
     redraw_projections,
 )
 from proteinperformer.attention.favor import SOFTMAX_EPS
-from proteinperformer.callbacks import FeatureRedrawCallback
+from proteinperformer.training.callbacks import FeatureRedrawCallback
 
 
 def gen(seed: int) -> torch.Generator:

@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from proteinperformer import convert
-from proteinperformer.embed import embed, load_model
+from proteinperformer.checkpoints import load_model
+from proteinperformer.cli import convert
+from proteinperformer.evaluation.conversion import report
+from proteinperformer.inference.embed import embed
 from proteinperformer.model import convert_attention
-from proteinperformer.train import _init_weights_from, _instantiate_model, train
+from proteinperformer.training.train import _init_weights_from, _instantiate_model, train
 from tests.conftest import tiny_config
 from tests.test_esm_import import SEQS, write_fair_esm
 
@@ -55,8 +57,8 @@ def test_init_from_fine_tunes_the_converted_model_with_its_alphabet(esm_file, tm
 def test_report_measures_favor_against_exact(esm_file, tmp_path):
     fasta = tmp_path / "seqs.fasta"
     fasta.write_text("".join(f">{label}\n{seq}\n" for label, seq in SEQS))
-    few = convert.report(esm_file, fasta, num_features=16, draws=2)
-    many = convert.report(esm_file, fasta, num_features=1024, draws=2)
+    few = report(esm_file, fasta, num_features=16, draws=2)
+    many = report(esm_file, fasta, num_features=1024, draws=2)
     assert few["sequences"] == 3 and len(few["layer_rel_error_mean"]) == 2
     assert all(0 < e < 1 for e in few["layer_rel_error_mean"])
     assert all(m < f for m, f in zip(many["layer_rel_error_mean"], few["layer_rel_error_mean"], strict=True))
@@ -65,8 +67,8 @@ def test_report_measures_favor_against_exact(esm_file, tmp_path):
 
 
 def test_pp_embed_runs_on_a_fair_esm_file_unchanged(esm_file, tmp_path):
-    from proteinperformer.embed import main as pp_embed
-    from proteinperformer.embed import read_embeddings
+    from proteinperformer.cli.embed import main as pp_embed
+    from proteinperformer.inference.embed_files import read_embeddings
 
     fasta = tmp_path / "seqs.fasta"
     fasta.write_text("".join(f">{label}\n{seq}\n" for label, seq in SEQS))
@@ -80,8 +82,8 @@ def test_pp_embed_runs_on_a_fair_esm_file_unchanged(esm_file, tmp_path):
 
 def test_pp_embed_attention_favor_on_a_fair_esm_file(esm_file, tmp_path):
     """pp-embed ESM2.pt --attention favor: the swap happens at load time, beyond ESM-2's 1,022-residue cap."""
-    from proteinperformer.embed import main as pp_embed
-    from proteinperformer.embed import read_embeddings
+    from proteinperformer.cli.embed import main as pp_embed
+    from proteinperformer.inference.embed_files import read_embeddings
 
     long_seq = ("MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ" * 40)[:1300]
     fasta = tmp_path / "long.fasta"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from proteinperformer.lm import ProteinLM
+from proteinperformer.training.lm import ProteinLM
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,20 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from proteinperformer.checkpoints import CheckpointError, export_slim, load_model
+from proteinperformer.cli.embed import main
 from proteinperformer.data.fasta import FastaFormatError
-from proteinperformer.embed import (
-    CheckpointError,
-    SequenceTooLongError,
-    batch_indices,
-    embed,
-    export_slim,
-    load_model,
-    main,
-    read_embeddings,
-    safe_name,
-)
-from proteinperformer.lm import ProteinLM
+from proteinperformer.inference.embed import SequenceTooLongError, batch_indices, embed
+from proteinperformer.inference.embed_files import read_embeddings, safe_name
 from proteinperformer.tokenizer import Alphabet, TokenizationError
+from proteinperformer.training.lm import ProteinLM
 
 SEQS = [
     ("short", "MKT"),
@@ -86,7 +79,8 @@ def test_load_model_errors_name_the_problem(tiny_checkpoint, tmp_path):
 def test_export_slim_drops_optimizer_and_loads(tiny_checkpoint, model, tmp_path):
     slim = export_slim(tiny_checkpoint, tmp_path / "slim.ckpt")
     ckpt = torch.load(slim, weights_only=True)
-    assert set(ckpt) <= {"state_dict", "hyper_parameters", "alphabet", "pytorch-lightning_version", "epoch",
+    assert set(ckpt) <= {"state_dict", "hyper_parameters", "datamodule_hyper_parameters", "alphabet",
+                         "pytorch-lightning_version", "epoch",
                          "global_step"}
     assert slim.stat().st_size < tiny_checkpoint.stat().st_size
     a = embed(load_model(slim), SEQS[:2])
@@ -245,7 +239,7 @@ def test_cli_two_process_ddp_matches_single(tiny_checkpoint, model, tmp_path):
 
     fasta = _fasta(tmp_path / "in.fasta", SEQS)
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "proteinperformer.embed", str(tiny_checkpoint), str(fasta), str(out), "--format",
+    cmd = [sys.executable, "-m", "proteinperformer.cli.embed", str(tiny_checkpoint), str(fasta), str(out), "--format",
            "npz", "--devices", "2", "--toks-per-batch", "40"]  # small budget: several batches, split over ranks
     subprocess.run(cmd, check=True, capture_output=True, timeout=300, cwd=tmp_path)
     got = read_embeddings(out, "npz")

@@ -8,9 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from proteinperformer.analysis import ContactHead, contact_features, contacts_cli, load_structures, predict_contact_map
+from proteinperformer.analysis import ContactHead, contact_features, load_structures, predict_contact_map
 from proteinperformer.analysis.contacts import fit_contact_regression, predict_contacts
-from proteinperformer.embed import embed, load_model, main, read_embeddings
+from proteinperformer.checkpoints import load_model
+from proteinperformer.cli import contacts as contacts_cli
+from proteinperformer.cli.embed import main
+from proteinperformer.inference.embed import embed
+from proteinperformer.inference.embed_files import read_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
 STRUCTURES = ROOT / "data/structures/pdb_chains_subset60.npz"

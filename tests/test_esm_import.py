@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from proteinperformer.embed import CheckpointError, embed, load_model
-from proteinperformer.esm_import import read_torch
+from proteinperformer.checkpoints import CheckpointError, load_model, read_torch
+from proteinperformer.inference.embed import embed
 from proteinperformer.model import convert_attention
 
 SEQS = [("a", "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ"), ("b", "MXBZUKLVAAGG"), ("c", "MKVLAAGIUXZBWCDEFHN")]
@@ -102,7 +102,7 @@ def test_fair_esm_exact_import_reproduces_esm2(fair_esm_file):
 
 
 def test_fair_esm_contacts_match(fair_esm_file):
-    from proteinperformer.esm_contacts import predict_contacts
+    from proteinperformer.analysis import predict_contact_map
 
     path, ref = fair_esm_file
     model = load_model(path)
@@ -111,7 +111,7 @@ def test_fair_esm_contacts_match(fair_esm_file):
     tokens = esm.Alphabet.from_architecture("ESM-1b").get_batch_converter()([SEQS[2]])[2]
     with torch.no_grad():
         want = ref(tokens, return_contacts=True)["contacts"][0]
-    got = predict_contacts(model, SEQS[2][1])
+    got = torch.as_tensor(predict_contact_map(model, SEQS[2][1]))
     assert got.shape == (len(SEQS[2][1]),) * 2
     assert torch.allclose(got, want, atol=1e-4)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from proteinperformer.evaluate import BEGIN, END, main
-from proteinperformer.probe import ProbeDataError
+from proteinperformer.cli.evaluate import main
+from proteinperformer.evaluation.card import BEGIN, END
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBES = ROOT / "data" / "probes"
@@ -81,6 +81,6 @@ def test_pp_evaluate_writes_the_whole_card(tiny_checkpoint, tmp_path, capsys):
 def test_pp_evaluate_bad_probe_data_fails_before_any_work(tiny_checkpoint, tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("id,sequence,go\na,MKV,GO:0003674\nb,MKV,binding\n")
-    with pytest.raises(ProbeDataError, match=r"bad.csv:3: id 'b': column 'go': 'binding' is not a GO id"):
+    with pytest.raises(SystemExit, match=r"^error: .*bad.csv:3: id 'b': column 'go': 'binding' is not a GO id"):
         main([str(tiny_checkpoint), "--out", str(tmp_path / "o"), "--go-mf-train", str(bad)])
     assert not (tmp_path / "o" / "card.json").exists()

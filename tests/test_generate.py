@@ -9,8 +9,9 @@ import pytorch_lightning as pl
 import torch
 from Bio import SeqIO
 
-from proteinperformer.generate import filter_logits, init_states, load_clm, main, step_logits
-from proteinperformer.lm import ProteinLM
+from proteinperformer.cli.generate import main
+from proteinperformer.inference.generate import filter_logits, init_states, load_clm, step_logits
+from proteinperformer.training.lm import ProteinLM
 
 TINY = {"dim": 32, "depth": 2, "heads": 2, "ff_dim": 64, "num_features": 16, "max_positions": 64}
 AMINO_ACIDS = set("ACDEFGHIKLMNPQRSTVWYXBZUO")
@@ -23,8 +24,10 @@ def _lm(task: str = "clm", **config) -> ProteinLM:
 
 def _save(lm: ProteinLM, path: Path) -> Path:
     """A checkpoint file as Lightning writes it (hyper-parameters + state dict)."""
-    torch.save({"state_dict": lm.state_dict(), "hyper_parameters": dict(lm.hparams),
-                "pytorch-lightning_version": pl.__version__}, path)
+    ckpt = {"state_dict": lm.state_dict(), "hyper_parameters": dict(lm.hparams),
+            "pytorch-lightning_version": pl.__version__}
+    lm.on_save_checkpoint(ckpt)  # adds the alphabet, as in every checkpoint training writes
+    torch.save(ckpt, path)
     return path
 
 

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from proteinperformer.lm import ProteinLM
-from proteinperformer.train import train
+from proteinperformer.training.lm import ProteinLM
+from proteinperformer.training.train import train
 
 from .conftest import tiny_config
 

@@ -21,8 +21,9 @@ import pytest
 import torch
 
 from proteinperformer.attention import MultiheadSelfAttention, favor_attention, favor_step, gaussian_projection
-from proteinperformer.precision import PrecisionError, check_inference_precision, check_trainer
-from proteinperformer.train import train
+from proteinperformer.model.precision import PrecisionError, check_inference_precision
+from proteinperformer.training.precision import check_trainer
+from proteinperformer.training.train import train
 from tests.conftest import ROOT, tiny_config
 
 LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -101,7 +102,7 @@ def test_decoding_step_under_autocast_equals_full_causal(kernel: str) -> None:
 
 def test_attention_maps_under_autocast(tiny_checkpoint: Path) -> None:
     from proteinperformer.analysis import attention_maps
-    from proteinperformer.embed import load_model
+    from proteinperformer.checkpoints import load_model
 
     model = load_model(tiny_checkpoint)
     seq = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEKAVQ"
@@ -174,7 +175,7 @@ def test_compiled_model_gives_the_eager_loss() -> None:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from proteinperformer.lm import ProteinLM
+    from proteinperformer.training.lm import ProteinLM
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["model=performer_softmax", "task=clm", "model.compile=true"])
@@ -200,7 +201,8 @@ def test_compiled_model_gives_the_eager_loss() -> None:
 
 @pytest.mark.parametrize("precision", ["bf16", "16"])
 def test_reduced_precision_embeddings_are_close_to_float32(tiny_checkpoint: Path, precision: str) -> None:
-    from proteinperformer.embed import embed, load_model
+    from proteinperformer.checkpoints import load_model
+    from proteinperformer.inference.embed import embed
 
     model = load_model(tiny_checkpoint)
     seqs = [("a", "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ"), ("b", "MSDNELKQLLEEVAKKLGVSPEEVLKALEEGHS" * 3)]
@@ -216,7 +218,10 @@ def test_reduced_precision_embeddings_are_close_to_float32(tiny_checkpoint: Path
 
 def test_pp_embed_cli_precision(tiny_checkpoint: Path, tmp_path: Path) -> None:
     """The CLI (Lightning predict) gives what embed() gives at the same precision, fp16 included."""
-    from proteinperformer.embed import embed, load_model, main, read_embeddings
+    from proteinperformer.checkpoints import load_model
+    from proteinperformer.cli.embed import main
+    from proteinperformer.inference.embed import embed
+    from proteinperformer.inference.embed_files import read_embeddings
 
     fasta = tmp_path / "x.fasta"
     fasta.write_text(">p1\nMKTAYIAKQRQISFVKSHFSRQ\n>p2\nMSDNELKQLLEEVAKKLGV\n")
@@ -260,7 +265,7 @@ def test_impossible_precisions_say_what_to_use(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(PrecisionError, match="4 GPUs requested but 1 visible"):
         check_trainer("gpu", "16-mixed", 4)
     check_trainer("gpu", "16-mixed", 1)  # fine
-    monkeypatch.setattr("proteinperformer.precision._cpu_autocast_works", lambda dtype: False)
+    monkeypatch.setattr("proteinperformer.training.precision.cpu_autocast_works", lambda dtype: False)
     with pytest.raises(PrecisionError, match="use trainer.precision=bf16-mixed or 32-true"):
         check_trainer("cpu", "16-mixed")
 
@@ -269,7 +274,7 @@ def test_pp_embed_on_missing_gpu_is_one_line(tiny_checkpoint: Path, tmp_path: Pa
     fasta = tmp_path / "x.fasta"
     fasta.write_text(">p1\nMKTAYIAKQ\n")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-m", "proteinperformer.embed", str(tiny_checkpoint), str(fasta),
+    proc = subprocess.run([sys.executable, "-m", "proteinperformer.cli.embed", str(tiny_checkpoint), str(fasta),
                            str(tmp_path / "out"), "--device", "cuda", "--precision", "16"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and proc.stderr.strip().startswith("error: a GPU was requested")
@@ -291,7 +296,8 @@ def test_analysis_clis_precision(tiny_checkpoint: Path, tmp_path: Path) -> None:
     """pp-attention-blosum and pp-contacts --precision bf16 give the float32 numbers to within bf16 rounding."""
     import json
 
-    from proteinperformer.analysis import blosum_cli, contacts_cli
+    from proteinperformer.cli import attention_blosum as blosum_cli
+    from proteinperformer.cli import contacts as contacts_cli
 
     fasta, structures = ROOT / "data/uniprot_sample20k.fasta.gz", ROOT / "data/structures/pdb_chains_subset60.npz"
     results = {}

@@ -13,8 +13,9 @@ import pytest
 
 from proteinperformer.data.datasets import ConcatChunkDataset, SingleSequenceDataset
 from proteinperformer.data.fasta import FastaFormatError, load_fasta, parse_uniprot_header
-from proteinperformer.data.preprocess import header_columns, iter_blocks, parse_block, preprocess
 from proteinperformer.data.store import StoreError, TokenStore, open_store
+from proteinperformer.data.store.build import header_columns, parse_block
+from proteinperformer.data.store.preprocess import iter_blocks, preprocess
 from proteinperformer.tokenizer import Alphabet
 
 ROOT = Path(__file__).resolve().parents[1]

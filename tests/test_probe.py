@@ -9,13 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from proteinperformer.probe import (
+from proteinperformer.cli.probe import main
+from proteinperformer.evaluation.baselines import onehot
+from proteinperformer.evaluation.probe import (
     ProbeDataError,
     composition,
     features,
     location_metrics,
-    main,
-    onehot,
     read_probe_csv,
     ss3_metrics,
     terminal_onehot,

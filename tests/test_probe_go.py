@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from proteinperformer.probe import ProbeDataError, location_metrics, main, read_probe_csv
-from proteinperformer.probe_go import (
+from proteinperformer.cli.probe import main
+from proteinperformer.evaluation.go import (
     fmax,
     kmer_spectrum,
     label_matrix,
@@ -20,6 +20,7 @@ from proteinperformer.probe_go import (
     nearest_neighbour_scores,
     term_vocabulary,
 )
+from proteinperformer.evaluation.probe import ProbeDataError, location_metrics, read_probe_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBES = ROOT / "data" / "probes"
@@ -125,11 +126,11 @@ def test_bad_inputs_name_file_row_and_column(tmp_path):
         read_probe_csv(_write(tmp_path / "cols.csv", "id,sequence,class\na,MKV,x\n"))
     train = _write(tmp_path / "train.csv", "id,sequence,fold_class\na,MKVL,alpha_beta\nb,MKVW,mainly_alpha\n")
     valid = _write(tmp_path / "valid.csv", "id,sequence,fold_class\nc,MKVL,alpha_beta\nd,MKVA,mainly_beta\n")
-    with pytest.raises(ProbeDataError, match=r"valid.csv:3: id 'd': column 'fold_class': label 'mainly_beta' "
+    with pytest.raises(SystemExit, match=r"^error: .*valid.csv:3: id 'd': column 'fold_class': label 'mainly_beta' "
                                              r"never occurs in the training table"):
         main(["no-such.ckpt", "--train", str(train), "--valid", str(valid), "--out", str(tmp_path / "r.json")])
     go = _write(tmp_path / "g.csv", "id,sequence,go\na,MKV,GO:0003674\n")
-    with pytest.raises(ProbeDataError, match=r"--valid is a 'fold_class' table but --train .* is 'go_mf'"):
+    with pytest.raises(SystemExit, match=r"^error: .*--valid is a 'fold_class' table but --train .* is 'go_mf'"):
         main(["no-such.ckpt", "--train", str(go), "--valid", str(valid), "--out", str(tmp_path / "r.json")])
 
 

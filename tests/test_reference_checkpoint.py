@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from proteinperformer.checkpoints import load_model
 from proteinperformer.data import load_fasta
-from proteinperformer.embed import embed, load_model
+from proteinperformer.inference.embed import embed
 from proteinperformer.tokenizer import Alphabet
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 
-from proteinperformer.train import train
+from proteinperformer.training.train import train
 from tests.conftest import tiny_config
 
 RESUME_OVERRIDES = [

@@ -6,7 +6,7 @@ import torch
 
 from proteinperformer.attention import MultiheadSelfAttention, gaussian_projection, positive_random_features
 from proteinperformer.attention.rotary import apply_rotary, inverse_frequencies, rotate_half
-from proteinperformer.embed import residue_limit
+from proteinperformer.inference.embed import residue_limit
 from proteinperformer.model import ModelConfig, PerformerLM
 
 
@@ -92,7 +92,7 @@ def test_rotary_favor_model_has_no_length_cap():
 
 @pytest.mark.parametrize("attention", ["favor", "exact"])
 def test_generation_steps_equal_full_forward_for_a_rotary_clm(attention):
-    from proteinperformer.generate import init_states, step_logits
+    from proteinperformer.inference.generate import init_states, step_logits
 
     torch.manual_seed(0)
     cfg = ModelConfig(dim=32, depth=2, heads=2, ff_dim=64, positions="rotary", attention=attention,

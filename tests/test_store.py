@@ -11,11 +11,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-import proteinperformer.data.preprocess as pp
+import proteinperformer.data.store.preprocess as pp
 from proteinperformer.data.bucketing import LengthBucketBatchSampler, padding_fraction
 from proteinperformer.data.datasets import ConcatChunkDataset, EpochShuffleSampler, SingleSequenceDataset
 from proteinperformer.data.splits import assign_split
 from proteinperformer.data.store import StoreError, TokenStore, open_store
+from proteinperformer.data.store.finalize import split_codes
 from proteinperformer.tokenizer import Alphabet
 
 ALPHABET = Alphabet()
@@ -64,7 +65,7 @@ def test_vectorised_split_codes_agree_with_assign_split():
         f"{a}{n}" for a, n in zip(rng.choice(list("OPQABX"), 20_000), rng.integers(0, 10**6, 20_000), strict=True)
     ]
     for valid, test, seed in [(0.05, 0.05, 0), (0.3, 0.2, 7), (0.0, 0.5, 1)]:
-        codes = pp.split_codes(accessions, valid, test, seed)
+        codes = split_codes(accessions, valid, test, seed)
         names = np.array(["train", "valid", "test"])[codes]
         assert names.tolist() == [assign_split(a, valid, test, seed) for a in accessions]
 

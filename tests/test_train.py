@@ -15,7 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from proteinperformer.train import train
+from proteinperformer.training.train import train
 from tests.conftest import ROOT, tiny_config
 
 
@@ -85,7 +85,7 @@ def test_tiny_run_logs_checkpoints_and_throughput(tmp_path: Path, monkeypatch: p
     offline = list((tmp_path / "wandb").glob("offline-run-*"))
     assert offline, "wandb runs offline by default, without an account"
     record = next(offline[0].glob("run-*.wandb")).read_bytes()  # offline runs keep the config in this record
-    assert b"proteinperformer.lm.ProteinLM" in record, "the run config is logged to wandb as hyper-parameters"
+    assert b"proteinperformer.training.lm.ProteinLM" in record, "the run config is logged to wandb as hyper-parameters"
 
 
 @pytest.mark.parametrize(
@@ -121,7 +121,7 @@ def test_diverged_run_reports_nan_perplexity(tmp_path: Path, caplog: pytest.LogC
     the monitored key"; now the run finishes, reports val_ppl = nan and says it diverged."""
     overrides = ["trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=1",
                  f"+callbacks.diverge._target_={__name__}.Diverge"]
-    with caplog.at_level("WARNING", logger="proteinperformer.train"):
+    with caplog.at_level("WARNING", logger="proteinperformer.training.train"):
         metrics = train(tiny_config(tmp_path, overrides))
     assert math.isnan(metrics["val_ppl"]) and metrics["global_step"] == 3
     assert "training diverged" in caplog.text

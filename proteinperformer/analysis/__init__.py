@@ -38,7 +38,6 @@ from .contacts import (
     predict_contact_map,
     symmetrize,
 )
-from .io import load_model, read_sequences
 from .maps import AttentionBlock, as_performer, attention_inputs, attention_maps, iter_attention_blocks
 
 __all__ = [
@@ -64,7 +63,6 @@ __all__ = [
     "contact_precisions",
     "evaluate_contacts",
     "iter_attention_blocks",
-    "load_model",
     "load_structures",
     "offdiagonal_pearson",
     "pair_counts",
@@ -72,7 +70,6 @@ __all__ = [
     "precision_at",
     "predict_contact_map",
     "random_init_like",
-    "read_sequences",
     "substitution_matrix",
     "symmetrize",
     "vig_compare",

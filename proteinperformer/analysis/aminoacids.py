@@ -33,10 +33,10 @@ import torch
 from Bio.Align import substitution_matrices
 from scipy.cluster.hierarchy import leaves_list, linkage
 from scipy.spatial.distance import squareform
-from tqdm import tqdm
 
 from proteinperformer.analysis.maps import as_performer, iter_attention_blocks
 from proteinperformer.model import PerformerLM
+from proteinperformer.progress import track
 
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"  # the 20 standard residues, in the order of every 20-axis here
 _INDEX = {aa: i for i, aa in enumerate(AMINO_ACIDS)}
@@ -111,14 +111,15 @@ def attention_counts(
     binarised = torch.zeros(len(layers), net.config.heads, 21)
     max_weight = torch.zeros(len(layers), net.config.heads)
     index = {layer: i for i, layer in enumerate(layers)}
-    for seq in tqdm(sequences, desc="attention maps", unit="protein", disable=not progress, leave=False):
+    for seq in track(sequences, desc="attention maps", unit="protein", disable=not progress, leave=False):
         seq = seq[:max_len] if max_len else seq
         onehot, target = residue_onehot(seq), target_onehot(seq)
         for blk in iter_attention_blocks(net, seq, layers, block_size=block_size):
             i = index[blk.layer]
-            weighted[i, blk.heads] += onehot[blk.rows].T @ blk.values @ onehot
-            binarised[i, blk.heads] += (blk.values >= threshold).float().sum(-2) @ target
-            max_weight[i, blk.heads] = torch.maximum(max_weight[i, blk.heads], blk.values.amax((-1, -2)))
+            values = blk.values.float().cpu()  # the sums live on the CPU, whatever device the model runs on
+            weighted[i, blk.heads] += onehot[blk.rows].T @ values @ onehot
+            binarised[i, blk.heads] += (values >= threshold).float().sum(-2) @ target
+            max_weight[i, blk.heads] = torch.maximum(max_weight[i, blk.heads], values.amax((-1, -2)))
     return {"weighted": weighted, "binarised": binarised, "max_weight": max_weight}
 
 

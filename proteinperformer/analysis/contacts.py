@@ -29,9 +29,9 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
-from tqdm import tqdm
 
 from proteinperformer.analysis.maps import as_performer, attention_maps
+from proteinperformer.progress import track
 
 RANGES = {"medium": (12, 24), "long": (24, None)}  # [min, max) sequence separation
 TOP_FRACTIONS = {"L": 1, "L/2": 2, "L/5": 5}
@@ -82,7 +82,7 @@ def contact_features(model: torch.nn.Module, sequence: str) -> np.ndarray:
     """APC-corrected symmetrised attention of every layer and head: [layers × heads, L, L] float32."""
     maps = attention_maps(model, sequence)  # [layers, heads, L, L]
     L = maps.shape[-1]
-    return apc(symmetrize(maps)).reshape(-1, L, L).numpy()
+    return apc(symmetrize(maps.float().cpu())).reshape(-1, L, L).numpy()
 
 
 def pair_mask(L: int, min_sep: int, max_sep: int | None = None) -> np.ndarray:
@@ -270,7 +270,7 @@ def evaluate_contacts(
     if len(chains) <= n_train:
         raise ValueError(f"need more than {n_train} chains (got {len(chains)}) to train and test")
     feats = [contact_features(model, c.sequence)
-             for c in tqdm(chains, desc="contact features", unit="chain", disable=not progress, leave=False)]
+             for c in track(chains, desc="contact features", unit="chain", disable=not progress, leave=False)]
     truth = [contact_map(getattr(c, atom), threshold) for c in chains]
     reg = fit_contact_regression(feats[:n_train], truth[:n_train])
     per_chain = []

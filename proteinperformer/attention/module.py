@@ -3,7 +3,7 @@
 One module for both the Performer (attention="favor", FAVOR+ softmax or ReLU kernel) and the exact
 Transformer baseline (attention="exact"), so models differ only in a config string. The projection ω is a
 persistent buffer (checkpoints carry the draw they were trained with) and is resampled by
-`proteinperformer.callbacks.FeatureRedrawCallback`. Cf. performer-pytorch's SelfAttention and the reference
+`proteinperformer.training.callbacks.FeatureRedrawCallback`. Cf. performer-pytorch's SelfAttention and the reference
 google-research/performer.
 """
 

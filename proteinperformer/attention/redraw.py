@@ -4,7 +4,7 @@ google-research/performer redraws during training, performer-pytorch every 1000 
 Redrawing keeps a model from overfitting one particular draw of ω. Draws are seeded from (seed, step), so
 every DDP rank draws the same matrices without communication and a resumed run redraws exactly as the
 original. Plain torch: the training callback that calls this every N steps is
-``proteinperformer.callbacks.FeatureRedrawCallback``.
+``proteinperformer.training.callbacks.FeatureRedrawCallback``.
 """
 
 from __future__ import annotations

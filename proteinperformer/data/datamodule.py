@@ -9,7 +9,6 @@ ranks and DataLoader workers, and can resume mid-epoch (the sampler position is 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
@@ -22,18 +21,8 @@ from proteinperformer.data.fasta import load_fasta
 from proteinperformer.data.sequences import TokenizedSequences
 from proteinperformer.data.splits import assign_split
 from proteinperformer.data.store import TokenStore
+from proteinperformer.paths import resolve_path
 from proteinperformer.tokenizer import Alphabet
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-
-def resolve_path(path: str | Path) -> Path:
-    """A path as given if it exists, else relative to the project root (so configs work from any cwd)."""
-    path = Path(path).expanduser()
-    if path.exists() or path.is_absolute():
-        return path
-    candidate = PROJECT_ROOT / path
-    return candidate if candidate.exists() else path
 
 
 class ProteinDataModule(pl.LightningDataModule):
@@ -84,6 +73,8 @@ class ProteinDataModule(pl.LightningDataModule):
         eval_mask_prob: float | None = None,
     ) -> None:
         super().__init__()
+        # kept in every checkpoint (``datamodule_hyper_parameters``): pp-evaluate re-derives the splits from it
+        self.save_hyperparameters(logger=False)
         if task not in ("mlm", "clm"):
             raise ValueError(f"task must be 'mlm' or 'clm', got {task!r}")
         if mode not in ("single", "concat"):

@@ -9,6 +9,7 @@ is written by hand; it holds one record in memory at a time.
 from __future__ import annotations
 
 import gzip
+import random
 import re
 import zlib
 from collections.abc import Iterator
@@ -143,4 +144,17 @@ def load_fasta(path: str | Path, alphabet: Alphabet | None = None) -> list[Fasta
                 f"{path}:{rec.line}: duplicate id {rec.id!r} (first seen at line {seen[rec.id]}); ids must be unique"
             )
         seen[rec.id] = rec.line
+    return records
+
+
+def read_sequences(
+    path: str | Path, n: int | None = None, min_len: int = 30, max_len: int | None = None, seed: int = 0
+) -> list[tuple[str, str]]:
+    """(id, sequence) pairs from a FASTA file: those with ≥ ``min_len`` residues, longer ones cropped to
+    ``max_len``; a random subset of ``n`` (fixed ``seed``) when ``n`` is given, in file order."""
+    records = [(r.id, r.sequence.upper().rstrip("*")) for r in read_fasta(path)]
+    records = [(i, s[:max_len] if max_len else s) for i, s in records if len(s) >= min_len]
+    if n is not None and n < len(records):
+        keep = sorted(random.Random(seed).sample(range(len(records)), n))
+        records = [records[i] for i in keep]
     return records

@@ -1,4 +1,4 @@
-"""The Performer protein LM as a plain ``nn.Module`` (training concerns live in ``proteinperformer.lm``)."""
+"""The Performer protein LM as a plain ``nn.Module`` (training concerns live in ``proteinperformer.training.lm``)."""
 
 from proteinperformer.model.performer import Block, ModelConfig, PerformerLM, convert_attention
 

@@ -11,7 +11,7 @@ positions, pre-LN, tied LM head) follows google-research/protein_lm and karpathy
 
 ESM-2 (Lin et al. 2023) is the same pre-LN stack with rotary positions (``positions="rotary"``), LayerNorm
 eps 1e-5, an LM head with a dense + GELU + LayerNorm transform (``lm_head_dense``), token dropout
-(``token_dropout``) and its own vocabulary (``alphabet="esm"``); ``proteinperformer.esm_import`` loads its
+(``token_dropout``) and its own vocabulary (``alphabet="esm"``); ``proteinperformer.checkpoints.esm`` loads its
 checkpoints into this class, with exact or FAVOR+ attention.
 """
 
@@ -54,7 +54,7 @@ class ModelConfig:
     layer_norm_eps: float = 1e-5
     lm_head_dense: bool = False  # ESM-2 / RoBERTa LM head: dense + GELU + LayerNorm before the tied decoder
     token_dropout: bool = False  # ESM-2: zero <mask> embeddings, rescale by (1 - 0.12) / (1 - observed mask ratio)
-    contact_head: bool = False  # ESM-2's logistic regression over all attention maps (esm_contacts.py)
+    contact_head: bool = False  # ESM-2's logistic regression over all attention maps (analysis.contacts.ContactHead)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,7 +1,8 @@
-"""Training entry point: compose the Hydra config, instantiate data/model/callbacks/loggers/trainer, fit.
+"""Training from a composed Hydra config: instantiate data/model/callbacks/loggers/trainer, fit, score.
 
-No training logic lives here (that is ``lm.ProteinLM`` and Lightning); this only wires the pieces and
-writes ``metrics.json`` next to the checkpoints. Run through ``scripts/train.py`` or ``pp-train``.
+No training logic lives here (that is :class:`~proteinperformer.training.lm.ProteinLM` and Lightning); this only
+wires the pieces and writes ``metrics.json`` next to the checkpoints. The command-line entry (``pp-train`` /
+``scripts/train.py``) is :mod:`proteinperformer.cli.train`.
 """
 
 from __future__ import annotations
@@ -17,16 +18,15 @@ from pathlib import Path
 import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.loggers import WandbLogger
 
-from proteinperformer.data.datamodule import PROJECT_ROOT
-from proteinperformer.data.fasta import FastaFormatError
-from proteinperformer.data.store import StoreError
-from proteinperformer.embed import CheckpointError
-from proteinperformer.precision import PrecisionError, check_trainer
-from proteinperformer.tokenizer import TokenizationError
+from proteinperformer.checkpoints import load_model, read_torch
+from proteinperformer.paths import resolve_path
+from proteinperformer.training.lm import ProteinLM
+from proteinperformer.training.precision import check_trainer
 
-log = logging.getLogger("proteinperformer.train")
+log = logging.getLogger("proteinperformer.training.train")
 
 # Lightning warns on any mid-epoch resume unless the DataLoader itself is stateful; here the DataModule's
 # state_dict holds the sampler position (and StepSeedCallback the RNG), so such a resume is exact.
@@ -45,13 +45,10 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 
 
 def _init_weights_from(cfg: DictConfig):
-    """``init_from=PATH``: the network of PATH (any file ``embed.load_model`` reads), with cfg.model.config
+    """``init_from=PATH``: the network of PATH (any file ``load_model`` reads), with cfg.model.config
     replaced by its config (so the data module tokenises with its alphabet); None when init_from is unset."""
     if not cfg.get("init_from"):
         return None
-    from proteinperformer.data.datamodule import resolve_path
-    from proteinperformer.embed import load_model
-
     net = load_model(resolve_path(cfg.init_from))
     with open_dict(cfg):
         cfg.model.config = net.config.to_dict()
@@ -84,9 +81,6 @@ def score_checkpoint(ckpt: str | Path, task: str, datamodule, limit_val_batches=
                      limit_test_batches=None) -> dict[str, float]:
     """Validation (and, given ``limit_test_batches``, test) accuracy / perplexity of a checkpoint's weights
     (loaded without pickle) on a set-up DataModule; used to score several runs on one data load."""
-    from proteinperformer.embed import load_model
-    from proteinperformer.lm import ProteinLM
-
     net = load_model(Path(ckpt))
     model = ProteinLM(task=task, config=net.config.to_dict())
     model.model.load_state_dict(net.state_dict(), strict=True)
@@ -110,18 +104,23 @@ def train(cfg: DictConfig) -> dict:
                   cfg.trainer.get("devices", 1))
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.output_dir)
+    if cfg.get("ckpt_path"):  # a resume checkpoint is read without running code, and fails in one line
+        read_torch(resolve_path(cfg.ckpt_path))
     net = _init_weights_from(cfg)
     log.info("data: %s", cfg.data._target_)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     log.info("model: %s (%s)", cfg.model._target_, dict(cfg.model.config))
     model = _instantiate_model(cfg, net)
     callbacks = _instantiate_all(cfg.get("callbacks"))
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress-bar callback then
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    ckpt_path = str(resolve_path(cfg.ckpt_path)) if cfg.get("ckpt_path") else None
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None else ""
@@ -159,18 +158,3 @@ def train(cfg: DictConfig) -> dict:
         if isinstance(logger, WandbLogger) and trainer.is_global_zero:
             logger.experiment.finish()
     return metrics
-
-
-@hydra.main(config_path=str(PROJECT_ROOT / "conf"), config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point (``pp-train`` / ``scripts/train.py``); returns validation perplexity for sweeps."""
-    try:
-        return train(cfg)["val_ppl"]
-    except (FastaFormatError, TokenizationError, StoreError, PrecisionError, FileNotFoundError,
-            IsADirectoryError, CheckpointError) as err:
-        # Bad input: the message names the file, line and record; a traceback would only bury it.
-        raise SystemExit(f"error: {err}") from None
-
-
-if __name__ == "__main__":
-    main()

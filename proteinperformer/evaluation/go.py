@@ -40,8 +40,9 @@ import scipy.sparse as sp
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, precision_recall_curve
 from sklearn.preprocessing import StandardScaler
-from tqdm import tqdm
 
+from proteinperformer.evaluation.baselines import composition
+from proteinperformer.progress import track
 from proteinperformer.tokenizer import STANDARD_RESIDUES
 
 GO_ID = re.compile(r"GO:\d{7}")
@@ -180,7 +181,7 @@ def one_vs_rest_scores(x_train, y_train: np.ndarray, x_test, C: float = 1.0, see
     scaler = StandardScaler(with_mean=not sparse).fit(x_train)
     a, b = scaler.transform(x_train), scaler.transform(x_test)
     out = np.zeros((b.shape[0], y_train.shape[1]))
-    for j in tqdm(range(y_train.shape[1]), desc=desc, unit="term", leave=False):
+    for j in track(range(y_train.shape[1]), desc=desc, unit="term", leave=False):
         yj = y_train[:, j]
         if yj.all() or not yj.any():
             out[:, j] = float(yj.all())
@@ -262,8 +263,6 @@ def run_go_probe(
 
 
 def _composition(sequences: Sequence[str]) -> np.ndarray:
-    from proteinperformer.probe import composition
-
     return np.stack([composition(s) for s in sequences])
 
 

@@ -31,7 +31,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from proteinperformer.cli.common import Parser, run_command
+from proteinperformer.paths import PROJECT_ROOT as ROOT  # it runs the repository's tests/ and scripts/
+
 BENCH_LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 BENCH_METHODS = ["exact", "exact_causal", "favor", "favor_causal"]
 
@@ -186,7 +188,7 @@ def to_markdown(report: dict) -> str:
 
 
 def create_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pp-gpu-check", description=__doc__.splitlines()[0])
+    parser = Parser(prog="pp-gpu-check", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("results/gpu_check"), help="output folder")
     parser.add_argument("--quick", action="store_true", help="tiny CPU run of the same mechanics (no CUDA needed)")
     parser.add_argument("--sections", nargs="+", choices=["tests", "train", "bench"],
@@ -232,11 +234,17 @@ def failed_sections(report: dict) -> list[str]:
     return failed
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = create_parser().parse_args(argv)
+def run_and_judge(args: argparse.Namespace) -> dict:
+    """:func:`run`, then fail (one line) when a section failed for a reason other than running out of memory."""
     report = run(args)
     if failed := failed_sections(report):
         raise SystemExit(f"error: {', '.join(failed)} failed; see {args.out / 'gpu_check.md'}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point ``pp-gpu-check``."""
+    run_command(run_and_judge, create_parser(), argv)
 
 
 if __name__ == "__main__":

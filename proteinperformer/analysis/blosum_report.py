@@ -1,7 +1,6 @@
 """Does the model's attention know which amino acids substitute for each other? (Vig et al. 2020)
 
-    pp-attention-blosum CHECKPOINT FASTA --n-seqs 800 --out results/
-    (or: python scripts/attention_vs_blosum.py ...)
+    pp-attention-blosum CHECKPOINT FASTA --n-seqs 800 --out results/   (proteinperformer.cli.attention_blosum)
 
 Writes ``attention_vs_blosum.json`` (Pearson r of the attention-derived amino-acid similarity against
 BLOSUM62 and other matrices, overall and per layer, for the trained model and a randomly initialised model
@@ -17,7 +16,6 @@ JSON hold the ``--method`` result; ``methods`` holds both.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Sequence
@@ -30,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from proteinperformer.analysis import (  # noqa: E402
+from proteinperformer.analysis.aminoacids import (  # noqa: E402
     AMINO_ACIDS,
     VIG_MIN_EDGES,
     VIG_THRESHOLD,
@@ -39,14 +37,14 @@ from proteinperformer.analysis import (  # noqa: E402
     attention_fractions,
     cluster_order,
     compare_to_matrices,
-    load_model,
     random_init_like,
-    read_sequences,
     substitution_matrix,
     vig_compare,
     vig_fractions,
 )
-from proteinperformer.precision import INFERENCE_PRECISIONS, inference_autocast  # noqa: E402
+from proteinperformer.checkpoints import load_model  # noqa: E402
+from proteinperformer.data.fasta import read_sequences  # noqa: E402
+from proteinperformer.model.precision import inference_autocast  # noqa: E402
 
 MATRICES = ("BLOSUM62", "BLOSUM45", "BLOSUM80", "PAM250")
 METHODS = ("vig", "weighted")
@@ -106,18 +104,18 @@ def analyse(
 def run(
     checkpoint: str, fasta: str, n_seqs: int, out: Path, matrices: list[str] = MATRICES, max_len: int = 512,
     seed: int = 0, method: str = "vig", threshold: float = VIG_THRESHOLD, min_edges: int = VIG_MIN_EDGES,
-    precision: str = "32",
+    precision: str = "32", device: str | torch.device = "cpu",
 ) -> dict:
     """Compute both methods' counts for the model and its random-init null, compare, write JSON/PNG/NPZ; return
     the JSON (``model`` / ``null_random_init`` = the ``method`` result, ``methods`` = both)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     out.mkdir(parents=True, exist_ok=True)
-    model = load_model(checkpoint)
+    model = load_model(checkpoint, device)
     records = read_sequences(fasta, n=n_seqs, max_len=max_len, seed=seed)
     seqs = [s for _, s in records]
     t0 = time.time()
-    with inference_autocast(precision):  # the forward passes that produce q and k
+    with inference_autocast(precision, device):  # the forward passes that produce q and k
         counts, null_counts, methods = analyse(model, seqs, matrices, seed, threshold, min_edges)
     result = {
         "checkpoint": str(checkpoint),
@@ -148,35 +146,3 @@ def run(
     plot_similarity(sim, substitution_matrix(matrices[0]), matrices[0], result["model"]["overall"][matrices[0]],
                     out / "attention_vs_blosum.png")
     return result
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="training checkpoint (.ckpt)")
-    p.add_argument("fasta", help="proteins to aggregate attention over (FASTA, may be .gz)")
-    p.add_argument("--n-seqs", type=int, default=800, help="random subset of this many sequences (default 800)")
-    p.add_argument("--out", type=Path, default=Path("results"), help="output folder")
-    p.add_argument("--matrices", nargs="+", default=list(MATRICES),
-                   help="Biopython substitution matrices; the first is plotted (default: %(default)s)")
-    p.add_argument("--max-len", type=int, default=512, help="crop proteins to this many residues")
-    p.add_argument("--seed", type=int, default=0, help="sequence subset and null-model seed")
-    p.add_argument("--method", choices=METHODS, default="vig",
-                   help="vig: Vig et al.'s binarised method (default); weighted: attention-weighted fractions")
-    p.add_argument("--threshold", type=float, default=VIG_THRESHOLD, help="vig: attention weight of an edge (0.3)")
-    p.add_argument("--min-edges", type=int, default=VIG_MIN_EDGES, help="vig: drop heads with fewer edges (100)")
-    p.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="32", help="32, or autocast to bf16 / 16")
-    a = p.parse_args(argv)
-    res = run(a.checkpoint, a.fasta, a.n_seqs, a.out, a.matrices, a.max_len, a.seed, a.method, a.threshold,
-              a.min_edges, a.precision)
-    first = a.matrices[0]
-    print(f"{res['n_sequences']} sequences, r vs {first}:")
-    for m, r in res["methods"].items():
-        kept = (f" ({r['model']['n_heads_kept']}/{r['model']['n_heads']} heads with >= {a.min_edges} edges >= "
-                f"{a.threshold}; null {r['null_random_init']['n_heads_kept']})" if m == "vig" else " (all heads)")
-        print(f"  {m:9s} model {r['model']['overall'][first]:.3f}, random-init null "
-              f"{r['null_random_init']['overall'][first]:.3f}{kept}")
-    print(f"written to {a.out}")
-
-
-if __name__ == "__main__":
-    main()

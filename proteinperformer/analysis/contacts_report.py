@@ -1,7 +1,6 @@
 """Can the model's attention find which residues touch in the folded protein? (ESM-style contacts)
 
     pp-contacts CHECKPOINT --structures data/structures/pdb_chains_subset60.npz --train-chains 20 --out results/
-    (or: python scripts/contacts.py ...)
 
 Fits a logistic regression on the APC-corrected symmetrised attention of every layer and head using the
 first ``--train-chains`` chains, evaluates on the rest and writes ``contacts.json`` (mean precision of the
@@ -12,7 +11,6 @@ randomly initialised model of the same shape), ``contacts.png`` (predicted vs tr
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -23,8 +21,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from proteinperformer.analysis import evaluate_contacts, load_model, load_structures, random_init_like  # noqa: E402
-from proteinperformer.precision import INFERENCE_PRECISIONS, inference_autocast  # noqa: E402
+from proteinperformer.analysis.aminoacids import random_init_like  # noqa: E402
+from proteinperformer.analysis.contacts import evaluate_contacts, load_structures  # noqa: E402
+from proteinperformer.checkpoints import load_model  # noqa: E402
+from proteinperformer.model.precision import inference_autocast  # noqa: E402
 
 
 def plot_contacts(example: dict, path: Path | None = None, min_sep: int = 6) -> plt.Figure:
@@ -72,13 +72,13 @@ def _summary(res: dict) -> dict:
 @torch.no_grad()  # a context, not set_grad_enabled: callers (tests, notebooks) keep autograd
 def run(
     checkpoint: str, structures: str, n_train: int, out: Path, atom: str = "cb", max_len: int = 512, seed: int = 0,
-    n_chains: int | None = None, precision: str = "32",
+    n_chains: int | None = None, precision: str = "32", device: str | torch.device = "cpu",
 ) -> dict:
     """Evaluate contact prediction for the checkpoint and its random-init null; write JSON and PNG."""
     out.mkdir(parents=True, exist_ok=True)
-    model = load_model(checkpoint)
+    model = load_model(checkpoint, device)
     chains = load_structures(structures)[:n_chains]
-    with inference_autocast(precision):
+    with inference_autocast(precision, device):
         res = evaluate_contacts(model, chains, n_train=n_train, atom=atom, max_len=max_len, progress=True)
         null = evaluate_contacts(random_init_like(model, seed), chains, n_train=n_train, atom=atom, max_len=max_len,
                                  progress=True)
@@ -97,26 +97,3 @@ def run(
     (out / "contacts.json").write_text(json.dumps(result, indent=2))
     plot_contacts(res["example"], out / "contacts.png")
     return result
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="training checkpoint (.ckpt)")
-    p.add_argument("--structures", default="data/structures/pdb_chains_subset60.npz",
-                   help="chains in the pdb_chains.npz layout (default: %(default)s)")
-    p.add_argument("--train-chains", type=int, default=20, help="chains used to fit the regression (ESM: 20)")
-    p.add_argument("--out", type=Path, default=Path("results"), help="output folder")
-    p.add_argument("--atom", choices=("cb", "ca"), default="cb", help="distance between Cβ (default) or Cα atoms")
-    p.add_argument("--max-len", type=int, default=512, help="skip chains longer than this")
-    p.add_argument("--seed", type=int, default=0, help="null-model seed")
-    p.add_argument("--n-chains", type=int, default=None, help="use only the first N chains (default: all)")
-    p.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="32", help="32, or autocast to bf16 / 16")
-    a = p.parse_args(argv)
-    res = run(a.checkpoint, a.structures, a.train_chains, a.out, a.atom, a.max_len, a.seed, a.n_chains, a.precision)
-    m, n = res["model"]["mean"]["long"], res["null_random_init"]["mean"]["long"]
-    print(f"{res['n_test']} test chains, long-range P@L = {m['L']:.3f} (random-init null {n['L']:.3f}, "
-          f"background {m['background']:.3f}); written to {a.out}")
-
-
-if __name__ == "__main__":
-    main()

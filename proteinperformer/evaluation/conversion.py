@@ -1,14 +1,7 @@
-"""``pp-convert``: turn a Transformer (an ESM-2 file, a Hugging Face ESM directory or an exact-attention project
-checkpoint) into a Performer checkpoint, and measure what the swap costs on your own sequences.
+"""What swapping exact attention for FAVOR+ costs a trained Transformer, measured on your own sequences
+(``pp-convert --report``; the conversion itself is :func:`proteinperformer.model.convert_attention`).
 
-    pp-convert esm2_t6_8M_UR50D.pt esm2_8M_favor.ckpt --attention favor        # write a project checkpoint
-    pp-convert esm2_t6_8M_UR50D.pt --report my_proteins.fasta                  # what FAVOR+ changes, per layer
-    pp-train init_from=esm2_8M_favor.ckpt data.fasta_path=my.fasta            # fine-tune it (MLM)
-
-The checkpoint holds the weights, ``hyper_parameters.config`` and the alphabet (``embed.load_model``,
-``pp-embed``, ``pp-probe``, ``pp-contacts``, ``pp-attention-blosum`` and ``train.py init_from=`` read it).
-
-``--report FASTA`` runs the exact model and its FAVOR+ conversion on the sequences and prints, per layer, the
+:func:`report` runs the exact model and its FAVOR+ conversion on the sequences and prints, per layer, the
 relative error ‖y_favor − y_exact‖ / ‖y_exact‖ of the attention output (both given the exact model's input to
 that layer, residue and special tokens of every sequence), and the masked-residue accuracy / perplexity of
 both models (15% of residues replaced by ``<mask>``, fixed seed), over ``--draws`` projection draws.
@@ -16,35 +9,16 @@ both models (15% of residues replaced by ``<mask>``, fixed seed), over ``--draws
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
-import uuid
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from proteinperformer.checkpoints import load_model
+from proteinperformer.inference.embed import as_records, residue_limit
 from proteinperformer.model import PerformerLM, convert_attention
 
 DEFAULT_NUM_FEATURES = 256  # see README "ESM-2 as a Performer": the error falls as m^-1/2; 256 is ~2x of 64's
-
-
-def save_checkpoint(model: PerformerLM, path: str | Path, source: str | Path) -> Path:
-    """Write ``model`` as a project checkpoint (temp file + rename) that ``load_model`` and ``init_from`` read."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ckpt = {
-        "state_dict": {f"model.{k}": v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "hyper_parameters": {"config": model.config.to_dict(), "task": "clm" if model.config.causal else "mlm"},
-        "alphabet": list(model.alphabet.all_toks),
-        "converted_from": str(source),
-    }
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-    return path
 
 
 @torch.no_grad()
@@ -85,15 +59,14 @@ def mask_residues(tokens: torch.Tensor, alphabet, rate: float = 0.15, seed: int 
     return masked, {"where": pick, "target": tokens[pick]}
 
 
-def report(source: str | Path, fasta: str | Path, num_features: int = DEFAULT_NUM_FEATURES, kernel: str = "softmax",
+def report(source: str | Path, fasta: str | Path, num_features: int = DEFAULT_NUM_FEATURES, kernel: str | None = None,
            draws: int = 3, max_sequences: int = 200, max_residues: int = 1022) -> dict:
     """What FAVOR+ changes on the sequences of ``fasta``: per-layer attention error and exact vs FAVOR+ MLM.
 
     Sequences are cropped to ``max_residues`` or the exact model's limit. Returns a dict (see ``pp-convert``).
     """
-    from proteinperformer.embed import as_records, load_model, residue_limit
-
     exact = load_model(source, attention="exact")
+    kernel = kernel or exact.config.kernel  # the source's own kernel unless one is asked for
     max_residues = min(max_residues, residue_limit(exact.config) or max_residues)
     records = [(label, seq[:max_residues]) for label, seq in as_records(fasta)[:max_sequences]]
     converter = exact.alphabet.get_batch_converter()
@@ -137,50 +110,3 @@ def print_report(r: dict) -> None:
     print(f"masked-residue accuracy  exact {100 * r['exact_acc']:.2f}%   FAVOR+ {100 * r['favor_acc']:.2f}%")
     print(f"perplexity               exact {r['exact_ppl']:.3f}   FAVOR+ {r['favor_ppl']:.3f}   "
           f"({r['masked_residues']} masked residues)")
-
-
-def create_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pp-convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", type=Path, help="ESM-2 .pt file, Hugging Face ESM directory or project .ckpt")
-    parser.add_argument("output", type=Path, nargs="?", help="project checkpoint to write (.ckpt)")
-    parser.add_argument("--attention", choices=("favor", "exact"), default="favor")
-    parser.add_argument("--num-features", type=int, default=DEFAULT_NUM_FEATURES, help="random features per head")
-    parser.add_argument("--kernel", choices=("softmax", "relu"), default="softmax",
-                        help="FAVOR+ kernel (softmax estimates the trained softmax attention)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the FAVOR+ projection draw")
-    parser.add_argument("--report", type=Path, metavar="FASTA", help="measure FAVOR+ vs exact on these sequences")
-    parser.add_argument("--report-json", type=Path, help="also write the report as JSON here")
-    parser.add_argument("--draws", type=int, default=3, help="projection draws the report averages over")
-    parser.add_argument("--max-sequences", type=int, default=200, help="report: first N sequences of FASTA")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    from proteinperformer.embed import CheckpointError, load_model
-    from proteinperformer.tokenizer import TokenizationError
-
-    args = create_parser().parse_args(argv)
-    if args.output is None and args.report is None:
-        raise SystemExit("error: give an OUTPUT checkpoint to write, --report FASTA, or both")
-    try:
-        if args.output is not None:
-            model = load_model(args.source, attention=args.attention, num_features=args.num_features,
-                               kernel=args.kernel)
-            if args.attention == "favor":  # a reproducible draw, whatever load_model drew
-                model = convert_attention(model, "favor", args.num_features, args.kernel, seed=args.seed)
-            save_checkpoint(model, args.output, args.source)
-            print(f"wrote {args.output}: {model.config.depth} layers, width {model.config.dim}, "
-                  f"{model.config.attention} attention ({model.num_parameters():,} parameters)")
-        if args.report is not None:
-            r = report(args.source, args.report, args.num_features, args.kernel, args.draws, args.max_sequences)
-            print_report(r)
-            if args.report_json is not None:
-                tmp = args.report_json.with_name(f".{args.report_json.name}.tmp")
-                tmp.write_text(json.dumps(r, indent=2) + "\n")
-                os.replace(tmp, args.report_json)
-    except (CheckpointError, TokenizationError, FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
-
-
-if __name__ == "__main__":
-    main()

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from proteinperformer.attention.rotary import inverse_frequencies
+from proteinperformer.checkpoints.files import CheckpointError, read_torch
 from proteinperformer.model import ModelConfig, PerformerLM
 from proteinperformer.tokenizer import ESM_TOKENS
 
@@ -42,7 +43,7 @@ UNSUPPORTED_ARCH = {"roberta_large": "ESM-1b / ESM-1v", "protein_bert_base": "ES
 DEFAULT_KERNEL = "softmax"  # the only FAVOR+ kernel that estimates the softmax attention ESM-2 was trained with
 
 
-class EsmImportError(ValueError):
+class EsmImportError(CheckpointError):
     """A file or directory is not an importable ESM-2 checkpoint; the message names it and what was expected."""
 
 
@@ -60,20 +61,6 @@ def esm2_config(layers: int, dim: int, heads: int, token_dropout: bool = True, l
 
 
 # ---- reading ------------------------------------------------------------------------------------
-def read_torch(path: Path) -> object:
-    """torch.load with weights_only=True and argparse.Namespace (fair-esm's cfg) as the only allowed class."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many types for a bad or truncated file
-        msg = str(err).split("\n")[0][:300]
-        if "Unsupported global" in str(err) or "weights_only" in str(err):
-            raise EsmImportError(f"{path}: holds pickled objects outside the allow-list (tensors, dicts, "
-                                 f"argparse.Namespace); refusing to run code from it ({msg})") from None
-        raise EsmImportError(f"{path}: not a readable torch file; truncated or corrupt? "
-                             f"({type(err).__name__}: {msg})") from None
-
-
 def _namespace(obj) -> dict:
     return vars(obj) if isinstance(obj, argparse.Namespace) else dict(obj) if isinstance(obj, dict) else {}
 

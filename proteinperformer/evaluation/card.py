@@ -1,11 +1,12 @@
-"""One command that evaluates a checkpoint and writes its model card: ``pp-evaluate CKPT --out DIR``.
+"""A checkpoint's model card, every evaluation in one run (the ``pp-evaluate CKPT --out DIR`` command).
 
 Runs, with the data shipped in ``data/`` by default (every path is an option):
 
 1. masked-residue accuracy and perplexity on the valid and test splits of ``--fasta`` (accession-hash splits,
-   ``--valid-frac`` / ``--test-frac`` / ``--split-seed`` as in training, so a checkpoint trained with the same
-   fractions never saw these proteins; 15% of residues, all replaced by ``<mask>``) against the unigram baseline
-   (training-split residue frequencies, scored on the same masked residues);
+   with the checkpoint's own training fractions and seed when it records them, else the training defaults 0.05 /
+   0.05 / 0, each overridable with ``--valid-frac`` / ``--test-frac`` / ``--split-seed``; the card says which, so
+   a checkpoint trained on the same FASTA never saw these proteins; 15% of residues, all replaced by ``<mask>``)
+   against the unigram baseline (training-split residue frequencies, scored on the same masked residues);
 2. the probes of ``pp-probe`` against their baselines: SS3 (Q3), location and fold class (accuracy, macro-F1),
    GO molecular function (CAFA F-max, micro-AUPR);
 3. attention vs BLOSUM62 (``pp-attention-blosum``): Vig et al.'s binarised method (with the number of surviving
@@ -29,16 +30,20 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from proteinperformer.analysis import blosum_report, contacts_report
+from proteinperformer.checkpoints import CheckpointError, load_model, read_torch
 from proteinperformer.data.collate import IGNORE_INDEX
-from proteinperformer.data.datamodule import ProteinDataModule, resolve_path
+from proteinperformer.data.datamodule import ProteinDataModule
+from proteinperformer.evaluation.probe import probe_files, read_tables
+from proteinperformer.model.precision import resolve_device
+from proteinperformer.paths import resolve_path
+from proteinperformer.progress import track
 from proteinperformer.tokenizer import Alphabet
 
 SECTIONS = ("mlm", "ss3", "location", "go_mf", "fold_class", "blosum", "contacts")
@@ -51,6 +56,8 @@ PROBES = {  # task: (train, valid, default --max-train)
 BASELINE_NAMES = {"onehot": "one-hot", "composition": "composition", "kmer3": "3-mer spectrum",
                   "naive": "naive (term frequency)", "nn_kmer3": "3-mer nearest neighbours"}
 BEGIN, END = "<!-- pp-evaluate:begin -->", "<!-- pp-evaluate:end -->"
+# the accession-hash split of conf/data/fasta.yaml, used for checkpoints that do not record their own
+TRAINING_SPLIT = {"valid_frac": 0.05, "test_frac": 0.05, "split_seed": 0}
 
 
 # ---- masked-residue accuracy and perplexity -----------------------------------------------------
@@ -58,8 +65,8 @@ BEGIN, END = "<!-- pp-evaluate:begin -->", "<!-- pp-evaluate:end -->"
 def masked_lm_scores(
     model: torch.nn.Module,
     fasta: str | Path,
-    valid_frac: float = 0.01,
-    test_frac: float = 0.01,
+    valid_frac: float = 0.05,
+    test_frac: float = 0.05,
     split_seed: int = 0,
     max_len: int = 256,
     batch_size: int = 16,
@@ -82,8 +89,9 @@ def masked_lm_scores(
     out = {}
     for split, loader in (("valid", dm.val_dataloader()), ("test", dm.test_dataloader())):
         n = correct = nll = base_correct = base_nll = 0.0
-        for batch in tqdm(loader, desc=f"masked LM ({split})", unit="batch", leave=False):
-            logits = model(batch["input_ids"], batch["padding_mask"])["logits"].float()
+        for batch in track(loader, desc=f"masked LM ({split})", unit="batch", leave=False):
+            device = next(model.parameters()).device
+            logits = model(batch["input_ids"].to(device), batch["padding_mask"].to(device))["logits"].float().cpu()
             labels = batch["labels"]
             sel = labels != IGNORE_INDEX
             target = labels[sel]
@@ -259,21 +267,37 @@ def _write_json(obj: dict, path: Path) -> None:
 
 
 # ---- the run ------------------------------------------------------------------------------------
-def _global_step(path: Path) -> int | None:
-    """The training step recorded in a pp-train checkpoint (None for other files, e.g. an ESM-2 import)."""
+def training_record(path: Path) -> dict:
+    """What a pp-train checkpoint says about its own training: ``global_step`` and the accession-hash split
+    (``valid_frac``, ``test_frac``, ``split_seed``, from the data module's saved hyper-parameters); empty for
+    files without them (an ESM-2 import, a checkpoint from before the data module saved them)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - a directory or a file this loader does not read: no step to report
-        return None
-    return ckpt.get("global_step") if isinstance(ckpt, dict) else None
+        ckpt = read_torch(path)
+    except CheckpointError:  # a directory (Hugging Face ESM) or a file with no training record
+        return {}
+    if not isinstance(ckpt, dict):
+        return {}
+    data = ckpt.get("datamodule_hyper_parameters") or {}
+    record = {"global_step": ckpt.get("global_step")}
+    if data.get("store_path") is None and all(k in data for k in ("valid_frac", "test_frac", "split_seed")):
+        record["split"] = {k: data[k] for k in ("valid_frac", "test_frac", "split_seed")}
+    return record
+
+
+def resolve_split(args: argparse.Namespace, record: dict) -> tuple[dict, str]:
+    """The split to score: each of --valid-frac / --test-frac / --split-seed as given, else the checkpoint's own
+    training split, else the training defaults (``conf/data/fasta.yaml``); returns (split, where it came from)."""
+    given = {k: getattr(args, k) for k in ("valid_frac", "test_frac", "split_seed")}
+    own = record.get("split")
+    base, source = (own, "the checkpoint's training config") if own else (TRAINING_SPLIT, "the training defaults")
+    split = {k: base[k] if v is None else v for k, v in given.items()}
+    if any(v is not None for v in given.values()):
+        source = "the command line" + (f" over {source}" if any(v is None for v in given.values()) else "")
+    return split, source
 
 
 def evaluate(args: argparse.Namespace) -> dict:
     """Run every section not in ``args.skip``; write card.json / card.md / card.png under ``args.out``."""
-    from proteinperformer.analysis import blosum_cli, contacts_cli
-    from proteinperformer.embed import load_model
-    from proteinperformer.probe import probe_files, read_tables
-
     start = time.perf_counter()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -283,11 +307,13 @@ def evaluate(args: argparse.Namespace) -> dict:
     for task, (train, valid) in paths.items():  # bad data fails before any model work
         if task not in skip:
             read_tables(train, valid, max_train=getattr(args, f"{task}_max_train"), seed=args.seed)
-    model = load_model(args.checkpoint)
+    device = resolve_device(args.device)
+    model = load_model(args.checkpoint, device)
+    record = training_record(args.checkpoint)
     card = {
         "checkpoint": str(args.checkpoint),
         "model": {"config": model.config.to_dict(), "parameters": model.num_parameters(),
-                  "global_step": _global_step(args.checkpoint)},
+                  "global_step": record.get("global_step")},
         "host": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "data": {},
         "sections": {},
@@ -306,7 +332,12 @@ def evaluate(args: argparse.Namespace) -> dict:
         else:
             fasta = resolve_path(args.fasta)
             card["data"]["masked residues"] = str(args.fasta)
-            card["sections"]["mlm"] = masked_lm_scores(model, fasta, args.valid_frac, args.test_frac, args.split_seed,
+            split, source = resolve_split(args, record)
+            print(f"scoring the valid and test splits of {args.fasta} (valid_frac={split['valid_frac']}, "
+                  f"test_frac={split['test_frac']}, split_seed={split['split_seed']}, from {source})")
+            card["data"]["split"] = {**split, "from": source}
+            card["sections"]["mlm"] = masked_lm_scores(model, fasta, split["valid_frac"], split["test_frac"],
+                                                       split["split_seed"],
                                                        args.max_len, args.batch_size, args.seed)
             for split in ("valid", "test"):
                 m = card["sections"]["mlm"][split]
@@ -330,8 +361,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     if "blosum" not in skip:
         t = stage("attention vs BLOSUM62")
         card["data"]["BLOSUM62"] = f"{args.blosum_fasta} ({args.blosum_n_seqs} proteins)"
-        res = blosum_cli.run(str(args.checkpoint), str(resolve_path(args.blosum_fasta)), args.blosum_n_seqs,
-                             out / "blosum", ["BLOSUM62"], args.blosum_max_len, args.seed)
+        res = blosum_report.run(str(args.checkpoint), str(resolve_path(args.blosum_fasta)), args.blosum_n_seqs,
+                                out / "blosum", ["BLOSUM62"], args.blosum_max_len, args.seed, device=device)
         for part in res["methods"].values():
             for r in part.values():
                 r.pop("edges_per_head", None)
@@ -340,8 +371,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     if "contacts" not in skip:
         t = stage("contacts")
         card["data"]["contacts"] = str(args.structures)
-        res = contacts_cli.run(str(args.checkpoint), str(resolve_path(args.structures)), args.contact_train_chains,
-                               out / "contacts", max_len=args.contact_max_len, seed=args.seed)
+        res = contacts_report.run(str(args.checkpoint), str(resolve_path(args.structures)),
+                                  args.contact_train_chains, out / "contacts", max_len=args.contact_max_len,
+                                  seed=args.seed, device=device)
         card["sections"]["contacts"] = {k: res[k] for k in ("contact_definition", "n_train", "n_test")} | {
             part: {"mean": res[part]["mean"]} for part in ("model", "null_random_init")}
         card["seconds"]["contacts"] = round(time.perf_counter() - t, 1)
@@ -355,54 +387,3 @@ def evaluate(args: argparse.Namespace) -> dict:
     print("\n" + markdown)
     print(f"written: {out / 'card.json'}, {out / 'card.md'}, {out / 'card.png'} ({card['wall_seconds'] / 60:.1f} min)")
     return card
-
-
-def create_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pp-evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoint", type=Path, help="a .ckpt written by pp-train (or a slim export)")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--skip", nargs="+", choices=SECTIONS, default=[], help="sections to leave out")
-    p.add_argument("--fasta", default="data/uniprot_sample20k.fasta.gz", help="masked-residue evaluation FASTA")
-    p.add_argument("--valid-frac", type=float, default=0.01, help="accession-hash valid fraction (as in training)")
-    p.add_argument("--test-frac", type=float, default=0.01, help="accession-hash test fraction (as in training)")
-    p.add_argument("--split-seed", type=int, default=0, help="accession-hash split seed (as in training)")
-    p.add_argument("--max-len", type=int, default=256, help="masked LM: tokens per sequence (crop)")
-    p.add_argument("--batch-size", type=int, default=16, help="masked LM: sequences per batch")
-    for task, (train, valid, max_train) in PROBES.items():
-        p.add_argument(f"--{task.replace('_', '-')}-train", dest=f"{task}_train", default=train,
-                       help=f"{task} training CSV")
-        p.add_argument(f"--{task.replace('_', '-')}-valid", dest=f"{task}_valid", default=valid,
-                       help=f"{task} validation CSV (scored)")
-        p.add_argument(f"--{task.replace('_', '-')}-max-train", dest=f"{task}_max_train", type=int,
-                       default=max_train, help=f"{task}: sample this many training proteins (default: all)")
-    p.add_argument("--toks-per-batch", type=int, default=4096, help="probes: embedding batch size in tokens")
-    p.add_argument("--blosum-fasta", default="data/uniprot_sample20k.fasta.gz", help="proteins for attention vs BLOSUM")
-    p.add_argument("--blosum-n-seqs", type=int, default=300, help="number of proteins for attention vs BLOSUM")
-    p.add_argument("--blosum-max-len", type=int, default=512, help="crop proteins for attention vs BLOSUM")
-    p.add_argument("--structures", default="data/structures/pdb_chains_subset60.npz", help="chains for contacts")
-    p.add_argument("--contact-train-chains", type=int, default=20, help="chains that fit the contact regression")
-    p.add_argument("--contact-max-len", type=int, default=512, help="skip longer chains")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; use 1 when other jobs share the cores, where "
-                   "two threads per core run several times slower)")
-    p.add_argument("--update-readme", type=Path, default=None,
-                   help=f"replace the text between {BEGIN} and {END} in this file with the card")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    import shlex
-    import sys
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = create_parser().parse_args(argv)
-    args.command = "pp-evaluate " + shlex.join(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    evaluate(args)
-
-
-if __name__ == "__main__":
-    main()

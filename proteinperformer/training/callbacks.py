@@ -1,5 +1,6 @@
 """Training callbacks: FAVOR+ feature redraw, throughput (non-pad tokens/s, peak GPU memory), per-batch RNG
-seeding, and a periodic ModelCheckpoint whose ``last.ckpt`` is always the state at the end of training.
+seeding, and a periodic ModelCheckpoint whose ``last.ckpt`` is always the state at the end of training (the
+progress display is :func:`proteinperformer.progress.progress_bar`).
 
 They are Lightning callbacks, configured in ``conf/callbacks/default.yaml`` next to Lightning's own
 (ModelCheckpoint, LearningRateMonitor, progress bar).

@@ -1,9 +1,10 @@
-"""Numeric precision for training and inference, and the hardware checks that go with it.
+"""Numeric precision and devices for running a model, and the hardware checks that go with them.
 
-Training precision is Lightning's (``trainer.precision``: ``32-true``, ``bf16-mixed``, ``16-mixed``,
-``bf16-true``); inference precision is one of ``32``, ``bf16``, ``16`` (``pp-embed --precision``, ``embed()``,
-``pp-generate`` and the analysis CLIs) and means torch.autocast in that dtype, as Lightning's ``*-mixed``: weights
-stay float32, matmuls run in the low dtype, LayerNorm/softmax and FAVOR+'s feature maps and sums in float32.
+Training precision is Lightning's (``trainer.precision``, checked by
+:func:`proteinperformer.training.precision.check_trainer`); inference precision is one of ``32``, ``bf16``,
+``16`` (``--precision`` of every command that runs a model, ``embed()``) and means torch.autocast in that
+dtype, as Lightning's ``*-mixed``: weights stay float32, matmuls run in the low dtype, LayerNorm/softmax and
+FAVOR+'s feature maps and sums in float32.
 
 The checks turn "this machine cannot do that" into one line that says what to use instead, before Lightning or
 torch fail deep inside a traceback.
@@ -20,7 +21,6 @@ INFERENCE_PRECISIONS = ("32", "bf16", "16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}
 # the Lightning precision plugin that does what an inference precision means
 LIGHTNING_PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
-GPU_ACCELERATORS = ("gpu", "cuda")
 
 
 class PrecisionError(ValueError):
@@ -32,7 +32,7 @@ def _device_type(device: str | torch.device) -> str:
 
 
 @functools.cache  # one probe per dtype and process, not one per batch
-def _cpu_autocast_works(dtype: torch.dtype) -> bool:
+def cpu_autocast_works(dtype: torch.dtype) -> bool:
     try:
         with torch.autocast("cpu", dtype=dtype):
             torch.ones(4, 4) @ torch.ones(4, 4)
@@ -49,8 +49,8 @@ def check_inference_precision(precision: str, device: str | torch.device = "cpu"
     if kind == "cuda":
         check_cuda(devices=1)
         if precision == "bf16":
-            _check_cuda_bf16("precision 16 (or 32)")
-    elif kind == "cpu" and precision in AUTOCAST_DTYPES and not _cpu_autocast_works(AUTOCAST_DTYPES[precision]):
+            check_cuda_bf16("precision 16 (or 32)")
+    elif kind == "cpu" and precision in AUTOCAST_DTYPES and not cpu_autocast_works(AUTOCAST_DTYPES[precision]):
         raise PrecisionError(f"this torch build cannot autocast to precision {precision} on the CPU; use 32 or bf16")
 
 
@@ -76,27 +76,30 @@ def check_cuda(devices: int | str | list = 1) -> None:
                              f"set trainer.devices={torch.cuda.device_count()} (or -1 for all)")
 
 
-def _check_cuda_bf16(instead: str) -> None:
+def check_cuda_bf16(instead: str) -> None:
     if not torch.cuda.is_bf16_supported(including_emulation=False):
         raise PrecisionError(f"{torch.cuda.get_device_name()} has no bfloat16 support; use {instead}")
 
 
-def check_trainer(accelerator: str, precision: str | int, devices: int | str | list = 1) -> None:
-    """Check a Trainer's accelerator/precision pair on this machine before Lightning builds it.
+DEVICE_CHOICES = "auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps"
 
-    Raises :class:`PrecisionError` for: a GPU accelerator without CUDA (or fewer GPUs than ``devices``), bf16 on
-    a GPU without bfloat16, fp16 on a CPU torch cannot autocast to, and ``16-true`` (pure fp16 weights: AdamW's
-    eps=1e-8 underflows in fp16 and the loss is NaN from the first step; measured here).
-    """
-    precision = str(precision)
-    if precision in ("16", "16-true"):
-        raise PrecisionError("trainer.precision=16-true keeps the weights and optimiser state in float16, where "
-                             "AdamW diverges (NaN loss at step 1); use 16-mixed or bf16-mixed")
-    if accelerator in GPU_ACCELERATORS or (accelerator == "auto" and torch.cuda.is_available()):
-        check_cuda(devices)
-        if precision.startswith("bf16"):
-            _check_cuda_bf16("trainer.precision=16-mixed (or 32-true)")
-    elif accelerator == "cpu" and precision.startswith("16") and not _cpu_autocast_works(torch.float16):
-        raise PrecisionError("this torch build cannot autocast to float16 on the CPU; "
-                             "use trainer.precision=bf16-mixed or 32-true")
 
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """The torch device a command runs on: ``auto`` is cuda when available, else cpu; ``cpu``, ``cuda``,
+    ``cuda:N`` and ``mps`` are checked against this machine. Raises :class:`PrecisionError` (unavailable) or
+    ValueError (not a device name) with a one-line message."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device("cuda" if name == "gpu" else name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r} is not a torch device; use {DEVICE_CHOICES}") from None
+    if device.type == "cuda":
+        check_cuda(devices=1 if device.index is None else device.index + 1)
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise PrecisionError("device mps requested but this machine or torch build has no MPS; use cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {name!r} is not supported; use {DEVICE_CHOICES}")
+    return device

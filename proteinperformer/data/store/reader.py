@@ -1,4 +1,4 @@
-"""Reading a token store written by ``proteinperformer.data.preprocess`` (memory-mapped, TrEMBL-sized).
+"""Reading a token store written by ``pp-preprocess`` (:mod:`.preprocess`), memory-mapped, TrEMBL-sized.
 
 Layout of a store directory::
 

@@ -1,4 +1,4 @@
-"""Sample protein sequences from an autoregressive (CLM) checkpoint.
+"""Sample protein sequences from an autoregressive (CLM) checkpoint (the ``pp-generate`` command).
 
 Decoding runs one token at a time through each attention layer's ``step``: for FAVOR+ models the state is
 the running sums φ(K)ᵀV and φ(K)ᵀ1 (constant time and memory per token, whatever the length so far);
@@ -6,41 +6,36 @@ for the exact Transformer it is a KV cache. Each sample starts with ``<cls>`` an
 then draws residues (temperature, top-k, top-p) until ``<eos>`` or ``max_length`` residues. Only
 amino-acid letters and ``<eos>`` can be drawn, so every output is a valid protein sequence.
 
-    pp-generate CKPT OUT.fasta --num_samples 10 --max_length 300 --temperature 0.8 --top_p 0.95 --prompt M
+    pp-generate CKPT OUT.fasta --num-samples 10 --max-length 300 --temperature 0.8 --top-p 0.95 --prompt M
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
 import torch
 
 from proteinperformer.attention import FavorState, KVCache
-from proteinperformer.lm import ProteinLM
-from proteinperformer.model.performer import PerformerLM
-from proteinperformer.precision import (
-    INFERENCE_PRECISIONS,
-    PrecisionError,
-    check_inference_precision,
-    inference_autocast,
-)
+from proteinperformer.checkpoints import load_model
+from proteinperformer.model import PerformerLM
+from proteinperformer.model.precision import inference_autocast
 from proteinperformer.tokenizer import Alphabet
 
 
 def load_clm(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[PerformerLM, Alphabet]:
-    """The network and alphabet of a CLM checkpoint written by training, in eval mode on ``device``.
+    """The network and alphabet of a CLM checkpoint (read by :func:`~proteinperformer.checkpoints.load_model`,
+    strictly and without running code), in eval mode on ``device``.
 
     Raises ValueError for a masked-LM (bidirectional) checkpoint, which cannot generate left to right.
     """
-    lm = ProteinLM.load_from_checkpoint(str(checkpoint), map_location=device)
-    if lm.task != "clm" or not lm.model.config.causal:
+    model = load_model(checkpoint, device=device)
+    if not model.config.causal:
         raise ValueError(
-            f"{checkpoint} is a masked-LM (task={lm.task!r}, bidirectional) checkpoint; sampling needs an "
-            "autoregressive one: train with task=clm (e.g. experiment=paper_uni_1024)"
+            f"{checkpoint}: a masked-LM (bidirectional) checkpoint; sampling needs an autoregressive one: "
+            "train with task=clm (e.g. experiment=paper_uni_1024)"
         )
-    return lm.model.eval(), lm.alphabet
+    return model, model.alphabet
 
 
 def init_states(model: PerformerLM, batch_size: int, device: torch.device | None = None) -> list:
@@ -147,44 +142,3 @@ def write_fasta(path: str | Path, records: list[tuple[str, str]], width: int = 6
             f.writelines(seq[i : i + width] + "\n" for i in range(0, len(seq), width))
     os.replace(tmp, path)
     return path
-
-
-def create_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Sample protein sequences from a CLM checkpoint into a FASTA file.")
-    parser.add_argument("checkpoint", help="checkpoint of a model trained with task=clm")
-    parser.add_argument("output", help="FASTA file to write")
-    parser.add_argument("--num_samples", type=int, default=10)
-    parser.add_argument("--max_length", type=int, default=500, help="residues per sequence, prompt included")
-    parser.add_argument("--prompt", default="", help="residues every sample starts with, e.g. M")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
-    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling threshold (1 = off)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="32",
-                        help="32, or autocast each step to bf16 / 16 (default 32)")
-    return parser
-
-
-def run(args: argparse.Namespace) -> Path:
-    """Load the checkpoint, sample, write the FASTA; returns its path."""
-    check_inference_precision(args.precision, args.device)
-    model, alphabet = load_clm(args.checkpoint, args.device)
-    seqs = sample(model, alphabet, args.num_samples, args.max_length, args.prompt, args.temperature,
-                  args.top_k, args.top_p, args.seed, args.precision)
-    settings = f"temperature={args.temperature} top_k={args.top_k} top_p={args.top_p} seed={args.seed}"
-    records = [(f"sample_{i} length={len(s)} {settings}", s) for i, s in enumerate(seqs)]
-    return write_fasta(args.output, records)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Console entry point ``pp-generate``."""
-    try:
-        path = run(create_parser().parse_args(argv))
-    except PrecisionError as err:
-        raise SystemExit(f"error: {err}") from None
-    print(f"wrote {path}")
-
-
-if __name__ == "__main__":
-    main()

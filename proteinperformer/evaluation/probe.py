@@ -17,7 +17,7 @@ Tasks (CSV formats of ``data/probes/``, see its README; the task is read off the
   unbalanced) and picks C.
 - ``go_mf`` (columns id, sequence, go): multi-label GO molecular-function prediction scored with CAFA's
   protein-centric F-max and micro-AUPR against the naive, composition, 3-mer and nearest-neighbour baselines
-  (:mod:`proteinperformer.probe_go`). The vocabulary is taken from the whole ``--train`` file, before
+  (:mod:`proteinperformer.evaluation.go`). The vocabulary is taken from the whole ``--train`` file, before
   ``--max-train`` sampling, so numbers stay comparable across sample sizes.
 
 Every label of a valid/test table must occur in the training table (an error names file, line and column);
@@ -31,7 +31,6 @@ without ``--test`` the valid set is the test set and a single C (default 1.0) is
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -46,23 +45,15 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_s
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from proteinperformer.precision import INFERENCE_PRECISIONS
-from proteinperformer.probe_go import check_go_column, plot_go, run_go_probe, split_terms, term_vocabulary
-from proteinperformer.tokenizer import STANDARD_RESIDUES, Alphabet, TokenizationError
+from proteinperformer.evaluation.baselines import composition, terminal_onehot, window_composition, window_onehot
+from proteinperformer.evaluation.go import check_go_column, plot_go, run_go_probe, split_terms, term_vocabulary
+from proteinperformer.tokenizer import Alphabet, TokenizationError
 
 SS3_CLASSES = ("H", "E", "C")
 TASK_COLUMNS = {"ss3": ("id", "sequence", "ss3", "mask"), "location": ("id", "sequence", "location"),
                 "fold_class": ("id", "sequence", "fold_class"), "go_mf": ("id", "sequence", "go")}
 PER_PROTEIN = ("location", "fold_class")  # single-label per-protein tasks: the label column is the task name
-N_AA = 21  # 20 standard residues + 1 for any rare/ambiguous letter
-WINDOW = 7
-TERMINAL = 30
 FEATURE_SETS = ("embedding", "onehot", "composition")
-
-_AA_INDEX = np.full(256, N_AA - 1, dtype=np.int64)
-for _i, _aa in enumerate(STANDARD_RESIDUES):
-    _AA_INDEX[ord(_aa)] = _i
-
 
 class ProbeDataError(ValueError):
     """A probe CSV is malformed; the message names the file, line and id."""
@@ -126,47 +117,6 @@ def check_labels_seen(task: str, train: pd.DataFrame, other: pd.DataFrame, path:
                                  f"training table (labels there: {sorted(seen)}; with --max-train, sample more)")
 
 
-# ---- baseline features --------------------------------------------------------------------------
-def onehot(seq: str) -> np.ndarray:
-    """One-hot residues: [L, 21] (20 standard amino acids, then one column for any other letter)."""
-    idx = _AA_INDEX[np.frombuffer(seq.upper().encode("latin-1"), dtype=np.uint8)]
-    return np.eye(N_AA, dtype=np.float32)[idx]
-
-
-def window_onehot(seq: str, window: int = WINDOW) -> np.ndarray:
-    """One-hot residues at offsets -window..+window of each position: [L, (2*window+1)*21]; zeros past
-    the sequence ends."""
-    x = np.pad(onehot(seq), ((window, window), (0, 0)))  # (L + 2w, 21)
-    n = len(seq)
-    return np.concatenate([x[k : k + n] for k in range(2 * window + 1)], axis=1)
-
-
-def window_composition(seq: str, window: int = WINDOW) -> np.ndarray:
-    """Amino-acid composition of the ±window neighbourhood of each residue (inside the sequence): [L, 21],
-    rows sum to 1."""
-    cum = np.concatenate([np.zeros((1, N_AA), np.float32), np.cumsum(onehot(seq), axis=0)])  # (L + 1, 21)
-    n = len(seq)
-    lo = np.clip(np.arange(n) - window, 0, n)
-    hi = np.clip(np.arange(n) + window + 1, 0, n)
-    counts = cum[hi] - cum[lo]
-    return counts / counts.sum(1, keepdims=True)
-
-
-def composition(seq: str) -> np.ndarray:
-    """Amino-acid composition of a protein: [21] fractions summing to 1."""
-    return onehot(seq).mean(0)
-
-
-def terminal_onehot(seq: str, n: int = TERMINAL) -> np.ndarray:
-    """One-hot of the first ``n`` and last ``n`` residues, zero-padded for short proteins: [2*n*21]."""
-    x = onehot(seq)
-    head = np.zeros((n, N_AA), np.float32)
-    tail = np.zeros((n, N_AA), np.float32)
-    head[: min(n, len(x))] = x[:n]
-    tail[n - min(n, len(x)) :] = x[-n:]
-    return np.concatenate([head, tail]).ravel()
-
-
 # ---- metrics ------------------------------------------------------------------------------------
 def ss3_metrics(y_true: Sequence[str], y_pred: Sequence[str]) -> dict:
     """Q3 (residue accuracy) and per-class recall over the given (resolved) residues."""
@@ -185,7 +135,7 @@ def location_metrics(y_true: Sequence[str], y_pred: Sequence[str], classes: Sequ
 # ---- features per task --------------------------------------------------------------------------
 def features(task: str, df: pd.DataFrame, reps: dict | None, layer: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Feature matrices for each feature set and the labels: ss3 -> one row per resolved residue
-    ([N_res, *]), location -> one row per protein ([N, *]). ``reps`` from :func:`proteinperformer.embed.embed`
+    ([N_res, *]), location -> one row per protein ([N, *]). ``reps`` from :func:`proteinperformer.inference.embed.embed`
     (None skips the embedding set)."""
     sets: dict[str, list[np.ndarray]] = {name: [] for name in FEATURE_SETS if reps is not None or name != "embedding"}
     labels = []
@@ -237,9 +187,9 @@ def run_probe(
     With several ``Cs`` the best C per feature set is chosen on ``valid`` (then ``test`` must be given).
     Returns a JSON-ready dict with per-feature-set metrics, predictions' confusion matrices and timing.
     ``go_mf`` scores the terms of ``go_vocabulary`` (default: terms of ≥ 20 proteins of ``train``) with
-    :func:`proteinperformer.probe_go.run_go_probe`.
+    :func:`proteinperformer.evaluation.go.run_go_probe`.
     """
-    from proteinperformer.embed import embed
+    from proteinperformer.inference.embed import embed
 
     if len(Cs) > 1 and test is None:
         raise ValueError("choosing C among several values needs a --test set separate from --valid")
@@ -325,31 +275,6 @@ def plot_report(report: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-# ---- CLI ----------------------------------------------------------------------------------------
-def create_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pp-probe",
-        description="Linear probes on a checkpoint's embeddings against sequence-only baselines: ss3 (per residue), "
-        "location and fold_class (per protein), go_mf (GO terms, CAFA F-max). The task is inferred from the CSV "
-        "columns.",
-    )
-    parser.add_argument("checkpoint", type=Path, help="a .ckpt written by pp-train (or a slim export)")
-    parser.add_argument("--train", type=Path, required=True, help="training CSV")
-    parser.add_argument("--valid", type=Path, required=True, help="validation CSV (the test set if no --test)")
-    parser.add_argument("--test", type=Path, default=None, help="test CSV (default: the validation CSV)")
-    parser.add_argument("--out", type=Path, default=Path("results.json"), help="results JSON (PNG beside it)")
-    parser.add_argument("--max-train", type=int, default=None, help="sample this many training proteins")
-    parser.add_argument("--layer", type=int, default=-1, help="representation layer (default -1 = final)")
-    parser.add_argument("--C", type=float, nargs="+", default=[1.0], help="inverse regularisation (several: "
-                        "chosen on --valid; needs --test)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--toks-per-batch", type=int, default=4096)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="32",
-                        help="embed in 32, or autocast to bf16 / 16 (default 32)")
-    return parser
-
-
 def read_tables(
     train_path: str | Path, valid_path: str | Path, test_path: str | Path | None = None,
     max_train: int | None = None, seed: int = 0,
@@ -385,14 +310,18 @@ def probe_files(
     seed: int = 0,
     toks_per_batch: int = 4096,
     precision: str = "32",
+    checkpoint: str | None = None,
 ) -> dict:
     """Read and check the CSVs, run :func:`run_probe` (task from the columns) and write ``out`` (JSON) and
-    ``<out stem>.png`` (confusion matrices, or PR curves for go_mf); returns the report."""
+    ``<out stem>.png`` (confusion matrices, or PR curves for go_mf); returns the report. ``checkpoint`` (its
+    path) is recorded in the report when given."""
     task, train, valid, test, vocabulary = read_tables(train_path, valid_path, test_path, max_train, seed)
     report = run_probe(model, task, train, valid, test, layer=layer, Cs=Cs, seed=seed,
                        toks_per_batch=toks_per_batch, go_vocabulary=vocabulary, precision=precision)
     report |= {"train": str(train_path), "valid": str(valid_path), "test": str(test_path or valid_path),
                "max_train": max_train, "precision": precision}
+    if checkpoint is not None:
+        report["checkpoint"] = checkpoint
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
@@ -412,26 +341,3 @@ def probe_files(
           f"({through['residues_per_second']:.0f} residues/s)")
     print(f"results: {out}  plot: {out.with_suffix('.png')}")
     return report
-
-
-def run(args: argparse.Namespace) -> dict:
-    """Load the checkpoint, then :func:`probe_files`; writes ``args.out`` (JSON) and ``<out stem>.png``."""
-    from proteinperformer.embed import load_model
-
-    read_tables(args.train, args.valid, args.test, args.max_train, args.seed)  # bad data fails before the model
-    model = load_model(args.checkpoint, args.device)
-    report = probe_files(model, args.train, args.valid, args.out, args.test, args.max_train, args.layer, args.C,
-                         args.seed, args.toks_per_batch, args.precision)
-    report["checkpoint"] = str(args.checkpoint)
-    tmp = args.out.with_name(f".{args.out.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, args.out)
-    return report
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    run(create_parser().parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,115 @@
+"""The one checkpoint loader of the package, and the writers of project checkpoints.
+
+:func:`load_model` reads every kind of file the commands take: a ``pp-train`` / ``pp-convert`` checkpoint, a
+fair-esm ESM-2 ``.pt`` file or a Hugging Face ESM directory (:mod:`.esm`). Nothing is unpickled beyond tensors
+and plain containers (:func:`~.files.read_torch`), and loading is strict: every tensor used, every weight
+filled, shapes checked; anything else raises :class:`~.files.CheckpointError` naming the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from proteinperformer.checkpoints.esm import load_esm
+from proteinperformer.checkpoints.files import CheckpointError, read_torch, save_atomic
+from proteinperformer.model import ModelConfig, PerformerLM, convert_attention
+from proteinperformer.tokenizer import Alphabet
+
+__all__ = ["CheckpointError", "export_slim", "load_model", "save_checkpoint"]
+
+
+def load_model(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    attention: str | None = None,
+    num_features: int | None = None,
+    kernel: str | None = None,
+) -> PerformerLM:
+    """Load a model for embedding: a ``train.py`` / ``pp-convert`` checkpoint, a fair-esm ESM-2 ``.pt`` file
+    (``esm2_t6_8M_UR50D.pt`` ..., with ``-contact-regression.pt`` beside it when present) or a Hugging Face
+    ESM directory (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``).
+
+    ``attention``: None keeps the file's attention (ESM-2 files: exact softmax), "exact" or "favor" swaps it
+    (weights kept; FAVOR+ draws ``num_features`` random features per head, default 256, with ``kernel``,
+    default "softmax" for ESM-2 and the checkpoint's kernel otherwise; see :func:`convert_attention`).
+    Checks strictly: every tensor must be used and every weight filled with the right shape, the alphabet
+    must be one this package knows; anything else raises :class:`CheckpointError` naming the file.
+    Returns the model in eval mode on ``device``; ``model.alphabet`` is the tokenizer that goes with it.
+    """
+    path = Path(path)
+    hf_file = path.suffix in (".safetensors", ".bin", ".json") and (path.parent / "config.json").is_file()
+    if path.is_dir() or hf_file:
+        model = load_esm(path if path.is_dir() else path.parent, attention=attention or "exact",
+                         num_features=num_features or 256, kernel=kernel or "softmax")
+        return model.to(device).eval()
+    ckpt = read_torch(path)
+    if isinstance(ckpt, dict) and "state_dict" not in ckpt and ({"cfg", "args"} & set(ckpt)):
+        model = load_esm(path, data=ckpt, attention=attention or "exact", num_features=num_features or 256,
+                         kernel=kernel or "softmax")
+        return model.to(device).eval()
+    model = _load_project_checkpoint(path, ckpt)
+    if attention is not None or num_features is not None or kernel is not None:
+        model = convert_attention(model, attention, num_features, kernel)
+    return model.to(device).eval()
+
+
+def _load_project_checkpoint(path: Path, ckpt: object) -> PerformerLM:
+    """The PerformerLM of a checkpoint written by ``train.py`` / :func:`export_slim` / ``pp-convert``."""
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: not a proteinperformer checkpoint (holds a {type(ckpt).__name__})")
+    hparams = ckpt.get("hyper_parameters") or {}
+    missing = [k for k in ("state_dict", "hyper_parameters", "alphabet") if k not in ckpt]
+    if "hyper_parameters" in ckpt and "config" not in hparams:
+        missing.append("hyper_parameters.config")
+    if missing:
+        raise CheckpointError(
+            f"{path}: not a proteinperformer checkpoint: missing {missing}; top-level keys are {sorted(ckpt)} "
+            "(expected a proteinperformer checkpoint, a fair-esm ESM-2 .pt with 'model' and 'cfg', or a Hugging "
+            "Face ESM directory)"
+        )
+    try:
+        cfg = ModelConfig(**hparams["config"])
+        known = Alphabet(cfg.alphabet).all_toks
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: hyper_parameters.config does not fit ModelConfig ({err})") from None
+    if list(ckpt["alphabet"]) != known:
+        raise CheckpointError(f"{path}: the checkpoint's alphabet {ckpt['alphabet']} differs from this package's "
+                              f"{cfg.alphabet!r} alphabet {known}")
+    model = PerformerLM(cfg)
+    expected = model.state_dict()
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    unexpected = sorted(k for k in ckpt["state_dict"] if not k.startswith("model.") or k[6:] not in expected)
+    missing = sorted(f"model.{k}" for k in expected if k not in state)
+    shapes = [f"model.{k} {tuple(v.shape)} (config wants {tuple(expected[k].shape)})"
+              for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"{path}: weights do not match the config {cfg.to_dict()}: missing keys {missing}, "
+            f"unexpected keys {unexpected}, wrong shapes {shapes}"
+        )
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def export_slim(src: str | Path, dst: str | Path) -> Path:
+    """Write a copy of checkpoint ``src`` with only weights, hyper-parameters, alphabet and step counters
+    (no optimiser or callback state) to ``dst`` (temp file + rename); returns ``dst``. The copy loads with
+    :func:`load_model` and ``ProteinLM.load_from_checkpoint`` (for evaluation, not for resuming training)."""
+    load_model(src)  # validate first
+    ckpt = read_torch(src)
+    keep = ("state_dict", "hyper_parameters", "datamodule_hyper_parameters", "alphabet",
+            "pytorch-lightning_version", "epoch", "global_step")
+    return save_atomic({k: ckpt[k] for k in keep if k in ckpt}, dst)
+
+
+def save_checkpoint(model: PerformerLM, path: str | Path, source: str | Path) -> Path:
+    """Write ``model`` as a project checkpoint (temp file + rename) that ``load_model`` and ``init_from`` read."""
+    ckpt = {
+        "state_dict": {f"model.{k}": v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "hyper_parameters": {"config": model.config.to_dict(), "task": "clm" if model.config.causal else "mlm"},
+        "alphabet": list(model.alphabet.all_toks),
+        "converted_from": str(source),
+    }
+    return save_atomic(ckpt, path)

@@ -1,0 +1,53 @@
+"""``pp-contacts``: can the model's attention find which residues touch in the folded protein?
+
+    pp-contacts CHECKPOINT --structures data/structures/pdb_chains_subset60.npz --train-chains 20 --out results/
+
+What it fits and writes is described in :mod:`proteinperformer.analysis.contacts_report` (ESM-style contacts).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from proteinperformer.analysis.contacts_report import run
+from proteinperformer.cli.common import Parser, add_device_argument, run_command
+from proteinperformer.model.precision import INFERENCE_PRECISIONS, check_inference_precision, resolve_device
+
+
+def create_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="pp-contacts", description=__doc__.split("\n\n")[0].strip("`"))
+    p.add_argument("checkpoint", help="a pp-train / pp-convert checkpoint, an ESM-2 file or a Hugging Face ESM dir")
+    p.add_argument("--structures", default="data/structures/pdb_chains_subset60.npz",
+                   help="chains in the pdb_chains.npz layout")
+    p.add_argument("--train-chains", type=int, default=20, help="chains used to fit the regression (ESM: 20)")
+    p.add_argument("--out", type=Path, default=Path("results"), help="output folder")
+    p.add_argument("--atom", choices=("cb", "ca"), default="cb", help="distance between Cβ or Cα atoms")
+    p.add_argument("--max-len", type=int, default=512, help="skip chains longer than this")
+    p.add_argument("--seed", type=int, default=0, help="null-model seed")
+    p.add_argument("--n-chains", type=int, default=None, help="use only the first N chains (default: all)")
+    add_device_argument(p)
+    p.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="32", help="32, or autocast to bf16 / 16")
+    return p
+
+
+def report(a: argparse.Namespace) -> dict:
+    """Fit and score the contact regression; print long-range P@L against the null; returns the JSON."""
+    device = resolve_device(a.device)
+    check_inference_precision(a.precision, device)
+    res = run(a.checkpoint, a.structures, a.train_chains, a.out, a.atom, a.max_len, a.seed, a.n_chains,
+              a.precision, device)
+    m, n = res["model"]["mean"]["long"], res["null_random_init"]["mean"]["long"]
+    print(f"{res['n_test']} test chains, long-range P@L = {m['L']:.3f} (random-init null {n['L']:.3f}, "
+          f"background {m['background']:.3f}); written to {a.out}")
+    return res
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point ``pp-contacts``."""
+    run_command(report, create_parser(), argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""``pp-convert``: turn a Transformer (an ESM-2 file, a Hugging Face ESM directory or an exact-attention project
+checkpoint) into a Performer checkpoint, and measure what the swap costs on your own sequences.
+
+    pp-convert esm2_t6_8M_UR50D.pt esm2_8M_favor.ckpt --attention favor        # write a project checkpoint
+    pp-convert esm2_t6_8M_UR50D.pt --report my_proteins.fasta                  # what FAVOR+ changes, per layer
+    pp-train init_from=esm2_8M_favor.ckpt data.fasta_path=my.fasta            # fine-tune it (MLM)
+
+The checkpoint holds the weights, ``hyper_parameters.config`` and the alphabet; every command that takes a
+checkpoint reads it (:func:`proteinperformer.checkpoints.load_model`). The FAVOR+ kernel is the source's own
+(softmax for ESM-2, which was trained with softmax attention) unless ``--kernel`` is given. The report is
+described in :mod:`proteinperformer.evaluation.conversion`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from proteinperformer.checkpoints import load_model, save_checkpoint
+from proteinperformer.cli.common import Parser, add_device_argument, run_command
+from proteinperformer.evaluation.conversion import DEFAULT_NUM_FEATURES, print_report, report
+from proteinperformer.model import convert_attention
+from proteinperformer.model.precision import resolve_device
+
+
+def create_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="pp-convert", description=__doc__.split("\n\n")[0].strip("`"))
+    parser.add_argument("source", type=Path, help="ESM-2 .pt file, Hugging Face ESM directory or project .ckpt")
+    parser.add_argument("output", type=Path, nargs="?", help="project checkpoint to write (.ckpt)")
+    parser.add_argument("--attention", choices=("favor", "exact"), default="favor")
+    parser.add_argument("--num-features", type=int, default=DEFAULT_NUM_FEATURES, help="random features per head")
+    parser.add_argument("--kernel", choices=("softmax", "relu"), default=None,
+                        help="FAVOR+ kernel (default: the source's own; softmax for ESM-2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the FAVOR+ projection draw")
+    parser.add_argument("--report", type=Path, metavar="FASTA", help="measure FAVOR+ vs exact on these sequences")
+    parser.add_argument("--report-json", type=Path, help="also write the report as JSON here")
+    parser.add_argument("--draws", type=int, default=3, help="projection draws the report averages over")
+    parser.add_argument("--max-sequences", type=int, default=200, help="report: first N sequences of FASTA")
+    add_device_argument(parser)
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    """Write the converted checkpoint and/or print (and save) the report."""
+    if args.output is None and args.report is None:
+        raise ValueError("give an OUTPUT checkpoint to write, --report FASTA, or both")
+    resolve_device(args.device)  # checked for every command alike; conversion itself runs on the CPU
+    if args.output is not None:
+        model = load_model(args.source, attention=args.attention, num_features=args.num_features, kernel=args.kernel)
+        if args.attention == "favor":  # a reproducible draw, whatever load_model drew
+            model = convert_attention(model, "favor", args.num_features, args.kernel, seed=args.seed)
+        save_checkpoint(model, args.output, args.source)
+        cfg = model.config
+        print(f"wrote {args.output}: {cfg.depth} layers, width {cfg.dim}, {cfg.attention} attention, "
+              f"{cfg.kernel} kernel ({model.num_parameters():,} parameters)")
+    if args.report is not None:
+        r = report(args.source, args.report, args.num_features, args.kernel, args.draws, args.max_sequences)
+        print_report(r)
+        if args.report_json is not None:
+            tmp = args.report_json.with_name(f".{args.report_json.name}.tmp")
+            tmp.write_text(json.dumps(r, indent=2) + "\n")
+            os.replace(tmp, args.report_json)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point ``pp-convert``."""
+    run_command(run, create_parser(), argv)
+
+
+if __name__ == "__main__":
+    main()

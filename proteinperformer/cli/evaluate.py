@@ -1,0 +1,76 @@
+"""``pp-evaluate``: a checkpoint's whole model card in one command.
+
+    pp-evaluate checkpoints/pp_mlm_relu_2.7M.ckpt --out results/reference --device auto
+
+What it runs and writes is described in :mod:`proteinperformer.evaluation.card`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from proteinperformer.cli.common import Parser, add_device_argument, run_command
+from proteinperformer.evaluation.card import BEGIN, END, PROBES, SECTIONS, evaluate
+
+
+def create_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="pp-evaluate", description=__doc__.split("\n\n")[0].strip("`"))
+    p.add_argument("checkpoint", type=Path, help="a pp-train / pp-convert checkpoint, an ESM-2 file or HF dir")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--skip", nargs="+", choices=SECTIONS, default=[], help="sections to leave out")
+    p.add_argument("--fasta", default="data/uniprot_sample20k.fasta.gz", help="masked-residue evaluation FASTA")
+    p.add_argument("--valid-frac", type=float, default=None,
+                   help="accession-hash valid fraction (default: the checkpoint's training value, else 0.05)")
+    p.add_argument("--test-frac", type=float, default=None,
+                   help="accession-hash test fraction (default: the checkpoint's training value, else 0.05)")
+    p.add_argument("--split-seed", type=int, default=None,
+                   help="accession-hash split seed (default: the checkpoint's training value, else 0)")
+    p.add_argument("--max-len", type=int, default=256, help="masked LM: tokens per sequence (crop)")
+    p.add_argument("--batch-size", type=int, default=16, help="masked LM: sequences per batch")
+    for task, (train, valid, max_train) in PROBES.items():
+        p.add_argument(f"--{task.replace('_', '-')}-train", dest=f"{task}_train", default=train,
+                       help=f"{task} training CSV")
+        p.add_argument(f"--{task.replace('_', '-')}-valid", dest=f"{task}_valid", default=valid,
+                       help=f"{task} validation CSV (scored)")
+        p.add_argument(f"--{task.replace('_', '-')}-max-train", dest=f"{task}_max_train", type=int,
+                       default=max_train, help=f"{task}: sample this many training proteins (default: all)")
+    p.add_argument("--toks-per-batch", type=int, default=4096, help="probes: embedding batch size in tokens")
+    p.add_argument("--blosum-fasta", default="data/uniprot_sample20k.fasta.gz", help="proteins for attention vs BLOSUM")
+    p.add_argument("--blosum-n-seqs", type=int, default=300, help="number of proteins for attention vs BLOSUM")
+    p.add_argument("--blosum-max-len", type=int, default=512, help="crop proteins for attention vs BLOSUM")
+    p.add_argument("--structures", default="data/structures/pdb_chains_subset60.npz", help="chains for contacts")
+    p.add_argument("--contact-train-chains", type=int, default=20, help="chains that fit the contact regression")
+    p.add_argument("--contact-max-len", type=int, default=512, help="skip longer chains")
+    p.add_argument("--seed", type=int, default=0)
+    add_device_argument(p)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; use 1 when other jobs share the cores, where "
+                   "two threads per core run several times slower)")
+    p.add_argument("--update-readme", type=Path, default=None,
+                   help=f"replace the text between {BEGIN} and {END} in this file with the card")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Evaluate the checkpoint and write its card."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return evaluate(args)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point ``pp-evaluate``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = create_parser()
+    parser.set_defaults(command="pp-evaluate " + shlex.join(argv))
+    run_command(run, parser, argv)
+
+
+if __name__ == "__main__":
+    main()

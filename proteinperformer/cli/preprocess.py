@@ -1,0 +1,65 @@
+"""``pp-preprocess``: stream FASTA files (plain or .gz) into a sharded token store for training.
+
+    pp-preprocess uniref50.fasta.gz --out stores/uniref50 --workers 8
+
+The pipeline, the store layout and resuming are described in :mod:`proteinperformer.data.store.preprocess`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from proteinperformer.cli.common import Parser, run_command
+from proteinperformer.data.store.preprocess import preprocess
+
+
+def create_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="pp-preprocess", description=__doc__.split("\n\n")[0])
+    parser.add_argument("inputs", nargs="+", help="FASTA files (.fasta / .fasta.gz)")
+    parser.add_argument("--out", required=True, help="output store directory")
+    parser.add_argument("--workers", type=int, default=1, help="parse processes (1 = in this process)")
+    parser.add_argument("--chunk-mb", type=float, default=32, help="FASTA megabytes per shard")
+    parser.add_argument("--on-invalid", choices=("error", "skip"), default="error",
+                        help="records with invalid characters, no sequence or no id: fail, or skip and count")
+    parser.add_argument("--on-duplicate-id", choices=("error", "skip"), default="error",
+                        help="repeated accessions: fail, or keep the first and count the rest")
+    parser.add_argument("--min-len", type=int, default=None, help="drop (and count) shorter sequences")
+    parser.add_argument("--max-len", type=int, default=None, help="drop (and count) longer sequences")
+    parser.add_argument("--dedup", action="store_true", help="remove exact duplicate sequences (first kept)")
+    parser.add_argument("--holdout", default=None, help="file of accessions (one per line) for the 'ood' split")
+    parser.add_argument("--valid-frac", type=float, default=0.05)
+    parser.add_argument("--test-frac", type=float, default=0.05)
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="discard shards made with other arguments")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Build (or finish) the store; print its counts; returns the manifest."""
+    manifest = preprocess(
+        args.inputs, args.out, workers=args.workers, chunk_mb=args.chunk_mb, on_invalid=args.on_invalid,
+        min_len=args.min_len, max_len=args.max_len, dedup=args.dedup, on_duplicate_id=args.on_duplicate_id,
+        holdout=args.holdout, valid_frac=args.valid_frac, test_frac=args.test_frac, split_seed=args.split_seed,
+        overwrite=args.overwrite, progress=not args.quiet,
+    )
+    counts = manifest["counts"]
+    splits = ", ".join(f"{k} {v['sequences']:,}" for k, v in counts["splits"].items())
+    print(
+        f"{args.out}: {counts['sequences_kept']:,} sequences, {counts['residues_kept']:,} residues kept of "
+        f"{counts['records_read']:,} records ({splits}); {manifest['run']['total_seconds']:.1f} s"
+    )
+    nonzero = {k: v for k, v in manifest["counters"].items() if v and k != "records_read"}
+    if nonzero:
+        print("normalisations / removals: " + ", ".join(f"{k} {v:,}" for k, v in nonzero.items()))
+    return manifest
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point ``pp-preprocess``."""
+    run_command(run, create_parser(), argv)
+
+
+if __name__ == "__main__":
+    main()

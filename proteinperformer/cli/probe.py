@@ -1,0 +1,61 @@
+"""``pp-probe``: linear probes on a checkpoint's embeddings against sequence-only baselines.
+
+    pp-probe CKPT --train data/probes/ss3/train.csv --valid data/probes/ss3/valid.csv --out results/ss3.json
+
+Tasks, features, baselines and metrics are described in :mod:`proteinperformer.evaluation.probe`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from proteinperformer.checkpoints import load_model
+from proteinperformer.cli.common import Parser, add_device_argument, run_command
+from proteinperformer.evaluation.probe import probe_files, read_tables
+from proteinperformer.model.precision import INFERENCE_PRECISIONS, check_inference_precision, resolve_device
+
+
+def create_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="pp-probe",
+        description="Linear probes on a checkpoint's embeddings against sequence-only baselines: ss3 (per residue), "
+        "location and fold_class (per protein), go_mf (GO terms, CAFA F-max). The task is inferred from the CSV "
+        "columns.",
+    )
+    parser.add_argument("checkpoint", type=Path, help="a .ckpt written by pp-train, pp-convert, or an ESM-2 file")
+    parser.add_argument("--train", type=Path, required=True, help="training CSV")
+    parser.add_argument("--valid", type=Path, required=True, help="validation CSV (the test set if no --test)")
+    parser.add_argument("--test", type=Path, default=None, help="test CSV (default: the validation CSV)")
+    parser.add_argument("--out", type=Path, default=Path("results.json"), help="results JSON (PNG beside it)")
+    parser.add_argument("--max-train", type=int, default=None, help="sample this many training proteins")
+    parser.add_argument("--layer", type=int, default=-1, help="representation layer (-1 = final)")
+    parser.add_argument("--C", type=float, nargs="+", default=[1.0], help="inverse regularisation (several: "
+                        "chosen on --valid; needs --test)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--toks-per-batch", type=int, default=4096, help="embedding batch size in tokens")
+    add_device_argument(parser)
+    parser.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="32",
+                        help="embed in 32, or autocast to bf16 / 16")
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Check the tables, load the checkpoint, run :func:`probe_files`; writes ``args.out`` and its PNG."""
+    device = resolve_device(args.device)
+    check_inference_precision(args.precision, device)
+    read_tables(args.train, args.valid, args.test, args.max_train, args.seed)  # bad data fails before the model
+    model = load_model(args.checkpoint, device)
+    report = probe_files(model, args.train, args.valid, args.out, args.test, args.max_train, args.layer, args.C,
+                         args.seed, args.toks_per_batch, args.precision, checkpoint=str(args.checkpoint))
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point ``pp-probe``."""
+    run_command(run, create_parser(), argv)
+
+
+if __name__ == "__main__":
+    main()
