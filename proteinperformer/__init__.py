@@ -8,7 +8,7 @@ The functions users call, importable from the top level::
 
 Names are loaded on first use, so ``import proteinperformer.attention`` (plain torch) does not pull in
 Lightning or Hydra. The layout (README "Layout"): ``attention`` → ``model`` → ``checkpoints`` → ``data`` →
-``training`` / ``inference`` → ``evaluation`` / ``analysis`` → ``cli``; each layer imports only those before it.
+``training`` → ``analysis`` → ``inference`` → ``evaluation`` → ``cli``; each imports only those before it.
 """
 
 from __future__ import annotations

@@ -53,6 +53,7 @@ class LogLineProgressBar(ProgressBar):
         self.every_seconds = every_seconds
         self._enabled = True
         self._start = self._last = time.monotonic()
+        self._last_step = -1
 
     @property
     def is_enabled(self) -> bool:
@@ -75,6 +76,7 @@ class LogLineProgressBar(ProgressBar):
     def _emit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._enabled and trainer.is_global_zero:
             self._last = time.monotonic()
+            self._last_step = trainer.global_step
             print(self._line(trainer, pl_module), file=sys.stdout, flush=True)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -89,7 +91,8 @@ class LogLineProgressBar(ProgressBar):
             self._emit(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._emit(trainer, pl_module)
+        if trainer.global_step != self._last_step:  # the last validation already said where training ended
+            self._emit(trainer, pl_module)
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = self._last = time.monotonic()

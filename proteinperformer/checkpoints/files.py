@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickletools
+import re
 import uuid
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
+
+# what a plain-pickle checkpoint may import without running code of its own (containers, tensors, fair-esm's cfg)
+SAFE_GLOBALS = {"argparse.Namespace", "collections.OrderedDict", "torch._utils._rebuild_tensor_v2",
+                "torch._utils._rebuild_parameter", "torch.Size", "torch.device", "_codecs.encode"}
 
 
 class CheckpointError(ValueError):
@@ -31,15 +39,50 @@ def read_torch(path: str | Path) -> object:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            # a plain pickle (not torch's zip format) is refused below in one line; torch's warning would add two
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for a bad or truncated file
-        msg = str(err).split("\n")[0][:300]
-        if "Unsupported global" in str(err) or "weights_only" in str(err):
-            raise CheckpointError(f"{path}: holds pickled objects outside the allow-list (tensors, dicts, "
-                                  f"argparse.Namespace); refusing to run code from it ({msg})") from None
+        text = str(err)
+        refused = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", text)  # torch names only the last part
+        if refused:
+            unsafe = [n for n in _pickled_globals(path) if n.rsplit(".", 1)[-1] in refused] or refused
+        else:  # a plain pickle: torch stops at its first unsupported opcode, before reading what it imports
+            unsafe = [] if zipfile.is_zipfile(path) else _pickled_globals(path)
+        if unsafe:
+            raise CheckpointError(f"{path}: holds pickled objects outside the allow-list (tensors, dicts, argparse."
+                                  f"Namespace): {', '.join(unsafe[:3])}; refusing to run code from it") from None
+        detail = next((line.strip() for line in text.splitlines() if "Unsupported operand" in line),
+                      text.split("\n")[0][:200])
         raise CheckpointError(f"{path}: not a readable torch checkpoint; truncated or corrupt? "
-                              f"({type(err).__name__}: {msg})") from None
+                              f"({type(err).__name__}: {detail or 'empty file'})") from None
+
+
+def _pickled_globals(path: Path, limit: int = 64 << 20) -> list[str]:
+    """The classes and functions a (non-zip) pickle file would import, found by reading its opcodes without
+    executing them (``pickletools``); empty for a file that is not a pickle. torch's weights-only unpickler
+    stops at an unsupported opcode before naming them, so this names what the file would have run."""
+    names: list[str] = []
+    strings: list[str] = []
+    try:
+        if zipfile.is_zipfile(path):  # torch's format: the pickle is <archive>/data.pkl
+            with zipfile.ZipFile(path) as archive:
+                member = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+                data = archive.read(member)[:limit]
+        else:
+            with open(path, "rb") as f:
+                data = f.read(limit)
+        for op, arg, _pos in pickletools.genops(data):
+            if op.name in ("GLOBAL", "INST"):
+                names.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # noqa: BLE001 - not a pickle (random bytes, text): nothing it would import
+        pass
+    return [n for n in dict.fromkeys(names) if n not in SAFE_GLOBALS]
 
 
 def save_atomic(obj: object, path: str | Path) -> Path:

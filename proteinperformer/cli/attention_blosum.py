@@ -13,8 +13,7 @@ from pathlib import Path
 
 from proteinperformer.analysis.aminoacids import VIG_MIN_EDGES, VIG_THRESHOLD
 from proteinperformer.analysis.blosum_report import MATRICES, METHODS, run
-from proteinperformer.cli.common import Parser, add_device_argument, run_command
-from proteinperformer.model.precision import INFERENCE_PRECISIONS, check_inference_precision, resolve_device
+from proteinperformer.cli.common import Parser, add_device_arguments, checked_device, run_command
 
 
 def create_parser() -> argparse.ArgumentParser:
@@ -31,15 +30,13 @@ def create_parser() -> argparse.ArgumentParser:
                    help="vig: Vig et al.'s binarised method; weighted: attention-weighted fractions")
     p.add_argument("--threshold", type=float, default=VIG_THRESHOLD, help="vig: attention weight of an edge")
     p.add_argument("--min-edges", type=int, default=VIG_MIN_EDGES, help="vig: drop heads with fewer edges")
-    add_device_argument(p)
-    p.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="32", help="32, or autocast to bf16 / 16")
+    add_device_arguments(p)
     return p
 
 
 def report(a: argparse.Namespace) -> dict:
     """Run the analysis and print r against the first matrix for both methods; returns the JSON."""
-    device = resolve_device(a.device)
-    check_inference_precision(a.precision, device)
+    device = checked_device(a)
     res = run(a.checkpoint, a.fasta, a.n_seqs, a.out, a.matrices, a.max_len, a.seed, a.method, a.threshold,
               a.min_edges, a.precision, device)
     first = a.matrices[0]

@@ -16,8 +16,15 @@ import zlib
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+import torch
+
 from proteinperformer.data.store import StoreError
-from proteinperformer.model.precision import DEVICE_CHOICES
+from proteinperformer.model.precision import (
+    DEVICE_CHOICES,
+    INFERENCE_PRECISIONS,
+    check_inference_precision,
+    resolve_device,
+)
 
 # ValueError covers CheckpointError, TokenizationError, FastaFormatError, PrecisionError, ProbeDataError and
 # pandas' parser errors; OSError covers missing, unreadable and corrupt (gzip) files.
@@ -50,9 +57,19 @@ class Parser(argparse.ArgumentParser):
         self.exit(1, f"error: {message} (see {self.prog} --help)\n")
 
 
-def add_device_argument(parser: argparse.ArgumentParser) -> None:
-    """``--device``, the same on every command that runs a model."""
+def add_device_arguments(parser: argparse.ArgumentParser, precision: bool = True) -> None:
+    """``--device`` (and ``--precision``), the same on every command that runs a model."""
     parser.add_argument("--device", default="auto", help=f"torch device: {DEVICE_CHOICES}")
+    if precision:
+        parser.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="32",
+                            help="32, or run the model under autocast in bf16 / 16 (fp16) for speed and memory")
+
+
+def checked_device(args: argparse.Namespace) -> torch.device:
+    """The torch device of ``args.device``, checked on this machine together with ``args.precision`` (if any)."""
+    device = resolve_device(args.device)
+    check_inference_precision(getattr(args, "precision", "32"), device)
+    return device
 
 
 def one_line(err: BaseException) -> str:

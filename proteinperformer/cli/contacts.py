@@ -12,8 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proteinperformer.analysis.contacts_report import run
-from proteinperformer.cli.common import Parser, add_device_argument, run_command
-from proteinperformer.model.precision import INFERENCE_PRECISIONS, check_inference_precision, resolve_device
+from proteinperformer.cli.common import Parser, add_device_arguments, checked_device, run_command
 
 
 def create_parser() -> argparse.ArgumentParser:
@@ -27,15 +26,13 @@ def create_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, default=512, help="skip chains longer than this")
     p.add_argument("--seed", type=int, default=0, help="null-model seed")
     p.add_argument("--n-chains", type=int, default=None, help="use only the first N chains (default: all)")
-    add_device_argument(p)
-    p.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="32", help="32, or autocast to bf16 / 16")
+    add_device_arguments(p)
     return p
 
 
 def report(a: argparse.Namespace) -> dict:
     """Fit and score the contact regression; print long-range P@L against the null; returns the JSON."""
-    device = resolve_device(a.device)
-    check_inference_precision(a.precision, device)
+    device = checked_device(a)
     res = run(a.checkpoint, a.structures, a.train_chains, a.out, a.atom, a.max_len, a.seed, a.n_chains,
               a.precision, device)
     m, n = res["model"]["mean"]["long"], res["null_random_init"]["mean"]["long"]

@@ -20,10 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proteinperformer.checkpoints import load_model, save_checkpoint
-from proteinperformer.cli.common import Parser, add_device_argument, run_command
+from proteinperformer.cli.common import Parser, add_device_arguments, checked_device, run_command
 from proteinperformer.evaluation.conversion import DEFAULT_NUM_FEATURES, print_report, report
 from proteinperformer.model import convert_attention
-from proteinperformer.model.precision import resolve_device
 
 
 def create_parser() -> argparse.ArgumentParser:
@@ -39,7 +38,7 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report-json", type=Path, help="also write the report as JSON here")
     parser.add_argument("--draws", type=int, default=3, help="projection draws the report averages over")
     parser.add_argument("--max-sequences", type=int, default=200, help="report: first N sequences of FASTA")
-    add_device_argument(parser)
+    add_device_arguments(parser, precision=False)
     return parser
 
 
@@ -47,7 +46,7 @@ def run(args: argparse.Namespace) -> None:
     """Write the converted checkpoint and/or print (and save) the report."""
     if args.output is None and args.report is None:
         raise ValueError("give an OUTPUT checkpoint to write, --report FASTA, or both")
-    resolve_device(args.device)  # checked for every command alike; conversion itself runs on the CPU
+    device = checked_device(args)  # the report's forward passes; the conversion itself copies weights on the CPU
     if args.output is not None:
         model = load_model(args.source, attention=args.attention, num_features=args.num_features, kernel=args.kernel)
         if args.attention == "favor":  # a reproducible draw, whatever load_model drew
@@ -57,7 +56,8 @@ def run(args: argparse.Namespace) -> None:
         print(f"wrote {args.output}: {cfg.depth} layers, width {cfg.dim}, {cfg.attention} attention, "
               f"{cfg.kernel} kernel ({model.num_parameters():,} parameters)")
     if args.report is not None:
-        r = report(args.source, args.report, args.num_features, args.kernel, args.draws, args.max_sequences)
+        r = report(args.source, args.report, args.num_features, args.kernel, args.draws, args.max_sequences,
+                   device=device)
         print_report(r)
         if args.report_json is not None:
             tmp = args.report_json.with_name(f".{args.report_json.name}.tmp")

@@ -13,10 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proteinperformer.checkpoints import load_model
-from proteinperformer.cli.common import Parser, add_device_argument, run_command
+from proteinperformer.cli.common import Parser, add_device_arguments, checked_device, run_command
 from proteinperformer.inference.embed import INCLUDE, as_records, resolve_contact_head, resolve_layers
 from proteinperformer.inference.embed_files import FORMATS, bundle_path, done_labels, merge_parts, predict_to_dir
-from proteinperformer.model.precision import INFERENCE_PRECISIONS, check_inference_precision, resolve_device
 
 
 def create_parser() -> argparse.ArgumentParser:
@@ -40,11 +39,9 @@ def create_parser() -> argparse.ArgumentParser:
     long = parser.add_mutually_exclusive_group()
     long.add_argument("--truncate", action="store_true", help="keep the first residues of too-long sequences")
     long.add_argument("--chunk", action="store_true", help="embed too-long sequences in overlapping windows")
-    add_device_argument(parser)
+    add_device_arguments(parser)
     parser.add_argument("--devices", type=int, default=1,
                         help="number of processes / GPUs (>1 runs DDP; with --device cuda or cpu)")
-    parser.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="32",
-                        help="32, or autocast to bf16 / 16 (fp16) for speed and memory")
     parser.add_argument("--attention", choices=("exact", "favor"), default=None,
                         help="swap the model's attention (weights kept): favor = FAVOR+, linear memory, no length "
                         "cap (e.g. an ESM-2 file on a 35,000-residue protein); default: as in the file")
@@ -56,8 +53,7 @@ def create_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Embed every FASTA record not yet in ``args.outdir``; returns the number of sequences embedded."""
-    device = resolve_device(args.device)
-    check_inference_precision(args.precision, device)
+    device = checked_device(args)
     model = load_model(args.checkpoint, attention=args.attention, num_features=args.num_features, kernel=args.kernel)
     layers = list(args.repr_layers)
     resolve_layers(layers, model.config.depth)

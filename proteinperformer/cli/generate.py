@@ -12,9 +12,8 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from proteinperformer.cli.common import Parser, add_device_argument, run_command
+from proteinperformer.cli.common import Parser, add_device_arguments, checked_device, run_command
 from proteinperformer.inference.generate import load_clm, sample, write_fasta
-from proteinperformer.model.precision import INFERENCE_PRECISIONS, check_inference_precision, resolve_device
 
 
 def create_parser() -> argparse.ArgumentParser:
@@ -28,16 +27,13 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1 = off)")
     parser.add_argument("--seed", type=int, default=0)
-    add_device_argument(parser)
-    parser.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="32",
-                        help="32, or autocast each step to bf16 / 16")
+    add_device_arguments(parser)
     return parser
 
 
 def run(args: argparse.Namespace) -> Path:
     """Load the checkpoint, sample, write the FASTA; returns its path."""
-    device = resolve_device(args.device)
-    check_inference_precision(args.precision, device)
+    device = checked_device(args)
     model, alphabet = load_clm(args.checkpoint, device)
     seqs = sample(model, alphabet, args.num_samples, args.max_length, args.prompt, args.temperature,
                   args.top_k, args.top_p, args.seed, args.precision)

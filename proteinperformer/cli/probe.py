@@ -12,9 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proteinperformer.checkpoints import load_model
-from proteinperformer.cli.common import Parser, add_device_argument, run_command
+from proteinperformer.cli.common import Parser, add_device_arguments, checked_device, run_command
 from proteinperformer.evaluation.probe import probe_files, read_tables
-from proteinperformer.model.precision import INFERENCE_PRECISIONS, check_inference_precision, resolve_device
 
 
 def create_parser() -> argparse.ArgumentParser:
@@ -35,16 +34,13 @@ def create_parser() -> argparse.ArgumentParser:
                         "chosen on --valid; needs --test)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--toks-per-batch", type=int, default=4096, help="embedding batch size in tokens")
-    add_device_argument(parser)
-    parser.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="32",
-                        help="embed in 32, or autocast to bf16 / 16")
+    add_device_arguments(parser)
     return parser
 
 
 def run(args: argparse.Namespace) -> dict:
     """Check the tables, load the checkpoint, run :func:`probe_files`; writes ``args.out`` and its PNG."""
-    device = resolve_device(args.device)
-    check_inference_precision(args.precision, device)
+    device = checked_device(args)
     read_tables(args.train, args.valid, args.test, args.max_train, args.seed)  # bad data fails before the model
     model = load_model(args.checkpoint, device)
     report = probe_files(model, args.train, args.valid, args.out, args.test, args.max_train, args.layer, args.C,

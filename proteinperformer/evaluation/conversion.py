@@ -60,18 +60,22 @@ def mask_residues(tokens: torch.Tensor, alphabet, rate: float = 0.15, seed: int 
 
 
 def report(source: str | Path, fasta: str | Path, num_features: int = DEFAULT_NUM_FEATURES, kernel: str | None = None,
-           draws: int = 3, max_sequences: int = 200, max_residues: int = 1022) -> dict:
+           draws: int = 3, max_sequences: int = 200, max_residues: int = 1022,
+           device: str | torch.device = "cpu") -> dict:
     """What FAVOR+ changes on the sequences of ``fasta``: per-layer attention error and exact vs FAVOR+ MLM.
 
-    Sequences are cropped to ``max_residues`` or the exact model's limit. Returns a dict (see ``pp-convert``).
+    Sequences are cropped to ``max_residues`` or the exact model's limit; the models run on ``device``. ``kernel``
+    None keeps the source's own. Returns a dict (see ``pp-convert``).
     """
-    exact = load_model(source, attention="exact")
+    exact = load_model(source, device, attention="exact")
     kernel = kernel or exact.config.kernel  # the source's own kernel unless one is asked for
     max_residues = min(max_residues, residue_limit(exact.config) or max_residues)
     records = [(label, seq[:max_residues]) for label, seq in as_records(fasta)[:max_sequences]]
     converter = exact.alphabet.get_batch_converter()
     batches = [converter([r])[2] for r in records]  # one sequence per pass: no padding in the comparison
-    masks = [mask_residues(t, exact.alphabet, seed=i) for i, t in enumerate(batches)]
+    masks = [mask_residues(t, exact.alphabet, seed=i) for i, t in enumerate(batches)]  # drawn on the CPU
+    batches = [t.to(device) for t in batches]
+    masks = [(m.to(device), {k: v.to(device) for k, v in where.items()}) for m, where in masks]
     depth = exact.config.depth
     err = torch.zeros(draws, depth, 2, dtype=torch.float64)
     scores = {"exact": [0, 0.0], "favor": [0, 0.0]}
