@@ -18,7 +18,7 @@ from pathlib import Path
 import hydra
 from hydra import compose, initialize_config_dir
 
-from proteinperformer.paths import PROJECT_ROOT
+from proteinperformer.files import PROJECT_ROOT
 from proteinperformer.training.train import score_checkpoint
 
 

@@ -13,7 +13,7 @@ from tests.conftest import ROOT
 
 PACKAGE = ROOT / "proteinperformer"
 # Lower layers first; a module may import its own layer or any layer before it, never one after.
-LAYERS = ["tokenizer", "paths", "progress", "attention", "model", "checkpoints", "data", "training", "analysis",
+LAYERS = ["tokenizer", "files", "progress", "attention", "model", "checkpoints", "data", "training", "analysis",
           "inference", "evaluation", "cli"]
 
 
@@ -135,3 +135,15 @@ def test_no_machine_paths_in_the_repository() -> None:
         text = path.read_text(errors="ignore") if path.is_file() else ""
         hits += [name for marker in ("/work/shared", "/work/main", "/root/") if marker in text]
     assert not hits, hits
+
+
+def test_readme_python_snippets_run(monkeypatch) -> None:
+    """Every ```python block of README.md runs as written, from the repository root (ESM's test_readme)."""
+    text = (ROOT / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    assert len(blocks) >= 2
+    monkeypatch.chdir(ROOT)
+    for block in blocks:
+        namespace: dict = {}
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
+    assert tuple(namespace["reps"]["P69905"]["per_tok"][-1].shape) == (47, 192)

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from proteinperformer.analysis.maps import as_performer, attention_maps
+from proteinperformer.files import write_json_atomic
 from proteinperformer.progress import track
 
 RANGES = {"medium": (12, 24), "long": (24, None)}  # [min, max) sequence separation
@@ -173,11 +172,7 @@ class ContactHead:
 
     def save(self, path: str | Path) -> Path:
         """Write the head as JSON (temp file + rename)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        tmp.write_text(json.dumps({"format": "proteinperformer.contact_head/1", **asdict(self)}, indent=1) + "\n")
-        os.replace(tmp, path)
-        return path
+        return write_json_atomic(path, {"format": "proteinperformer.contact_head/1", **asdict(self)}, indent=1)
 
     @classmethod
     def load(cls, path: str | Path) -> ContactHead:

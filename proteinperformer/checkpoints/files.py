@@ -8,15 +8,15 @@ fair-esm's ``argparse.Namespace`` as the only extra allowed class), and every on
 from __future__ import annotations
 
 import argparse
-import os
 import pickletools
 import re
-import uuid
 import warnings
 import zipfile
 from pathlib import Path
 
 import torch
+
+from proteinperformer.files import write_atomic
 
 # what a plain-pickle checkpoint may import without running code of its own (containers, tensors, fair-esm's cfg)
 SAFE_GLOBALS = {"argparse.Namespace", "collections.OrderedDict", "torch._utils._rebuild_tensor_v2",
@@ -87,9 +87,4 @@ def _pickled_globals(path: Path, limit: int = 64 << 20) -> list[str]:
 
 def save_atomic(obj: object, path: str | Path) -> Path:
     """torch.save ``obj`` to ``path`` through a temp file + rename (readers never see a partial file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda tmp: torch.save(obj, tmp))

@@ -14,14 +14,13 @@ described in :mod:`proteinperformer.evaluation.conversion`.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from proteinperformer.checkpoints import load_model, save_checkpoint
 from proteinperformer.cli.common import Parser, add_device_arguments, checked_device, run_command
 from proteinperformer.evaluation.conversion import DEFAULT_NUM_FEATURES, print_report, report
+from proteinperformer.files import write_json_atomic
 from proteinperformer.model import convert_attention
 
 
@@ -60,9 +59,7 @@ def run(args: argparse.Namespace) -> None:
                    device=device)
         print_report(r)
         if args.report_json is not None:
-            tmp = args.report_json.with_name(f".{args.report_json.name}.tmp")
-            tmp.write_text(json.dumps(r, indent=2) + "\n")
-            os.replace(tmp, args.report_json)
+            write_json_atomic(args.report_json, r)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

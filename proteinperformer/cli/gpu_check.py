@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from proteinperformer.cli.common import Parser, run_command
-from proteinperformer.paths import PROJECT_ROOT as ROOT  # it runs the repository's tests/ and scripts/
+from proteinperformer.files import PROJECT_ROOT as ROOT  # it runs the repository's tests/ and scripts/
+from proteinperformer.files import write_text_atomic
 
 BENCH_LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 BENCH_METHODS = ["exact", "exact_causal", "favor", "favor_causal"]
@@ -216,9 +217,7 @@ def run(args: argparse.Namespace) -> dict:
         report["favor_causal_over_sdpa_causal_8192_bf16"] = causal_vs_flash(report["sections"].get("bench", []))
     report["seconds"] = time.time() - start
     for name, text in (("gpu_check.json", json.dumps(report, indent=2) + "\n"), ("gpu_check.md", to_markdown(report))):
-        tmp = args.out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, args.out / name)
+        write_text_atomic(args.out / name, text)
     print(to_markdown(report))
     print(f"wrote {args.out / 'gpu_check.json'} and {args.out / 'gpu_check.md'}")
     return report

@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from proteinperformer.cli.common import ANTICIPATED_ERRORS, one_line
-from proteinperformer.paths import PROJECT_ROOT
+from proteinperformer.files import PROJECT_ROOT
 from proteinperformer.training.train import train
 
 

@@ -21,7 +21,7 @@ from proteinperformer.data.fasta import load_fasta
 from proteinperformer.data.sequences import TokenizedSequences
 from proteinperformer.data.splits import assign_split
 from proteinperformer.data.store import TokenStore
-from proteinperformer.paths import resolve_path
+from proteinperformer.files import resolve_path
 from proteinperformer.tokenizer import Alphabet
 
 

@@ -25,11 +25,9 @@ about 10 minutes on 2 CPU cores for the 2.7M-parameter reference checkpoint).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +39,8 @@ from proteinperformer.checkpoints import CheckpointError, load_model, read_torch
 from proteinperformer.data.collate import IGNORE_INDEX
 from proteinperformer.data.datamodule import ProteinDataModule
 from proteinperformer.evaluation.probe import probe_files, read_tables
+from proteinperformer.files import resolve_path, save_figure_atomic, write_json_atomic, write_text_atomic
 from proteinperformer.model.precision import resolve_device
-from proteinperformer.paths import resolve_path
 from proteinperformer.progress import track
 from proteinperformer.tokenizer import Alphabet
 
@@ -235,10 +233,7 @@ def plot_card(card: dict, path: Path) -> None:
         ax.set_title(title, fontsize=9)
     fig.suptitle(Path(card["checkpoint"]).name, fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure_atomic(fig, path)
 
 
 def update_readme(readme: Path, markdown: str) -> None:
@@ -248,9 +243,7 @@ def update_readme(readme: Path, markdown: str) -> None:
         raise ValueError(f"{readme}: needs exactly one {BEGIN} line followed by one {END} line")
     head, rest = text.split(BEGIN)
     _, tail = rest.split(END)
-    tmp = readme.with_name(f".{readme.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(f"{head}{BEGIN}\n{markdown}{END}{tail}")
-    os.replace(tmp, readme)
+    write_text_atomic(readme, f"{head}{BEGIN}\n{markdown}{END}{tail}")
 
 
 def _write_json(obj: dict, path: Path) -> None:
@@ -261,9 +254,7 @@ def _write_json(obj: dict, path: Path) -> None:
             return [safe(v) for v in x]
         return None if isinstance(x, float) and not math.isfinite(x) else x
 
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(safe(obj), indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, safe(obj))
 
 
 # ---- the run ------------------------------------------------------------------------------------

@@ -27,9 +27,7 @@ Methods, all scored on the same proteins and terms:
 
 from __future__ import annotations
 
-import os
 import re
-import uuid
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +40,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve
 from sklearn.preprocessing import StandardScaler
 
 from proteinperformer.evaluation.baselines import composition
+from proteinperformer.files import save_figure_atomic
 from proteinperformer.progress import track
 from proteinperformer.tokenizer import STANDARD_RESIDUES
 
@@ -296,7 +295,4 @@ def plot_go(report: dict, path: Path) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(f"GO molecular function: {report['n_terms']} terms, {report['n_evaluated_proteins']} proteins")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure_atomic(fig, path)

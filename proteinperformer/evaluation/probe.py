@@ -31,10 +31,7 @@ without ``--test`` the valid set is the test set and a single C (default 1.0) is
 
 from __future__ import annotations
 
-import json
-import os
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -47,6 +44,7 @@ from sklearn.preprocessing import StandardScaler
 
 from proteinperformer.evaluation.baselines import composition, terminal_onehot, window_composition, window_onehot
 from proteinperformer.evaluation.go import check_go_column, plot_go, run_go_probe, split_terms, term_vocabulary
+from proteinperformer.files import save_figure_atomic, write_json_atomic
 from proteinperformer.tokenizer import Alphabet, TokenizationError
 
 SS3_CLASSES = ("H", "E", "C")
@@ -269,10 +267,7 @@ def plot_report(report: dict, path: Path) -> None:
     ax.set_xticklabels(classes, rotation=90, fontsize=7)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure_atomic(fig, path)
 
 
 def read_tables(
@@ -322,11 +317,7 @@ def probe_files(
                "max_train": max_train, "precision": precision}
     if checkpoint is not None:
         report["checkpoint"] = checkpoint
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out)
+    out = write_json_atomic(out, report)
     (plot_go if task == "go_mf" else plot_report)(report, out.with_suffix(".png"))
     if task == "go_mf":
         print(f"\n{task}: {report['n_terms']} terms, train {report['n_train_proteins']} proteins, test "

@@ -19,7 +19,6 @@ so no label makes a hidden file or ``..``. Decode with ``urllib.parse.unquote``.
 
 from __future__ import annotations
 
-import os
 import uuid
 import warnings
 from collections.abc import Iterable, Sequence
@@ -33,6 +32,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
 from proteinperformer.checkpoints import save_atomic
+from proteinperformer.files import write_atomic
 from proteinperformer.inference.embed import batch_indices, embed_batch
 from proteinperformer.model import PerformerLM
 
@@ -106,16 +106,19 @@ def _write_bundle(records: Iterable[dict], path: Path) -> None:
         for layer, t in by_layer.items()
     }
     flat |= {f"{safe_name(r['label'])}/contacts": r["contacts"].numpy() for r in records if "contacts" in r}
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp{path.suffix}")
-    if path.suffix == ".npz":
-        np.savez(tmp, **flat)
-    else:
+
+    def write(tmp: Path) -> None:
+        if path.suffix == ".npz":
+            with open(tmp, "wb") as handle:  # a handle: np.savez would append .npz to a name
+                np.savez(handle, **flat)
+            return
         import h5py
 
         with h5py.File(tmp, "w") as f:
             for key, array in flat.items():
                 f.create_dataset(key, data=array)
-    os.replace(tmp, path)
+
+    write_atomic(path, write)
 
 
 def done_labels(outdir: Path, fmt: str) -> set[str]:

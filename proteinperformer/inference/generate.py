@@ -11,13 +11,13 @@ amino-acid letters and ``<eos>`` can be drawn, so every output is a valid protei
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from proteinperformer.attention import FavorState, KVCache
 from proteinperformer.checkpoints import load_model
+from proteinperformer.files import write_text_atomic
 from proteinperformer.model import PerformerLM
 from proteinperformer.model.precision import inference_autocast
 from proteinperformer.tokenizer import Alphabet
@@ -133,12 +133,6 @@ def sample(
 
 def write_fasta(path: str | Path, records: list[tuple[str, str]], width: int = 60) -> Path:
     """Write ``(header, sequence)`` records as FASTA via a temp file + rename (no half-written files)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        for header, seq in records:
-            f.write(f">{header}\n")
-            f.writelines(seq[i : i + width] + "\n" for i in range(0, len(seq), width))
-    os.replace(tmp, path)
-    return path
+    text = "".join(f">{header}\n" + "".join(seq[i : i + width] + "\n" for i in range(0, len(seq), width))
+                   for header, seq in records)
+    return write_text_atomic(path, text)

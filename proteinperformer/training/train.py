@@ -7,10 +7,8 @@ wires the pieces and writes ``metrics.json`` next to the checkpoints. The comman
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
 import warnings
 from pathlib import Path
@@ -22,7 +20,7 @@ from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.loggers import WandbLogger
 
 from proteinperformer.checkpoints import load_model, read_torch
-from proteinperformer.paths import resolve_path
+from proteinperformer.files import resolve_path, write_json_atomic
 from proteinperformer.training.lm import ProteinLM
 from proteinperformer.training.precision import check_trainer
 
@@ -35,13 +33,6 @@ warnings.filterwarnings("ignore", message="You're resuming from a checkpoint tha
 
 def _instantiate_all(group: DictConfig | None) -> list:
     return [hydra.utils.instantiate(c, _convert_="all") for c in (group or {}).values() if c is not None]
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON to ``path`` via a temp file + rename, so readers never see a half-written file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _init_weights_from(cfg: DictConfig):

@@ -330,19 +330,6 @@ def shard_name(file_index: int, chunk_index: int) -> str:
     return f"{file_index:04d}-{chunk_index:06d}"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        np.save(handle, array)
-    os.replace(tmp, path)
-
-
 def process_block(block: Block, file_index: int, shard_root: str, on_invalid: str) -> dict:
     """Parse one block and write it as shard ``shard_root/NAME`` (temp dir + rename); return its summary."""
     parsed = parse_block(block.data, block.path, block.first_line, on_invalid)

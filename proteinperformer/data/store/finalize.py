@@ -7,7 +7,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import hashlib
 import json
-import os
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -18,8 +17,9 @@ import pandas as pd
 
 from proteinperformer.data.fasta import FastaFormatError
 from proteinperformer.data.splits import assign_split
-from proteinperformer.data.store.build import atomic_save_npy, atomic_write_text, crc32_of
+from proteinperformer.data.store.build import crc32_of
 from proteinperformer.data.store.reader import SPLIT_NAMES, STORE_VERSION, ShardReader
+from proteinperformer.files import save_npy_atomic, write_atomic, write_text_atomic
 from proteinperformer.tokenizer import Alphabet
 
 # What finalize decided for each parsed record (metadata/*.parquet ``status``).
@@ -80,9 +80,7 @@ def _split_shard(
             "status": pd.Categorical.from_codes(status.astype(np.int8), categories=list(STATUS_NAMES)),
         }
     )
-    tmp = out / "metadata" / f".{name}.parquet.tmp-{os.getpid()}"
-    table.to_parquet(tmp, index=False)
-    os.replace(tmp, out / "metadata" / f"{name}.parquet")
+    write_atomic(out / "metadata" / f"{name}.parquet", lambda tmp: table.to_parquet(tmp, index=False))
     return codes, found
 
 
@@ -204,15 +202,14 @@ def finalize(
     for split in SPLIT_NAMES:
         rows = np.concatenate(rows_by_split[split]) if names else np.zeros(0, dtype=np.int64)
         rows = rows.astype(np.int64)
-        atomic_save_npy(out / "index" / f"{split}.rows.npy", rows)
-        atomic_save_npy(out / "index" / f"{split}.lengths.npy", lengths[rows])
+        save_npy_atomic(out / "index" / f"{split}.rows.npy", rows)
+        save_npy_atomic(out / "index" / f"{split}.lengths.npy", lengths[rows])
         split_counts[split] = {"sequences": len(rows), "residues": int(lengths[rows].sum())}
         index_checksums[f"{split}.rows.npy"] = crc32_of(rows)
 
     skipped = [(s["file"], line, rec_id, reason) for s in summaries for line, rec_id, reason in s["skipped"]]
     table = pd.DataFrame(skipped, columns=["file", "line", "id", "reason"])
-    table.to_parquet(out / ".skipped.parquet.tmp", index=False)
-    os.replace(out / ".skipped.parquet.tmp", out / "skipped.parquet")
+    write_atomic(out / "skipped.parquet", lambda tmp: table.to_parquet(tmp, index=False))
 
     counters: Counter = Counter()
     for s in summaries:
@@ -258,5 +255,5 @@ def finalize(
         ],
         "index_checksums": index_checksums,
     }
-    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
+    write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=1))
     return manifest

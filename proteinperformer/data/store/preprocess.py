@@ -42,7 +42,6 @@ from pathlib import Path
 
 from proteinperformer.data.fasta import FastaFormatError
 from proteinperformer.data.store.build import (
-    atomic_write_text,
     iter_blocks,
     load_shard_summary,
     open_binary,
@@ -52,6 +51,7 @@ from proteinperformer.data.store.build import (
 )
 from proteinperformer.data.store.finalize import finalize, read_holdout
 from proteinperformer.data.store.reader import STORE_VERSION, StoreError
+from proteinperformer.files import write_text_atomic
 from proteinperformer.progress import track
 
 
@@ -76,7 +76,7 @@ def _check_config(out: Path, config: dict, overwrite: bool) -> None:
     (out / "shards").mkdir(exist_ok=True)
     for leftover in (out / "shards").glob(".*.tmp-*"):  # half-written shards of a killed run
         shutil.rmtree(leftover)
-    atomic_write_text(path, json.dumps(config, indent=1))
+    write_text_atomic(path, json.dumps(config, indent=1))
 
 
 def preprocess(
@@ -197,5 +197,5 @@ def preprocess(
         "input_bytes": total,
     }
     manifest["inputs"] = config["inputs"]
-    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
+    write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=1))
     return manifest

@@ -1,0 +1,81 @@
+"""Files: where they are found (the project root with ``conf/`` and ``data/``, the shared data folder) and how
+they are written (a temp file beside the target, then a rename, so no reader ever sees a half-written file).
+
+A relative path given to a command or a config is tried from the current directory, then from the project
+root, so ``data/uniprot_sample20k.fasta.gz`` works from anywhere. Large data shared between checkouts (UniProt
+samples, probe sets, structures) is reached through ``$PP_SHARED_DATA``; unset, it is ``../shared/data``
+beside the project root. Configs spell it ``${shared_data}`` (``conf/train.yaml``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA_ENV = "PP_SHARED_DATA"
+DEFAULT_SHARED_DATA = "../shared/data"  # relative to the project root
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A path as given if it exists, else relative to the project root (so configs work from any cwd)."""
+    path = Path(path).expanduser()
+    if path.exists() or path.is_absolute():
+        return path
+    candidate = PROJECT_ROOT / path
+    return candidate if candidate.exists() else path
+
+
+def shared_data_dir() -> Path:
+    """The shared data folder: ``$PP_SHARED_DATA``, else ``../shared/data`` beside the project root."""
+    return resolve_path(os.environ.get(SHARED_DATA_ENV) or DEFAULT_SHARED_DATA)
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """Call ``write(tmp)`` on a temp path beside ``path``, then rename it to ``path``; returns ``path``.
+    A failed or killed write leaves only a hidden ``.NAME.*.tmp`` file, never a partial ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # matches no reader's *.npy / *.parquet glob
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temp file + rename."""
+    return write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json_atomic(path: str | Path, obj: Any, indent: int = 2) -> Path:
+    """Write ``obj`` as JSON (``indent``, trailing newline) to ``path`` through a temp file + rename."""
+    return write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def save_npy_atomic(path: str | Path, array: Any) -> Path:
+    """``numpy.save`` ``array`` to ``path`` (a ``.npy`` name) through a temp file + rename."""
+    import numpy as np
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:  # a handle: np.save would append .npy to a name
+            np.save(handle, array)
+
+    return write_atomic(path, write)
+
+
+def save_figure_atomic(fig: Any, path: str | Path, dpi: int = 100) -> Path:
+    """Save a matplotlib figure as PNG to ``path`` through a temp file + rename, then close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    finally:
+        plt.close(fig)
+
