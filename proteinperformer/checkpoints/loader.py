@@ -27,7 +27,7 @@ def load_model(
     num_features: int | None = None,
     kernel: str | None = None,
 ) -> PerformerLM:
-    """Load a model for embedding: a ``train.py`` / ``pp-convert`` checkpoint, a fair-esm ESM-2 ``.pt`` file
+    """Load a model from any file a command takes: a ``pp-train`` / ``pp-convert`` checkpoint, a fair-esm ESM-2 ``.pt``
     (``esm2_t6_8M_UR50D.pt`` ..., with ``-contact-regression.pt`` beside it when present) or a Hugging Face
     ESM directory (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``).
 

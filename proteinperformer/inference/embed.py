@@ -1,4 +1,4 @@
-"""Per-protein and per-residue embeddings from a trained checkpoint: Python API and the ``pp-embed`` CLI.
+"""Per-protein and per-residue embeddings of a loaded model (the Python API behind ``pp-embed``).
 
 Follows ESM's ``esm-extract`` (facebookresearch/esm, ``scripts/extract.py``)::
 
@@ -39,10 +39,7 @@ import torch
 
 from proteinperformer.data.fasta import load_fasta
 from proteinperformer.model import ModelConfig, PerformerLM
-from proteinperformer.model.precision import (
-    check_inference_precision,
-    inference_autocast,
-)
+from proteinperformer.model.precision import check_inference_precision, inference_autocast
 from proteinperformer.progress import track
 from proteinperformer.tokenizer import Alphabet
 
