@@ -83,7 +83,8 @@ def test_pp_train_bad_checkpoint_is_one_line_error(kind, bad_checkpoints, tmp_pa
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {ckpt}: ")
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {ckpt}: "), proc.stderr
     assert not (tmp_path / "MARKER").exists()
 
 

@@ -93,10 +93,11 @@ def train(cfg: DictConfig) -> dict:
     # fail in one line, before any data is read, if this machine cannot run the requested accelerator/precision
     check_trainer(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("precision", "32-true"),
                   cfg.trainer.get("devices", 1))
-    pl.seed_everything(cfg.seed, workers=True)
-    output_dir = Path(cfg.output_dir)
     if cfg.get("ckpt_path"):  # a resume checkpoint is read without running code, and fails in one line
         read_torch(resolve_path(cfg.ckpt_path))
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # quiet: a bad init_from then fails in one line
+    log.info("seed %d", cfg.seed)
+    output_dir = Path(cfg.output_dir)
     net = _init_weights_from(cfg)
     log.info("data: %s", cfg.data._target_)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
