@@ -39,12 +39,23 @@ def _dashed(arg: str) -> str:
     return name.replace("_", "-") + eq + value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default unless its help already says it, or there is none to show (None, False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        nothing_to_show = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in text or nothing_to_show or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with the conventions above: underscore spellings of long options, ``--debug``, and a one-line
     ``error: ...`` (exit 1) for a bad option instead of the usage block (exit 2)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
         self.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")
 

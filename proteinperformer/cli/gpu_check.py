@@ -194,7 +194,7 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="tiny CPU run of the same mechanics (no CUDA needed)")
     parser.add_argument("--sections", nargs="+", choices=["tests", "train", "bench"],
                         default=["tests", "train", "bench"])
-    parser.add_argument("--timeout", type=float, default=150, help="seconds per subprocess (default 150)")
+    parser.add_argument("--timeout", type=float, default=150, help="seconds per subprocess")
     return parser
 
 
