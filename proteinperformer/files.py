@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA_ENV = "PP_SHARED_DATA"
-DEFAULT_SHARED_DATA = "../shared/data"  # relative to the project root
 
 
 def resolve_path(path: str | Path) -> Path:
@@ -28,11 +26,6 @@ def resolve_path(path: str | Path) -> Path:
         return path
     candidate = PROJECT_ROOT / path
     return candidate if candidate.exists() else path
-
-
-def shared_data_dir() -> Path:
-    """The shared data folder: ``$PP_SHARED_DATA``, else ``../shared/data`` beside the project root."""
-    return resolve_path(os.environ.get(SHARED_DATA_ENV) or DEFAULT_SHARED_DATA)
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], Any]) -> Path:

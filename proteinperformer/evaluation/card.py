@@ -85,10 +85,10 @@ def masked_lm_scores(
     log_p = (freqs / freqs.sum()).log()
     best = int(freqs.argmax())
     out = {}
+    device = next(model.parameters()).device
     for split, loader in (("valid", dm.val_dataloader()), ("test", dm.test_dataloader())):
         n = correct = nll = base_correct = base_nll = 0.0
         for batch in track(loader, desc=f"masked LM ({split})", unit="batch", leave=False):
-            device = next(model.parameters()).device
             logits = model(batch["input_ids"].to(device), batch["padding_mask"].to(device))["logits"].float().cpu()
             labels = batch["labels"]
             sel = labels != IGNORE_INDEX

@@ -35,6 +35,7 @@ from proteinperformer.checkpoints import save_atomic
 from proteinperformer.files import write_atomic
 from proteinperformer.inference.embed import batch_indices, embed_batch
 from proteinperformer.model import PerformerLM
+from proteinperformer.progress import progress_bar
 
 FORMATS = ("pt", "h5", "npz")
 # esm-extract's key names, used in every output file.
@@ -227,8 +228,6 @@ def predict_to_dir(
 ) -> bool:
     """Embed ``records`` with ``Trainer.predict`` over ``devices`` processes, writing each batch to ``outdir`` as
     it finishes (:class:`EmbeddingWriter`); returns True on the global-zero rank (which merges h5/npz parts)."""
-    from proteinperformer.progress import progress_bar
-
     accelerator, lightning_devices = lightning_device(torch.device(device), devices)
     trainer = pl.Trainer(
         accelerator=accelerator,
