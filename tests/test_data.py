@@ -158,7 +158,7 @@ def test_datamodule_bucketing_covers_the_epoch_once_with_little_padding():
     # Lightning reshuffles through batch_sampler.sampler.set_epoch (not batch_sampler.set_epoch)
     sampler.sampler.set_epoch(1)
     assert [i for batch in sampler for _, i in batch] != seen
-    with pytest.raises(ValueError, match="bucketing applies to mode='single'"):
+    with pytest.raises(ValueError, match=r"bucketing \(and toks_per_batch\) applies to mode='single'"):
         ProteinDataModule(mode="concat", bucketing=True)
 
 

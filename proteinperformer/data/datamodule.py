@@ -14,7 +14,7 @@ import numpy as np
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
-from proteinperformer.data.bucketing import LengthBucketBatchSampler
+from proteinperformer.data.bucketing import LengthBucketBatchSampler, TokenCounts
 from proteinperformer.data.collate import CLMCollator, MLMCollator
 from proteinperformer.data.datasets import ConcatChunkDataset, EpochShuffleSampler, SingleSequenceDataset
 from proteinperformer.data.fasta import load_fasta
@@ -48,6 +48,11 @@ class ProteinDataModule(pl.LightningDataModule):
             train on different crop lengths are scored on the same windows.
         eval_mask_prob: MLM: share of residues masked in validation/test (default ``mask_prob``), so runs that
             train with different masking rates are scored on the same masks.
+        toks_per_batch: single mode: train batches of up to this many tokens (rows x longest row, as ESM's
+            ``--toks_per_batch``) cut from length-sorted pools (implies bucketing; ``batch_size`` then sets only
+            the pool size, ``pool_batches * batch_size`` sequences). The ranks of one step get neighbouring
+            batches of the same pool, so similar lengths.
+        pin_memory, persistent_workers: DataLoader options (GPU presets turn both on).
     """
 
     def __init__(
@@ -71,6 +76,9 @@ class ProteinDataModule(pl.LightningDataModule):
         alphabet: str = "proteinperformer",
         eval_max_len: int | None = None,
         eval_mask_prob: float | None = None,
+        toks_per_batch: int | None = None,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
     ) -> None:
         super().__init__()
         # kept in every checkpoint (``datamodule_hyper_parameters``): pp-evaluate re-derives the splits from it
@@ -89,9 +97,13 @@ class ProteinDataModule(pl.LightningDataModule):
         self.valid_frac, self.test_frac, self.split_seed = valid_frac, test_frac, split_seed
         self.max_sequences = max_sequences
         self.seed = seed
+        if toks_per_batch is not None:
+            bucketing = True  # token-budget batches are cut from length-sorted pools
         if bucketing and mode != "single":
-            raise ValueError("bucketing applies to mode='single' (concat chunks all have chunk_len tokens)")
-        self.bucketing, self.pool_batches = bucketing, pool_batches
+            raise ValueError("bucketing (and toks_per_batch) applies to mode='single' (concat chunks all have "
+                             "chunk_len tokens)")
+        self.bucketing, self.pool_batches, self.toks_per_batch = bucketing, pool_batches, toks_per_batch
+        self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
         self.alphabet = Alphabet(alphabet)
         if store_path is not None and alphabet != "proteinperformer":
             raise ValueError(f"{store_path}: token stores hold proteinperformer token ids, but the model uses the "
@@ -148,9 +160,9 @@ class ProteinDataModule(pl.LightningDataModule):
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         collate = self.collator if split == "train" else self.eval_collator
         if split == "train" and self.bucketing:
-            num_tokens = np.minimum(self.splits[split].lengths + 2, self.max_len)
+            num_tokens = TokenCounts(self.splits[split].lengths, self.max_len)
             sampler = LengthBucketBatchSampler(num_tokens, self.batch_size, self.pool_batches, self.seed,
-                                               shuffle, rank, world)
+                                               shuffle, rank, world, toks_per_batch=self.toks_per_batch)
             batching = {"batch_sampler": sampler}
         else:
             sampler = EpochShuffleSampler(len(dataset), self.seed, shuffle, rank, world, drop_last=False,
@@ -164,7 +176,8 @@ class ProteinDataModule(pl.LightningDataModule):
                 self._resume_state = None
             self._train_sampler = sampler
         return DataLoader(dataset, **batching, collate_fn=collate, num_workers=self.num_workers,
-                          persistent_workers=False)
+                          pin_memory=self.pin_memory,
+                          persistent_workers=self.persistent_workers and self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -202,8 +215,9 @@ class ProteinDataModule(pl.LightningDataModule):
         """
         if self._baseline is None:
             ids = np.array(self.alphabet.residue_ids)
-            train_counts = np.bincount(self.splits["train"].tokens, minlength=len(self.alphabet))[ids] + 1.0
-            valid_counts = np.bincount(self.splits["valid"].tokens, minlength=len(self.alphabet))[ids]
+            # counted once by pp-preprocess for a store (manifest), in bounded chunks for FASTA
+            train_counts = self.splits["train"].residue_counts(len(self.alphabet))[ids] + 1.0
+            valid_counts = self.splits["valid"].residue_counts(len(self.alphabet))[ids]
             p = train_counts / train_counts.sum()
             nll = -(valid_counts * np.log(p)).sum() / valid_counts.sum()
             acc = valid_counts[np.argmax(p)] / valid_counts.sum()

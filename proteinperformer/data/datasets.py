@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from proteinperformer.data.permutation import Permutation
 from proteinperformer.data.sequences import TokenizedSequences
 from proteinperformer.tokenizer import Alphabet
 
@@ -82,10 +83,16 @@ class ConcatChunkDataset(Dataset):
     """Sequences joined by ``<eos>`` into one stream and cut into fixed ``chunk_len``-token chunks.
 
     This is the paper's "concatenated" mode (8192-token chunks). The sequence order in the stream is a
-    fixed permutation drawn from ``seed`` (inputs such as the Swiss-Prot corpus are sorted, which would
-    put near-duplicates side by side). Every residue of every sequence appears in exactly one chunk;
-    the last chunk is right-padded with ``<pad>``. Items: ``tokens`` LongTensor [chunk_len], ``seed``.
+    fixed pseudo-random permutation drawn from ``seed`` (inputs such as the Swiss-Prot corpus are sorted,
+    which would put near-duplicates side by side). Every residue of every sequence appears in exactly one
+    chunk; the last chunk is right-padded with ``<pad>``. Items: ``tokens`` LongTensor [chunk_len], ``seed``.
+
+    Index memory: the permutation is computed, not stored (``permutation.Permutation``), and the stream
+    start of only every ``STRIDE``-th sequence is kept (8 / STRIDE bytes per sequence); a chunk walks at most
+    ``STRIDE`` lengths forward from the nearest kept start.
     """
+
+    STRIDE = 64
 
     def __init__(
         self, sequences: TokenizedSequences, alphabet: Alphabet, chunk_len: int = 8192, seed: int = 0
@@ -94,14 +101,25 @@ class ConcatChunkDataset(Dataset):
         self.alphabet = alphabet
         self.chunk_len = chunk_len
         self.seed = seed
-        self.order = np.random.default_rng(seed).permutation(len(sequences))
-        # starts[j] = stream position where the j-th sequence (in stream order) begins; +1 for its <eos>.
-        spans = sequences.lengths[self.order].astype(np.int64) + 1
-        self.starts = np.zeros(len(spans) + 1, dtype=np.int64)
-        np.cumsum(spans, out=self.starts[1:])
+        n = len(sequences)
+        self.order = Permutation(n, seed)
+        # starts[m] = stream position of the (m * STRIDE)-th sequence in stream order (+1 per <eos>);
+        # computed in chunks of whole strides so only the kept starts are ever held
+        self.starts = np.zeros(math.ceil(n / self.STRIDE) + 1, dtype=np.int64)
+        total, m, step = 0, 0, self.STRIDE * 4096
+        for lo in range(0, n, step):
+            spans = np.asarray(sequences.lengths[self.order[np.arange(lo, min(n, lo + step))]], dtype=np.int64) + 1
+            ends = np.cumsum(spans) + total
+            kept = np.concatenate([[total], ends[self.STRIDE - 1 :: self.STRIDE]])
+            kept = kept[: len(self.starts) - m]
+            self.starts[m : m + len(kept)] = kept
+            m += len(kept) - 1
+            total = int(ends[-1])
+        self.starts[-1] = total
+        self.total = total
 
     def __len__(self) -> int:
-        return math.ceil(int(self.starts[-1]) / self.chunk_len)
+        return math.ceil(self.total / self.chunk_len)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         epoch, index = _split_key(key)
@@ -109,12 +127,15 @@ class ConcatChunkDataset(Dataset):
             raise IndexError(f"chunk {index} out of range ({len(self)} chunks)")
         lo, hi = index * self.chunk_len, (index + 1) * self.chunk_len
         tokens = np.full(self.chunk_len, self.alphabet.padding_idx, dtype=np.int64)
-        j = int(np.searchsorted(self.starts, lo, side="right")) - 1
-        while j < len(self.order) and self.starts[j] < hi:
+        m = min(int(np.searchsorted(self.starts, lo, side="right")) - 1, len(self.starts) - 2)
+        j, s = m * self.STRIDE, int(self.starts[m])
+        n = len(self.sequences)
+        while j < n and s < hi:
             seq = np.append(self.sequences[int(self.order[j])], self.alphabet.eos_idx)
-            s = int(self.starts[j])
             a, b = max(lo, s), min(hi, s + len(seq))
-            tokens[a - lo : b - lo] = seq[a - s : b - s]
+            if a < b:
+                tokens[a - lo : b - lo] = seq[a - s : b - s]
+            s += len(seq)
             j += 1
         return {"tokens": torch.from_numpy(tokens), "seed": example_seed(self.seed, epoch, index)}
 
@@ -128,7 +149,10 @@ class EpochShuffleSampler(Sampler):
     rank (used to resume mid-epoch). ``follow_epoch=False`` pins the epoch at 0 for evaluation: Lightning
     calls ``set_epoch`` on validation samplers too, and the epoch seeds every example's crop and masks, so
     without the pin each epoch (and the final ``validate`` after fit) would score different masked residues.
+    Memory: none per item; indices are computed ``CHUNK`` at a time from a ``permutation.Permutation``.
     """
+
+    CHUNK = 1 << 16  # indices computed at a time
 
     def __init__(
         self,
@@ -156,23 +180,29 @@ class EpochShuffleSampler(Sampler):
             self.start = 0
         self.epoch = epoch
 
-    def indices(self) -> list[int]:
-        """This rank's indices for the current epoch, in order."""
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.length, generator=g).tolist()
-        else:
-            order = list(range(self.length))
-        if self.drop_last:
-            order = order[: len(order) - len(order) % self.world_size]
-        elif order and len(order) % self.world_size:
-            pad = self.world_size - len(order) % self.world_size
-            order += (order * math.ceil(pad / len(order)))[:pad]
-        return order[self.rank :: self.world_size]
+    def _positions(self) -> tuple[int, int]:
+        """(epoch length after padding or dropping, positions per rank)."""
+        per_rank = len(self)
+        return per_rank * self.world_size, per_rank
+
+    def indices(self) -> np.ndarray:
+        """This rank's indices for the current epoch, in order: int64 [len(self)] (computed, not stored)."""
+        return np.concatenate([np.empty(0, np.int64), *self._chunks(0)])
+
+    def _chunks(self, start: int):
+        # Position p of the padded epoch is permutation position p % length: the permutation wrapped
+        # around, as DistributedSampler pads; this rank takes positions rank, rank + world, ...
+        total, per_rank = self._positions()
+        order = Permutation(self.length, self.seed * 1_000_003 + self.epoch, self.shuffle)
+        first = self.rank + start * self.world_size
+        for lo in range(first, total, self.world_size * self.CHUNK):
+            positions = np.arange(lo, min(total, lo + self.world_size * self.CHUNK), self.world_size)
+            yield order[positions % self.length]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for index in self.indices()[self.start :]:
-            yield (self.epoch, index)
+        for chunk in self._chunks(self.start):
+            for index in chunk.tolist():
+                yield (self.epoch, index)
 
     def __len__(self) -> int:
         # The whole epoch on this rank, also when resuming at ``start``: Lightning counts an epoch's batches

@@ -32,6 +32,14 @@ class TokenizedSequences:
     def __getitem__(self, i: int) -> np.ndarray:
         return self.tokens[self.offsets[i] : self.offsets[i + 1]]
 
+    def residue_counts(self, vocab_size: int, chunk: int = 1 << 22) -> np.ndarray:
+        """Occurrences of each token id over all residues, int64 [vocab_size] (bincount in bounded chunks:
+        it widens its input to int64)."""
+        counts = np.zeros(vocab_size, dtype=np.int64)
+        for lo in range(0, len(self.tokens), chunk):
+            counts += np.bincount(self.tokens[lo : lo + chunk], minlength=vocab_size)[:vocab_size]
+        return counts
+
     def subset(self, indices: Sequence[int] | np.ndarray) -> TokenizedSequences:
         """A copy holding only ``indices`` (in that order)."""
         indices = np.asarray(indices, dtype=np.int64)

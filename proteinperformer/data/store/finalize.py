@@ -60,12 +60,26 @@ def split_codes(accessions: Sequence[str], valid_frac: float, test_frac: float, 
     return np.where(u < valid_frac, 1, np.where(u < valid_frac + test_frac, 2, 0)).astype(np.int8)
 
 
+def _split_residue_counts(out: Path, name: str, codes: np.ndarray, vocab_size: int, chunk: int = 1 << 22) -> np.ndarray:
+    """int64 [len(SPLIT_NAMES), vocab_size]: token-id counts of one shard's residues per split (the unigram
+    baseline reads them from the manifest instead of touching every residue at training time)."""
+    tokens = np.load(out / "shards" / name / "tokens.npy", mmap_mode="r")
+    lengths = np.diff(np.load(out / "shards" / name / "offsets.npy"))
+    per_token = np.repeat(codes.astype(np.int64) + 1, lengths)  # 0 = not kept
+    bins = (len(SPLIT_NAMES) + 1) * vocab_size
+    counts = np.zeros(bins, dtype=np.int64)
+    for lo in range(0, len(tokens), chunk):  # bincount widens to int64: bounded chunks
+        counts += np.bincount(per_token[lo : lo + chunk] * vocab_size + tokens[lo : lo + chunk], minlength=bins)
+    return counts.reshape(len(SPLIT_NAMES) + 1, vocab_size)[1:]
+
+
 def _split_shard(
     out: Path, name: str, status: np.ndarray, holdout: set[str], valid_frac: float, test_frac: float, seed: int
-) -> tuple[np.ndarray, set[str]]:
+) -> tuple[np.ndarray, set[str], np.ndarray]:
     """Assign the kept rows of one shard to splits; write ``metadata/NAME.parquet`` (split, status).
 
-    Returns (split codes int8 [n], -1 = not kept; indices into SPLIT_NAMES) and the holdout accessions found."""
+    Returns (split codes int8 [n], -1 = not kept; indices into SPLIT_NAMES), the holdout accessions found and
+    the residue counts per split (``_split_residue_counts``)."""
     accessions = pd.read_parquet(out / "shards" / name / "meta.parquet", columns=["accession"])["accession"].tolist()
     codes = np.where(status == STATUS_KEPT, split_codes(accessions, valid_frac, test_frac, seed), -1).astype(np.int8)
     found: set[str] = set()
@@ -81,7 +95,7 @@ def _split_shard(
         }
     )
     write_atomic(out / "metadata" / f"{name}.parquet", lambda tmp: table.to_parquet(tmp, index=False))
-    return codes, found
+    return codes, found, _split_residue_counts(out, name, codes, len(Alphabet().all_toks))
 
 
 def _duplicate_rows(keys: np.ndarray, candidates: np.ndarray, same) -> tuple[np.ndarray, np.ndarray]:
@@ -126,6 +140,7 @@ def finalize(
     test_frac: float = 0.05,
     split_seed: int = 0,
     pool: cf.Executor | None = None,
+    finalize_args: dict | None = None,
 ) -> dict:
     """Apply duplicate/length filters and splits over all shards; write metadata, index, manifest (last)."""
     names = [s["name"] for s in summaries]
@@ -140,6 +155,12 @@ def finalize(
         acc_hash[starts[i] : starts[i + 1]] = np.load(out / "shards" / name / "acc_hash.npy")
     status = np.zeros(n, dtype=np.uint8)
     mapper = pool.map if pool is not None else map
+    (out / "index").mkdir(exist_ok=True)
+    offsets = np.zeros(n + 1, dtype=np.int64)  # the store-wide row -> token position index (ShardReader)
+    np.cumsum(lengths, out=offsets[1:])
+    save_npy_atomic(out / "index" / "offsets.npy", offsets)
+    offsets_crc = crc32_of(offsets)
+    del offsets
 
     def locate(rows: np.ndarray) -> pd.DataFrame:
         """accession, file, line of global ``rows``."""
@@ -181,7 +202,6 @@ def finalize(
 
     # per shard: split of every kept row -> metadata/NAME.parquet (split, status); split row lists
     (out / "metadata").mkdir(exist_ok=True)
-    (out / "index").mkdir(exist_ok=True)
     rows_by_split: dict[str, list[np.ndarray]] = {s: [] for s in SPLIT_NAMES}
     holdout = holdout or set()
     holdout_found: set[str] = set()
@@ -190,8 +210,11 @@ def finalize(
         for i, name in enumerate(names)
     ]
     results = mapper(_split_shard, *zip(*jobs, strict=True)) if jobs else []
-    for i, (codes, found) in enumerate(results):
+    vocab_size = len(Alphabet().all_toks)
+    residue_counts = np.zeros((len(SPLIT_NAMES), vocab_size), dtype=np.int64)
+    for i, (codes, found, shard_counts) in enumerate(results):
         holdout_found |= found
+        residue_counts += shard_counts
         for c, split in enumerate(SPLIT_NAMES):
             rows_by_split[split].append(np.flatnonzero(codes == c) + starts[i])
     for stale in (out / "metadata").glob("*.parquet"):
@@ -204,7 +227,11 @@ def finalize(
         rows = rows.astype(np.int64)
         save_npy_atomic(out / "index" / f"{split}.rows.npy", rows)
         save_npy_atomic(out / "index" / f"{split}.lengths.npy", lengths[rows])
-        split_counts[split] = {"sequences": len(rows), "residues": int(lengths[rows].sum())}
+        split_counts[split] = {
+            "sequences": len(rows),
+            "residues": int(lengths[rows].sum()),
+            "residue_counts": residue_counts[SPLIT_NAMES.index(split)].tolist(),  # by token id
+        }
         index_checksums[f"{split}.rows.npy"] = crc32_of(rows)
 
     skipped = [(s["file"], line, rec_id, reason) for s in summaries for line, rec_id, reason in s["skipped"]]
@@ -221,7 +248,8 @@ def finalize(
         "version": STORE_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "alphabet": Alphabet().all_toks,
-        "finalize_args": {
+        "finalize_args": finalize_args
+        or {
             "min_len": min_len,
             "max_len": max_len,
             "dedup": dedup,
@@ -253,7 +281,7 @@ def finalize(
             }
             for s in summaries
         ],
-        "index_checksums": index_checksums,
+        "index_checksums": {**index_checksums, "offsets.npy": offsets_crc},
     }
     write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=1))
     return manifest

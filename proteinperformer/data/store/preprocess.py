@@ -19,7 +19,8 @@ Pipeline (``preprocess``):
 
 Resuming: rerunning with the same inputs and parsing arguments (``chunk_mb``, ``on_invalid``) keeps every
 completed shard (still re-reads the input to find the block boundaries) and re-does only the rest.
-Finalize-only arguments (length filter, dedup, splits, holdout) may change between runs.
+Finalize-only arguments (length filter, dedup, splits, holdout) may change between runs. A finished store
+(manifest of this version, same inputs and all arguments equal) is returned as it is, nothing re-read.
 
 Normalisations (counted in ``manifest.json["counters"]``): Windows line endings (``cr_bytes``), lower-case
 residues (accepted, as ``Alphabet.encode``), one terminal ``*`` (``stop_codon_stripped``), blank lines and
@@ -33,6 +34,7 @@ sequence (lengths, hashes, row ids): about 3 GB for TrEMBL's 100M sequences.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import hashlib
 import json
 import shutil
 import time
@@ -54,10 +56,34 @@ from proteinperformer.data.store.reader import STORE_VERSION, StoreError
 from proteinperformer.files import write_text_atomic
 from proteinperformer.progress import track
 
+SHARD_VERSION = 1  # layout of shards/ (config.json): shards of this version are reused across store versions
+
 
 # ---------------------------------------------------------------------------------------------------
 # orchestration
 # ---------------------------------------------------------------------------------------------------
+def finalize_request(min_len, max_len, dedup, on_duplicate_id, holdout, valid_frac, test_frac, split_seed) -> dict:
+    """The finalize arguments as ``manifest.json["finalize_args"]`` records them (holdout by size and digest)."""
+    digest = hashlib.blake2b("\n".join(sorted(holdout or ())).encode(), digest_size=8).hexdigest()
+    return {"min_len": min_len, "max_len": max_len, "dedup": dedup, "on_duplicate_id": on_duplicate_id,
+            "valid_frac": valid_frac, "test_frac": test_frac, "split_seed": split_seed,
+            "holdout_size": len(holdout or ()), "holdout_digest": digest}
+
+
+def finished_store(out: Path, config: dict, requested: dict) -> dict | None:
+    """The manifest of a finished store at ``out`` built from the same inputs and arguments, else None
+    (then ``preprocess`` resumes: reuses the shards, reruns finalize)."""
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+        same_inputs = json.loads((out / "config.json").read_text()) == config
+    except (OSError, ValueError):
+        return None
+    if same_inputs and manifest.get("version") == STORE_VERSION and manifest.get("finalize_args") == requested:
+        manifest["run"] = {**manifest.get("run", {}), "finalize_skipped": True}
+        return manifest
+    return None
+
+
 def _check_config(out: Path, config: dict, overwrite: bool) -> None:
     path = out / "config.json"
     if path.exists():
@@ -114,11 +140,16 @@ def preprocess(
     out = Path(out)
     chunk_bytes = int(chunk_mb * (1 << 20))
     config = {
-        "version": STORE_VERSION,
+        "version": SHARD_VERSION,
         "inputs": [{"path": str(p), "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in paths],
         "chunk_bytes": chunk_bytes,
         "on_invalid": on_invalid,
     }
+    requested = finalize_request(min_len, max_len, dedup, on_duplicate_id, holdout_set, valid_frac, test_frac,
+                                 split_seed)
+    finished = finished_store(out, config, requested)
+    if finished is not None and not overwrite:
+        return finished
     _check_config(out, config, overwrite)
     shard_root = out / "shards"
     total = sum(p.stat().st_size for p in paths)
@@ -186,6 +217,7 @@ def preprocess(
         test_frac=test_frac,
         split_seed=split_seed,
         pool=pool,
+        finalize_args=requested,
     )
     if pool is not None:
         pool.shutdown()

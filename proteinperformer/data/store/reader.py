@@ -10,25 +10,27 @@ Layout of a store directory::
     metadata/FFFF-CCCCCC.parquet  split, status of the same rows (from finalize; TokenStore.metadata joins them)
     index/{split}.rows.npy        int64 global row ids (shard order, then position) of each split
     index/{split}.lengths.npy     int64 residue counts of those rows
+    index/offsets.npy             int64 [rows + 1]: token positions of every shard row, store-wide (one index)
 
 ``open_store(path, "train")`` returns a :class:`StoreSequences`, which has the interface of
 ``TokenizedSequences`` (``len``, ``[i]`` -> uint8 array, ``lengths``, ``ids``, ``subset``), so
 ``SingleSequenceDataset`` and ``ConcatChunkDataset`` work on it unchanged. Token files are memory-mapped
-lazily (one open file per touched shard) and dropped on pickling, so DataLoader workers re-open them.
+lazily (at most ``ShardReader.max_open`` at a time) and dropped on pickling, so DataLoader workers re-open
+them. Memory per process: nothing per sequence beyond the memory-mapped index pages it touches.
 """
 
 from __future__ import annotations
 
 import json
 import zlib
-from bisect import bisect_right
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: index/offsets.npy and per-split residue counts in the manifest
 SPLIT_NAMES = ("train", "valid", "test", "ood")
 
 
@@ -37,37 +39,69 @@ class StoreError(RuntimeError):
 
 
 class ShardReader:
-    """Sequences of a list of shards addressed by global row id (shard order, then position in shard)."""
+    """Sequences of a list of shards addressed by global row id (shard order, then position in shard).
 
-    def __init__(self, root: str | Path, names: Sequence[str], starts: Sequence[int]) -> None:
+    Where a row's tokens lie comes from one store-wide index, ``index/offsets.npy`` (int64 [rows + 1],
+    token positions as if all shards were one array), memory-mapped: its pages are shared by every process
+    and rank reading the store. Token files are memory-mapped on demand and at most ``max_open`` stay open
+    (least recently used closed first), so a DataLoader worker holds a bounded number of files whatever the
+    number of shards. ``offsets_path=None`` (finalize, before the index exists) reads each shard's own
+    ``offsets.npy`` instead.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        names: Sequence[str],
+        starts: Sequence[int],
+        offsets_path: str | Path | None = None,
+        max_open: int = 32,
+    ) -> None:
         self.root = Path(root)
         self.names = list(names)
-        self.starts = [int(s) for s in starts]  # len(names) + 1 cumulative row counts
-        self._tokens: dict[int, np.ndarray] = {}
-        self._offsets: dict[int, np.ndarray] = {}
+        self.starts = np.asarray(starts, dtype=np.int64)  # len(names) + 1 cumulative row counts
+        self.offsets_path = None if offsets_path is None else Path(offsets_path)
+        self.max_open = max_open
+        self._offsets: np.ndarray | None = None
+        self._open: OrderedDict[int, tuple[np.ndarray, np.ndarray | None]] = OrderedDict()
 
     def __len__(self) -> int:
-        return self.starts[-1]
+        return int(self.starts[-1])
 
-    def _shard(self, s: int) -> tuple[np.ndarray, np.ndarray]:
-        if s not in self._tokens:
-            folder = self.root / "shards" / self.names[s]
-            self._offsets[s] = np.load(folder / "offsets.npy")
-            # a plain ndarray view of the memmap: slicing it is cheaper than slicing np.memmap
-            self._tokens[s] = np.load(folder / "tokens.npy", mmap_mode="r").view(np.ndarray)
-        return self._tokens[s], self._offsets[s]
+    @property
+    def offsets(self) -> np.ndarray:
+        """Store-wide token offsets (memory map), int64 [rows + 1]."""
+        if self._offsets is None:
+            self._offsets = np.load(self.offsets_path, mmap_mode="r")
+        return self._offsets
+
+    def _shard(self, s: int) -> tuple[np.ndarray, np.ndarray | None]:
+        if s in self._open:
+            self._open.move_to_end(s)
+            return self._open[s]
+        folder = self.root / "shards" / self.names[s]
+        # a plain ndarray view of the memmap: slicing it is cheaper than slicing np.memmap
+        tokens = np.load(folder / "tokens.npy", mmap_mode="r").view(np.ndarray)
+        local = np.load(folder / "offsets.npy", mmap_mode="r") if self.offsets_path is None else None
+        self._open[s] = (tokens, local)
+        while len(self._open) > self.max_open:  # dropping the last reference unmaps and closes the file
+            self._open.popitem(last=False)
+        return tokens, local
 
     def row(self, r: int) -> np.ndarray:
         """Residue ids (uint8, read-only view) of global row ``r``."""
-        s = bisect_right(self.starts, r) - 1
-        if not 0 <= s < len(self.names):
+        s = int(np.searchsorted(self.starts, r, side="right")) - 1
+        if not 0 <= s < len(self.names) or r < 0:
             raise IndexError(f"row {r} out of range ({len(self)} rows)")
-        tokens, offsets = self._shard(s)
-        j = r - self.starts[s]
-        return tokens[offsets[j] : offsets[j + 1]]
+        tokens, local = self._shard(s)
+        if local is not None:
+            j = r - int(self.starts[s])
+            return tokens[int(local[j]) : int(local[j + 1])]
+        base = int(self.offsets[self.starts[s]])
+        return tokens[int(self.offsets[r]) - base : int(self.offsets[r + 1]) - base]
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_tokens": {}, "_offsets": {}}
+        return {**self.__dict__, "_offsets": None, "_open": OrderedDict()}
 
 
 class TokenStore:
@@ -85,7 +119,11 @@ class TokenStore:
             )
         self.manifest = json.loads(manifest_path.read_text())
         if self.manifest.get("version") != STORE_VERSION:
-            raise StoreError(f"{self.path}: store version {self.manifest.get('version')}, expected {STORE_VERSION}")
+            raise StoreError(
+                f"{self.path}: store version {self.manifest.get('version')}, this proteinperformer reads version "
+                f"{STORE_VERSION}; rerun pp-preprocess with the same arguments (it keeps the shards and redoes only "
+                "the indexes)"
+            )
         from proteinperformer.tokenizer import Alphabet
 
         if self.manifest["alphabet"] != Alphabet().all_toks:
@@ -93,7 +131,7 @@ class TokenStore:
         shards = self.manifest["shards"]
         starts = np.zeros(len(shards) + 1, dtype=np.int64)
         np.cumsum([s["sequences"] for s in shards], out=starts[1:])
-        self.shards = ShardReader(self.path, [s["name"] for s in shards], starts.tolist())
+        self.shards = ShardReader(self.path, [s["name"] for s in shards], starts, self.path / "index" / "offsets.npy")
         self._accessions: np.ndarray | None = None
 
     @property
@@ -106,7 +144,7 @@ class TokenStore:
             raise StoreError(f"{self.path}: no split {name!r}; the store has {self.split_names}")
         rows = np.load(self.path / "index" / f"{name}.rows.npy", mmap_mode="r")
         lengths = np.load(self.path / "index" / f"{name}.lengths.npy", mmap_mode="r")
-        return StoreSequences(self, np.asarray(rows), np.asarray(lengths))
+        return StoreSequences(self, rows, lengths, split=name)
 
     def accessions(self, rows: np.ndarray) -> list[str]:
         """Accessions of global ``rows`` (loads the accession column of all shards once)."""
@@ -153,16 +191,19 @@ def _file_crc(path: Path) -> str:
 class StoreSequences:
     """One split of a :class:`TokenStore`, with the interface of ``TokenizedSequences``.
 
-    ``len()``; ``[i]`` -> uint8 array [length_i] (read-only memmap view); ``lengths`` int64 [n]; ``ids``
-    (accessions, loaded on first use); ``subset(indices)`` -> another view (no copy).
+    ``len()``; ``[i]`` -> uint8 array [length_i] (read-only memmap view); ``lengths`` int64 [n] and the row
+    index (memory maps of the split's index files, re-opened, not copied, when pickled); ``ids`` (accessions,
+    loaded on first use: ~70 bytes per sequence, for small stores and tests); ``subset(indices)`` -> another
+    view (its row index in memory); ``residue_counts()`` from the manifest.
     """
 
-    def __init__(self, store: TokenStore, rows: np.ndarray, lengths: np.ndarray) -> None:
+    def __init__(self, store: TokenStore, rows: np.ndarray, lengths: np.ndarray, split: str | None = None) -> None:
         if len(rows) != len(lengths):
             raise ValueError(f"{len(rows)} rows but {len(lengths)} lengths")
         self.store = store
         self.rows = rows
         self.lengths = lengths
+        self.split = split  # the whole split (index files memory-mapped), or None for a subset
         self._ids: list[str] | None = None
 
     def __len__(self) -> int:
@@ -177,19 +218,43 @@ class StoreSequences:
             self._ids = self.store.accessions(self.rows)
         return self._ids
 
-    @property
-    def tokens(self) -> np.ndarray:
-        """All residues of the split in one array (materialised: for small stores and statistics only)."""
-        parts = [self[i] for i in range(len(self))]
-        return np.concatenate(parts) if parts else np.empty(0, dtype=np.uint8)
+    def residue_counts(self, vocab_size: int) -> np.ndarray:
+        """Occurrences of each token id in the split's residues, int64 [vocab_size].
+
+        A whole split reads them from the manifest (pp-preprocess counts them); a subset streams its rows.
+        """
+        if self.split is not None:
+            counts = np.asarray(self.store.manifest["counts"]["splits"][self.split]["residue_counts"], np.int64)
+            return np.pad(counts, (0, max(0, vocab_size - len(counts))))[:vocab_size]
+        return streamed_residue_counts(self, vocab_size)
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> StoreSequences:
         """A view holding only ``indices`` (in that order)."""
         indices = np.asarray(indices, dtype=np.int64)
-        return StoreSequences(self.store, self.rows[indices], self.lengths[indices])
+        return StoreSequences(self.store, np.asarray(self.rows[indices]), np.asarray(self.lengths[indices]))
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_ids": None}
+        state = {**self.__dict__, "_ids": None}
+        if self.split is not None:  # re-open the index files where unpickled instead of copying them
+            state["rows"] = state["lengths"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.split is not None:
+            index = self.store.path / "index"
+            self.rows = np.load(index / f"{self.split}.rows.npy", mmap_mode="r")
+            self.lengths = np.load(index / f"{self.split}.lengths.npy", mmap_mode="r")
+
+
+def streamed_residue_counts(sequences, vocab_size: int, chunk: int = 4096) -> np.ndarray:
+    """Token-id counts over all sequences of ``sequences`` (``len``, ``[i]``), a few sequences at a time."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for lo in range(0, len(sequences), chunk):
+        part = [sequences[i] for i in range(lo, min(len(sequences), lo + chunk))]
+        if part:
+            counts += np.bincount(np.concatenate(part), minlength=vocab_size)[:vocab_size]
+    return counts
 
 
 def open_store(path: str | Path, split: str = "train") -> StoreSequences:
