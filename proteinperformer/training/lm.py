@@ -6,7 +6,7 @@ optimiser (AdamW with linear warmup and cosine decay) and checkpoint metadata. T
 
 Metrics: ``loss`` is the cross-entropy over all supervised targets (for CLM this includes ``<eos>``, so
 the model learns where proteins end); under DDP the loss optimised is the mean over all supervised tokens of
-the global step (``global_token_mean``), the logged ``train/loss`` this rank's mean. ``acc`` and ``ppl`` are
+the global step (:func:`global_token_mean`), the logged ``train/loss`` this rank's mean. ``acc`` and ``ppl`` are
 computed over residue targets only (masked residues for MLM, next residues for CLM), the quantity the paper's
 Table 2 and the unigram baseline report.
 """
@@ -25,6 +25,21 @@ from proteinperformer.model import ModelConfig, PerformerLM
 from proteinperformer.tokenizer import Alphabet
 
 TASKS = ("mlm", "clm")
+
+
+def global_token_mean(loss: torch.Tensor, n_supervised: torch.Tensor, world: int, reduce=None) -> torch.Tensor:
+    """This rank's share of the mean NLL over all supervised tokens of a step on ``world`` ranks.
+
+    ``loss``: this rank's mean over its ``n_supervised`` tokens; ``reduce(tensor, reduce_op="sum")`` sums over
+    ranks (``trainer.strategy.reduce``: one scalar all-reduce on device, no host read). DDP averages gradients
+    over ranks, so the mean of per-rank means would weigh a token of a short batch up to ~10x more than one of
+    a long batch. Returned: ``nll_sum * world / n_global``, whose DDP average is ``sum over ranks of nll_sum /
+    n_global``. With gradient accumulation the micro-batches' global means are averaged, as Lightning does.
+    """
+    if world == 1:
+        return loss
+    n_global = reduce(n_supervised.detach().float(), reduce_op="sum")
+    return loss * n_supervised * world / n_global
 
 
 class ProteinLM(pl.LightningModule):
@@ -89,21 +104,9 @@ class ProteinLM(pl.LightningModule):
         self.log("train/loss", out["loss"], prog_bar=True)
         self.log("train/acc", out["residue_correct"] / n)
         self.log("train/ppl", torch.exp(out["residue_nll_sum"] / n))
-        return self.global_token_mean(out["loss"], out["n_supervised"])
-
-    def global_token_mean(self, loss: torch.Tensor, n_supervised: torch.Tensor) -> torch.Tensor:
-        """This rank's share of the mean NLL over all supervised tokens of the step, on all ranks.
-
-        DDP averages gradients over ranks, so the mean of per-rank means would weigh a token of a short batch
-        up to ~10x more than one of a long batch. Returned: ``nll_sum * world / n_global``, whose DDP average
-        is ``sum over ranks of nll_sum / n_global``. The token count is all-reduced (one scalar, on device, no
-        host read). With gradient accumulation the micro-batches' global means are averaged, as Lightning does.
-        """
         world = self.trainer.world_size if self._trainer is not None else 1
-        if world == 1:
-            return loss
-        n_global = self.trainer.strategy.reduce(n_supervised.detach().float(), reduce_op="sum")
-        return loss * n_supervised * world / n_global
+        return global_token_mean(out["loss"], out["n_supervised"], world, self.trainer.strategy.reduce
+                                 if world > 1 else None)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch)
