@@ -28,6 +28,9 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-len", type=int, default=None, help="drop (and count) longer sequences")
     parser.add_argument("--dedup", action="store_true", help="remove exact duplicate sequences (first kept)")
     parser.add_argument("--holdout", default=None, help="file of accessions (one per line) for the 'ood' split")
+    parser.add_argument("--clusters", default=None,
+                        help="TSV of representative TAB member (mmseqs createtsv; UniRef50 -> UniRef90 tables): whole "
+                             "clusters go to one split, and data.sampling=cluster can draw one member per cluster")
     parser.add_argument("--valid-frac", type=float, default=0.05)
     parser.add_argument("--test-frac", type=float, default=0.05)
     parser.add_argument("--split-seed", type=int, default=0)
@@ -41,7 +44,8 @@ def run(args: argparse.Namespace) -> dict:
     manifest = preprocess(
         args.inputs, args.out, workers=args.workers, chunk_mb=args.chunk_mb, on_invalid=args.on_invalid,
         min_len=args.min_len, max_len=args.max_len, dedup=args.dedup, on_duplicate_id=args.on_duplicate_id,
-        holdout=args.holdout, valid_frac=args.valid_frac, test_frac=args.test_frac, split_seed=args.split_seed,
+        holdout=args.holdout, clusters=args.clusters,
+        valid_frac=args.valid_frac, test_frac=args.test_frac, split_seed=args.split_seed,
         overwrite=args.overwrite, progress=not args.quiet,
     )
     counts = manifest["counts"]

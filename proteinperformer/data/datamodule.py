@@ -9,18 +9,20 @@ ranks and DataLoader workers, and can resume mid-epoch (the sampler position is 
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
 from proteinperformer.data.bucketing import LengthBucketBatchSampler, TokenCounts
+from proteinperformer.data.cluster_sampling import ClusterSampler
 from proteinperformer.data.collate import CLMCollator, MLMCollator
 from proteinperformer.data.datasets import ConcatChunkDataset, EpochShuffleSampler, SingleSequenceDataset
 from proteinperformer.data.fasta import load_fasta
 from proteinperformer.data.sequences import TokenizedSequences
 from proteinperformer.data.splits import assign_split
-from proteinperformer.data.store import TokenStore
+from proteinperformer.data.store import StoreError, TokenStore
 from proteinperformer.files import resolve_path
 from proteinperformer.tokenizer import Alphabet
 
@@ -52,7 +54,11 @@ class ProteinDataModule(pl.LightningDataModule):
             ``--toks_per_batch``) cut from length-sorted pools (implies bucketing; ``batch_size`` then sets only
             the pool size, ``pool_batches * batch_size`` sequences). The ranks of one step get neighbouring
             batches of the same pool, so similar lengths.
-        pin_memory, persistent_workers: DataLoader options (GPU presets turn both on).
+        num_workers, pin_memory, persistent_workers: DataLoader options; "auto" / None choose for the trainer's
+            device (``loader_options``): workers, pinned memory and persistent workers on a GPU.
+        sampling: "sequence" (every training sequence once per epoch) or "cluster" (a store made with
+            ``pp-preprocess --clusters``: every cluster once per epoch, one member drawn at random from
+            (seed, epoch, cluster), as ESM-2 sampled UniRef50 clusters).
     """
 
     def __init__(
@@ -63,7 +69,7 @@ class ProteinDataModule(pl.LightningDataModule):
         max_len: int = 1024,
         chunk_len: int = 8192,
         batch_size: int = 16,
-        num_workers: int = 0,
+        num_workers: int | str = 0,
         valid_frac: float = 0.05,
         test_frac: float = 0.05,
         split_seed: int = 0,
@@ -77,8 +83,9 @@ class ProteinDataModule(pl.LightningDataModule):
         eval_max_len: int | None = None,
         eval_mask_prob: float | None = None,
         toks_per_batch: int | None = None,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
+        pin_memory: bool | None = None,
+        persistent_workers: bool | None = None,
+        sampling: str = "sequence",
     ) -> None:
         super().__init__()
         # kept in every checkpoint (``datamodule_hyper_parameters``): pp-evaluate re-derives the splits from it
@@ -104,6 +111,13 @@ class ProteinDataModule(pl.LightningDataModule):
                              "chunk_len tokens)")
         self.bucketing, self.pool_batches, self.toks_per_batch = bucketing, pool_batches, toks_per_batch
         self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
+        if sampling not in ("sequence", "cluster"):
+            raise ValueError(f"sampling must be 'sequence' or 'cluster', got {sampling!r}")
+        if sampling == "cluster" and (store_path is None or bucketing):
+            raise ValueError("data.sampling=cluster needs a token store made with pp-preprocess --clusters "
+                             "(data=uniprot_store) and no bucketing / toks_per_batch")
+        self.sampling = sampling
+        self._store: TokenStore | None = None
         self.alphabet = Alphabet(alphabet)
         if store_path is not None and alphabet != "proteinperformer":
             raise ValueError(f"{store_path}: token stores hold proteinperformer token ids, but the model uses the "
@@ -134,8 +148,11 @@ class ProteinDataModule(pl.LightningDataModule):
         if self.splits:
             return
         if self.store_path is not None:  # pre-tokenised, accession-hashed splits made by pp-preprocess
-            store = TokenStore(resolve_path(self.store_path))
+            store = self._store = TokenStore(resolve_path(self.store_path))
             self.splits = {split: store.split(split) for split in ("train", "valid", "test")}
+            if self.sampling == "cluster" and store.cluster_starts("train") is None:
+                raise StoreError(f"{self.store_path}: made without clusters, so data.sampling=cluster has none to "
+                                 "sample; rerun pp-preprocess with --clusters clusters.tsv (shards are reused)")
             return
         sequences = self.load_sequences()
         names = np.array([assign_split(i, self.valid_frac, self.test_frac, self.split_seed) for i in sequences.ids])
@@ -164,6 +181,9 @@ class ProteinDataModule(pl.LightningDataModule):
             sampler = LengthBucketBatchSampler(num_tokens, self.batch_size, self.pool_batches, self.seed,
                                                shuffle, rank, world, toks_per_batch=self.toks_per_batch)
             batching = {"batch_sampler": sampler}
+        elif split == "train" and self.sampling == "cluster":  # one member per cluster and epoch (ESM-2)
+            sampler = ClusterSampler(self._store.cluster_starts("train"), self.seed, shuffle, rank, world)
+            batching = {"batch_size": self.batch_size, "sampler": sampler}
         else:
             sampler = EpochShuffleSampler(len(dataset), self.seed, shuffle, rank, world, drop_last=False,
                                           follow_epoch=split == "train")  # same eval masks at every epoch
@@ -175,9 +195,24 @@ class ProteinDataModule(pl.LightningDataModule):
                 sampler.start = self._resume_state["batches"] * (1 if self.bucketing else self.batch_size)
                 self._resume_state = None
             self._train_sampler = sampler
-        return DataLoader(dataset, **batching, collate_fn=collate, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory,
-                          persistent_workers=self.persistent_workers and self.num_workers > 0)
+        return DataLoader(dataset, **batching, collate_fn=collate, **self.loader_options())
+
+    def loader_options(self) -> dict:
+        """num_workers, pin_memory, persistent_workers with "auto" / None resolved for the trainer's device.
+
+        On a GPU: ``num_workers="auto"`` = this rank's share of the CPUs minus one (at most 8), pinned memory
+        (faster host-to-device copies) and persistent workers (no re-fork, no re-opened shards at every
+        epoch and validation). On the CPU "auto" means no workers: they would compete with training for cores.
+        """
+        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        workers = self.num_workers
+        if workers == "auto":
+            local = self.trainer.num_devices if self.trainer is not None else 1
+            workers = min(8, max(0, len(os.sched_getaffinity(0)) // max(local, 1) - 1)) if on_gpu else 0
+        workers = int(workers)
+        pin = on_gpu if self.pin_memory is None else self.pin_memory
+        persistent = workers > 0 if self.persistent_workers is None else self.persistent_workers and workers > 0
+        return {"num_workers": workers, "pin_memory": pin, "persistent_workers": persistent}
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

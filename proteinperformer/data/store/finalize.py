@@ -18,6 +18,7 @@ import pandas as pd
 from proteinperformer.data.fasta import FastaFormatError
 from proteinperformer.data.splits import assign_split
 from proteinperformer.data.store.build import crc32_of
+from proteinperformer.data.store.clusters import ClusterTable, cluster_split_codes, group_by_cluster
 from proteinperformer.data.store.reader import SPLIT_NAMES, STORE_VERSION, ShardReader
 from proteinperformer.files import save_npy_atomic, write_atomic, write_text_atomic
 from proteinperformer.tokenizer import Alphabet
@@ -74,14 +75,18 @@ def _split_residue_counts(out: Path, name: str, codes: np.ndarray, vocab_size: i
 
 
 def _split_shard(
-    out: Path, name: str, status: np.ndarray, holdout: set[str], valid_frac: float, test_frac: float, seed: int
+    out: Path, name: str, status: np.ndarray, holdout: set[str], valid_frac: float, test_frac: float, seed: int,
+    clusters: np.ndarray | None = None,
 ) -> tuple[np.ndarray, set[str], np.ndarray]:
     """Assign the kept rows of one shard to splits; write ``metadata/NAME.parquet`` (split, status).
 
+    ``clusters``: uint64 [n] cluster (representative hash) of each row: the split follows the cluster.
     Returns (split codes int8 [n], -1 = not kept; indices into SPLIT_NAMES), the holdout accessions found and
     the residue counts per split (``_split_residue_counts``)."""
     accessions = pd.read_parquet(out / "shards" / name / "meta.parquet", columns=["accession"])["accession"].tolist()
-    codes = np.where(status == STATUS_KEPT, split_codes(accessions, valid_frac, test_frac, seed), -1).astype(np.int8)
+    codes = (split_codes(accessions, valid_frac, test_frac, seed) if clusters is None
+             else cluster_split_codes(clusters, valid_frac, test_frac, seed))
+    codes = np.where(status == STATUS_KEPT, codes, -1).astype(np.int8)
     found: set[str] = set()
     if holdout:
         in_holdout = np.fromiter((a in holdout for a in accessions), dtype=bool, count=len(accessions))
@@ -141,8 +146,12 @@ def finalize(
     split_seed: int = 0,
     pool: cf.Executor | None = None,
     finalize_args: dict | None = None,
+    clusters: ClusterTable | None = None,
 ) -> dict:
-    """Apply duplicate/length filters and splits over all shards; write metadata, index, manifest (last)."""
+    """Apply duplicate/length filters and splits over all shards; write metadata, index, manifest (last).
+
+    ``clusters``: whole clusters go to one split (holdout accessions still go to "ood"), each split's rows are
+    grouped by cluster and ``index/{split}.clusters.npy`` holds the int64 [C + 1] start of every cluster."""
     names = [s["name"] for s in summaries]
     counts = np.array([s["sequences"] for s in summaries], dtype=np.int64)
     starts = np.zeros(len(names) + 1, dtype=np.int64)
@@ -205,8 +214,10 @@ def finalize(
     rows_by_split: dict[str, list[np.ndarray]] = {s: [] for s in SPLIT_NAMES}
     holdout = holdout or set()
     holdout_found: set[str] = set()
+    cluster_of = clusters.representatives(acc_hash) if clusters is not None else None
     jobs = [
-        (out, name, status[starts[i] : starts[i + 1]], holdout, valid_frac, test_frac, split_seed)
+        (out, name, status[starts[i] : starts[i + 1]], holdout, valid_frac, test_frac, split_seed,
+         None if cluster_of is None else cluster_of[starts[i] : starts[i + 1]])
         for i, name in enumerate(names)
     ]
     results = mapper(_split_shard, *zip(*jobs, strict=True)) if jobs else []
@@ -225,12 +236,18 @@ def finalize(
     for split in SPLIT_NAMES:
         rows = np.concatenate(rows_by_split[split]) if names else np.zeros(0, dtype=np.int64)
         rows = rows.astype(np.int64)
+        if cluster_of is not None:
+            rows, cluster_starts = group_by_cluster(rows, cluster_of)
+            save_npy_atomic(out / "index" / f"{split}.clusters.npy", cluster_starts)
+        else:
+            (out / "index" / f"{split}.clusters.npy").unlink(missing_ok=True)
         save_npy_atomic(out / "index" / f"{split}.rows.npy", rows)
         save_npy_atomic(out / "index" / f"{split}.lengths.npy", lengths[rows])
         split_counts[split] = {
             "sequences": len(rows),
             "residues": int(lengths[rows].sum()),
             "residue_counts": residue_counts[SPLIT_NAMES.index(split)].tolist(),  # by token id
+            "clusters": None if cluster_of is None else len(cluster_starts) - 1,
         }
         index_checksums[f"{split}.rows.npy"] = crc32_of(rows)
 

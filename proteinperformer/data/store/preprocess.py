@@ -51,6 +51,7 @@ from proteinperformer.data.store.build import (
     process_block,
     shard_name,
 )
+from proteinperformer.data.store.clusters import ClusterTable, file_digest
 from proteinperformer.data.store.finalize import finalize, read_holdout
 from proteinperformer.data.store.reader import STORE_VERSION, StoreError
 from proteinperformer.files import write_text_atomic
@@ -62,12 +63,15 @@ SHARD_VERSION = 1  # layout of shards/ (config.json): shards of this version are
 # ---------------------------------------------------------------------------------------------------
 # orchestration
 # ---------------------------------------------------------------------------------------------------
-def finalize_request(min_len, max_len, dedup, on_duplicate_id, holdout, valid_frac, test_frac, split_seed) -> dict:
-    """The finalize arguments as ``manifest.json["finalize_args"]`` records them (holdout by size and digest)."""
+def finalize_request(min_len, max_len, dedup, on_duplicate_id, holdout, valid_frac, test_frac, split_seed,
+                     clusters: Path | None = None) -> dict:
+    """The finalize arguments as ``manifest.json["finalize_args"]`` records them (holdout by size and digest,
+    the clusters file by path, size and mtime)."""
     digest = hashlib.blake2b("\n".join(sorted(holdout or ())).encode(), digest_size=8).hexdigest()
     return {"min_len": min_len, "max_len": max_len, "dedup": dedup, "on_duplicate_id": on_duplicate_id,
             "valid_frac": valid_frac, "test_frac": test_frac, "split_seed": split_seed,
-            "holdout_size": len(holdout or ()), "holdout_digest": digest}
+            "holdout_size": len(holdout or ()), "holdout_digest": digest,
+            "clusters": None if clusters is None else {"path": str(clusters), "digest": file_digest(clusters)}}
 
 
 def finished_store(out: Path, config: dict, requested: dict) -> dict | None:
@@ -117,6 +121,7 @@ def preprocess(
     dedup: bool = False,
     on_duplicate_id: str = "error",
     holdout: str | Path | None = None,
+    clusters: str | Path | None = None,
     valid_frac: float = 0.05,
     test_frac: float = 0.05,
     split_seed: int = 0,
@@ -137,6 +142,10 @@ def preprocess(
     for p in paths:
         open_binary(p)[0].close()  # missing file / directory -> FastaFormatError before anything is written
     holdout_set = read_holdout(holdout) if holdout else None
+    clusters_path = Path(clusters).resolve() if clusters else None
+    if clusters_path is not None and not clusters_path.is_file():
+        raise FastaFormatError(f"{clusters}: clusters file not found (MMseqs2 createtsv format: representative TAB "
+                               "member)")
     out = Path(out)
     chunk_bytes = int(chunk_mb * (1 << 20))
     config = {
@@ -146,10 +155,12 @@ def preprocess(
         "on_invalid": on_invalid,
     }
     requested = finalize_request(min_len, max_len, dedup, on_duplicate_id, holdout_set, valid_frac, test_frac,
-                                 split_seed)
+                                 split_seed, clusters_path)
     finished = finished_store(out, config, requested)
     if finished is not None and not overwrite:
         return finished
+    # a bad clusters file fails now, before any parsing (unknown members are found by finalize)
+    cluster_table = ClusterTable.read(clusters_path) if clusters_path is not None else None
     _check_config(out, config, overwrite)
     shard_root = out / "shards"
     total = sum(p.stat().st_size for p in paths)
@@ -218,6 +229,7 @@ def preprocess(
         split_seed=split_seed,
         pool=pool,
         finalize_args=requested,
+        clusters=cluster_table,
     )
     if pool is not None:
         pool.shutdown()

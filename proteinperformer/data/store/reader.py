@@ -11,6 +11,7 @@ Layout of a store directory::
     index/{split}.rows.npy        int64 global row ids (shard order, then position) of each split
     index/{split}.lengths.npy     int64 residue counts of those rows
     index/offsets.npy             int64 [rows + 1]: token positions of every shard row, store-wide (one index)
+    index/{split}.clusters.npy    with --clusters: int64 [C + 1] start of each cluster in {split}.rows.npy
 
 ``open_store(path, "train")`` returns a :class:`StoreSequences`, which has the interface of
 ``TokenizedSequences`` (``len``, ``[i]`` -> uint8 array, ``lengths``, ``ids``, ``subset``), so
@@ -145,6 +146,12 @@ class TokenStore:
         rows = np.load(self.path / "index" / f"{name}.rows.npy", mmap_mode="r")
         lengths = np.load(self.path / "index" / f"{name}.lengths.npy", mmap_mode="r")
         return StoreSequences(self, rows, lengths, split=name)
+
+    def cluster_starts(self, name: str) -> np.ndarray | None:
+        """int64 [C + 1] (memory map): where each cluster of split ``name`` starts among its rows, or None for a
+        store made without ``--clusters``."""
+        path = self.path / "index" / f"{name}.clusters.npy"
+        return np.load(path, mmap_mode="r") if path.exists() else None
 
     def accessions(self, rows: np.ndarray) -> list[str]:
         """Accessions of global ``rows`` (loads the accession column of all shards once)."""
