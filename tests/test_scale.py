@@ -171,3 +171,42 @@ def test_ddp_loss_is_the_mean_over_all_tokens_of_the_global_step():
     torch.testing.assert_close(ddp_grad, expected)
     per_rank_means = torch.autograd.grad((nll[0].mean() + nll[1].mean()) / 2, weight)[0]
     assert not torch.allclose(per_rank_means, expected)
+
+
+def test_large_fasta_trains_from_a_cached_store_built_once(tmp_path, monkeypatch):
+    from proteinperformer.data.datamodule import ProteinDataModule
+
+    seqs = random_fasta(tmp_path / "big.fasta", n=400)
+    in_memory = ProteinDataModule(fasta_path=str(tmp_path / "big.fasta"), max_len=64, batch_size=4)
+    in_memory.setup()
+    assert in_memory.cached_store() is None  # small file: read into memory
+    dm = ProteinDataModule(fasta_path=str(tmp_path / "big.fasta"), max_len=64, batch_size=4,
+                           cache_dir=str(tmp_path / "cache"), store_min_mb=0)
+    dm.prepare_data()
+    dm.setup()
+    store = dm.cached_store()
+    assert store.parent == tmp_path / "cache" and (store / "manifest.json").exists()
+    for split in ("train", "valid", "test"):  # the same accession-hashed splits as the in-memory route
+        assert sorted(dm.splits[split].ids) == sorted(in_memory.splits[split].ids)
+    assert dm.unigram_baseline() == pytest.approx(in_memory.unigram_baseline())
+    i = dm.splits["train"].ids.index("P00007")
+    assert ALPHABET.decode(dm.splits["train"][i].tolist()) == seqs["P00007"]
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 4
+    # reused: a second run neither parses nor finalizes
+    monkeypatch.setattr(pp, "iter_blocks", lambda *a, **k: pytest.fail("the cached store was rebuilt"))
+    again = ProteinDataModule(fasta_path=str(tmp_path / "big.fasta"), cache_dir=str(tmp_path / "cache"),
+                              store_min_mb=0)
+    again.prepare_data()
+    again.setup()
+    assert again.cached_store() == store
+    monkeypatch.undo()
+    # other split options -> another store; an unwritable cache directory -> one-line error
+    other = ProteinDataModule(fasta_path=str(tmp_path / "big.fasta"), cache_dir=str(tmp_path / "cache"),
+                              store_min_mb=0, valid_frac=0.2)
+    assert other.cached_store() != store
+    (tmp_path / "file").write_text("")
+    bad = ProteinDataModule(fasta_path=str(tmp_path / "big.fasta"), cache_dir=str(tmp_path / "file" / "cache"),
+                            store_min_mb=0)
+    with pytest.raises(StoreError, match=r"cache directory .* is not writable .*set data.cache_dir"):
+        bad.prepare_data()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
@@ -23,6 +24,7 @@ from proteinperformer.data.fasta import load_fasta
 from proteinperformer.data.sequences import TokenizedSequences
 from proteinperformer.data.splits import assign_split
 from proteinperformer.data.store import StoreError, TokenStore
+from proteinperformer.data.store.cache import build_cached_store, cached_store_path
 from proteinperformer.files import resolve_path
 from proteinperformer.tokenizer import Alphabet
 
@@ -56,6 +58,9 @@ class ProteinDataModule(pl.LightningDataModule):
             batches of the same pool, so similar lengths.
         num_workers, pin_memory, persistent_workers: DataLoader options; "auto" / None choose for the trainer's
             device (``loader_options``): workers, pinned memory and persistent workers on a GPU.
+        cache_dir, store_min_mb: a FASTA of at least ``store_min_mb`` MB is trained from a token store built
+            once (rank 0, ``prepare_data``) into ``cache_dir`` (default ``~/.cache/proteinperformer/stores``),
+            keyed by the file's path, size, mtime and the split options; smaller files are read into memory.
         sampling: "sequence" (every training sequence once per epoch) or "cluster" (a store made with
             ``pp-preprocess --clusters``: every cluster once per epoch, one member drawn at random from
             (seed, epoch, cluster), as ESM-2 sampled UniRef50 clusters).
@@ -86,6 +91,8 @@ class ProteinDataModule(pl.LightningDataModule):
         pin_memory: bool | None = None,
         persistent_workers: bool | None = None,
         sampling: str = "sequence",
+        cache_dir: str | None = None,
+        store_min_mb: float = 256,
     ) -> None:
         super().__init__()
         # kept in every checkpoint (``datamodule_hyper_parameters``): pp-evaluate re-derives the splits from it
@@ -118,6 +125,8 @@ class ProteinDataModule(pl.LightningDataModule):
                              "(data=uniprot_store) and no bucketing / toks_per_batch")
         self.sampling = sampling
         self._store: TokenStore | None = None
+        self.cache_dir, self.store_min_mb = cache_dir, store_min_mb
+        self.prepare_data_per_node = False  # one rank builds a cached store (on a shared filesystem)
         self.alphabet = Alphabet(alphabet)
         if store_path is not None and alphabet != "proteinperformer":
             raise ValueError(f"{store_path}: token stores hold proteinperformer token ids, but the model uses the "
@@ -144,11 +153,35 @@ class ProteinDataModule(pl.LightningDataModule):
             records = records[: self.max_sequences]
         return TokenizedSequences.from_records(records, self.alphabet)
 
+    def cached_store(self) -> Path | None:
+        """The token-store cache of a FASTA of at least ``store_min_mb`` MB (FASTA route only; not with
+        ``max_sequences`` or a non-proteinperformer alphabet, which read the file into memory), else None."""
+        if self.store_path is not None or self.max_sequences is not None or self.alphabet.name != "proteinperformer":
+            return None
+        fasta = resolve_path(self.fasta_path)
+        if not fasta.is_file() or fasta.stat().st_size < self.store_min_mb * 2**20:
+            return None
+        return cached_store_path(fasta, self.cache_dir, self.valid_frac, self.test_frac, self.split_seed)
+
+    def prepare_data(self) -> None:
+        """Large FASTA: build (or reuse) its token store in ``cache_dir``; Lightning runs this on rank 0 only,
+        the other ranks wait, then every rank's ``setup`` memory-maps it."""
+        cached = self.cached_store()
+        if cached is not None:
+            print(f"data: {self.fasta_path} ({resolve_path(self.fasta_path).stat().st_size / 2**20:,.0f} MB) -> "
+                  f"token store {cached}")
+            build_cached_store(resolve_path(self.fasta_path), cached, self.valid_frac, self.test_frac,
+                               self.split_seed)
+
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        if self.store_path is not None:  # pre-tokenised, accession-hashed splits made by pp-preprocess
-            store = self._store = TokenStore(resolve_path(self.store_path))
+        cached = self.cached_store()
+        if cached is not None and not (cached / "manifest.json").exists():  # setup() without prepare_data()
+            self.prepare_data()
+        store_path = self.store_path if cached is None else cached
+        if store_path is not None:  # pre-tokenised, accession-hashed splits made by pp-preprocess
+            store = self._store = TokenStore(resolve_path(store_path))
             self.splits = {split: store.split(split) for split in ("train", "valid", "test")}
             if self.sampling == "cluster" and store.cluster_starts("train") is None:
                 raise StoreError(f"{self.store_path}: made without clusters, so data.sampling=cluster has none to "
