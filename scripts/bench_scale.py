@@ -18,7 +18,8 @@ second time on 2 DDP ranks on CPU (gloo), each with 2 workers. While it runs, th
 
 The last lines fit each quantity linearly in N over the measured sizes (least squares) and extrapolate to
 UniRef50 (65M sequences) and TrEMBL (250M). The machine may be shared: times are of one run each.
-``--keep`` keeps the FASTA and stores (they are large: ~360 bytes and ~400 bytes per sequence).
+``--keep`` keeps the FASTA and stores (they are large: ~380 bytes and ~400 bytes per sequence).
+``--data-start STORE ...`` times only the data path's start-up in one process (``data_start``).
 """
 
 from __future__ import annotations
@@ -202,6 +203,29 @@ def child(store: str, out: str, devices: int, steps: int) -> None:
     train(cfg)
 
 
+# ---- the data path's start-up alone ---------------------------------------------------------------------
+def data_start(store: str) -> dict:
+    """Seconds to open ``store``, compute the unigram baseline and get the first train and valid batch, in this
+    process without workers (what of the time to the first step belongs to the data path); and the epoch-start
+    pass of ``toks_per_batch=4096``."""
+    from proteinperformer.data.datamodule import ProteinDataModule
+
+    t0 = time.perf_counter()
+    dm = ProteinDataModule(store_path=store, max_len=256, batch_size=16, num_workers=0)
+    dm.setup()
+    dm.unigram_baseline()
+    next(iter(dm.train_dataloader()))
+    next(iter(dm.val_dataloader()))
+    t1 = time.perf_counter()
+    budget = ProteinDataModule(store_path=store, max_len=256, batch_size=16, num_workers=0, toks_per_batch=4096)
+    budget.setup()
+    next(iter(budget.train_dataloader()))
+    t2 = time.perf_counter()
+    n = sum(len(dm.splits[k]) for k in ("train", "valid", "test"))
+    return {"store": store, "sequences": n, "data_start_seconds": round(t1 - t0, 3),
+            "toks_per_batch_first_batch_seconds": round(t2 - t1, 3)}
+
+
 # ---- one size ----------------------------------------------------------------------------------------
 def run_size(n: int, work: Path, steps: int, keep: bool, src: Path | None = None) -> dict:
     """Synthesise, preprocess and train at one size; ``src``: another checkout's code (a baseline)."""
@@ -266,7 +290,13 @@ def main() -> None:
     parser.add_argument("--baseline-src", type=Path, default=None,
                         help="another checkout (e.g. the code before issue 20) also run at the smallest size")
     parser.add_argument("--keep", action="store_true", help="keep the FASTA files and stores")
+    parser.add_argument("--data-start", nargs="+", metavar="STORE", default=None,
+                        help="only time the data path's start-up on these stores (one process, no workers)")
     args = parser.parse_args()
+    if args.data_start:
+        for store in args.data_start:
+            print(json.dumps(data_start(store)), flush=True)
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     result: dict = {}
