@@ -210,3 +210,20 @@ def test_large_fasta_trains_from_a_cached_store_built_once(tmp_path, monkeypatch
                             store_min_mb=0)
     with pytest.raises(StoreError, match=r"cache directory .* is not writable .*set data.cache_dir"):
         bad.prepare_data()
+
+
+def test_loader_options_turn_on_workers_pinning_and_persistence_on_gpus_only():
+    from types import SimpleNamespace
+
+    from proteinperformer.data.datamodule import ProteinDataModule
+
+    dm = ProteinDataModule(num_workers="auto")
+    assert dm.loader_options() == {"num_workers": 0, "pin_memory": False, "persistent_workers": False}  # no trainer
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)), num_devices=1)
+    expected = min(8, len(os.sched_getaffinity(0)) - 1)
+    assert dm.loader_options() == {"num_workers": expected, "pin_memory": True, "persistent_workers": expected > 0}
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")), num_devices=1)
+    assert dm.loader_options()["num_workers"] == 0 and not dm.loader_options()["pin_memory"]
+    explicit = ProteinDataModule(num_workers=3, pin_memory=False, persistent_workers=False)
+    assert explicit.loader_options() == {"num_workers": 3, "pin_memory": False, "persistent_workers": False}
+    assert ProteinDataModule(num_workers=2).loader_options()["persistent_workers"]  # null: on with workers
