@@ -53,6 +53,8 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label", choices=LABELS, default="accession",
                         help="accession: the UniProt accession or first word of the header; header: the whole "
                         "header line (as esm-extract names its files)")
+    parser.add_argument("--block-size", type=int, default=100_000,
+                        help="sequences read, length-sorted and batched at a time (bounds memory: one block per rank)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="stored array type (float16: half size)")
     long = parser.add_mutually_exclusive_group()
     long.add_argument("--truncate", action="store_true", help="keep the first residues of too-long sequences")
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     if scan["todo"]:
         is_global_zero = predict_to_dir(model, args.fasta, args.outdir, args.format, layers, args.include, on_long,
                                         contact_head, args.precision, device, args.devices, args.toks_per_batch,
-                                        args.label, done, args.dtype)
+                                        args.label, done, args.dtype, args.block_size)
         if not is_global_zero:
             return scan["todo"]
     if args.format != "pt":
