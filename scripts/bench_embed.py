@@ -95,7 +95,7 @@ def synthetic_fasta(path: Path, n: int, seed: int = 0) -> int:
     return residues
 
 
-def memory_part(work: Path, sizes: list[int], threads: int, toks_per_batch: int) -> dict:
+def memory_part(work: Path, sizes: list[int], threads: int, toks_per_batch: int, block: int) -> dict:
     from proteinperformer.checkpoints import save_checkpoint
     from proteinperformer.model import ModelConfig, PerformerLM
 
@@ -108,7 +108,8 @@ def memory_part(work: Path, sizes: list[int], threads: int, toks_per_batch: int)
         residues = synthetic_fasta(fasta, n)
         out = work / f"syn{n}"
         res = measured(pp_embed(str(ckpt), str(fasta), str(out), "--format", "h5", "--include", "mean",
-                                "--toks-per-batch", str(toks_per_batch), "--device", "cpu"), threads)
+                                "--toks-per-batch", str(toks_per_batch), "--device", "cpu", "--block-size",
+                                str(block)), threads)
         size = sum(p.stat().st_size for p in out.rglob("*.h5"))
         rows.append({"proteins": n, "residues": residues, "wall_s": round(res["wall_s"], 1),
                      "peak_rss_mib": round(res["peak_rss_bytes"] / 2**20, 1), "h5_bytes": size,
@@ -118,7 +119,7 @@ def memory_part(work: Path, sizes: list[int], threads: int, toks_per_batch: int)
     x = np.array([r["proteins"] for r in rows], dtype=np.float64)
     y = np.array([r["peak_rss_mib"] * 2**20 for r in rows])
     slope = float(np.polyfit(x, y, 1)[0]) if len(rows) > 1 else float("nan")
-    return {"model": "PerformerLM dim 32, depth 2, exact attention, sinusoidal", "rows": rows,
+    return {"model": "PerformerLM dim 32, depth 2, exact attention, sinusoidal", "block_size": block, "rows": rows,
             "slope_bytes_per_protein": round(slope, 2)}
 
 
@@ -195,6 +196,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--parts", nargs="+", choices=("memory", "throughput"), default=["memory", "throughput"])
     p.add_argument("--sizes", type=int, nargs="+", default=[50_000, 100_000, 200_000])
+    p.add_argument("--block-size", type=int, default=100_000, help="pp-embed --block-size in the memory part")
     p.add_argument("--n-real", type=int, default=2000)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--toks-per-batch", type=int, default=4096)
@@ -206,7 +208,8 @@ def main() -> None:
         if "throughput" in args.parts:
             result["throughput"] = throughput_part(Path(tmp), args.n_real, args.threads, args.toks_per_batch)
         if "memory" in args.parts:
-            result["memory"] = memory_part(Path(tmp), args.sizes, args.threads, args.toks_per_batch)
+            result["memory"] = memory_part(Path(tmp), args.sizes, args.threads, args.toks_per_batch,
+                                           args.block_size)
     result["host"]["load_avg_at_end"] = os.getloadavg()
     from proteinperformer.files import write_json_atomic
 
@@ -216,7 +219,8 @@ def main() -> None:
         print("\n| proteins | wall s | peak RSS MiB | h5 bytes |\n|---|---|---|---|")
         for r in m["rows"]:
             print(f"| {r['proteins']:,} | {r['wall_s']} | {r['peak_rss_mib']} | {r['h5_bytes']:,} |")
-        print(f"\npeak-memory slope: {m['slope_bytes_per_protein']} bytes per protein")
+        print(f"\npeak-memory slope: {m['slope_bytes_per_protein']} bytes per protein "
+              f"(--block-size {m['block_size']:,})")
     if "throughput" in result:
         t = result["throughput"]
         print(f"\n{t['proteins']:,} proteins, {t['residues']:,} residues, {args.threads} threads\n")
