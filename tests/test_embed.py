@@ -304,16 +304,18 @@ def test_cli_h5_float16_header_labels_and_length_check_up_front(tiny_checkpoint,
 
 @pytest.mark.slow
 def test_cli_two_process_ddp_matches_single(tiny_checkpoint, model, tmp_path):
-    """--devices 2 on CPU: Lightning launches a second rank (DDP, gloo); parts from both ranks are merged."""
+    """--devices 2 on CPU: Lightning launches a second rank (DDP, gloo); each rank streams its share of the FASTA to
+    its own h5 shard, and the shards of both ranks are linked into one embeddings.h5."""
     import subprocess
     import sys
 
     fasta = _fasta(tmp_path / "in.fasta", SEQS)
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "proteinperformer.cli.embed", str(tiny_checkpoint), str(fasta), str(out), "--format",
-           "npz", "--devices", "2", "--toks-per-batch", "40"]  # small budget: several batches, split over ranks
+           "h5", "--devices", "2", "--toks-per-batch", "40"]  # small budget: several batches, split over ranks
     subprocess.run(cmd, check=True, capture_output=True, timeout=300, cwd=tmp_path)
-    got = read_embeddings(out, "npz")
+    assert sorted(p.name[:5] for p in (out / "shards").iterdir()) == ["rank0", "rank1"]
+    got = read_embeddings(out, "h5")
     ref = embed(model, SEQS)
     assert sorted(got) == sorted(ref)
     for label in ref:
