@@ -12,7 +12,6 @@ them to a JSON beside the output (``--rho-json``). Scores: :mod:`proteinperforme
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -139,7 +138,8 @@ def run(args: argparse.Namespace) -> dict:
               "precision": args.precision, "n_rows": len(df), "n_skipped_mismatched": skipped,
               "n_with_target": int(np.isfinite(target).sum()), "spearman": rho}
     path = args.rho_json or args.out_csv.with_name(args.out_csv.name + ".rho.json")
-    write_json_atomic(path, json.loads(json.dumps(record, allow_nan=True).replace("NaN", "null")))
+    record["spearman"] = {k: v if np.isfinite(v) else None for k, v in rho.items()}  # JSON has no NaN
+    write_json_atomic(path, record)
     print(f"written: {path}")
     return record
 
