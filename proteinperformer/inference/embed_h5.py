@@ -59,6 +59,9 @@ def _open_shard(path: Path):
             f.close()
             return None
         return f
+    except BlockingIOError:  # HDF5's file lock: a writer has it open
+        raise ValueError(f"{path}: in use by another process (a pp-embed still writing to this OUTDIR?); wait for it "
+                         "to finish or embed into another OUTDIR") from None
     except OSError as err:
         warnings.warn(f"{path}: unreadable shard ({err}); set aside as {path.name}.broken, its proteins are embedded "
                       "again", stacklevel=2)
