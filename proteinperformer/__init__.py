@@ -45,6 +45,7 @@ _API = {
     "read_embeddings": "proteinperformer.inference.embed_files",
     "load_clm": "proteinperformer.inference.generate",
     "sample": "proteinperformer.inference.generate",
+    "score_variants": "proteinperformer.inference.score",
     # analysis
     "attention_maps": "proteinperformer.analysis",
     "predict_contact_map": "proteinperformer.analysis",

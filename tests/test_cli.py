@@ -15,6 +15,7 @@ import torch
 
 from proteinperformer.cli import attention_blosum, contacts, convert, embed, evaluate, generate, gpu_check, preprocess
 from proteinperformer.cli import probe as probe_cli
+from proteinperformer.cli import score as score_cli
 from proteinperformer.cli.common import Parser
 from proteinperformer.inference.embed_files import lightning_device
 from proteinperformer.model.precision import PrecisionError, resolve_device
@@ -54,12 +55,14 @@ def _argv(tool: str, ckpt: Path, tmp_path: Path) -> list[str]:
         "pp-convert": [str(ckpt), str(tmp_path / "converted.ckpt")],
         "pp-contacts": [str(ckpt), "--out", str(tmp_path / "contacts")],
         "pp-attention-blosum": [str(ckpt), str(SAMPLE_FASTA), "--out", str(tmp_path / "blosum")],
+        "pp-score": [str(ckpt), str(ROOT / "data/dms/BLAT_ECOLX_Ranganathan2015.csv"), str(tmp_path / "scored.csv"),
+                     "--fasta", str(ROOT / "data/dms/BLAT_ECOLX.fasta"), "--offset-idx", "24", "--no-baselines"],
     }[tool]
 
 
 MAINS = {"pp-embed": embed.main, "pp-generate": generate.main, "pp-probe": probe_cli.main,
          "pp-evaluate": evaluate.main, "pp-convert": convert.main, "pp-contacts": contacts.main,
-         "pp-attention-blosum": attention_blosum.main}
+         "pp-attention-blosum": attention_blosum.main, "pp-score": score_cli.main}
 
 
 @pytest.mark.parametrize("kind", ["random", "code"])

@@ -222,7 +222,8 @@ def test_cli_single_file_formats_resume(tiny_checkpoint, model, tmp_path, fmt):
     main(args)  # adds the other two to the same file
     got = read_embeddings(out, fmt)
     assert sorted(got) == sorted(label for label, _ in SEQS)
-    assert sorted(p.name for p in out.iterdir()) == [f"embeddings.{fmt}"]  # parts merged and removed
+    # npz: parts merged and removed; h5: the shards stay, linked from embeddings.h5
+    assert sorted(p.name for p in out.iterdir()) == [f"embeddings.{fmt}"] + (["shards"] if fmt == "h5" else [])
     ref = embed(model, SEQS, include=("mean", "per_tok"))
     depth = model.config.depth
     for label, _ in SEQS:
@@ -231,18 +232,90 @@ def test_cli_single_file_formats_resume(tiny_checkpoint, model, tmp_path, fmt):
         assert got[label]["representations"][depth].shape == ref[label]["per_tok"][-1].shape
 
 
+def test_cli_h5_interrupted_run_resumes_to_the_straight_run(tiny_checkpoint, model, tmp_path, monkeypatch, capsys):
+    """A run killed between writing a batch's arrays and indexing its labels resumes to the straight run's content;
+    the resume reads only the label index."""
+    import h5py
+
+    from proteinperformer.inference import embed_h5
+
+    records = [(f"p{i}", "ACDEFGHIKLMNPQRSTVWY"[i % 20:] + "MKV" * (i % 7)) for i in range(24)]
+    fasta = _fasta(tmp_path / "in.fasta", records)
+    args = ["--include", "mean", "per_tok", "bos", "--repr-layers", "0", "-1", "--toks-per-batch", "120", "--format",
+            "h5"]
+    main([str(tiny_checkpoint), str(fasta), str(tmp_path / "straight"), *args])
+    calls = {"labels": 0}
+    real = embed_h5.ShardWriter._append
+
+    def killed_on_third_index(self, name, rows):
+        if name == "labels":
+            calls["labels"] += 1
+            if calls["labels"] == 3:
+                raise RuntimeError("killed")
+        return real(self, name, rows)
+
+    monkeypatch.setattr(embed_h5.ShardWriter, "_append", killed_on_third_index)
+    out = tmp_path / "resumed"
+    with pytest.raises(RuntimeError, match="killed"):
+        main([str(tiny_checkpoint), str(fasta), str(out), *args, "--debug"])
+    monkeypatch.setattr(embed_h5.ShardWriter, "_append", real)
+    (shard,) = embed_h5.shard_paths(out)
+    with h5py.File(shard) as f:
+        n_indexed = f["labels"].shape[0]
+        assert f[f"mean/{model.config.depth}"].shape[0] > n_indexed > 0  # 3rd batch: arrays written, not indexed
+    read_arrays = []
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", lambda self, key, real=h5py.Dataset.__getitem__: (
+        read_arrays.append(self.name), real(self, key))[1])
+    capsys.readouterr()
+    main([str(tiny_checkpoint), str(fasta), str(out), *args])
+    assert f"{n_indexed} already in" in capsys.readouterr().out
+    assert set(read_arrays) == {"/labels", "/lengths"}  # resume and link read the index, never an array
+    monkeypatch.undo()
+    want, got = read_embeddings(tmp_path / "straight", "h5"), read_embeddings(out, "h5")
+    assert sorted(got) == sorted(want) == sorted(label for label, _ in records)
+    for label in want:
+        for key in ("mean_representations", "bos_representations", "representations"):
+            assert sorted(got[label][key]) == [0, model.config.depth]
+            for layer in (0, model.config.depth):
+                torch.testing.assert_close(got[label][key][layer], want[label][key][layer], atol=1e-5, rtol=0)
+    assert len(embed_h5.shard_paths(out)) == 2
+
+
+def test_cli_h5_float16_header_labels_and_length_check_up_front(tiny_checkpoint, model, tmp_path):
+    fasta = _fasta(tmp_path / "in.fasta", [("sp|P1|X_HUMAN desc", "MKTAYIAKQR"), ("b two", "GSHMSLFDFF")])
+    out = tmp_path / "out"
+    main([str(tiny_checkpoint), str(fasta), str(out), "--format", "h5", "--dtype", "float16", "--label", "header"])
+    got = read_embeddings(out, "h5")
+    assert sorted(got) == ["b two", "sp|P1|X_HUMAN desc"]
+    mean = got["b two"]["mean_representations"][model.config.depth]
+    assert mean.dtype == torch.float16
+    torch.testing.assert_close(mean.float(), embed(model, [("b", "GSHMSLFDFF")])["b"]["mean"][-1], atol=2e-3, rtol=0)
+    # learned positions: too-long sequences stop the run before any embedding, every id listed
+    ckpt = _fake_checkpoint(tmp_path / "learned.ckpt", max_positions=12)
+    long_fasta = _fasta(tmp_path / "long.fasta", [("ok", "MKV"), ("L1", "A" * 11), ("L2", "M" * 30)])
+    with pytest.raises(SystemExit, match=r"^error: .*long.fasta: 2 sequence\(s\) longer than the 10 residues .*"
+                                         r"L1 \(11\), L2 \(30\); nothing was embedded"):
+        main([str(ckpt), str(long_fasta), str(tmp_path / "o2"), "--format", "h5"])
+    assert not (tmp_path / "o2" / "shards").exists()
+    dup = _fasta(tmp_path / "dup.fasta", [("a", "MKV"), ("b", "MKV"), ("a", "GGG")])
+    with pytest.raises(SystemExit, match=r"^error: .*dup.fasta:5: duplicate label 'a' \(first at line 1\)"):
+        main([str(ckpt), str(dup), str(tmp_path / "o3"), "--format", "h5"])
+
+
 @pytest.mark.slow
 def test_cli_two_process_ddp_matches_single(tiny_checkpoint, model, tmp_path):
-    """--devices 2 on CPU: Lightning launches a second rank (DDP, gloo); parts from both ranks are merged."""
+    """--devices 2 on CPU: Lightning launches a second rank (DDP, gloo); each rank streams its share of the FASTA to
+    its own h5 shard, and the shards of both ranks are linked into one embeddings.h5."""
     import subprocess
     import sys
 
     fasta = _fasta(tmp_path / "in.fasta", SEQS)
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "proteinperformer.cli.embed", str(tiny_checkpoint), str(fasta), str(out), "--format",
-           "npz", "--devices", "2", "--toks-per-batch", "40"]  # small budget: several batches, split over ranks
+           "h5", "--devices", "2", "--toks-per-batch", "40"]  # small budget: several batches, split over ranks
     subprocess.run(cmd, check=True, capture_output=True, timeout=300, cwd=tmp_path)
-    got = read_embeddings(out, "npz")
+    assert sorted(p.name[:5] for p in (out / "shards").iterdir()) == ["rank0", "rank1"]
+    got = read_embeddings(out, "h5")
     ref = embed(model, SEQS)
     assert sorted(got) == sorted(ref)
     for label in ref:

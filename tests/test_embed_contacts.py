@@ -45,7 +45,7 @@ def test_pp_embed_include_contacts_uses_the_pp_contacts_head(tiny_checkpoint, tm
     fasta = tmp_path / "x.fasta"
     fasta.write_text(f">{chain.id}\n{chain.sequence}\n>short\nMKTAYIAKQRQISFVKSHFSRQ\n")
     model = load_model(tiny_checkpoint)
-    for fmt in ("pt", "npz"):
+    for fmt in ("pt", "npz", "h5"):
         out = tmp_path / fmt
         main([str(tiny_checkpoint), str(fasta), str(out), "--include", "mean", "contacts", "--contact-head",
               str(head_path), "--format", fmt])

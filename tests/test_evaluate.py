@@ -55,7 +55,9 @@ def test_pp_evaluate_writes_the_whole_card(tiny_checkpoint, tmp_path, capsys):
           "--contact-max-len", "90", "--update-readme", str(readme)])
     card = json.loads((out / "card.json").read_text())
     s = card["sections"]
-    assert set(s) == {"mlm", "ss3", "location", "go_mf", "fold_class", "blosum", "contacts"}
+    assert set(s) == {"mlm", "ss3", "location", "go_mf", "fold_class", "blosum", "contacts", "dms"}
+    assert s["dms"]["n"] == 4996 and -1 < s["dms"]["rho"]["model masked-marginals"] < 1
+    assert abs(s["dms"]["rho"]["BLOSUM62(wt, mt)"] - 0.346) < 0.001  # model-free: the README's number
     for split in ("valid", "test"):
         m = s["mlm"][split]
         assert m["n_masked"] > 100 and 0 < m["model"]["accuracy"] < 1 and m["model"]["perplexity"] > 1
@@ -69,7 +71,8 @@ def test_pp_evaluate_writes_the_whole_card(tiny_checkpoint, tmp_path, capsys):
     assert 0 <= s["contacts"]["model"]["mean"]["long"]["L"] <= 1
     md = (out / "card.md").read_text()
     for text in ("masked residues, valid split", "GO molecular function", "structural class", "Vig et al. method",
-                 "attention-weighted", "contacts, long range", "naive (term frequency)", "pp-evaluate "):
+                 "attention-weighted", "contacts, long range", "TEM-1 β-lactamase", "naive (term frequency)",
+                 "pp-evaluate "):
         assert text in md
     assert (out / "card.png").stat().st_size > 10_000
     for f in ("probes/go_mf.png", "probes/fold_class.png", "blosum/attention_vs_blosum.png", "contacts/contacts.png"):

@@ -2,8 +2,11 @@
 
     pp-embed CHECKPOINT proteins.fasta out/ --repr-layers 0 -1 --include mean per_tok --device cuda
 
-Resumable: labels already in OUTDIR are skipped. The output files are described in
-:mod:`proteinperformer.inference.embed_files`, the embeddings in :mod:`proteinperformer.inference.embed`.
+Resumable: labels already in OUTDIR are skipped. ``--format h5`` streams any number of proteins to per-rank
+shards linked into one ``embeddings.h5``; ``npz`` is for small jobs (merged in memory). The FASTA is read once
+up front (letters, duplicate labels, too-long sequences: the run stops before any embedding, listing their ids),
+then streamed. The output files are described in :mod:`proteinperformer.inference.embed_files`, the embeddings
+in :mod:`proteinperformer.inference.embed`.
 """
 
 from __future__ import annotations
@@ -14,8 +17,17 @@ from pathlib import Path
 
 from proteinperformer.checkpoints import load_model
 from proteinperformer.cli.common import Parser, add_device_arguments, checked_device, run_command
-from proteinperformer.inference.embed import INCLUDE, as_records, resolve_contact_head, resolve_layers
-from proteinperformer.inference.embed_files import FORMATS, bundle_path, done_labels, merge_parts, predict_to_dir
+from proteinperformer.inference.embed import INCLUDE, residue_limit, resolve_contact_head, resolve_layers
+from proteinperformer.inference.embed_files import (
+    DTYPES,
+    FORMATS,
+    LABELS,
+    bundle_path,
+    done_labels,
+    merge_parts,
+    predict_to_dir,
+    scan_fasta,
+)
 
 
 def create_parser() -> argparse.ArgumentParser:
@@ -26,7 +38,7 @@ def create_parser() -> argparse.ArgumentParser:
         "skipped.",
     )
     parser.add_argument("checkpoint", type=Path, help="a pp-train / pp-convert checkpoint, an ESM-2 .pt or HF dir")
-    parser.add_argument("fasta", type=Path, help="FASTA file (.gz ok); record ids are the labels")
+    parser.add_argument("fasta", type=Path, help="FASTA file (.gz ok), streamed")
     parser.add_argument("outdir", type=Path, help="output directory (created)")
     parser.add_argument("--repr-layers", type=int, nargs="+", default=[-1],
                         help="layers to return: 0 = embeddings, -1 = final")
@@ -35,7 +47,15 @@ def create_parser() -> argparse.ArgumentParser:
                         help="for --include contacts: the contact_head.json pp-contacts wrote (default: the "
                         "model's own contact regression, e.g. an ESM-2 import)")
     parser.add_argument("--toks-per-batch", type=int, default=4096, help="tokens per batch")
-    parser.add_argument("--format", choices=FORMATS, default="pt", help="pt: a file per label; h5/npz: one file")
+    parser.add_argument("--format", choices=FORMATS, default="pt",
+                        help="pt: a file per label (esm-extract); h5: streamed per-rank shards linked into one "
+                        "embeddings.h5, any size; npz: one file merged in memory, small jobs only")
+    parser.add_argument("--label", choices=LABELS, default="accession",
+                        help="accession: the UniProt accession or first word of the header; header: the whole "
+                        "header line (as esm-extract names its files)")
+    parser.add_argument("--block-size", type=int, default=100_000,
+                        help="sequences read, length-sorted and batched at a time (bounds memory: one block per rank)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="stored array type (float16: half size)")
     long = parser.add_mutually_exclusive_group()
     long.add_argument("--truncate", action="store_true", help="keep the first residues of too-long sequences")
     long.add_argument("--chunk", action="store_true", help="embed too-long sequences in overlapping windows")
@@ -60,22 +80,23 @@ def run(args: argparse.Namespace) -> int:
     contact_head = resolve_contact_head(model, args.contact_head) if "contacts" in args.include else None
     if contact_head is not None and args.chunk:
         raise ValueError("--include contacts needs the whole protein in one pass: use --truncate, not --chunk")
-    records = as_records(args.fasta)
+    on_long = "truncate" if args.truncate else "chunk" if args.chunk else "error"
     args.outdir.mkdir(parents=True, exist_ok=True)
     done = done_labels(args.outdir, args.format)
-    todo = [r for r in records if r[0] not in done]
-    print(f"{len(records)} sequences in {args.fasta}; {len(done & {r[0] for r in records})} already in "
-          f"{args.outdir}, {len(todo)} to embed")
-    on_long = "truncate" if args.truncate else "chunk" if args.chunk else "error"
-    if todo:
-        is_global_zero = predict_to_dir(model, todo, args.outdir, args.format, layers, args.include, on_long,
-                                        contact_head, args.precision, device, args.devices, args.toks_per_batch)
+    limit = residue_limit(model.config) if on_long == "error" else None
+    scan = scan_fasta(args.fasta, args.label, limit, done, model.alphabet)  # fails before any embedding
+    print(f"{scan['n']:,} sequences in {args.fasta}; {scan['n'] - scan['todo']:,} already in {args.outdir}, "
+          f"{scan['todo']:,} to embed ({scan['residues']:,} residues)")
+    if scan["todo"]:
+        is_global_zero = predict_to_dir(model, args.fasta, args.outdir, args.format, layers, args.include, on_long,
+                                        contact_head, args.precision, device, args.devices, args.toks_per_batch,
+                                        args.label, done, args.dtype, args.block_size)
         if not is_global_zero:
-            return len(todo)
+            return scan["todo"]
     if args.format != "pt":
         n = merge_parts(args.outdir, args.format)
-        print(f"{n} labels in {bundle_path(args.outdir, args.format)}")
-    return len(todo)
+        print(f"{n:,} labels in {bundle_path(args.outdir, args.format)}")
+    return scan["todo"]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

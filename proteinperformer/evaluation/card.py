@@ -12,7 +12,10 @@ Runs, with the data shipped in ``data/`` by default (every path is an option):
 3. attention vs BLOSUM62 (``pp-attention-blosum``): Vig et al.'s binarised method (with the number of surviving
    heads) and the attention-weighted variant, each beside a randomly initialised model of the same shape;
 4. contact precision (``pp-contacts``): long- and medium-range precision at L and L/5 against the random-init
-   null and the background rate.
+   null and the background rate;
+5. zero-shot variant effects (``pp-score``): Spearman ρ of the masked-marginal scores on the TEM-1 β-lactamase
+   scan (``data/dms/``) against the random-init null, BLOSUM62 and the unigram log-ratio, beside ESM-1v's
+   published 0.725 (:mod:`proteinperformer.evaluation.dms`).
 
 Writes ``DIR/card.json`` (every number), ``DIR/card.md`` (the model-card table), ``DIR/card.png`` (each task's
 headline metric, model vs its best baseline) and the per-task JSON/PNG files of the commands above under
@@ -38,13 +41,14 @@ from proteinperformer.analysis import blosum_report, contacts_report
 from proteinperformer.checkpoints import CheckpointError, load_model, read_torch
 from proteinperformer.data.collate import IGNORE_INDEX
 from proteinperformer.data.datamodule import ProteinDataModule
+from proteinperformer.evaluation.dms import PUBLISHED, TEM1_CSV, tem1_rho
 from proteinperformer.evaluation.probe import probe_files, read_tables
 from proteinperformer.files import resolve_path, save_figure_atomic, write_json_atomic, write_text_atomic
 from proteinperformer.model.precision import resolve_device
 from proteinperformer.progress import track
 from proteinperformer.tokenizer import Alphabet
 
-SECTIONS = ("mlm", "ss3", "location", "go_mf", "fold_class", "blosum", "contacts")
+SECTIONS = ("mlm", "ss3", "location", "go_mf", "fold_class", "blosum", "contacts", "dms")
 PROBES = {  # task: (train, valid, default --max-train)
     "ss3": ("data/probes/ss3/train.csv", "data/probes/ss3/valid.csv", None),
     "location": ("data/probes/deeploc/train.csv", "data/probes/deeploc/valid.csv", None),
@@ -162,6 +166,13 @@ def card_rows(card: dict) -> list[tuple[str, str, str, str]]:
             rows.append((f"contacts, {rng} range ({c['n_test']} test chains, {c['contact_definition']})",
                          "precision top-L / L/5", f"**{_f(m['L'])} / {_f(m['L/5'])}**",
                          f"random-init null {_f(n['L'])} / {_f(n['L/5'])}; background {_f(m['background'])}"))
+    if "dms" in s:
+        r = s["dms"]["rho"]
+        rows.append((f"zero-shot variant effects, TEM-1 β-lactamase scan ({s['dms']['n']:,} substitutions)",
+                     "Spearman ρ, masked marginals", f"**{_f(r['model masked-marginals'])}**",
+                     f"random-init null {_f(r['random init masked-marginals'])}; BLOSUM62 {_f(r['BLOSUM62(wt, mt)'])}; "
+                     f"unigram {_f(r['unigram log f(mt)/f(wt)'])}; ESM-1v (published) "
+                     f"{PUBLISHED['ESM-1v (zero-shot, 5 models)']:.3f}"))
     return rows
 
 
@@ -224,6 +235,10 @@ def plot_card(card: dict, path: Path) -> None:
         groups.append(("long P@L", {"model": c["model"]["mean"]["long"]["L"],
                                     "null": c["null_random_init"]["mean"]["long"]["L"],
                                     "background": c["model"]["mean"]["long"]["background"]}))
+    if "dms" in s:
+        r = s["dms"]["rho"]
+        groups.append(("TEM-1 ρ", {"model": r["model masked-marginals"], "null": r["random init masked-marginals"],
+                                   "BLOSUM62": r["BLOSUM62(wt, mt)"], "unigram": r["unigram log f(mt)/f(wt)"]}))
     fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(2.6 * max(len(groups), 1), 3.6), squeeze=False)
     for ax, (title, values) in zip(axes[0], groups, strict=False):
         names = list(values)
@@ -368,6 +383,11 @@ def evaluate(args: argparse.Namespace) -> dict:
         card["sections"]["contacts"] = {k: res[k] for k in ("contact_definition", "n_train", "n_test")} | {
             part: {"mean": res[part]["mean"]} for part in ("model", "null_random_init")}
         card["seconds"]["contacts"] = round(time.perf_counter() - t, 1)
+    if "dms" not in skip:
+        t = stage("zero-shot variant effects (TEM-1 scan)")
+        card["data"]["variant effects"] = f"{TEM1_CSV} (fitness at 2,500 µg/mL ampicillin)"
+        card["sections"]["dms"] = tem1_rho(model, TEM1_CSV, null_seed=args.seed)
+        card["seconds"]["dms"] = round(time.perf_counter() - t, 1)
     card["wall_seconds"] = round(time.perf_counter() - start, 1)
     markdown = card_markdown(card)
     _write_json(card, out / "card.json")

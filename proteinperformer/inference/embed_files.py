@@ -8,9 +8,19 @@ killed run resumes where it stopped. Output formats:
   "representations": {layer: [L, D]}, "mean_representations": {layer: [D]}, "bos_representations":
   {layer: [D]}, "contacts": [L, L]}`` with non-negative layer numbers (-1 is written as ``depth``, as
   esm-extract does).
-- ``h5`` / ``npz``: one ``OUTDIR/embeddings.h5|npz`` with datasets ``<label>/<kind>/<layer>`` (kind as
-  in ``pt``). Ranks write part files under ``OUTDIR/.parts/`` which rank 0 merges at the end; the merge
-  holds the whole collection in memory, so use ``pt`` for millions of sequences.
+- ``h5`` (any size): streamed, one HDF5 shard per rank appended per batch under ``OUTDIR/shards/``, linked into
+  ``OUTDIR/embeddings.h5`` (virtual datasets + a label index) at the end; memory stays flat in the number of
+  proteins. Layout, commit order and resume: :mod:`proteinperformer.inference.embed_h5`.
+- ``npz`` (small jobs only): one ``OUTDIR/embeddings.npz`` with arrays ``<label>/<kind>/<layer>`` (kind as in
+  ``pt``). Ranks write part files under ``OUTDIR/.parts/`` which rank 0 merges at the end; the merge holds the
+  whole collection in memory (about the size of the file), so use ``h5`` or ``pt`` beyond a few GB.
+
+Input is streamed: :func:`scan_fasta` reads the FASTA once up front (letters, duplicate labels, lengths against
+the model's limit: a too-long sequence stops the run before any embedding, with the ids listed), then each rank
+streams it in blocks of ``block`` records, sorts each block by length into token-budget batches and embeds only
+its share (every world_size-th batch of the block), so a rank holds one block of sequences, never the file.
+Resuming skips the labels already written (``pt``: file names; ``h5``: the shards' label indexes; ``npz``: the
+bundle and parts), a set of labels (~100 bytes per label) held while the run lasts.
 
 File names and keys escape a label with URL percent-encoding (:func:`safe_name`): letters, digits and
 ``_.-~`` stay, anything else (``/``, ``|``, spaces, ...) becomes ``%XX``, and a leading ``.`` is escaped
@@ -19,9 +29,10 @@ so no label makes a hidden file or ``..``. Decode with ``urllib.parse.unquote``.
 
 from __future__ import annotations
 
+import array
 import uuid
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from urllib.parse import quote, unquote
 
@@ -29,15 +40,19 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from proteinperformer.checkpoints import save_atomic
+from proteinperformer.data.fasta import FastaFormatError, read_fasta
 from proteinperformer.files import write_atomic
-from proteinperformer.inference.embed import batch_indices, embed_batch
+from proteinperformer.inference.embed import SequenceTooLongError, batch_indices, embed_batch
+from proteinperformer.inference.embed_h5 import ShardWriter, iter_h5, link_shards, shard_labels
 from proteinperformer.model import PerformerLM
 from proteinperformer.progress import progress_bar
 
 FORMATS = ("pt", "h5", "npz")
+LABELS = ("accession", "header")  # accession: UniProt accession / first word; header: the whole line (esm-extract)
+DTYPES = ("float32", "float16")
 # esm-extract's key names, used in every output file.
 FILE_KEYS = {"mean": "mean_representations", "per_tok": "representations", "bos": "bos_representations",
              "contacts": "contacts"}
@@ -93,6 +108,8 @@ def read_embeddings(outdir: str | Path, fmt: str = "pt") -> dict[str, dict]:
     outdir = Path(outdir)
     if fmt == "pt":
         return {r["label"]: r for r in (torch.load(p, weights_only=True) for p in sorted(outdir.glob("*.pt")))}
+    if fmt == "h5":
+        return {r["label"]: r for r in iter_h5(bundle_path(outdir, fmt))}
     return _read_bundle(bundle_path(outdir, fmt))
 
 
@@ -126,6 +143,8 @@ def done_labels(outdir: Path, fmt: str) -> set[str]:
     """Labels already written to ``outdir`` (finished files and part files of an interrupted run)."""
     if fmt == "pt":
         return {unquote(p.stem) for p in outdir.glob("*.pt")}
+    if fmt == "h5":
+        return shard_labels(outdir)
     done = set(_read_bundle(bundle_path(outdir, fmt))) if bundle_path(outdir, fmt).exists() else set()
     for part in sorted((outdir / ".parts").glob("*.pt")):
         done.update(r["label"] for r in torch.load(part, weights_only=True))
@@ -133,7 +152,10 @@ def done_labels(outdir: Path, fmt: str) -> set[str]:
 
 
 def merge_parts(outdir: Path, fmt: str) -> int:
-    """Fold the part files of all ranks (and any earlier bundle) into ``embeddings.<fmt>``; returns #labels."""
+    """Fold the part files of all ranks (and any earlier bundle) into ``embeddings.<fmt>``; returns #labels.
+    ``h5``: link the shards (:func:`~proteinperformer.inference.embed_h5.link_shards`), no array is read."""
+    if fmt == "h5":
+        return link_shards(outdir)
     parts = sorted((outdir / ".parts").glob("*.pt"))
     path = bundle_path(outdir, fmt)
     records = _read_bundle(path) if path.exists() else {}
@@ -148,56 +170,160 @@ def merge_parts(outdir: Path, fmt: str) -> int:
     return len(records)
 
 
+# ---- streamed input ----------------------------------------------------------------------------
+def fasta_records(fasta: Path, label: str = "accession") -> Iterator[tuple[str, str]]:
+    """(label, sequence) of each FASTA record, streamed; ``label`` "accession" (the record id: UniProt accession
+    or first word) or "header" (the whole header line, as esm-extract names its files). A terminal ``*`` is dropped."""
+    if label not in LABELS:
+        raise ValueError(f"label must be one of {LABELS}, got {label!r}")
+    for rec in read_fasta(fasta):
+        yield (rec.id if label == "accession" else rec.header.strip()), rec.sequence.removesuffix("*")
+
+
+def scan_fasta(fasta: Path, label: str = "accession", limit: int | None = None, skip: set[str] = frozenset(),
+               alphabet=None) -> dict:
+    """Read ``fasta`` once before any embedding: letters (with ``alphabet``), duplicate labels, and lengths against
+    ``limit`` residues (None = no check). Returns ``{"n": records, "todo": records not in skip, "residues": of
+    those}``; raises :class:`SequenceTooLongError` listing every too-long id, or FastaFormatError for a duplicate.
+
+    Memory: 8 bytes per record (a hash of each label, to find duplicates), plus the too-long ids."""
+    from proteinperformer.tokenizer import Alphabet
+
+    alphabet = alphabet or Alphabet()
+    hashes = array.array("q")
+    too_long: list[tuple[str, int]] = []
+    n = todo = residues = 0
+    for rec in read_fasta(fasta, alphabet):
+        name = rec.id if label == "accession" else rec.header.strip()
+        length = len(rec.sequence.removesuffix("*"))
+        hashes.append(hash(name))
+        n += 1
+        if name not in skip:
+            todo += 1
+            residues += length
+            if limit is not None and length > limit:
+                too_long.append((name, length))
+    if too_long:
+        shown = ", ".join(f"{name} ({length})" for name, length in too_long[:20])
+        raise SequenceTooLongError(
+            f"{fasta}: {len(too_long)} sequence(s) longer than the {limit} residues this model takes in one pass: "
+            f"{shown}{' ...' if len(too_long) > 20 else ''}; nothing was embedded. Use --truncate (keep the first "
+            f"{limit}) or --chunk (overlapping windows), --attention favor (no cap with rotary or sinusoidal "
+            "positions), or remove them")
+    sorted_hashes = np.sort(np.frombuffer(hashes, dtype=np.int64))
+    if len(sorted_hashes) > 1 and (clash := set(sorted_hashes[1:][sorted_hashes[1:] == sorted_hashes[:-1]])):
+        first: dict[str, int] = {}  # a second pass over the few labels whose hashes collide
+        for rec in read_fasta(fasta):
+            name = rec.id if label == "accession" else rec.header.strip()
+            if hash(name) in clash:
+                if name in first:
+                    raise FastaFormatError(f"{fasta}:{rec.line}: duplicate label {name!r} (first at line "
+                                           f"{first[name]}); labels must be unique"
+                                           + (" (try --label header)" if label == "accession" else ""))
+                first[name] = rec.line
+    return {"n": n, "todo": todo, "residues": residues}
+
+
+class FastaBatches(IterableDataset):
+    """Token-budget batches of (label, sequence) streamed from a FASTA (or a list of records): blocks of ``block``
+    records not in ``skip`` are sorted by length and batched (ESM's ``get_batch_indices``); rank ``rank`` of
+    ``world`` yields every world-th batch of each block. Holds one block at a time."""
+
+    def __init__(self, source: Path | Sequence[tuple[str, str]], toks_per_batch: int, label: str = "accession",
+                 skip: set[str] = frozenset(), block: int = 100_000, rank: int = 0, world: int = 1) -> None:
+        self.source, self.toks_per_batch, self.label, self.skip = source, toks_per_batch, label, skip
+        self.block, self.rank, self.world = block, rank, world
+
+    def _share(self, records: list[tuple[str, str]]) -> Iterator[list[tuple[str, str]]]:
+        batches = batch_indices([len(s) for _, s in records], self.toks_per_batch)
+        for idx in batches[self.rank :: self.world]:
+            yield [records[i] for i in idx]
+
+    def __iter__(self) -> Iterator[list[tuple[str, str]]]:
+        records = fasta_records(self.source, self.label) if isinstance(self.source, str | Path) else self.source
+        block: list[tuple[str, str]] = []
+        for label, seq in records:
+            if label in self.skip:
+                continue
+            block.append((label, seq))
+            if len(block) == self.block:
+                yield from self._share(block)
+                block = []
+        if block:
+            yield from self._share(block)
+
+
 # ---- Lightning predict (multi-device) -----------------------------------------------------------
 class EmbeddingTask(pl.LightningModule):
     """Wraps a PerformerLM for ``Trainer.predict``: each batch is a list of (label, sequence)."""
 
     def __init__(self, model: PerformerLM, layers: Sequence[int], include: Sequence[str], on_long: str,
-                 contact_head=None, precision: str = "32") -> None:
+                 contact_head=None, precision: str = "32", dtype: str = "float32") -> None:
         super().__init__()
         self.model, self.layers, self.include, self.on_long = model, list(layers), tuple(include), on_long
-        self.contact_head, self.precision = contact_head, precision
+        self.contact_head, self.precision, self.store_dtype = contact_head, precision, getattr(torch, dtype)
 
     def predict_step(self, batch: list[tuple[str, str]], batch_idx: int) -> list[dict]:
         reps = embed_batch(self.model, batch, self.layers, self.include, self.on_long, precision=self.precision,
                            contact_head=self.contact_head)
+        if self.store_dtype != torch.float32:
+            reps = [(label, {k: v.to(self.store_dtype) if k == "contacts" else {layer: t.to(self.store_dtype)
+                                                                             for layer, t in v.items()}
+                             for k, v in r.items()}) for label, r in reps]
         return [to_file_record(label, r, self.model.config.depth) for label, r in reps]
+
+
+class EmbeddingData(pl.LightningDataModule):
+    """Streams :class:`FastaBatches` of ``source`` for this rank (``trainer.global_rank`` of ``world_size``)."""
+
+    def __init__(self, source: Path | Sequence[tuple[str, str]], toks_per_batch: int, label: str = "accession",
+                 skip: set[str] = frozenset(), block: int = 100_000) -> None:
+        super().__init__()
+        self.source, self.toks_per_batch, self.label, self.skip, self.block = source, toks_per_batch, label, skip, block
+
+    def predict_dataloader(self) -> DataLoader:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        batches = FastaBatches(self.source, self.toks_per_batch, self.label, self.skip, self.block, rank, world)
+        return DataLoader(batches, batch_size=None, collate_fn=_identity)
 
 
 def _identity(batch):
     return batch
 
 
-class EmbeddingData(pl.LightningDataModule):
-    """Token-budget batches of (label, sequence); each rank takes every world_size-th batch."""
-
-    def __init__(self, records: list[tuple[str, str]], toks_per_batch: int) -> None:
-        super().__init__()
-        self.records, self.toks_per_batch = records, toks_per_batch
-
-    def predict_dataloader(self) -> DataLoader:
-        batches = batch_indices([len(s) for _, s in self.records], self.toks_per_batch)
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        mine = [[self.records[i] for i in idx] for idx in batches[rank::world]]
-        return DataLoader(mine, batch_size=None, shuffle=False, collate_fn=_identity)
-
-
 class EmbeddingWriter(BasePredictionWriter):
-    """Writes each predicted batch at once: ``pt`` -> one file per label; ``h5``/``npz`` -> a per-rank part
-    file under ``OUTDIR/.parts/`` (merged by :func:`merge_parts`). Every file goes through temp + rename."""
+    """Writes each predicted batch at once: ``pt`` -> one file per label (temp + rename); ``h5`` -> appended to this
+    rank's shard (:class:`~proteinperformer.inference.embed_h5.ShardWriter`); ``npz`` -> a per-rank part file under
+    ``OUTDIR/.parts/`` (temp + rename, merged by :func:`merge_parts`)."""
 
-    def __init__(self, outdir: Path, fmt: str) -> None:
+    def __init__(self, outdir: Path, fmt: str, dtype: str = "float32") -> None:
         super().__init__(write_interval="batch")
-        self.outdir, self.fmt = Path(outdir), fmt
+        self.outdir, self.fmt, self.dtype = Path(outdir), fmt, dtype
+        self.shard: ShardWriter | None = None
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         if self.fmt == "pt":
             for record in prediction:
                 save_atomic(record, self.outdir / f"{safe_name(record['label'])}.pt")
+        elif self.fmt == "h5":
+            if self.shard is None:
+                self.shard = ShardWriter(self.outdir, trainer.global_rank, self.dtype)
+            self.shard.write(prediction, [len(seq) for _, seq in batch])
         else:
             parts = self.outdir / ".parts"
             parts.mkdir(exist_ok=True)
             save_atomic(prediction, parts / f"rank{trainer.global_rank}-{uuid.uuid4().hex}.pt")
+
+    def _close(self) -> None:
+        if self.shard is not None:
+            self.shard.close()
+            self.shard = None
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self._close()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._close()
 
 
 def lightning_device(device: torch.device, devices: int = 1) -> tuple[str, int | list[int]]:
@@ -214,7 +340,7 @@ def lightning_device(device: torch.device, devices: int = 1) -> tuple[str, int |
 
 def predict_to_dir(
     model: PerformerLM,
-    records: list[tuple[str, str]],
+    source: Path | Sequence[tuple[str, str]],
     outdir: Path,
     fmt: str = "pt",
     layers: Sequence[int] = (-1,),
@@ -225,9 +351,14 @@ def predict_to_dir(
     device: str | torch.device = "cpu",
     devices: int = 1,
     toks_per_batch: int = 4096,
+    label: str = "accession",
+    skip: set[str] = frozenset(),
+    dtype: str = "float32",
+    block: int = 100_000,
 ) -> bool:
-    """Embed ``records`` with ``Trainer.predict`` over ``devices`` processes, writing each batch to ``outdir`` as
-    it finishes (:class:`EmbeddingWriter`); returns True on the global-zero rank (which merges h5/npz parts)."""
+    """Embed ``source`` (a FASTA path, streamed, or a list of (label, sequence)) except the labels in ``skip``, with
+    ``Trainer.predict`` over ``devices`` processes, writing each batch to ``outdir`` as it finishes
+    (:class:`EmbeddingWriter`); returns True on the global-zero rank (which merges / links the outputs)."""
     accelerator, lightning_devices = lightning_device(torch.device(device), devices)
     trainer = pl.Trainer(
         accelerator=accelerator,
@@ -235,13 +366,15 @@ def predict_to_dir(
         strategy="ddp" if devices > 1 else "auto",
         precision="32-true",  # EmbeddingTask autocasts itself: Lightning's CPU 16-mixed silently runs bf16
         logger=False,
-        callbacks=[EmbeddingWriter(outdir, fmt), progress_bar()],
-        use_distributed_sampler=False,  # EmbeddingData shards the batches by rank itself
+        callbacks=[EmbeddingWriter(outdir, fmt, dtype), progress_bar()],
+        use_distributed_sampler=False,  # FastaBatches shards the batches by rank itself
         enable_model_summary=False,
         enable_checkpointing=False,
     )
-    task = EmbeddingTask(model, layers, include, on_long, contact_head, precision)
+    task = EmbeddingTask(model, layers, include, on_long, contact_head, precision, dtype)
     warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")  # batches are lists
-    trainer.predict(task, datamodule=EmbeddingData(records, toks_per_batch), return_predictions=False)
+    warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__`")
+    trainer.predict(task, datamodule=EmbeddingData(source, toks_per_batch, label, skip, block),
+                    return_predictions=False)
     trainer.strategy.barrier()
     return trainer.is_global_zero
