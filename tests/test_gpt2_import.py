@@ -187,3 +187,15 @@ def test_bpe_vocabulary_and_mismatched_weights_are_refused(gpt2_dir, tmp_path):
     with pytest.raises(CheckpointError, match=r"c_attn.weight has shape \(192, 64\), the config wants \(64, 192\)"
                                               r".*unused tensors \['extra.weight'\]"):
         load_model(extra)
+
+
+def test_report_scores_next_residues_for_a_causal_model(gpt2_dir, tmp_path):
+    from proteinperformer.evaluation.conversion import report
+
+    path, _ = gpt2_dir
+    fasta = tmp_path / "abs.fasta"
+    fasta.write_text(">a\nEVQLVESGGGLVQPGGSLRLSCAAS\n>b\nDIQMTQSPSSLSA\n")
+    r = report(path, fasta, num_features=16, draws=2)
+    assert r["objective"] == "next-residue" and r["masked_residues"] == 25 + 13  # every residue, the first from [CLS]
+    assert 0 <= r["favor_acc"] <= 1 and r["exact_ppl"] > 1 and len(r["layer_rel_error_mean"]) == LAYERS
+    assert all(0 < e < 1 for e in r["layer_rel_error_mean"])
