@@ -312,33 +312,54 @@ def checkpoint_at(run: Path, step: int) -> Path:
     return run / "checkpoints" / f"step{step}.ckpt"
 
 
-def stage_finetuned(out: Path) -> dict:
+def stage_finetuned(out: Path, train_model: str) -> dict:
+    """The fine-tuned and from-scratch runs at 100 / 300 / 1,000 steps (and the last step reached), with step 0:
+    the converted model (seed-0 draw, the one fine-tuned) and the random initialisation."""
     records = read_records(out / "data" / "test.fasta", EVAL_PER_CHAIN)
     chains = [c for _, c, _ in records]
-    result = {}
+
+    def score(model: PerformerLM, cls: bool) -> dict:
+        return summarise(per_sequence(model, encode(model, records, cls), cls), chains)
+
+    exact = load_model(iglm_dir(train_model))
+    converted = load_model(out / f"{train_model}_favor{TRAIN_FEATURES}.ckpt")
+    result = {"model": train_model, "exact": score(exact, False), "converted": score(converted, False),
+              "finetune": {"0": score(converted, True)}, "scratch": {"0": score(load_model(out / "scratch_init.ckpt"),
+                                                                                  True)}}
     for name in ("finetune", "scratch"):
-        result[name] = {}
-        for step in STEPS:
+        for step in sorted({*STEPS, last_step(out / name)}):
             ckpt = checkpoint_at(out / name, step)
             if not ckpt.exists():
-                print(f"{ckpt}: missing (run stopped before step {step})", flush=True)
+                print(f"{ckpt}: missing (the run stopped before step {step})", flush=True)
                 continue
-            model = load_model(ckpt)
-            result[name][str(step)] = summarise(per_sequence(model, encode(model, records, True), True), chains)
+            result[name][str(step)] = score(load_model(ckpt), True)
             print(name, step, result[name][str(step)]["all"], flush=True)
-    scratch0 = load_model(out / "scratch_init.ckpt")
-    result["scratch"]["0"] = summarise(per_sequence(scratch0, encode(scratch0, records, True), True), chains)
     return result
 
 
 # ---- generation ---------------------------------------------------------------------------------
-def stage_generation(out: Path, num_samples: int = 100) -> dict:
+def last_step(run: Path) -> int:
+    return max(int(p.stem.removeprefix("step")) for p in (run / "checkpoints").glob("step*.ckpt")
+               if p.stem.removeprefix("step").isdigit())
+
+
+def stage_generation(out: Path, train_model: str, num_samples: int = 100) -> dict:
+    """Samples of each model (prompt PROMPT) scored by the exact IgLM (13M), the judge."""
     exact = load_model(iglm_dir())
-    sources = {"exact": (str(iglm_dir()), True), "converted": (str(out / "iglm_favor256.ckpt"), True),
-               "finetuned_1000": (str(checkpoint_at(out / "finetune", STEPS[-1])), False)}
+    converted = out / f"IgLM_favor{TRAIN_FEATURES}.ckpt"
+    if not converted.exists():
+        subprocess.run([sys.executable, "-m", "proteinperformer.cli.convert", str(iglm_dir()), str(converted),
+                        "--attention", "favor", "--num-features", str(TRAIN_FEATURES)], check=True, cwd=ROOT)
+    ft, sc = last_step(out / "finetune"), last_step(out / "scratch")
+    sources = {"IgLM exact": (str(iglm_dir()), True), f"IgLM FAVOR+ m={TRAIN_FEATURES}": (str(converted), True),
+               f"{train_model} exact": (str(iglm_dir(train_model)), True),
+               f"{train_model} FAVOR+ m={TRAIN_FEATURES}": (str(out / f"{train_model}_favor{TRAIN_FEATURES}.ckpt"),
+                                                           True),
+               f"{train_model} FAVOR+ fine-tuned {ft} steps": (str(checkpoint_at(out / "finetune", ft)), False),
+               f"FAVOR+ from scratch {sc} steps": (str(checkpoint_at(out / "scratch", sc)), False)}
     result = {}
     for name, (source, no_cls) in sources.items():
-        fasta = out / "generation" / f"{name}.fasta"
+        fasta = out / "generation" / f"{name.replace(' ', '_').replace('=', '')}.fasta"
         fasta.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         subprocess.run([sys.executable, "-m", "proteinperformer.cli.generate", source, str(fasta), "--num-samples",
@@ -363,37 +384,46 @@ def stage_generation(out: Path, num_samples: int = 100) -> dict:
 
 
 # ---- report -------------------------------------------------------------------------------------
+def _cells(rows: list[dict]) -> str:
+    """heavy acc | heavy ppl | light acc | light ppl, as mean ± half-range over rows (projection draws)."""
+    cells = []
+    for chain in CHAIN_TAGS:
+        for key, scale, fmt in (("acc", 100, "{:.2f}%"), ("ppl", 1, "{:.3f}")):
+            vals = [scale * r[chain][key] for r in rows]
+            mean = sum(vals) / len(vals)
+            spread = f" ± {(max(vals) - min(vals)) / 2:.{2 if key == 'acc' else 3}f}" if len(rows) > 1 else ""
+            cells.append(fmt.format(mean) + spread)
+    return " | ".join(cells)
+
+
 def stage_report(out: Path, results: Path) -> None:
     data = {k: json.loads((out / f"{k}.json").read_text()) for k in ("data", "exactness", "conversion", "finetuned",
                                                                       "generation") if (out / f"{k}.json").exists()}
     results.mkdir(parents=True, exist_ok=True)
     (results / "fig5_real.json").write_text(json.dumps(data, indent=2) + "\n")
-    conv, ft = data["conversion"], data.get("finetuned", {})
-
-    def mean(rows, chain, key):
-        vals = [r[chain][key] for r in rows]
-        return sum(vals) / len(vals), (max(vals) - min(vals)) / 2
-
-    lines = ["| model | steps | heavy acc. | heavy ppl | light acc. | light ppl | attention error (layers 1-4) |",
-             "|---|---:|---:|---:|---:|---:|---|"]
-    e = conv["exact"]
-    lines.append(f"| IgLM, exact attention | 0 | {100 * e['heavy']['acc']:.2f}% | {e['heavy']['ppl']:.3f} | "
-                 f"{100 * e['light']['acc']:.2f}% | {e['light']['ppl']:.3f} | 0 |")
+    conv, ft = data["conversion"], data["finetuned"]
+    head = "| heavy acc. | heavy ppl | light acc. | light ppl |"
+    lines = [f"| IgLM (13M), held-out | {head} attention error, layers 1-4 |", "|---|---:|---:|---:|---:|---|",
+             f"| exact attention | {_cells([conv['exact']])} | 0 |"]
     for key, rows in conv["favor"].items():
         kernel, m = key.split("_")
-        cells = []
-        for chain in CHAIN_TAGS:
-            (acc, acc_pm), (ppl, ppl_pm) = mean(rows, chain, "acc"), mean(rows, chain, "ppl")
-            cells += [f"{100 * acc:.2f}%" + (f" ± {100 * acc_pm:.2f}" if len(rows) > 1 else ""),
-                      f"{ppl:.3f}" + (f" ± {ppl_pm:.3f}" if len(rows) > 1 else "")]
         err = [sum(r["layer_rel_error"][i] for r in rows) / len(rows) for i in range(len(rows[0]["layer_rel_error"]))]
-        lines.append(f"| IgLM → FAVOR+ {kernel}, m={m}" + (f" ({len(rows)} draws)" if len(rows) > 1 else "")
-                     + f" | 0 | {' | '.join(cells)} | {' / '.join(f'{x:.3f}' for x in err)} |")
-    for name, label in (("finetune", f"IgLM → FAVOR+ softmax m={TRAIN_FEATURES}, fine-tuned"),
-                        ("scratch", f"FAVOR+ softmax m={TRAIN_FEATURES}, from scratch")):
-        for step, s in sorted(ft.get(name, {}).items(), key=lambda kv: int(kv[0])):
-            lines.append(f"| {label} | {step} | {100 * s['heavy']['acc']:.2f}% | {s['heavy']['ppl']:.3f} | "
-                         f"{100 * s['light']['acc']:.2f}% | {s['light']['ppl']:.3f} | |")
+        lines.append(f"| FAVOR+ {kernel}, m={m}" + (f" ({len(rows)} draws)" if len(rows) > 1 else "")
+                     + f" | {_cells(rows)} | {' / '.join(f'{x:.3f}' for x in err)} |")
+    lines += ["", f"| {ft['model']}, held-out | steps {head}", "|---|---:|---:|---:|---:|---:|",
+              f"| exact attention | – | {_cells([ft['exact']])} |",
+              f"| FAVOR+ softmax m={TRAIN_FEATURES} (the draw fine-tuned), IgLM framing | 0 | "
+              f"{_cells([ft['converted']])} |"]
+    for name, label in (("finetune", f"FAVOR+ m={TRAIN_FEATURES}, fine-tuned from {ft['model']}"),
+                        ("scratch", f"FAVOR+ m={TRAIN_FEATURES}, same size, from scratch")):
+        for step, sc in sorted(ft[name].items(), key=lambda kv: int(kv[0])):
+            lines.append(f"| {label} | {step} | {_cells([sc])} |")
+    if "generation" in data:
+        lines += ["", "| samples (prompt [HEAVY][HUMAN]EVQ, 100 each) | exact IgLM ppl, mean | median | length "
+                  "median (min-max) |", "|---|---:|---:|---|"]
+        for name, g in data["generation"].items():
+            lines.append(f"| {name} | {g['exact_iglm_ppl_mean']:.3f} | {g['exact_iglm_ppl_median']:.3f} | "
+                         f"{g['length_median']} ({g['length_min']}-{g['length_max']}) |")
     (results / "fig5_real.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -403,16 +433,12 @@ def stage_report(out: Path, results: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    fav = conv["favor"][f"softmax_{TRAIN_FEATURES}"]
     for ax, chain in zip(axes, CHAIN_TAGS, strict=True):
-        ax.axhline(100 * e[chain]["acc"], color="k", ls="--", label="IgLM, exact attention")
-        f0 = 100 * sum(r[chain]["acc"] for r in fav) / len(fav)
-        ft_steps = sorted(int(s) for s in ft.get("finetune", {}))
-        ax.plot([0, *ft_steps], [f0, *(100 * ft["finetune"][str(s)][chain]["acc"] for s in ft_steps)], "o-",
-                color="C0", label=f"IgLM → FAVOR+ (m={TRAIN_FEATURES}), fine-tuned")
-        sc_steps = sorted(int(s) for s in ft.get("scratch", {}))
-        ax.plot(sc_steps, [100 * ft["scratch"][str(s)][chain]["acc"] for s in sc_steps], "s-", color="C1",
-                label="FAVOR+ from scratch (same size)")
+        ax.axhline(100 * ft["exact"][chain]["acc"], color="k", ls="--", label=f"{ft['model']}, exact attention")
+        for name, style, label in (("finetune", "o-", f"{ft['model']} → FAVOR+ (m={TRAIN_FEATURES}), fine-tuned"),
+                                   ("scratch", "s-", "FAVOR+ from scratch, same size")):
+            steps = sorted(int(k) for k in ft[name])
+            ax.plot(steps, [100 * ft[name][str(k)][chain]["acc"] for k in steps], style, label=label)
         ax.set_xscale("symlog", linthresh=100)
         ax.set_xticks([0, 100, 300, 1000])
         ax.set_xticklabels(["0", "100", "300", "1000"])
@@ -421,7 +447,7 @@ def stage_report(out: Path, results: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("next-residue accuracy (%)")
     axes[0].legend(fontsize=8, loc="lower right")
-    fig.suptitle("IgLM (GPT-2, 13M) as a Performer: the paper's Fig. 5 on real weights")
+    fig.suptitle(f"{ft['model']} (GPT-2 antibody LM) as a Performer: the paper's Fig. 5 on real weights")
     fig.tight_layout()
     fig.savefig(results / "fig5_real.png", dpi=120)
     print(f"wrote {results / 'fig5_real.png'}")
@@ -454,9 +480,9 @@ def main() -> None:
         elif stage == "train":
             stage_train(out, args.batch_size, args.train_model)
         elif stage == "finetuned":
-            cached(out / "finetuned.json", stage_finetuned, out)
+            cached(out / "finetuned.json", stage_finetuned, out, args.train_model)
         elif stage == "generation":
-            cached(out / "generation.json", stage_generation, out)
+            cached(out / "generation.json", stage_generation, out, args.train_model)
         else:
             stage_report(out, args.results)
 
