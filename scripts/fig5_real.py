@@ -17,20 +17,21 @@ resumes from the runs' ``last.ckpt``):
   into a held-out test set (~12% of sequences) and a disjoint training set. Writes ``data/{train,test}.fasta``
   with IgLM's conditioning tags in each sequence (``[HEAVY][HUMAN]EVQL...``).
 - ``exactness``: ``load_model(<iglm>/trained_models/IgLM[-S])`` (exact attention) against
-  ``transformers.GPT2LMHeadModel.from_pretrained`` of the same directory: per-sequence log-likelihood difference
-  on the test set (IgLM's framing ``[chain] [species] residues [SEP]``, the log-likelihood being the mean
-  next-token log-probability from the first residue to ``[SEP]``).
-- ``conversion``: next-residue accuracy / perplexity per chain type of the exact model and of FAVOR+ (causal;
-  softmax kernel with m = 64/128/256/512 features, 3 projection draws each; the ReLU kernel), and the relative
-  error of each layer's attention output.
-- ``train``: ``pp-train init_from=<IgLM converted to FAVOR+, m=256> task=clm`` on the training split
-  (bf16-mixed on the CPU) for 1,000 steps, checkpoints every 100, and a same-size FAVOR+ model from random
-  weights for the same steps. ``pp-train`` frames every sequence as ``[CLS] ... [SEP]``, so these two models are
-  scored with a leading ``[CLS]``.
-- ``finetuned``: scores of both runs at 100 / 300 / 1,000 steps.
-- ``generation``: 100 samples (prompt ``[HEAVY][HUMAN]EVQ``) from the exact, converted and fine-tuned models with
-  ``pp-generate``, each scored by the exact IgLM.
-- ``report``: ``fig5_real.json`` (every number), ``fig5_real.md`` (the table) and ``fig5_real.png`` (the plot).
+  ``transformers.GPT2LMHeadModel.from_pretrained`` of the same directory on 150 test sequences per chain type
+  (IgLM's framing ``[chain] [species] residues [SEP]``; the log-likelihood is the mean next-token log-probability
+  from the first residue to ``[SEP]``).
+- ``conversion``: next-residue accuracy / perplexity per chain type (60 test sequences each) of the exact
+  ``--train-model`` and of FAVOR+ (causal; softmax kernel with m = 64/128/256/512 features, 3 projection draws
+  each; the ReLU kernel), and the relative error of each layer's attention output on 16 of them. ``FIG5_DRAWS=d``
+  computes one draw per process (run three side by side, then a plain run merges them).
+- ``train``: ``pp-train init_from=<train-model converted to FAVOR+, m=256> task=clm`` on the training split
+  (bf16-mixed on the CPU, batch 4, lr 2e-4) for up to 1,000 steps with a checkpoint every 100, and beside it a
+  same-size FAVOR+ model from random weights (lr 1e-3). ``pp-train`` frames every sequence as ``[CLS] ... [SEP]``,
+  so these models (and their step 0) are scored with a leading ``[CLS]``.
+- ``finetuned``: scores of both runs at 0 / 100 / 300 / 1,000 steps and the last step reached.
+- ``generation``: 100 samples (prompt ``[HEAVY][HUMAN]EVQ``) from exact IgLM, exact / converted / fine-tuned
+  ``--train-model`` with ``pp-generate``, each scored by the exact IgLM (13M).
+- ``report``: ``results/iglm_fig5/fig5_real.{json,md,png}`` (every number, the tables, the plot).
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ DRAWS = 3
 TRAIN_FEATURES = 256  # the FAVOR+ model that is fine-tuned (pp-convert's default)
 STEPS = (100, 300, 1000)
 PROMPT = "[HEAVY][HUMAN]EVQ"
-EVAL_PER_CHAIN = 150  # held-out sequences scored per chain type (the forward passes of 14 models on 2 shared cores)
+EVAL_PER_CHAIN = 150  # held-out sequences scored per chain type (exactness, fine-tuning)
+SCORE_PER_CHAIN = 60  # the same for the 13 FAVOR+ conversions and the fine-tuning checkpoints (2 shared cores)
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -234,13 +236,13 @@ def stage_exactness(out: Path) -> dict:
     return result
 
 
-def stage_conversion(out: Path) -> dict:
-    records = read_records(out / "data" / "test.fasta", EVAL_PER_CHAIN)
+def stage_conversion(out: Path, name: str) -> dict:
+    records = read_records(out / "data" / "test.fasta", SCORE_PER_CHAIN)
     chains = [c for _, c, _ in records]
-    exact = load_model(iglm_dir())
+    exact = load_model(iglm_dir(name))
     tokens = encode(exact, records, cls=False)
-    probe = tokens[:: max(len(tokens) // 48, 1)][:48]  # attention error on 48 sequences, one at a time
-    result = {"exact": summarise(per_sequence(exact, tokens, False), chains), "favor": {}}
+    probe = tokens[:: max(len(tokens) // 16, 1)][:16]  # attention error on 16 sequences, one at a time
+    result = {"model": name, "exact": summarise(per_sequence(exact, tokens, False), chains), "favor": {}}
 
     def run(label: str, favor: PerformerLM) -> dict:
         t0 = time.time()
@@ -254,14 +256,47 @@ def stage_conversion(out: Path) -> dict:
               f"({time.time() - t0:.0f} s)", flush=True)
         return scores
 
+    draws = [int(d) for d in os.environ.get("FIG5_DRAWS", ",".join(map(str, range(DRAWS)))).split(",")]
     for m in FEATURES:
         result["favor"][f"softmax_{m}"] = [run(f"softmax m={m} draw {d}", convert_attention(exact, "favor", m,
                                                                                             "softmax", seed=d).eval())
-                                           for d in range(DRAWS)]
-    result["favor"]["relu_256"] = [run("relu m=256", convert_attention(exact, "favor", 256, "relu", seed=0).eval())]
-    converted = convert_attention(exact, "favor", TRAIN_FEATURES, "softmax", seed=0).eval()
-    result["favor_256_with_cls"] = summarise(per_sequence(converted, encode(converted, records, True), True), chains)
+                                           for d in draws]
+    if 0 in draws:
+        result["favor"]["relu_256"] = [run("relu m=256", convert_attention(exact, "favor", 256, "relu", seed=0).eval())]
     return result
+
+
+def draw_from_log(log: Path) -> dict:
+    """The results a FIG5_DRAWS=d run printed, for a run stopped before it wrote its JSON (per-chain accuracy,
+    perplexity over both chains, layer errors)."""
+    favor: dict[str, list] = {}
+    for line in log.read_text().splitlines():
+        if not (line.startswith("softmax m=") or line.startswith("relu m=")) or " acc heavy " not in line:
+            continue
+        key = f"{line.split()[0]}_{line.split()[1].removeprefix('m=')}".rstrip(":")
+        heavy, light = float(line.split("acc heavy ")[1].split()[0]), float(line.split(" light ")[1].split()[0])
+        ppl = float(line.split(" ppl ")[1].split()[0])
+        errors = json.loads(line.split("layer error ")[1].split(" (")[0])
+        favor.setdefault(key, []).append({"heavy": {"acc": heavy}, "light": {"acc": light}, "all": {"ppl": ppl},
+                                          "layer_rel_error": errors, "from_log": True})
+    return {"favor": favor}
+
+
+def merge_conversion(out: Path) -> dict:
+    """conversion.json from the per-draw files that FIG5_DRAWS=d runs write (one process per draw); a draw whose
+    JSON is missing (its process stopped at the deadline) is read from its log, eval_<d>.log."""
+    parts = [json.loads(f.read_text()) for f in sorted(out.glob("conversion_draw*.json"))]
+    done = {f.stem.removeprefix("conversion_draw") for f in out.glob("conversion_draw*.json")}
+    parts += [draw_from_log(f) for f in sorted(out.glob("eval_*.log")) if f.stem.removeprefix("eval_") not in done]
+    parts.sort(key=lambda part: "exact" not in part)  # a finished draw first: it holds the exact model's scores
+    merged = parts[0]
+    if "exact" not in merged:  # the same SCORE_PER_CHAIN sequences as the finetuned stage, which scored it too
+        finetuned = json.loads((out / "finetuned.json").read_text())
+        merged.update(model=finetuned["model"], exact=finetuned["exact"])
+    for part in parts[1:]:
+        for key, rows in part["favor"].items():
+            merged["favor"].setdefault(key, []).extend(rows)
+    return merged
 
 
 # ---- fine-tuning --------------------------------------------------------------------------------
@@ -315,7 +350,7 @@ def checkpoint_at(run: Path, step: int) -> Path:
 def stage_finetuned(out: Path, train_model: str) -> dict:
     """The fine-tuned and from-scratch runs at 100 / 300 / 1,000 steps (and the last step reached), with step 0:
     the converted model (seed-0 draw, the one fine-tuned) and the random initialisation."""
-    records = read_records(out / "data" / "test.fasta", EVAL_PER_CHAIN)
+    records = read_records(out / "data" / "test.fasta", SCORE_PER_CHAIN)
     chains = [c for _, c, _ in records]
 
     def score(model: PerformerLM, cls: bool) -> dict:
@@ -346,17 +381,11 @@ def last_step(run: Path) -> int:
 def stage_generation(out: Path, train_model: str, num_samples: int = 100) -> dict:
     """Samples of each model (prompt PROMPT) scored by the exact IgLM (13M), the judge."""
     exact = load_model(iglm_dir())
-    converted = out / f"IgLM_favor{TRAIN_FEATURES}.ckpt"
-    if not converted.exists():
-        subprocess.run([sys.executable, "-m", "proteinperformer.cli.convert", str(iglm_dir()), str(converted),
-                        "--attention", "favor", "--num-features", str(TRAIN_FEATURES)], check=True, cwd=ROOT)
-    ft, sc = last_step(out / "finetune"), last_step(out / "scratch")
-    sources = {"IgLM exact": (str(iglm_dir()), True), f"IgLM FAVOR+ m={TRAIN_FEATURES}": (str(converted), True),
-               f"{train_model} exact": (str(iglm_dir(train_model)), True),
+    ft = last_step(out / "finetune")
+    sources = {"IgLM exact": (str(iglm_dir()), True), f"{train_model} exact": (str(iglm_dir(train_model)), True),
                f"{train_model} FAVOR+ m={TRAIN_FEATURES}": (str(out / f"{train_model}_favor{TRAIN_FEATURES}.ckpt"),
                                                            True),
-               f"{train_model} FAVOR+ fine-tuned {ft} steps": (str(checkpoint_at(out / "finetune", ft)), False),
-               f"FAVOR+ from scratch {sc} steps": (str(checkpoint_at(out / "scratch", sc)), False)}
+               f"{train_model} FAVOR+ fine-tuned {ft} steps": (str(checkpoint_at(out / "finetune", ft)), False)}
     result = {}
     for name, (source, no_cls) in sources.items():
         fasta = out / "generation" / f"{name.replace(' ', '_').replace('=', '')}.fasta"
@@ -385,14 +414,14 @@ def stage_generation(out: Path, train_model: str, num_samples: int = 100) -> dic
 
 # ---- report -------------------------------------------------------------------------------------
 def _cells(rows: list[dict]) -> str:
-    """heavy acc | heavy ppl | light acc | light ppl, as mean ± half-range over rows (projection draws)."""
+    """heavy acc. | light acc. | ppl (both chains), as mean ± half-range over rows (projection draws)."""
     cells = []
-    for chain in CHAIN_TAGS:
-        for key, scale, fmt in (("acc", 100, "{:.2f}%"), ("ppl", 1, "{:.3f}")):
-            vals = [scale * r[chain][key] for r in rows]
-            mean = sum(vals) / len(vals)
-            spread = f" ± {(max(vals) - min(vals)) / 2:.{2 if key == 'acc' else 3}f}" if len(rows) > 1 else ""
-            cells.append(fmt.format(mean) + spread)
+    for chain, key, scale, fmt in (("heavy", "acc", 100, "{:.2f}%"), ("light", "acc", 100, "{:.2f}%"),
+                                   ("all", "ppl", 1, "{:.3f}")):
+        vals = [scale * r[chain][key] for r in rows]
+        mean = sum(vals) / len(vals)
+        spread = f" ± {(max(vals) - min(vals)) / 2:.{2 if key == 'acc' else 3}f}" if len(rows) > 1 else ""
+        cells.append(fmt.format(mean) + spread)
     return " | ".join(cells)
 
 
@@ -402,15 +431,15 @@ def stage_report(out: Path, results: Path) -> None:
     results.mkdir(parents=True, exist_ok=True)
     (results / "fig5_real.json").write_text(json.dumps(data, indent=2) + "\n")
     conv, ft = data["conversion"], data["finetuned"]
-    head = "| heavy acc. | heavy ppl | light acc. | light ppl |"
-    lines = [f"| IgLM (13M), held-out | {head} attention error, layers 1-4 |", "|---|---:|---:|---:|---:|---|",
+    head = "| heavy acc. | light acc. | ppl (both) |"
+    lines = [f"| {conv['model']}, held-out | {head} attention error per layer |", "|---|---:|---:|---:|---|",
              f"| exact attention | {_cells([conv['exact']])} | 0 |"]
     for key, rows in conv["favor"].items():
         kernel, m = key.split("_")
         err = [sum(r["layer_rel_error"][i] for r in rows) / len(rows) for i in range(len(rows[0]["layer_rel_error"]))]
         lines.append(f"| FAVOR+ {kernel}, m={m}" + (f" ({len(rows)} draws)" if len(rows) > 1 else "")
                      + f" | {_cells(rows)} | {' / '.join(f'{x:.3f}' for x in err)} |")
-    lines += ["", f"| {ft['model']}, held-out | steps {head}", "|---|---:|---:|---:|---:|---:|",
+    lines += ["", f"| {ft['model']}, held-out | steps {head}", "|---|---:|---:|---:|---:|",
               f"| exact attention | – | {_cells([ft['exact']])} |",
               f"| FAVOR+ softmax m={TRAIN_FEATURES} (the draw fine-tuned), IgLM framing | 0 | "
               f"{_cells([ft['converted']])} |"]
@@ -476,7 +505,13 @@ def main() -> None:
         elif stage == "exactness":
             cached(out / "exactness.json", stage_exactness, out)
         elif stage == "conversion":
-            cached(out / "conversion.json", stage_conversion, out)
+            if "FIG5_DRAWS" in os.environ:  # one process per projection draw (merged by a plain run)
+                cached(out / f"conversion_draw{os.environ['FIG5_DRAWS']}.json", stage_conversion, out,
+                       args.train_model)
+            elif list(out.glob("conversion_draw*.json")):
+                cached(out / "conversion.json", merge_conversion, out)
+            else:
+                cached(out / "conversion.json", stage_conversion, out, args.train_model)
         elif stage == "train":
             stage_train(out, args.batch_size, args.train_model)
         elif stage == "finetuned":
