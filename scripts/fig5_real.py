@@ -432,7 +432,7 @@ def stage_report(out: Path, results: Path) -> None:
     (results / "fig5_real.json").write_text(json.dumps(data, indent=2) + "\n")
     conv, ft = data["conversion"], data["finetuned"]
     head = "| heavy acc. | light acc. | ppl (both) |"
-    lines = [f"| {conv['model']}, held-out | {head} attention error per layer |", "|---|---:|---:|---:|---|",
+    lines = [f"| {conv['model']}, held-out {head} attention error per layer |", "|---|---:|---:|---:|---|",
              f"| exact attention | {_cells([conv['exact']])} | 0 |"]
     for key, rows in conv["favor"].items():
         kernel, m = key.split("_")
