@@ -16,10 +16,18 @@ in concatenated mode ``<eos>`` is the separator between sequences.
 ``Alphabet("esm")`` is ESM-2's vocabulary (fair-esm ``Alphabet.from_architecture("ESM-1b")``, 33 tokens,
 ``<cls>`` 0, ``<pad>`` 1, ``<eos>`` 2, ``<unk>`` 3, residues L A G V ... from 4, ``<mask>`` 32) with the same
 ``<cls> ... <eos>`` framing; models imported from ESM-2 carry it (``ModelConfig.alphabet``).
+
+``Alphabet([...tokens...])`` is a per-residue vocabulary given as its token list in id order, as read from a
+Hugging Face ``vocab.txt`` (GPT-2 imports such as IgLM: ``[PAD] [UNK] [CLS] [SEP] [MASK]``, the residues, then
+conditioning tokens ``[HEAVY] [HUMAN] ...``). Its special roles are found by name (``[PAD]``/``<pad>`` ...,
+``[SEP]``/``</s>`` as the end token), its residues are its one-letter tokens, and its other multi-character
+tokens are *tags* that may be written inside a sequence: ``"[HEAVY][HUMAN]EVQLVESGG"``. The model's checkpoint
+carries the list, so the ids stay the source's.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -34,6 +42,10 @@ ALPHABETS = {
     "proteinperformer": (*SPECIAL_TOKENS, *STANDARD_RESIDUES, *RARE_RESIDUES, *NULL_TOKENS),
     "esm": ESM_TOKENS,
 }
+# the spellings of each special role in a token-list vocabulary (ESM / fairseq, BERT / Hugging Face)
+SPECIAL_ROLES = {"padding": ("<pad>", "[PAD]"), "cls": ("<cls>", "[CLS]", "<s>"), "eos": ("<eos>", "[SEP]", "</s>"),
+                 "unk": ("<unk>", "[UNK]"), "mask": ("<mask>", "[MASK]")}
+TAG = re.compile(r"(\[[^\[\]]*\]|<[^<>]*>)")  # a multi-character token written inside a sequence
 
 
 class TokenizationError(ValueError):
@@ -47,27 +59,42 @@ class Alphabet:
     any other character raises :class:`TokenizationError` naming the sequence id and position.
 
     Args:
-        name: "proteinperformer" (this project's ids, the default) or "esm" (ESM-2's ids); see ``ALPHABETS``.
+        name: "proteinperformer" (this project's ids, the default) or "esm" (ESM-2's ids), see ``ALPHABETS``;
+            or a per-residue vocabulary as its list of tokens in id order (see the module docstring).
     """
 
-    def __init__(self, name: str = "proteinperformer") -> None:
-        if name not in ALPHABETS:
-            raise ValueError(f"unknown alphabet {name!r}; choose from {sorted(ALPHABETS)}")
-        self.name = name
-        self.all_toks: list[str] = list(ALPHABETS[name])
+    def __init__(self, name: str | Sequence[str] = "proteinperformer") -> None:
+        if isinstance(name, str):
+            if name not in ALPHABETS:
+                raise ValueError(f"unknown alphabet {name!r}; choose from {sorted(ALPHABETS)} or give a token list")
+            self.name, self.all_toks = name, list(ALPHABETS[name])
+        else:
+            self.name, self.all_toks = "vocab", [str(t) for t in name]
         self.tok_to_idx: dict[str, int] = {t: i for i, t in enumerate(self.all_toks)}
-        self.padding_idx = self.tok_to_idx["<pad>"]
-        self.cls_idx = self.tok_to_idx["<cls>"]
-        self.eos_idx = self.tok_to_idx["<eos>"]
-        self.unk_idx = self.tok_to_idx["<unk>"]
-        self.mask_idx = self.tok_to_idx["<mask>"]
+        if len(self.tok_to_idx) != len(self.all_toks):
+            twice = sorted({t for t in self.all_toks if self.all_toks.count(t) > 1})
+            raise ValueError(f"vocabulary has duplicate tokens: {twice}")
+        roles = {role: next((self.tok_to_idx[t] for t in names if t in self.tok_to_idx), None)
+                 for role, names in SPECIAL_ROLES.items()}
+        if missing := [f"{role} ({' or '.join(SPECIAL_ROLES[role])})" for role, i in roles.items() if i is None]:
+            raise ValueError(f"vocabulary lacks the special tokens {', '.join(missing)}")
+        self.padding_idx, self.cls_idx, self.eos_idx = roles["padding"], roles["cls"], roles["eos"]
+        self.unk_idx, self.mask_idx = roles["unk"], roles["mask"]
+        letters = [aa for aa in STANDARD_RESIDUES + RARE_RESIDUES if aa in self.tok_to_idx]
+        if lacking := [aa for aa in STANDARD_RESIDUES if aa not in self.tok_to_idx]:
+            raise ValueError(f"vocabulary lacks the residues {''.join(lacking)}")
+        self.letters = "".join(letters)
         self.standard_ids = [self.tok_to_idx[aa] for aa in STANDARD_RESIDUES]
-        self.residue_ids = [self.tok_to_idx[aa] for aa in STANDARD_RESIDUES + RARE_RESIDUES]
+        self.residue_ids = [self.tok_to_idx[aa] for aa in letters]
+        # tags: tokens that may be written inside a sequence (token-list vocabularies only, e.g. "[HEAVY]")
+        specials = set(roles.values())
+        self.tags: dict[str, int] = {} if self.name in ALPHABETS else {
+            t: i for t, i in self.tok_to_idx.items() if len(t) > 1 and i not in specials}
         self._residue_table = torch.zeros(len(self.all_toks), dtype=torch.bool)
         self._residue_table[self.residue_ids] = True
         # Byte -> id lookup table (256 entries, -1 = invalid), so encoding is one vectorised gather.
         table = torch.full((256,), -1, dtype=torch.int64)
-        for aa in STANDARD_RESIDUES + RARE_RESIDUES:
+        for aa in letters:
             table[ord(aa)] = self.tok_to_idx[aa]
             table[ord(aa.lower())] = self.tok_to_idx[aa]
         self._byte_table = table
@@ -82,23 +109,47 @@ class Alphabet:
     def encode(self, sequence: str, seq_id: str = "<sequence>") -> torch.Tensor:
         """Residue string -> LongTensor [len] of residue ids (no special tokens added).
 
+        With a token-list vocabulary, its tags may appear in the string (``"[HEAVY][HUMAN]EVQL"``).
         Raises TokenizationError naming ``seq_id`` and the 1-based position of the first bad character.
         """
         if sequence.endswith("*"):
             sequence = sequence[:-1]
+        if self.tags and TAG.search(sequence):
+            return self._encode_tagged(sequence, seq_id)
         raw = sequence.encode("latin-1", errors="replace")
         ids = self._byte_table[torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()] if raw else (
             torch.empty(0, dtype=torch.int64)
         )
         bad = (ids < 0).nonzero()
         if len(bad):
-            pos = int(bad[0])
-            raise TokenizationError(
-                f"sequence {seq_id!r}: invalid character {sequence[pos]!r} at position {pos + 1}; "
-                f"allowed are the amino-acid letters {STANDARD_RESIDUES + RARE_RESIDUES} "
-                "(upper or lower case) and one terminal '*'"
-            )
+            self._refuse(sequence, int(bad[0]), seq_id)
         return ids
+
+    def _refuse(self, sequence: str, pos: int, seq_id: str) -> None:
+        tags = f", the tags {' '.join(self.tags)}" if self.tags else ""
+        raise TokenizationError(
+            f"sequence {seq_id!r}: invalid character {sequence[pos]!r} at position "
+            f"{pos + 1}; allowed are the amino-acid letters {self.letters} (upper or lower case){tags} and one "
+            "terminal '*'"
+        )
+
+    def _encode_tagged(self, sequence: str, seq_id: str) -> torch.Tensor:
+        ids: list[int] = []
+        pos = 0
+        for piece in TAG.split(sequence):
+            if piece in self.tags:
+                ids.append(self.tags[piece])
+            elif TAG.fullmatch(piece):
+                raise TokenizationError(f"sequence {seq_id!r}: unknown tag {piece!r} at position {pos + 1}; this "
+                                        f"vocabulary's tags are {' '.join(self.tags)}")
+            else:
+                for i, c in enumerate(piece):
+                    code = int(self._byte_table[ord(c)]) if ord(c) < 256 else -1
+                    if code < 0:
+                        self._refuse(sequence, pos + i, seq_id)
+                    ids.append(code)
+            pos += len(piece)
+        return torch.tensor(ids, dtype=torch.int64)
 
     def decode(self, ids: Iterable[int], keep_special: bool = False) -> str:
         """Token ids -> string; special tokens are dropped unless ``keep_special``."""

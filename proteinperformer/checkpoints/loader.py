@@ -1,7 +1,8 @@
 """The one checkpoint loader of the package, and the writers of project checkpoints.
 
 :func:`load_model` reads every kind of file the commands take: a ``pp-train`` / ``pp-convert`` checkpoint, a
-fair-esm ESM-2 ``.pt`` file or a Hugging Face ESM directory (:mod:`.esm`). Nothing is unpickled beyond tensors
+fair-esm ESM-2 ``.pt`` file, a Hugging Face ESM directory (:mod:`.esm`) or a Hugging Face GPT-2 directory with a
+per-residue ``vocab.txt`` such as IgLM's (:mod:`.gpt2`). Nothing is unpickled beyond tensors
 and plain containers (:func:`~.files.read_torch`), and loading is strict: every tensor used, every weight
 filled, shapes checked; anything else raises :class:`~.files.CheckpointError` naming the file.
 """
@@ -14,6 +15,7 @@ import torch
 
 from proteinperformer.checkpoints.esm import load_esm
 from proteinperformer.checkpoints.files import CheckpointError, read_torch, save_atomic
+from proteinperformer.checkpoints.gpt2 import is_gpt2_directory, load_gpt2
 from proteinperformer.model import ModelConfig, PerformerLM, convert_attention
 from proteinperformer.tokenizer import Alphabet
 
@@ -28,18 +30,23 @@ def load_model(
     kernel: str | None = None,
 ) -> PerformerLM:
     """Load a model from any file a command takes: a ``pp-train`` / ``pp-convert`` checkpoint, a fair-esm ESM-2 ``.pt``
-    (``esm2_t6_8M_UR50D.pt`` ..., with ``-contact-regression.pt`` beside it when present) or a Hugging Face
-    ESM directory (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``).
+    (``esm2_t6_8M_UR50D.pt`` ..., with ``-contact-regression.pt`` beside it when present), a Hugging Face
+    ESM directory (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``) or a Hugging Face GPT-2
+    directory with a per-residue ``vocab.txt`` (IgLM; causal, the vocabulary becomes ``model.alphabet``).
 
-    ``attention``: None keeps the file's attention (ESM-2 files: exact softmax), "exact" or "favor" swaps it
-    (weights kept; FAVOR+ draws ``num_features`` random features per head, default 256, with ``kernel``,
-    default "softmax" for ESM-2 and the checkpoint's kernel otherwise; see :func:`convert_attention`).
+    ``attention``: None keeps the file's attention (ESM-2 / GPT-2 files: exact softmax), "exact" or "favor" swaps
+    it (weights kept; FAVOR+ draws ``num_features`` random features per head, default 256, with ``kernel``,
+    default "softmax" for ESM-2 / GPT-2 and the checkpoint's kernel otherwise; see :func:`convert_attention`).
     Checks strictly: every tensor must be used and every weight filled with the right shape, the alphabet
     must be one this package knows; anything else raises :class:`CheckpointError` naming the file.
     Returns the model in eval mode on ``device``; ``model.alphabet`` is the tokenizer that goes with it.
     """
     path = Path(path)
     hf_file = path.suffix in (".safetensors", ".bin", ".json") and (path.parent / "config.json").is_file()
+    if (path.is_dir() or hf_file) and is_gpt2_directory(path if path.is_dir() else path.parent):
+        model = load_gpt2(path if path.is_dir() else path.parent, attention=attention or "exact",
+                          num_features=num_features or 256, kernel=kernel or "softmax")
+        return model.to(device).eval()
     if path.is_dir() or hf_file:
         model = load_esm(path if path.is_dir() else path.parent, attention=attention or "exact",
                          num_features=num_features or 256, kernel=kernel or "softmax")

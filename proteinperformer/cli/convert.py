@@ -1,13 +1,14 @@
-"""``pp-convert``: turn a Transformer (an ESM-2 file, a Hugging Face ESM directory or an exact-attention project
+"""``pp-convert``: turn a Transformer (an ESM-2 file, a Hugging Face ESM or GPT-2 directory, an exact-attention project
 checkpoint) into a Performer checkpoint, and measure what the swap costs on your own sequences.
 
     pp-convert esm2_t6_8M_UR50D.pt esm2_8M_favor.ckpt --attention favor        # write a project checkpoint
     pp-convert esm2_t6_8M_UR50D.pt --report my_proteins.fasta                  # what FAVOR+ changes, per layer
     pp-train init_from=esm2_8M_favor.ckpt data.fasta_path=my.fasta            # fine-tune it (MLM)
+    pp-convert iglm/trained_models/IgLM iglm_favor.ckpt --attention favor      # a GPT-2 directory + vocab.txt
 
 The checkpoint holds the weights, ``hyper_parameters.config`` and the alphabet; every command that takes a
 checkpoint reads it (:func:`proteinperformer.checkpoints.load_model`). The FAVOR+ kernel is the source's own
-(softmax for ESM-2, which was trained with softmax attention) unless ``--kernel`` is given. The report is
+(softmax for ESM-2 and GPT-2, which were trained with softmax attention) unless ``--kernel`` is given. The report is
 described in :mod:`proteinperformer.evaluation.conversion`.
 """
 
@@ -26,12 +27,13 @@ from proteinperformer.model import convert_attention
 
 def create_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="pp-convert", description=__doc__.split("\n\n")[0].strip("`"))
-    parser.add_argument("source", type=Path, help="ESM-2 .pt file, Hugging Face ESM directory or project .ckpt")
+    parser.add_argument("source", type=Path,
+                        help="ESM-2 .pt file, Hugging Face ESM or GPT-2 directory, or project .ckpt")
     parser.add_argument("output", type=Path, nargs="?", help="project checkpoint to write (.ckpt)")
     parser.add_argument("--attention", choices=("favor", "exact"), default="favor")
     parser.add_argument("--num-features", type=int, default=DEFAULT_NUM_FEATURES, help="random features per head")
     parser.add_argument("--kernel", choices=("softmax", "relu"), default=None,
-                        help="FAVOR+ kernel (default: the source's own; softmax for ESM-2)")
+                        help="FAVOR+ kernel (default: the source's own; softmax for ESM-2 and GPT-2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the FAVOR+ projection draw")
     parser.add_argument("--report", type=Path, metavar="FASTA", help="measure FAVOR+ vs exact on these sequences")
     parser.add_argument("--report-json", type=Path, help="also write the report as JSON here")

@@ -22,7 +22,10 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("output", help="FASTA file to write")
     parser.add_argument("--num-samples", type=int, default=10, help="sequences to draw")
     parser.add_argument("--max-length", type=int, default=500, help="residues per sequence, prompt included")
-    parser.add_argument("--prompt", default="", help="residues every sample starts with, e.g. M")
+    parser.add_argument("--prompt", default="", help="residues every sample starts with, e.g. M; with a vocabulary "
+                        "that has tags (IgLM) they may lead: '[HEAVY][HUMAN]EVQ'")
+    parser.add_argument("--no-cls", action="store_true", help="feed the prompt without a leading <cls> (GPT-2 "
+                        "imports such as IgLM, whose sequences start with their tags)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1 = off)")
@@ -36,7 +39,8 @@ def run(args: argparse.Namespace) -> Path:
     device = checked_device(args)
     model, alphabet = load_clm(args.checkpoint, device)
     seqs = sample(model, alphabet, args.num_samples, args.max_length, args.prompt, args.temperature,
-                  args.top_k, args.top_p, args.seed, args.precision)
+                  args.top_k, args.top_p, args.seed, args.precision,
+                  start_with_cls=not args.no_cls)
     settings = f"temperature={args.temperature} top_k={args.top_k} top_p={args.top_p} seed={args.seed}"
     records = [(f"sample_{i} length={len(s)} {settings}", s) for i, s in enumerate(seqs)]
     path = write_fasta(args.output, records)

@@ -4,7 +4,8 @@
 :func:`report` runs the exact model and its FAVOR+ conversion on the sequences and prints, per layer, the
 relative error ‖y_favor − y_exact‖ / ‖y_exact‖ of the attention output (both given the exact model's input to
 that layer, residue and special tokens of every sequence), and the masked-residue accuracy / perplexity of
-both models (15% of residues replaced by ``<mask>``, fixed seed), over ``--draws`` projection draws.
+both models (15% of residues replaced by ``<mask>``, fixed seed; for a causal model such as an imported GPT-2,
+the next-residue accuracy / perplexity instead), over ``--draws`` projection draws.
 """
 
 from __future__ import annotations
@@ -59,6 +60,13 @@ def mask_residues(tokens: torch.Tensor, alphabet, rate: float = 0.15, seed: int 
     return masked, {"where": pick, "target": tokens[pick]}
 
 
+def next_residue_targets(tokens: torch.Tensor, alphabet) -> dict:
+    """Causal models: {"where": positions whose next token is a residue, "target": that residue}."""
+    where = torch.zeros_like(tokens, dtype=torch.bool)
+    where[:, :-1] = alphabet.is_residue(tokens[:, 1:])
+    return {"where": where, "target": tokens[:, 1:][where[:, :-1]]}
+
+
 def report(source: str | Path, fasta: str | Path, num_features: int = DEFAULT_NUM_FEATURES, kernel: str | None = None,
            draws: int = 3, max_sequences: int = 200, max_residues: int = 1022,
            device: str | torch.device = "cpu") -> dict:
@@ -73,7 +81,9 @@ def report(source: str | Path, fasta: str | Path, num_features: int = DEFAULT_NU
     records = [(label, seq[:max_residues]) for label, seq in as_records(fasta)[:max_sequences]]
     converter = exact.alphabet.get_batch_converter()
     batches = [converter([r])[2] for r in records]  # one sequence per pass: no padding in the comparison
-    masks = [mask_residues(t, exact.alphabet, seed=i) for i, t in enumerate(batches)]  # drawn on the CPU
+    causal = exact.config.causal
+    masks = [(t, next_residue_targets(t, exact.alphabet)) if causal else mask_residues(t, exact.alphabet, seed=i)
+             for i, t in enumerate(batches)]  # drawn on the CPU
     batches = [t.to(device) for t in batches]
     masks = [(m.to(device), {k: v.to(device) for k, v in where.items()}) for m, where in masks]
     depth = exact.config.depth
@@ -97,6 +107,7 @@ def report(source: str | Path, fasta: str | Path, num_features: int = DEFAULT_NU
     return {
         "source": str(source), "fasta": str(fasta), "sequences": len(records), "masked_residues": n_masked,
         "num_features": num_features, "kernel": kernel, "draws": draws,
+        "objective": "next-residue" if causal else "masked-residue",
         "layer_rel_error_mean": rel.mean(0).tolist(), "layer_rel_error_std": rel.std(0).tolist() if draws > 1
         else [0.0] * depth,
         "exact_acc": scores["exact"][0] / n_masked, "exact_ppl": math.exp(scores["exact"][1] / n_masked),
@@ -111,6 +122,8 @@ def print_report(r: dict) -> None:
     print("layer  relative error of the attention output (mean ± std over draws)")
     for i, (m, s) in enumerate(zip(r["layer_rel_error_mean"], r["layer_rel_error_std"], strict=True), start=1):
         print(f"{i:>5}  {m:.4f} ± {s:.4f}")
-    print(f"masked-residue accuracy  exact {100 * r['exact_acc']:.2f}%   FAVOR+ {100 * r['favor_acc']:.2f}%")
+    what = r.get("objective", "masked-residue")
+    print(f"{what} accuracy  exact {100 * r['exact_acc']:.2f}%   "
+          f"FAVOR+ {100 * r['favor_acc']:.2f}%")
     print(f"perplexity               exact {r['exact_ppl']:.3f}   FAVOR+ {r['favor_ppl']:.3f}   "
-          f"({r['masked_residues']} masked residues)")
+          f"({r['masked_residues']} {'scored' if what == 'next-residue' else 'masked'} residues)")

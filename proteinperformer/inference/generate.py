@@ -92,11 +92,14 @@ def sample(
     top_p: float = 1.0,
     seed: int = 0,
     precision: str = "32",
+    start_with_cls: bool = True,
 ) -> list[str]:
     """Draw ``num_samples`` sequences (in parallel) that start with ``prompt``; returns residue strings.
 
     ``max_length`` counts residues including the prompt; a sequence ends at ``<eos>`` or there. ``precision``
-    "bf16" / "16" runs each decoding step under torch.autocast (FAVOR+ states stay float32).
+    "bf16" / "16" runs each decoding step under torch.autocast (FAVOR+ states stay float32). With a vocabulary
+    that has tags the prompt may begin with them (``"[HEAVY][HUMAN]EVQ"``); ``start_with_cls=False`` feeds the
+    prompt without a leading ``<cls>`` (GPT-2 imports such as IgLM, whose sequences start with their tags).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -106,6 +109,9 @@ def sample(
     prefix = alphabet.encode(prompt, "prompt").tolist() if prompt else []
     if len(prefix) > max_length:
         raise ValueError(f"prompt of {len(prefix)} residues is longer than max_length={max_length}")
+    feed = ([alphabet.cls_idx] if start_with_cls else []) + prefix  # what is fed before the first draw
+    if not feed:
+        raise ValueError("start_with_cls=False needs a prompt (e.g. the model's conditioning tags)")
     allowed = torch.full((model.config.vocab_size,), float("-inf"), device=device)
     allowed[alphabet.residue_ids + [alphabet.eos_idx]] = 0.0  # only residues or the end can be drawn
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -114,12 +120,12 @@ def sample(
     states = init_states(model, num_samples, device)
     out = torch.tensor(prefix, dtype=torch.long, device=device).repeat(num_samples, 1)  # (B, len(prompt))
     finished = torch.zeros(num_samples, dtype=torch.bool, device=device)
-    token = torch.full((num_samples,), alphabet.cls_idx, dtype=torch.long, device=device)
-    for position, prompt_token in enumerate(prefix):  # feed <cls> and the prompt
+    token = torch.full((num_samples,), feed[0], dtype=torch.long, device=device)
+    for position, prompt_token in enumerate(feed[1:]):  # feed <cls> and the prompt
         with autocast:
             _, states = step_logits(model, token, position, states)
         token = torch.full_like(token, prompt_token)
-    for position in range(len(prefix), max_length):
+    for position in range(len(feed) - 1, len(feed) - 1 + max_length - len(prefix)):
         with autocast:
             logits, states = step_logits(model, token, position, states)
         logits = filter_logits(logits.float() / temperature + allowed, top_k, top_p)

@@ -50,11 +50,13 @@ class ModelConfig:
     causal: bool = False  # True for autoregressive (CLM) models
     dropout: float = 0.0
     padding_idx: int = 0
-    alphabet: str = "proteinperformer"  # tokenizer.Alphabet name: "proteinperformer" or "esm" (ESM-2's ids)
+    # tokenizer.Alphabet: "proteinperformer", "esm" (ESM-2's ids) or a token list (GPT-2 imports: their vocab.txt)
+    alphabet: str | list[str] = "proteinperformer"
     layer_norm_eps: float = 1e-5
     lm_head_dense: bool = False  # ESM-2 / RoBERTa LM head: dense + GELU + LayerNorm before the tied decoder
     token_dropout: bool = False  # ESM-2: zero <mask> embeddings, rescale by (1 - 0.12) / (1 - observed mask ratio)
     contact_head: bool = False  # ESM-2's logistic regression over all attention maps (analysis.contacts.ContactHead)
+    activation: str = "gelu"  # MLP: "gelu" (erf, BERT/ESM) or "gelu_new" (tanh approximation, GPT-2 / IgLM)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,15 +74,21 @@ def sinusoidal_positions(
     return table.to(dtype)
 
 
+ACTIVATIONS = {"gelu": "none", "gelu_new": "tanh"}  # name -> F.gelu's approximate argument
+
+
 class MLP(nn.Module):
-    def __init__(self, dim: int, ff_dim: int, dropout: float) -> None:
+    def __init__(self, dim: int, ff_dim: int, dropout: float, activation: str = "gelu") -> None:
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         self.fc = nn.Linear(dim, ff_dim)
         self.proj = nn.Linear(ff_dim, dim)
         self.dropout = nn.Dropout(dropout)
+        self.approximate = ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):
@@ -102,7 +110,7 @@ class Block(nn.Module):
             rotary=cfg.positions == "rotary",
         )
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
-        self.mlp = MLP(cfg.dim, cfg.ff_dim, cfg.dropout)
+        self.mlp = MLP(cfg.dim, cfg.ff_dim, cfg.dropout, cfg.activation)
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), key_padding_mask)
