@@ -511,12 +511,14 @@ class FavorState:
     """Decoding state per (batch, head): O(m·e) regardless of how many tokens were consumed.
 
     kv: (B, H, m, e+1) Σ_j exp(x_j − g) [v_j, 1] relative to the running max g; vsum: (B, H, e+1) Σ_j [v_j, 1]
-    (carries the ε floor); g: (B, H) running key max (_NEG before the first key; 0 for kernel="relu").
+    (carries the ε floor); g: (B, H) running key max (_NEG before the first key; 0 for kernel="relu");
+    position: tokens consumed so far, a host-side int (reading it from a tensor would sync the device every step).
     """
 
     kv: torch.Tensor
     vsum: torch.Tensor
     g: torch.Tensor
+    position: int = 0
 
     @staticmethod
     def zeros(
@@ -574,4 +576,4 @@ def _favor_step(q_t, k_t, v_t, P, state, kernel) -> tuple[torch.Tensor, FavorSta
         eps = SOFTMAX_EPS
     vsum = state.vsum + v1[:, :, 0]
     out = qf @ kv + eps * qf.sum(-1, keepdim=True) * vsum.unsqueeze(2)
-    return _normalise(out), FavorState(kv=kv, vsum=vsum, g=g)
+    return _normalise(out), FavorState(kv=kv, vsum=vsum, g=g, position=state.position + 1)
