@@ -150,3 +150,22 @@ def test_clm_trained_on_crops_does_not_stop_at_the_crop_length() -> None:
         fractions[fake_ends] = sum(n == crop_residues for n in lengths) / len(lengths)
     assert fractions[True] > 0.5, fractions  # the old crops teach the model to stop at the crop length
     assert fractions[False] < 0.1, fractions
+
+
+@pytest.mark.parametrize("source", [{"kernel": "relu", "use_projection": False}, {"attention": "exact"}])
+def test_load_model_draws_a_projection_for_softmax_favor(tmp_path: Path, source: dict) -> None:
+    """load_model(..., attention="favor", kernel="softmax") on a model trained without a projection draws one
+    (reproducibly) instead of failing with "needs a projection"; every trained weight is kept."""
+    from proteinperformer.checkpoints import load_model
+
+    lm = _lm(**source)
+    path = _save(lm, tmp_path / "src.ckpt")
+    models = [load_model(path, attention="favor", kernel="softmax") for _ in range(2)]
+    for model in models:
+        assert model.config.kernel == "softmax" and model.config.use_projection
+        assert all(block.attn.projection.shape == (16, 16) for block in model.layers)
+        assert torch.equal(model.embed_tokens.weight, lm.model.embed_tokens.weight)
+    assert torch.equal(models[0].layers[0].attn.projection, models[1].layers[0].attn.projection)
+    tokens = torch.randint(5, 25, (2, 20))
+    with torch.no_grad():
+        assert torch.isfinite(models[0](tokens)["logits"]).all()

@@ -264,11 +264,14 @@ def convert_attention(
 
     Swapping exact softmax attention for FAVOR+ (``attention="favor"``, kernel "softmax") is the Performer's
     backward compatibility: the trained q/k/v weights stay and φ(q)·φ(k) estimates their softmax kernel. The
-    new projections are drawn from ``seed`` (reproducible). Arguments left None keep the model's value; the
+    new projections are drawn from ``seed`` (reproducible), also for a source that has none (exact attention, or
+    the ReLU kernel without projection). Arguments left None keep the model's value; the
     result is on the model's device, in eval mode if the model was.
     """
     cfg = replace(model.config, attention=attention or model.config.attention,
                   num_features=num_features or model.config.num_features, kernel=kernel or model.config.kernel)
+    if cfg.attention == "favor" and cfg.kernel == "softmax":
+        cfg = replace(cfg, use_projection=True)  # positive random features need ω; a source without one gets a draw
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         new = PerformerLM(cfg)
