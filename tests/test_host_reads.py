@@ -126,3 +126,14 @@ def test_generation_reads_the_device_at_most_once_per_token(attention: str) -> N
         seqs = sample(lm.model, lm.alphabet, num_samples=4, max_length=30, prompt="MK", seed=0)
     steps = max(len(s) for s in seqs) - 2 + 1  # generated positions (the last may be <eos>)
     assert len(reads) <= steps + 2, (len(reads), steps)  # + the prompt's encoding and the final transfer
+
+
+def test_throughput_counts_tokens_on_the_host_before_transfer() -> None:
+    from proteinperformer.training.callbacks import ThroughputCallback
+
+    lm = ProteinLM(TINY, task="mlm")
+    tokens, pad = _padded_batch(lm.model)
+    batch = lm.on_before_batch_transfer({"input_ids": tokens, "padding_mask": pad}, 0)
+    assert batch["num_tokens"] == 20 + 13 + 7
+    batch["padding_mask"] = None  # the count no longer looks at the (device) mask
+    assert ThroughputCallback.count_tokens(batch) == 40
