@@ -346,6 +346,11 @@ def _to_groups(x: torch.Tensor, G: int) -> torch.Tensor:
     return x.unflatten(1, (x.shape[1] // G, G)).transpose(0, 1).contiguous()
 
 
+def _group_view(x: torch.Tensor, G: int) -> torch.Tensor:
+    """(N, L, ...) -> (L/G, N, G, ...) as a view (no copy; for tensors only read group by group)."""
+    return x.unflatten(1, (x.shape[1] // G, G)).transpose(0, 1)
+
+
 def _from_groups(x: torch.Tensor) -> torch.Tensor:
     """(L/G, N, G, ...) -> (N, L, ...)."""
     return x.transpose(0, 1).flatten(1, 2)
@@ -360,7 +365,7 @@ def _prefix_sum(x: torch.Tensor) -> torch.Tensor:
 def _suffix_sum(x: torch.Tensor) -> torch.Tensor:
     """Inclusive reverse cumsum over positions in group layout (ng, N, G, e)."""
     tot = x.sum(2, keepdim=True)
-    return x - x.cumsum(2) + tot + (tot.sum(0) - tot.cumsum(0))
+    return (x - x.cumsum(2)).add_(tot + (tot.sum(0) - tot.cumsum(0)))
 
 
 def _causal_forward(Q, K, V, g, T):
@@ -385,11 +390,17 @@ def _causal_forward(Q, K, V, g, T):
     return O, Hs
 
 
-def _causal_backward(Q, K, V, g, Hs, dO, T):
-    """Gradients of _causal_forward wrt Q, K, V (g is a constant), group by group from the end."""
+def _causal_backward(Q, K, V, g, Hs, dO, T, finish=None):
+    """Gradients of _causal_forward wrt Q, K, V (g is a constant), group by group from the end.
+
+    Returns (dQ, dK, dV); with ``finish``, each group's dQ, dK (N, G, m) go to ``finish(gi, dQg, dKg)`` as soon as
+    they are complete and only dV is returned, so no (L, m) gradient is ever held whole.
+    """
     ng, N, G, m = Q.shape
     e, n = V.shape[-1], G // T
-    dQ, dK, dV = torch.empty_like(Q), torch.empty_like(K), torch.empty_like(V)
+    dV = torch.empty_like(V)
+    if finish is None:
+        dQ, dK = torch.empty_like(Q), torch.empty_like(K)
     U = Q.new_zeros(N, m, e)  # Σ over later queries exp(G − g_i) Q_iᵀ dO_i, G = g at the group's end
     for gi in reversed(range(ng)):
         Qc, Kc, Vc, gc = Q[gi].view(N, n, T, m), K[gi].view(N, n, T, m), V[gi].view(N, n, T, e), g[gi].view(N, n, T)
@@ -398,7 +409,8 @@ def _causal_backward(Q, K, V, g, Hs, dO, T):
         D, G0, G1, wk, wq = _chunk_scales(gc, g_prev)
         Vk = Vc * wk.unsqueeze(-1)
         Hc, _ = _chunk_states(Kc, Vk, G0, G1, Hs[gi], g_prev)
-        dQc, dKc, dVc = dQ[gi].view(N, n, T, m), dK[gi].view(N, n, T, m), dV[gi].view(N, n, T, e)
+        dQg, dKg = (dQ[gi], dK[gi]) if finish is None else (torch.empty_like(Q[gi]), torch.empty_like(K[gi]))
+        dQc, dKc, dVc = dQg.view(N, n, T, m), dKg.view(N, n, T, m), dV[gi].view(N, n, T, e)
         # intra-chunk
         S = (Qc @ Kc.transpose(-1, -2)).mul_(D)  # (N, n, T, T)
         torch.matmul(S.transpose(-1, -2), dOc, out=dVc)
@@ -414,7 +426,9 @@ def _causal_backward(Q, K, V, g, Hs, dO, T):
         Uc, U = _future_states(Qc.transpose(-1, -2) @ dOq, G0, G1, U, g_prev)
         dKc.add_(Vk @ Uc.transpose(-1, -2))
         dVc.add_((Kc @ Uc).mul_(wk.unsqueeze(-1)))
-    return dQ, dK, dV
+        if finish is not None:
+            finish(gi, dQg, dKg)
+    return dV if finish is not None else (dQ, dK, dV)
 
 
 class _SoftmaxCausal(torch.autograd.Function):
@@ -424,7 +438,7 @@ class _SoftmaxCausal(torch.autograd.Function):
     @_float32_region
     def forward(ctx, q, k, v, P, mask, chunk, group):
         Pa = _augmented_projection(P, q.dtype)
-        q, k, v = (_to_groups(t, group) for t in (q, k, v))  # (ng, N, G, ·)
+        q, k, v = (_group_view(t, group) for t in (q, k, v))  # (ng, N, G, ·) views: q, k are saved, not copied
         mask = None if mask is None else _to_groups(mask, group)
         Q = _logits(q, Pa)  # (ng, N, G, m)
         Q.sub_(Q.amax(-1, keepdim=True)).exp_().add_(SOFTMAX_EPS)  # φ(q) up to m^(-1/2)
@@ -437,7 +451,7 @@ class _SoftmaxCausal(torch.autograd.Function):
         V = _values_with_ones(v, mask)  # (ng, N, G, e+1)
         O, Hs = _causal_forward(Q, K, V, g, chunk)
         # ε floor of φ(k_j): Σ_{j≤i} ε (Σ_f φ(q_i)_f) v_j
-        O.add_(SOFTMAX_EPS * Q.sum(-1, keepdim=True) * _prefix_sum(V))
+        O.addcmul_(Q.sum(-1, keepdim=True), _prefix_sum(V), value=SOFTMAX_EPS)
         den = O[..., -1:].clamp_min(1e-30)
         out = O[..., :-1] / den
         ctx.save_for_backward(q, k, Q, K, V, g, Hs, out, den, Pa, mask)
@@ -449,15 +463,17 @@ class _SoftmaxCausal(torch.autograd.Function):
     def backward(ctx, grad):
         q, k, Q, K, V, g, Hs, out, den, Pa, mask = ctx.saved_tensors
         dO = _normaliser_backward(_to_groups(grad, out.shape[2]), out, den)  # (ng, N, G, e+1)
-        dQ, dK, dV = _causal_backward(Q, K, V, g, Hs, dO, ctx.chunk)
-        # ε term: o_i += ε s_i C_i with s = Σ_f Q_if and C = prefix sums of V
-        dQ.add_(SOFTMAX_EPS * (dO * _prefix_sum(V)).sum(-1, keepdim=True))
-        dV.add_(SOFTMAX_EPS * _suffix_sum(Q.sum(-1, keepdim=True) * dO))
-        for gi in range(Q.shape[0]):  # d/d logits = dQ ⊙ (Q − ε), group by group: no (L, m) temporary
-            dQ[gi].mul_(Q[gi] - SOFTMAX_EPS)
-        dq = _logits_backward(dQ, q, Pa)
-        del dQ
-        dk = _logits_backward(dK.mul_(K), k, Pa)
+        C = _prefix_sum(V)  # ε term: o_i += ε s_i C_i with s = Σ_f Q_if and C = prefix sums of V
+        dq, dk = torch.empty_like(q), torch.empty_like(k)
+
+        def finish(gi, dQg, dKg):  # a group's feature gradients -> its input gradients, while they are in cache
+            dQg.add_(SOFTMAX_EPS * (dO[gi] * C[gi]).sum(-1, keepdim=True))
+            dq[gi] = _logits_backward(dQg.mul_(Q[gi] - SOFTMAX_EPS), q[gi], Pa)  # d/d logits = dQ ⊙ (Q − ε)
+            dk[gi] = _logits_backward(dKg.mul_(K[gi]), k[gi], Pa)
+
+        dV = _causal_backward(Q, K, V, g, Hs, dO, ctx.chunk, finish)
+        C = None  # free the prefix sums before the suffix sums
+        dV.add_(_suffix_sum(dO.mul_(Q.sum(-1, keepdim=True))), alpha=SOFTMAX_EPS)  # dO is not needed after this
         dv = dV[..., :-1]
         if mask is not None:
             dv = dv.masked_fill(mask.unsqueeze(-1), 0.0)
