@@ -126,7 +126,8 @@ def train(cfg: DictConfig) -> dict:
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress-bar callback then
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = _instantiate_all(cfg.get("logger"))
-    trainer_cfg = OmegaConf.masked_copy(cfg.trainer, [k for k in cfg.trainer if k != "matmul_precision"])
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)  # resolved here: ${output_dir} is at the root
+    trainer_cfg.pop("matmul_precision", None)  # torch's setting (set above), not a Trainer argument
     trainer: pl.Trainer = hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
