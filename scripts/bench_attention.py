@@ -11,7 +11,9 @@ Each (method, L) runs in its own subprocess (fresh allocator, clean high-water m
 --repeats of forward + backward of sum(out²) after one warm-up call. Peak memory: the process's
 ru_maxrss (peak resident set) after the runs minus its resident set just before the first call, i.e. the
 extra memory the attention call needs on top of its inputs (inputs, parameters and the interpreter are
-excluded). B=1, 8 heads, head_dim 64, m=256 features, fp32, torch.set_num_threads(all cores).
+excluded). B=1, 8 heads, head_dim 64, m=256 features, fp32, torch.set_num_threads(all cores, or --threads).
+Each length also times a dense fp32 GEMM in its own subprocess; the FLOP-rate table reports every method against
+the median of those GEMM rates (FLOPs counted as in flops()).
 
 On CUDA (``--device cuda --dtype fp32|bf16``) each method runs all lengths in one process, longest last; peak
 memory is ``torch.cuda.max_memory_allocated`` per call, and a length that runs out of memory ends that method
