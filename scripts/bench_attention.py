@@ -11,7 +11,9 @@ Each (method, L) runs in its own subprocess (fresh allocator, clean high-water m
 --repeats of forward + backward of sum(out²) after one warm-up call. Peak memory: the process's
 ru_maxrss (peak resident set) after the runs minus its resident set just before the first call, i.e. the
 extra memory the attention call needs on top of its inputs (inputs, parameters and the interpreter are
-excluded). B=1, 8 heads, head_dim 64, m=256 features, fp32, torch.set_num_threads(all cores).
+excluded). B=1, 8 heads, head_dim 64, m=256 features, fp32, torch.set_num_threads(all cores, or --threads).
+Each length also times a dense fp32 GEMM in its own subprocess; the FLOP-rate table reports every method against
+the median of those GEMM rates (FLOPs counted as in flops()).
 
 On CUDA (``--device cuda --dtype fp32|bf16``) each method runs all lengths in one process, longest last; peak
 memory is ``torch.cuda.max_memory_allocated`` per call, and a length that runs out of memory ends that method
@@ -42,6 +44,39 @@ METHODS = {
 }
 HEADS, HEAD_DIM, FEATURES = 8, 64, 256
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+THREADS = int(os.environ.get("PP_BENCH_THREADS", os.cpu_count()))  # set by --threads for every worker
+GEMM_N = 2048  # the dense reference: an N×N×N fp32 matmul, timed in its own subprocess next to every length
+
+
+def flops(method: str, L: int) -> float:
+    """Floating-point operations of one fwd+bwd call (B=1, H heads), counted by the algorithm, not the kernel.
+
+    Exact (FlashAttention's convention): forward 4·L²·d per head (QKᵀ and PV), backward 2.5× forward, causal half.
+    FAVOR+ / performer-pytorch, causal or not: the matmuls of the linear form with m features, e = d value columns
+    plus the normaliser column: forward 2·L·m·(d+1) per feature map (q, k) + 2·L·m·(e+1) for φ(K)ᵀ[V,1] and for
+    φ(Q)·kv; backward 2·L·m·(d+1) per feature map and 4·L·m·(e+1) per product. The causal chunked computation does
+    more (the masked intra-chunk products), which counts as overhead, not as FLOPs.
+    """
+    d, m = HEAD_DIM, FEATURES
+    if method.startswith("exact"):
+        return 3.5 * 4 * L * L * d * HEADS * (0.5 if method.endswith("_causal") else 1.0)
+    return (8 * L * m * (d + 1) + 12 * L * m * (d + 1)) * HEADS
+
+
+def gemm_worker(device: str = "cpu") -> dict:
+    """Dense fp32 GEMM rate (GFLOP/s) on this machine now: median of 5 N×N×N matmuls after a warm-up."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    a, b = torch.randn(GEMM_N, GEMM_N, device=device), torch.randn(GEMM_N, GEMM_N, device=device)
+    times = []
+    for _ in range(6):
+        t = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return {"method": "gemm", "gflops": 2 * GEMM_N**3 / statistics.median(times[1:]) / 1e9}
 
 
 def _rss_bytes() -> int:
@@ -117,7 +152,7 @@ def worker(method: str, L: int, repeats: int, budget_s: float) -> dict:
     """Time and measure one (method, L) in this process; returns a result dict."""
     import torch
 
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(THREADS)
     fn = _build(method)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, HEADS, L, HEAD_DIM, generator=g).requires_grad_() for _ in range(3))
@@ -172,8 +207,17 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="q/k/v dtype (cuda; the CPU runs fp32)")
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--gemm-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads of every worker, the GEMM reference included (default: all cores). On a "
+                         "shared, oversubscribed machine 1 thread avoids timing OpenMP barrier waits")
     ap.add_argument("--cuda-worker", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads:
+        os.environ["PP_BENCH_THREADS"] = str(args.threads)  # inherited by the worker subprocesses
+    if args.gemm_worker:
+        print(json.dumps(gemm_worker()))
+        return
     if args.worker:
         method, L, repeats, budget = args.worker
         print(json.dumps(worker(method, int(L), int(repeats), float(budget))))
@@ -195,12 +239,15 @@ def main() -> None:
             print("performer-pytorch is not importable in this interpreter: skipping the peer "
                   "(install it in a separate venv, see the module docstring)", file=sys.stderr)
 
-    results = []
+    results, gemm_rates = [], []
     if args.device == "cuda":
         for method in methods:
             results.extend(run_cuda_method(method, args.lengths, args.repeats, args.budget, args.dtype))
     else:
         for L in args.lengths:
+            proc = subprocess.run([sys.executable, __file__, "--gemm-worker"], capture_output=True, text=True)
+            gemm_rates.append(json.loads(proc.stdout.strip().splitlines()[-1])["gflops"])
+            print(f"  dense fp32 GEMM {GEMM_N}^3: {gemm_rates[-1]:.1f} GFLOP/s", file=sys.stderr, flush=True)
             for method in methods:
                 r = run_case(method, L, args.repeats, args.budget)
                 if r is not None:
@@ -211,7 +258,8 @@ def main() -> None:
                for m in methods}
 
     by = {(r["method"], r["L"]): r for r in results if not r.get("oom")}
-    where = f"{os.cpu_count()} threads" if args.device == "cpu" else f"CUDA, {args.dtype}"
+    threads = int(os.environ.get("PP_BENCH_THREADS", os.cpu_count()))
+    where = f"{threads} threads" if args.device == "cpu" else f"CUDA, {args.dtype}"
     print(f"\nfwd+bwd median seconds (peak GiB), B=1, H={HEADS}, d={HEAD_DIM}, m={FEATURES}, "
           f"{'fp32' if args.device == 'cpu' else args.dtype}, {where}")
     print("| method | " + " | ".join(str(L) for L in args.lengths) + " |")
@@ -222,6 +270,24 @@ def main() -> None:
             r = by.get((method, L))
             cells.append("-" if r is None else f"{r['seconds']:.3f} ({r['peak_gib']:.2f})")
         print(f"| {METHODS[method]} | " + " | ".join(cells) + " |")
+    if gemm_rates:
+        gemm = statistics.median(gemm_rates)
+        print(f"\nFLOP rate, GFLOP/s (share of the dense fp32 GEMM rate measured in this run: median {gemm:.1f} "
+              f"GFLOP/s over {len(gemm_rates)} measurements, {min(gemm_rates):.1f}-{max(gemm_rates):.1f}); FLOPs as "
+              "counted in flops()")
+        print("| method | " + " | ".join(str(L) for L in args.lengths) + " |")
+        print("|---" * (len(args.lengths) + 1) + "|")
+        for method in methods:
+            cells = []
+            for L in args.lengths:
+                r = by.get((method, L))
+                if r is None:
+                    cells.append("-")
+                    continue
+                rate = flops(method, L) / r["seconds"] / 1e9
+                r["gflops"], r["gemm_share"] = rate, rate / gemm
+                cells.append(f"{rate:.1f} ({100 * rate / gemm:.0f}%)")
+            print(f"| {METHODS[method]} | " + " | ".join(cells) + " |")
     print("\nratios (time of reference / time of FAVOR+; >1 = FAVOR+ faster)")
     for ours, refs in (("favor", ("exact", "peer")), ("favor_causal", ("exact_causal", "peer_causal"))):
         for ref in refs:
@@ -235,8 +301,8 @@ def main() -> None:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
             json.dump({"config": {"batch": 1, "heads": HEADS, "head_dim": HEAD_DIM, "features": FEATURES,
-                                  "dtype": DTYPES[args.dtype], "device": args.device, "threads": os.cpu_count()},
-                       "longest": longest, "results": results}, f, indent=1)
+                                  "dtype": DTYPES[args.dtype], "device": args.device, "threads": threads},
+                       "gemm_gflops": gemm_rates, "longest": longest, "results": results}, f, indent=1)
         print(f"\nwrote {args.out}")
 
 

@@ -359,6 +359,22 @@ def test_redraw_changes_buffer_and_is_deterministic():
     assert torch.equal(nets[1][0].projection, p1)  # resume / other rank: same draw from (seed, step)
 
 
+def test_redraw_seeds_are_a_stream_apart_from_the_data_seeds():
+    """The redraw at step s no longer reuses the seed of epoch s's shuffle (seed·1000003 + epoch) or an example's."""
+    from proteinperformer.attention.redraw import redraw_seed
+    from proteinperformer.data.datasets import example_seed
+
+    redraws = {redraw_seed(seed, step) for seed in range(4) for step in range(0, 5000, 7)}
+    assert len(redraws) == 4 * len(range(0, 5000, 7))
+    shuffles = {seed * 1_000_003 + epoch for seed in range(4) for epoch in range(5000)}
+    examples = {example_seed(seed, a, b) for seed in range(4) for a in range(50) for b in range(50)}
+    assert not redraws & shuffles and not redraws & examples
+    net = torch.nn.Sequential(MultiheadSelfAttention(32, 4))
+    redraw_projections(net, seed=0, step=5)
+    same_as_epoch = gaussian_projection(256, 8, generator=torch.Generator().manual_seed(5))
+    assert not torch.equal(net[0].projection, same_as_epoch)
+
+
 # ----------------------------------------------------------------------------- errors
 
 

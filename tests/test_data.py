@@ -70,13 +70,60 @@ def test_single_dataset_crops_to_max_len_deterministically():
     seqs, records = make_sequences(20, lo=200, hi=300)
     ds = SingleSequenceDataset(seqs, alphabet, max_len=50)
     item = ds[(2, 5)]["tokens"]
-    assert len(item) == 50 and item[0] == alphabet.cls_idx and item[-1] == alphabet.eos_idx
-    assert alphabet.decode(item) in records[5].sequence
+    assert len(item) == 50 and alphabet.decode(item) in records[5].sequence
     assert torch.equal(item, ds[(2, 5)]["tokens"])
     starts = {records[5].sequence.index(alphabet.decode(ds[(e, 5)]["tokens"])) for e in range(20)}
     assert len(starts) > 5, "random crop should move between epochs"
     ev = SingleSequenceDataset(seqs, alphabet, max_len=50, random_crop=False)
-    assert alphabet.decode(ev[(7, 5)]["tokens"]) == records[5].sequence[:48]
+    first = ev[(7, 5)]["tokens"]  # the evaluation window: the real N-terminus, no C-terminus
+    assert first[0] == alphabet.cls_idx and alphabet.is_residue(first[1:]).all()
+    assert alphabet.decode(first) == records[5].sequence[:49]
+
+
+@pytest.mark.parametrize("collator", [MLMCollator, CLMCollator])
+def test_crops_mark_only_real_protein_ends(collator):
+    """64-token windows of 900-residue proteins: <cls> only on windows that start at the first residue, <eos> only
+    on windows that reach the last one (measured before the fix: 100% and 100%); short proteins stay whole."""
+    seqs, records = make_sequences(200, seed=1, lo=900, hi=901)
+    ds = SingleSequenceDataset(seqs, alphabet, max_len=64)
+    keys = [(e, i) for e in range(3) for i in range(len(ds))]
+    windows = [ds[key]["tokens"] for key in keys]
+    for w, (_, i) in zip(windows, keys, strict=True):
+        seq, text = records[i].sequence, alphabet.decode(w)
+        assert text in seq and len(w) == 64 and alphabet.is_residue(w[1:-1]).all()
+        assert w[0] != alphabet.cls_idx or seq.startswith(text), "<cls> on a window that misses the N-terminus"
+        assert w[-1] != alphabet.eos_idx or seq.endswith(text), "<eos> on a window that misses the C-terminus"
+    starts = sum(int(w[0] == alphabet.cls_idx) for w in windows) / len(windows)
+    ends = sum(int(w[-1] == alphabet.eos_idx) for w in windows) / len(windows)
+    assert starts < 0.02 and ends < 0.02  # 1 / 839 window positions each
+    batch = collator(alphabet)([{"tokens": w, "seed": 0} for w in windows[:64]])
+    assert not (batch["input_ids"] == alphabet.eos_idx).any() or collator is MLMCollator
+    assert (batch["labels"] == alphabet.eos_idx).float().mean() < 0.01
+    short, short_records = make_sequences(50, seed=2, lo=5, hi=60)
+    for i in range(len(short)):
+        item = SingleSequenceDataset(short, alphabet, max_len=64)[(0, i)]["tokens"]
+        assert item[0] == alphabet.cls_idx and item[-1] == alphabet.eos_idx
+        assert alphabet.decode(item) == short_records[i].sequence
+    # every window start is reachable, the two ends included
+    tiny, tiny_records = make_sequences(1, seed=3, lo=10, hi=11)
+    seen = {alphabet.decode(SingleSequenceDataset(tiny, alphabet, max_len=5)[(e, 0)]["tokens"], keep_special=True)
+            for e in range(300)}
+    framed = "^" + tiny_records[0].sequence + "$"
+    expected = {framed[s:s + 5].replace("^", "<cls>").replace("$", "<eos>") for s in range(len(framed) - 4)}
+    assert seen == expected
+
+
+def test_concat_chunks_carry_no_fake_ends():
+    """Concatenated mode: a chunk boundary adds no marker; each <eos> is the end of a whole protein."""
+    seqs, records = make_sequences(40, lo=100, hi=400)
+    ds = ConcatChunkDataset(seqs, alphabet, chunk_len=64, seed=0)
+    ends = {r.sequence for r in records}
+    for i in range(len(ds)):
+        chunk = ds[i]["tokens"]
+        assert not (chunk == alphabet.cls_idx).any()
+    stream = torch.cat([ds[i]["tokens"] for i in range(len(ds))])
+    pieces = alphabet.decode(stream, keep_special=True).split("<eos>")
+    assert set(pieces[:-1]) == ends
 
 
 def test_concat_chunks_lose_nothing_and_keep_separators():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -63,3 +64,24 @@ def test_fsdp_config_shards_and_trains_like_one_process(tmp_path: Path) -> None:
         tol = 1e-5 if run == "fp32" else 2e-2
         assert record[run]["loss"] == pytest.approx(loss, rel=tol)
         assert record[run]["checksum"] == pytest.approx(checksum(model), rel=tol)
+
+
+def test_validation_with_a_rank_without_targets_neither_hangs_nor_skews(tmp_path: Path) -> None:
+    """2 gloo ranks, rank 1 without any supervised token: both ranks finish and log the metrics of rank 0's batch
+    (the global sums), as one process validating rank 0's batch alone does."""
+    from tests.ddp_eval import batches, model
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_eval.py"), str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] and {"val/ppl", "val/acc", "val/loss"} <= set(ranks[0])
+
+    lm = model().eval()
+    with torch.no_grad():
+        out = lm.model_step(batches()[0])
+    n = float(out["n_residue"])
+    assert n > 0
+    assert abs(ranks[0]["val/ppl"] - math.exp(float(out["residue_nll_sum"]) / n)) < 1e-4 * ranks[0]["val/ppl"]
+    assert abs(ranks[0]["val/acc"] - float(out["residue_correct"]) / n) < 1e-6

@@ -10,7 +10,9 @@ import torch
 from Bio import SeqIO
 
 from proteinperformer.cli.generate import main
-from proteinperformer.inference.generate import filter_logits, init_states, load_clm, step_logits
+from proteinperformer.inference.generate import filter_logits, init_states, load_clm, sample, step_logits
+from proteinperformer.model import ModelConfig, PerformerLM
+from proteinperformer.tokenizer import Alphabet
 from proteinperformer.training.lm import ProteinLM
 
 TINY = {"dim": 32, "depth": 2, "heads": 2, "ff_dim": 64, "num_features": 16, "max_positions": 64}
@@ -103,3 +105,67 @@ def test_generate_cli_precision(tmp_path: Path) -> None:
     assert len(list(SeqIO.parse(out, "fasta"))) == 3
     with pytest.raises(SystemExit, match="error: a GPU was requested"):
         main([str(ckpt), str(out), "--precision", "bf16", "--device", "cuda"])
+
+
+def _train_clm_on_crops(fake_ends: bool, steps: int = 60) -> tuple[PerformerLM, Alphabet]:
+    """A tiny CLM trained on 24-token crops of 150–250-residue proteins. fake_ends=True frames every crop as
+    ``<cls> … <eos>`` as the datasets did before (the old behaviour, for contrast)."""
+    import numpy as np
+
+    from proteinperformer.data import CLMCollator, SingleSequenceDataset, TokenizedSequences
+    from proteinperformer.data.fasta import FastaRecord
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    alphabet = Alphabet()
+    records = [FastaRecord(f"P{i}", f"P{i}", "".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), rng.integers(150, 250))))
+               for i in range(64)]
+    ds = SingleSequenceDataset(TokenizedSequences.from_records(records, alphabet), alphabet, max_len=24)
+    collate = CLMCollator(alphabet)
+    model = PerformerLM(ModelConfig(dim=32, depth=1, heads=2, ff_dim=64, attention="exact", causal=True,
+                                    positions="sinusoidal"))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        items = [ds[(step, int(i))] for i in rng.integers(0, len(ds), 32)]
+        if fake_ends:
+            for item in items:
+                item["tokens"][0], item["tokens"][-1] = alphabet.cls_idx, alphabet.eos_idx
+        batch = collate(items)
+        logits = model(batch["input_ids"], batch["padding_mask"])["logits"]
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"], ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), alphabet
+
+
+def test_clm_trained_on_crops_does_not_stop_at_the_crop_length() -> None:
+    """Crops of long proteins carry no fake <eos>, so sampled lengths do not pile up at the crop length (22
+    residues for 24-token crops); with the old framing they do (the contrast shows the test can fail)."""
+    crop_residues = 22
+    fractions = {}
+    for fake_ends in (True, False):
+        model, alphabet = _train_clm_on_crops(fake_ends)
+        lengths = [len(s) for s in sample(model, alphabet, num_samples=64, max_length=60, seed=1)]
+        fractions[fake_ends] = sum(n == crop_residues for n in lengths) / len(lengths)
+    assert fractions[True] > 0.5, fractions  # the old crops teach the model to stop at the crop length
+    assert fractions[False] < 0.1, fractions
+
+
+@pytest.mark.parametrize("source", [{"kernel": "relu", "use_projection": False}, {"attention": "exact"}])
+def test_load_model_draws_a_projection_for_softmax_favor(tmp_path: Path, source: dict) -> None:
+    """load_model(..., attention="favor", kernel="softmax") on a model trained without a projection draws one
+    (reproducibly) instead of failing with "needs a projection"; every trained weight is kept."""
+    from proteinperformer.checkpoints import load_model
+
+    lm = _lm(**source)
+    path = _save(lm, tmp_path / "src.ckpt")
+    models = [load_model(path, attention="favor", kernel="softmax") for _ in range(2)]
+    for model in models:
+        assert model.config.kernel == "softmax" and model.config.use_projection
+        assert all(block.attn.projection.shape == (16, 16) for block in model.layers)
+        assert torch.equal(model.embed_tokens.weight, lm.model.embed_tokens.weight)
+    assert torch.equal(models[0].layers[0].attn.projection, models[1].layers[0].attn.projection)
+    tokens = torch.randint(5, 25, (2, 20))
+    with torch.no_grad():
+        assert torch.isfinite(models[0](tokens)["logits"]).all()

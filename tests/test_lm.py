@@ -48,3 +48,29 @@ def test_clm_model_is_causal():
     b = lm.model(tokens2)["logits"]
     torch.testing.assert_close(a[:, :30], b[:, :30])
     assert not math.isclose(float((a[:, 31:] - b[:, 31:]).abs().max()), 0.0)
+
+
+def test_padding_idx_follows_the_alphabet_and_a_disagreeing_config_is_refused(tmp_path):
+    from proteinperformer.checkpoints import CheckpointError, load_model, save_checkpoint
+    from proteinperformer.model import ModelConfig, PerformerLM
+    from proteinperformer.tokenizer import Alphabet
+
+    tiny = {"dim": 16, "depth": 1, "heads": 2, "ff_dim": 32, "num_features": 8}
+    for name in ("proteinperformer", "esm"):
+        alphabet = Alphabet(name)
+        model = PerformerLM(ModelConfig(**tiny, alphabet=name, vocab_size=len(alphabet) + (-len(alphabet)) % 8))
+        assert model.config.padding_idx == model.embed_tokens.padding_idx == alphabet.padding_idx
+        tokens = torch.tensor([[alphabet.cls_idx, 10, 11, alphabet.eos_idx, alphabet.padding_idx]])
+        torch.testing.assert_close(model(tokens)["logits"][:, :4], model(tokens[:, :4])["logits"])  # pad inferred
+        model.embed(tokens).square().sum().backward()  # <cls> is a token: its embedding trains; <pad>'s does not
+        assert model.embed_tokens.weight.grad[alphabet.cls_idx].abs().sum() > 0
+        assert model.embed_tokens.weight.grad[alphabet.padding_idx].abs().sum() == 0
+    with pytest.raises(ValueError, match="padding_idx=0 disagrees with the 'esm' alphabet, whose <pad> id is 1"):
+        ModelConfig(alphabet="esm", vocab_size=40, padding_idx=0)
+    assert ModelConfig(alphabet="esm", vocab_size=40, padding_idx=1).padding_idx == 1
+    path = save_checkpoint(PerformerLM(ModelConfig(**tiny)), tmp_path / "m.ckpt", "test")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["hyper_parameters"]["config"]["padding_idx"] = 3
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match="disagrees with the 'proteinperformer' alphabet"):
+        load_model(path)

@@ -314,3 +314,27 @@ def test_analysis_clis_precision(tiny_checkpoint: Path, tmp_path: Path) -> None:
     r32, r16 = (b["methods"]["weighted"]["model"]["overall"]["BLOSUM62"] for b in (b32, b16))
     assert r16 == pytest.approx(r32, abs=0.05) and r16 != r32
     assert c16["model"]["mean"]["long"]["L"] == pytest.approx(c32["model"]["mean"]["long"]["L"], abs=0.05)
+
+
+def test_matmul_precision_setting_reaches_favor_float32_region():
+    """trainer.matmul_precision sets torch's float32 matmul precision, and FAVOR+'s float32 region (which only turns
+    autocast off) runs under it: "high" there means TF32 tensor cores on Ampere/Hopper GPUs. Bad values are refused."""
+    from proteinperformer.attention.favor import _float32_region
+    from proteinperformer.training.train import set_matmul_precision
+
+    seen = _float32_region(lambda x: torch.get_float32_matmul_precision())
+    before = torch.get_float32_matmul_precision()
+    try:
+        for precision in ("high", "medium", "highest"):
+            set_matmul_precision(precision)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                assert seen(torch.ones(1)) == precision
+        with pytest.raises(ValueError, match="trainer.matmul_precision='tf32'"):
+            set_matmul_precision("tf32")
+    finally:
+        torch.set_float32_matmul_precision(before)
+    from tests.conftest import tiny_config
+
+    assert tiny_config(Path("/tmp")).trainer.matmul_precision == "highest"
+    assert tiny_config(Path("/tmp"), ["trainer=gpu"]).trainer.matmul_precision == "high"
+    assert tiny_config(Path("/tmp"), ["trainer=ddp"]).trainer.matmul_precision == "high"

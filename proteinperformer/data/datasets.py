@@ -35,8 +35,11 @@ def _split_key(key: int | tuple[int, int]) -> tuple[int, int]:
 class SingleSequenceDataset(Dataset):
     """One example per sequence: ``<cls> residues <eos>``, randomly cropped to ``max_len`` tokens.
 
-    Sequences longer than ``max_len - 2`` residues are cropped to a window whose start is drawn from
-    ``(seed, epoch, index)`` (``random_crop=False``: always the first window, used for evaluation).
+    A protein longer than ``max_len - 2`` residues is cropped as the framed sequence ``<cls> residues <eos>``
+    is: a window of ``max_len`` tokens whose start is drawn from ``(seed, epoch, index)`` (``random_crop=False``:
+    always the first window, used for evaluation). So ``<cls>`` appears only when the window holds the real
+    N-terminus and ``<eos>`` only when it holds the real C-terminus: a crop never teaches a CLM to stop, or
+    an MLM that a protein starts, at the crop boundary.
     Index with an int (epoch 0) or an ``(epoch, index)`` pair as :class:`EpochShuffleSampler` yields.
     Items are dicts: ``tokens`` LongTensor [T ≤ max_len] and ``seed`` (int, for the collator's masking).
     """
@@ -67,15 +70,20 @@ class SingleSequenceDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         epoch, index = _split_key(key)
         residues = self.sequences[index]
-        window = self.max_len - 2
         seed = example_seed(self.seed, epoch, index)
-        if len(residues) > window:
-            start = int(np.random.default_rng(seed).integers(0, len(residues) - window + 1)) if self.random_crop else 0
-            residues = residues[start : start + window]
-        tokens = torch.empty(len(residues) + 2, dtype=torch.int64)
-        tokens[0] = self.alphabet.cls_idx
-        tokens[1:-1] = torch.from_numpy(residues.astype(np.int64))
-        tokens[-1] = self.alphabet.eos_idx
+        framed = len(residues) + 2  # <cls> residues <eos>
+        start = 0  # window [start, start + width) over the framed sequence
+        if framed > self.max_len and self.random_crop:
+            start = int(np.random.default_rng(seed).integers(0, framed - self.max_len + 1))
+        width = min(framed, self.max_len)
+        tokens = torch.empty(width, dtype=torch.int64)
+        first = max(start - 1, 0)  # residue at the first non-<cls> slot
+        body = residues[first : first + width - (start == 0) - (start + width == framed)]
+        tokens[int(start == 0) : int(start == 0) + len(body)] = torch.from_numpy(body.astype(np.int64))
+        if start == 0:
+            tokens[0] = self.alphabet.cls_idx  # the window holds the real N-terminus
+        if start + width == framed:
+            tokens[-1] = self.alphabet.eos_idx  # ... and the real C-terminus
         return {"tokens": tokens, "seed": seed}
 
 

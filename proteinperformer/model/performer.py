@@ -49,7 +49,7 @@ class ModelConfig:
     use_projection: bool = True  # relu kernel only: False = relu(x) + 1e-3 with no projection (reference)
     causal: bool = False  # True for autoregressive (CLM) models
     dropout: float = 0.0
-    padding_idx: int = 0
+    padding_idx: int | None = None  # None = the alphabet's <pad> id; any other value must equal it
     # tokenizer.Alphabet: "proteinperformer", "esm" (ESM-2's ids) or a token list (GPT-2 imports: their vocab.txt)
     alphabet: str | list[str] = "proteinperformer"
     layer_norm_eps: float = 1e-5
@@ -57,6 +57,17 @@ class ModelConfig:
     token_dropout: bool = False  # ESM-2: zero <mask> embeddings, rescale by (1 - 0.12) / (1 - observed mask ratio)
     contact_head: bool = False  # ESM-2's logistic regression over all attention maps (analysis.contacts.ContactHead)
     activation: str = "gelu"  # MLP: "gelu" (erf, BERT/ESM) or "gelu_new" (tanh approximation, GPT-2 / IgLM)
+
+    def __post_init__(self) -> None:
+        # Every special id the model uses (padding here, <mask> for token dropout) comes from the alphabet: a
+        # padding_idx of 0 with alphabet="esm" (where 0 is <cls>) would treat <cls> as padding and freeze its
+        # embedding, so a config that disagrees with its alphabet is refused rather than trained.
+        pad = Alphabet(self.alphabet).padding_idx
+        if self.padding_idx is None:
+            self.padding_idx = pad
+        elif self.padding_idx != pad:
+            raise ValueError(f"padding_idx={self.padding_idx} disagrees with the {Alphabet(self.alphabet).name!r} alphabet, whose "
+                             f"<pad> id is {pad}; leave model.config.padding_idx unset (it follows the alphabet)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -221,8 +232,10 @@ class PerformerLM(nn.Module):
         """
         if padding_mask is None:
             padding_mask = tokens == self.config.padding_idx
-        # A mask with no padding is dropped, so unpadded inputs take the fastest attention path.
-        kpm = padding_mask if bool(padding_mask.any()) else None
+        # The mask is always passed on, also when it holds no padding: testing for that would read the device from
+        # the host (a sync per step on a GPU, and a torch.compile graph break); FAVOR+ masks at the cost of one
+        # masked_fill, so no fast path is lost there.
+        kpm = padding_mask
         wanted = {layer % (self.config.depth + 1) for layer in repr_layers}
         reps: dict[int, torch.Tensor] = {}
         x = self.embed(tokens, padding_mask)
@@ -259,11 +272,14 @@ def convert_attention(
 
     Swapping exact softmax attention for FAVOR+ (``attention="favor"``, kernel "softmax") is the Performer's
     backward compatibility: the trained q/k/v weights stay and φ(q)·φ(k) estimates their softmax kernel. The
-    new projections are drawn from ``seed`` (reproducible). Arguments left None keep the model's value; the
+    new projections are drawn from ``seed`` (reproducible), also for a source that has none (exact attention, or
+    the ReLU kernel without projection). Arguments left None keep the model's value; the
     result is on the model's device, in eval mode if the model was.
     """
     cfg = replace(model.config, attention=attention or model.config.attention,
                   num_features=num_features or model.config.num_features, kernel=kernel or model.config.kernel)
+    if cfg.attention == "favor" and cfg.kernel == "softmax":
+        cfg = replace(cfg, use_projection=True)  # positive random features need ω; a source without one gets a draw
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         new = PerformerLM(cfg)

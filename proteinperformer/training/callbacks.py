@@ -87,7 +87,10 @@ class ThroughputCallback(pl.Callback):
 
     @staticmethod
     def count_tokens(batch: dict[str, torch.Tensor]) -> int:
-        """Number of non-padding input tokens in a collated batch (``padding_mask`` bool [B, T])."""
+        """Number of non-padding input tokens in a collated batch: ``num_tokens``, counted on the host before the
+        batch went to the device (``ProteinLM.on_before_batch_transfer``), else from ``padding_mask`` [B, T]."""
+        if "num_tokens" in batch:
+            return batch["num_tokens"]
         return int((~batch["padding_mask"]).sum())
 
     def _now(self, device: torch.device) -> float:

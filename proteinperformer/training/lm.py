@@ -18,7 +18,7 @@ import math
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torchmetrics import MeanMetric
+from torchmetrics import SumMetric
 
 from proteinperformer.data.collate import IGNORE_INDEX
 from proteinperformer.model import ModelConfig, PerformerLM
@@ -68,17 +68,24 @@ class ProteinLM(pl.LightningModule):
         self.model = PerformerLM(cfg)
         if compile:
             # In place (nn.Module.compile): state-dict keys stay "model.…", so checkpoints load either way.
-            # FAVOR+'s autograd Functions trace as they are; the one graph break is the padding check in
-            # PerformerLM.forward (a data-dependent branch that picks the unpadded fast path).
+            # FAVOR+'s autograd Functions trace as they are and the forward reads nothing back from the device,
+            # so it compiles to one graph (tests/test_host_reads.py compiles it with fullgraph=True).
             self.model.compile()
         self.task = task
         self.alphabet = Alphabet(cfg.alphabet)
         residue = torch.zeros(cfg.vocab_size, dtype=torch.bool)
         residue[self.alphabet.residue_ids] = True
         self.register_buffer("is_residue_id", residue, persistent=False)
-        # NaN kept (not dropped with a warning): a diverged run then logs val/ppl = nan instead of logging nothing,
-        # which made ModelCheckpoint(monitor="val/ppl") fail with "could not find the monitored key"
-        self.val_loss, self.val_acc, self.val_nll = (MeanMetric(nan_strategy="disable") for _ in range(3))
+        # Evaluation sums (synchronised across DDP ranks by torchmetrics at compute): NLL of all supervised targets,
+        # their count, residue NLL, residue hits, residue count. Sums, not MeanMetric: with nan_strategy="disable"
+        # torchmetrics 1.9's MeanMetric replaces the weights by ones (an unweighted mean of batch means). NaN is
+        # kept (not dropped): a diverged run then logs val/ppl = nan instead of logging nothing, which made
+        # ModelCheckpoint(monitor="val/ppl") fail with "could not find the monitored key".
+        self.eval_sums = torch.nn.ModuleDict(
+            {name: SumMetric(nan_strategy="disable") for name in ("nll", "n_supervised", "residue_nll",
+                                                                  "residue_correct", "n_residue")})
+        for metric in self.eval_sums.values():
+            metric.set_dtype(torch.float64)  # counts stay exact beyond 2^24 tokens
 
     # ---- one step shared by train / val / test -------------------------------------------------
     def model_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -115,12 +122,14 @@ class ProteinLM(pl.LightningModule):
         self._eval_step(batch)
 
     def _eval_step(self, batch: dict[str, torch.Tensor]) -> None:
+        # Accumulate sums on the device, every batch (a batch with no target adds zeros): no host read per step.
         out = self.model_step(batch)
-        n = out["n_residue"]
-        if n > 0:  # weighted means over residues, synchronised across DDP ranks by torchmetrics
-            self.val_loss.update(out["loss"], out["n_supervised"])
-            self.val_nll.update(out["residue_nll_sum"] / n, n)
-            self.val_acc.update(out["residue_correct"] / n, n)
+        n_supervised = (batch["labels"] != IGNORE_INDEX).sum()
+        sums = {"nll": out["loss"] * n_supervised, "n_supervised": n_supervised,
+                "residue_nll": out["residue_nll_sum"], "residue_correct": out["residue_correct"],
+                "n_residue": out["n_residue"]}
+        for name, value in sums.items():
+            self.eval_sums[name].update(value)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
@@ -129,19 +138,30 @@ class ProteinLM(pl.LightningModule):
         self._log_eval("test")
 
     def _log_eval(self, split: str) -> None:
-        if self.val_nll.weight == 0:
-            return
-        nll = self.val_nll.compute()
-        self.log(f"{split}/loss", self.val_loss.compute())
-        self.log(f"{split}/ppl", torch.exp(nll), prog_bar=True)
-        self.log(f"{split}/acc", self.val_acc.compute(), prog_bar=True)
-        for metric in (self.val_loss, self.val_nll, self.val_acc):
+        # Every rank computes (all-reduces) every sum before anything is decided, so the decision below is the
+        # same on all ranks: deciding on a local count would let a rank without targets skip the collective
+        # its peers enter, and hang DDP.
+        totals = {name: metric.compute() for name, metric in self.eval_sums.items()}
+        for metric in self.eval_sums.values():
             metric.reset()
+        n = totals["n_residue"]
+        if n == 0:  # no residue target on any rank: nothing to report
+            return
+        self.log(f"{split}/loss", totals["nll"] / totals["n_supervised"].clamp_min(1))
+        self.log(f"{split}/ppl", torch.exp(totals["residue_nll"] / n), prog_bar=True)
+        self.log(f"{split}/acc", totals["residue_correct"] / n, prog_bar=True)
         baseline = getattr(self.trainer.datamodule, "unigram_baseline", None) if self.trainer else None
         if callable(baseline):
             stats = baseline()
             self.log(f"{split}/baseline_acc", stats["acc"])
             self.log(f"{split}/baseline_ppl", stats["ppl"])
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # Count the non-padding tokens while the batch is still on the host, so the throughput callback never
+        # reads the device (a sync per step on a GPU).
+        if isinstance(batch, dict) and "padding_mask" in batch:
+            batch["num_tokens"] = int((~batch["padding_mask"]).sum())
+        return batch
 
     # ---- optimiser ------------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.loggers import WandbLogger
@@ -87,12 +88,30 @@ def score_checkpoint(ckpt: str | Path, task: str, datamodule, limit_val_batches=
     return out
 
 
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
+def set_matmul_precision(precision: str | None) -> None:
+    """``trainer.matmul_precision`` -> ``torch.set_float32_matmul_precision`` (None leaves torch's setting).
+
+    "high" lets float32 matmuls use TF32 tensor cores on Ampere/Hopper (10-bit mantissa inputs, fp32 accumulation):
+    FAVOR+'s float32 region (attention/favor.py) runs its matmuls under this setting too. The GPU presets use
+    "high"; the CPU default "highest" (plain fp32). README "Performance" gives TF32's effect on FAVOR+'s error.
+    """
+    if precision is None:
+        return
+    if precision not in MATMUL_PRECISIONS:
+        raise ValueError(f"trainer.matmul_precision={precision!r}: expected one of {MATMUL_PRECISIONS}")
+    torch.set_float32_matmul_precision(precision)
+
+
 def train(cfg: DictConfig) -> dict:
     """Fit a model from a composed config; returns the final metrics (also written to metrics.json)."""
     start = time.time()
     # fail in one line, before any data is read, if this machine cannot run the requested accelerator/precision
     check_trainer(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("precision", "32-true"),
                   cfg.trainer.get("devices", 1))
+    set_matmul_precision(cfg.trainer.get("matmul_precision"))
     if cfg.get("ckpt_path"):  # a resume checkpoint is read without running code, and fails in one line
         read_torch(resolve_path(cfg.ckpt_path))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # quiet: a bad init_from then fails in one line
@@ -107,7 +126,9 @@ def train(cfg: DictConfig) -> dict:
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress-bar callback then
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = _instantiate_all(cfg.get("logger"))
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)  # resolved here: ${output_dir} is at the root
+    trainer_cfg.pop("matmul_precision", None)  # torch's setting (set above), not a Trainer argument
+    trainer: pl.Trainer = hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
