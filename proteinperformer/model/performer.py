@@ -62,11 +62,12 @@ class ModelConfig:
         # Every special id the model uses (padding here, <mask> for token dropout) comes from the alphabet: a
         # padding_idx of 0 with alphabet="esm" (where 0 is <cls>) would treat <cls> as padding and freeze its
         # embedding, so a config that disagrees with its alphabet is refused rather than trained.
-        pad = Alphabet(self.alphabet).padding_idx
+        alphabet = Alphabet(self.alphabet)
+        pad = alphabet.padding_idx
         if self.padding_idx is None:
             self.padding_idx = pad
         elif self.padding_idx != pad:
-            raise ValueError(f"padding_idx={self.padding_idx} disagrees with the {Alphabet(self.alphabet).name!r} alphabet, whose "
+            raise ValueError(f"padding_idx={self.padding_idx} disagrees with the {alphabet.name!r} alphabet, whose "
                              f"<pad> id is {pad}; leave model.config.padding_idx unset (it follows the alphabet)")
 
     def to_dict(self) -> dict:
