@@ -14,6 +14,7 @@ Table 2 and the unigram baseline report.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytorch_lightning as pl
 import torch
@@ -23,6 +24,10 @@ from torchmetrics import SumMetric
 from proteinperformer.data.collate import IGNORE_INDEX
 from proteinperformer.model import ModelConfig, PerformerLM
 from proteinperformer.tokenizer import Alphabet
+
+# ProteinLM.on_before_batch_transfer counts tokens for any data module, on purpose; Lightning warns about that
+# on every fit with a LightningDataModule, which would be the first thing every user sees.
+warnings.filterwarnings("ignore", message=r"You have overridden `on_before_batch_transfer` in `LightningModule`")
 
 TASKS = ("mlm", "clm")
 
