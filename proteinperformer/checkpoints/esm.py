@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from proteinperformer.attention.rotary import inverse_frequencies
-from proteinperformer.checkpoints.files import CheckpointError, read_torch
+from proteinperformer.checkpoints.files import CheckpointError, read_hf_weights, read_torch
 from proteinperformer.model import ModelConfig, PerformerLM
 from proteinperformer.tokenizer import ESM_TOKENS
 
@@ -145,31 +145,7 @@ def hf_weights(directory: Path) -> tuple[dict, dict[str, torch.Tensor], list[Pat
         raise EsmImportError(f"{config_path}: position_embedding_type={config.get('position_embedding_type')!r}, "
                              f"emb_layer_norm_before={config.get('emb_layer_norm_before')} is an ESM-1b-style "
                              f"model, not supported; supported: {SUPPORTED}")
-    index = directory / "model.safetensors.index.json"
-    if (directory / "model.safetensors").is_file():
-        files = [directory / "model.safetensors"]
-    elif index.is_file():
-        files = sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
-    elif (directory / "pytorch_model.bin").is_file():
-        files = [directory / "pytorch_model.bin"]
-    else:
-        raise EsmImportError(f"{directory}: config.json but no weights; expected model.safetensors, "
-                             "model.safetensors.index.json with its shards, or pytorch_model.bin")
-    raw: dict[str, torch.Tensor] = {}
-    for f in files:
-        if f.suffix == ".safetensors":
-            from safetensors import SafetensorError
-            from safetensors.torch import load_file
-
-            try:
-                raw.update(load_file(f))
-            except (SafetensorError, OSError, ValueError) as err:
-                raise EsmImportError(f"{f}: not a readable safetensors file; truncated or corrupt? ({err})") from None
-        else:
-            data = read_torch(f)
-            if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-                raise EsmImportError(f"{f}: expected a state dict of tensors")
-            raw.update(data)
+    raw, files = read_hf_weights(directory, EsmImportError)
     return config, {_hf_name(k): v for k, v in raw.items()}, files
 
 

@@ -8,6 +8,7 @@ fair-esm's ``argparse.Namespace`` as the only extra allowed class), and every on
 from __future__ import annotations
 
 import argparse
+import json
 import pickletools
 import re
 import warnings
@@ -88,3 +89,35 @@ def _pickled_globals(path: Path, limit: int = 64 << 20) -> list[str]:
 def save_atomic(obj: object, path: str | Path) -> Path:
     """torch.save ``obj`` to ``path`` through a temp file + rename (readers never see a partial file)."""
     return write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def read_hf_weights(directory: Path, error: type[CheckpointError] = CheckpointError,
+                    ) -> tuple[dict[str, torch.Tensor], list[Path]]:
+    """(state dict as stored, files read) of a Hugging Face model directory: ``model.safetensors``, sharded
+    safetensors with their index, or ``pytorch_model.bin`` (read without running code). Problems raise ``error``."""
+    index = directory / "model.safetensors.index.json"
+    if (directory / "model.safetensors").is_file():
+        files = [directory / "model.safetensors"]
+    elif index.is_file():
+        files = sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
+    elif (directory / "pytorch_model.bin").is_file():
+        files = [directory / "pytorch_model.bin"]
+    else:
+        raise error(f"{directory}: config.json but no weights; expected model.safetensors, "
+                    "model.safetensors.index.json with its shards, or pytorch_model.bin")
+    raw: dict[str, torch.Tensor] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+
+            try:
+                raw.update(load_file(f))
+            except (SafetensorError, OSError, ValueError) as err:
+                raise error(f"{f}: not a readable safetensors file; truncated or corrupt? ({err})") from None
+        else:
+            data = read_torch(f)
+            if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+                raise error(f"{f}: expected a state dict of tensors")
+            raw.update(data)
+    return raw, files

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from proteinperformer.checkpoints.files import CheckpointError, read_torch
+from proteinperformer.checkpoints.files import CheckpointError, read_hf_weights
 from proteinperformer.model import ModelConfig, PerformerLM
 from proteinperformer.tokenizer import Alphabet
 
@@ -104,31 +104,7 @@ def read_config(directory: Path) -> dict:
 
 def read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
     """(state dict without the ``transformer.`` prefix, files read) of a GPT-2 directory; no code is run."""
-    index = directory / "model.safetensors.index.json"
-    if (directory / "model.safetensors").is_file():
-        files = [directory / "model.safetensors"]
-    elif index.is_file():
-        files = sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
-    elif (directory / "pytorch_model.bin").is_file():
-        files = [directory / "pytorch_model.bin"]
-    else:
-        raise Gpt2ImportError(f"{directory}: config.json but no weights; expected model.safetensors, "
-                              "model.safetensors.index.json with its shards, or pytorch_model.bin")
-    raw: dict[str, torch.Tensor] = {}
-    for f in files:
-        if f.suffix == ".safetensors":
-            from safetensors import SafetensorError
-            from safetensors.torch import load_file
-
-            try:
-                raw.update(load_file(f))
-            except (SafetensorError, OSError, ValueError) as err:
-                raise Gpt2ImportError(f"{f}: not a readable safetensors file; truncated or corrupt? ({err})") from None
-        else:
-            data = read_torch(f)
-            if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-                raise Gpt2ImportError(f"{f}: expected a state dict of tensors")
-            raw.update(data)
+    raw, files = read_hf_weights(directory, Gpt2ImportError)
     return {k.removeprefix("transformer."): v for k, v in raw.items()}, files
 
 
