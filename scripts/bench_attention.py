@@ -197,6 +197,15 @@ def run_cuda_method(method: str, lengths: list[int], repeats: int, budget_s: flo
     return results
 
 
+
+def print_table(methods: list[str], lengths: list[int], by: dict, cell) -> None:
+    """A markdown table: one row per method, one column per length, ``cell(result)`` or "-" where none ran."""
+    print("| method | " + " | ".join(str(L) for L in lengths) + " |")
+    print("|---" * (len(lengths) + 1) + "|")
+    for method in methods:
+        cells = ["-" if (r := by.get((method, L))) is None else cell(r) for L in lengths]
+        print(f"| {METHODS[method]} | " + " | ".join(cells) + " |")
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
@@ -262,32 +271,16 @@ def main() -> None:
     where = f"{threads} threads" if args.device == "cpu" else f"CUDA, {args.dtype}"
     print(f"\nfwd+bwd median seconds (peak GiB), B=1, H={HEADS}, d={HEAD_DIM}, m={FEATURES}, "
           f"{'fp32' if args.device == 'cpu' else args.dtype}, {where}")
-    print("| method | " + " | ".join(str(L) for L in args.lengths) + " |")
-    print("|---" * (len(args.lengths) + 1) + "|")
-    for method in methods:
-        cells = []
-        for L in args.lengths:
-            r = by.get((method, L))
-            cells.append("-" if r is None else f"{r['seconds']:.3f} ({r['peak_gib']:.2f})")
-        print(f"| {METHODS[method]} | " + " | ".join(cells) + " |")
+    print_table(methods, args.lengths, by, lambda r: f"{r['seconds']:.3f} ({r['peak_gib']:.2f})")
     if gemm_rates:
         gemm = statistics.median(gemm_rates)
+        for r in by.values():
+            rate = flops(r["method"], r["L"]) / r["seconds"] / 1e9
+            r["gflops"], r["gemm_share"] = rate, rate / gemm
         print(f"\nFLOP rate, GFLOP/s (share of the dense fp32 GEMM rate measured in this run: median {gemm:.1f} "
               f"GFLOP/s over {len(gemm_rates)} measurements, {min(gemm_rates):.1f}-{max(gemm_rates):.1f}); FLOPs as "
               "counted in flops()")
-        print("| method | " + " | ".join(str(L) for L in args.lengths) + " |")
-        print("|---" * (len(args.lengths) + 1) + "|")
-        for method in methods:
-            cells = []
-            for L in args.lengths:
-                r = by.get((method, L))
-                if r is None:
-                    cells.append("-")
-                    continue
-                rate = flops(method, L) / r["seconds"] / 1e9
-                r["gflops"], r["gemm_share"] = rate, rate / gemm
-                cells.append(f"{rate:.1f} ({100 * rate / gemm:.0f}%)")
-            print(f"| {METHODS[method]} | " + " | ".join(cells) + " |")
+        print_table(methods, args.lengths, by, lambda r: f"{r['gflops']:.1f} ({100 * r['gemm_share']:.0f}%)")
     print("\nratios (time of reference / time of FAVOR+; >1 = FAVOR+ faster)")
     for ours, refs in (("favor", ("exact", "peer")), ("favor_causal", ("exact_causal", "peer_causal"))):
         for ref in refs:
