@@ -1,19 +1,25 @@
 """FAVOR+ attention (Choromanski et al. 2020, 2021) and the exact softmax reference: plain torch, no Lightning."""
 
+from .decoding import FavorState, favor_step
 from .exact import exact_attention
-from .favor import FavorState, favor_attention, favor_step, positive_random_features
+from .favor import favor_attention
+from .features import FEATURE_MAPS, FeatureMap, feature_map, positive_random_features, register
 from .module import KVCache, MultiheadSelfAttention
 from .projection import gaussian_projection
 from .redraw import redraw_projections
 
 __all__ = [
+    "FEATURE_MAPS",
     "FavorState",
+    "FeatureMap",
     "KVCache",
     "MultiheadSelfAttention",
     "exact_attention",
     "favor_attention",
     "favor_step",
+    "feature_map",
     "gaussian_projection",
     "positive_random_features",
     "redraw_projections",
+    "register",
 ]
