@@ -3,23 +3,19 @@
 from .decoding import FavorState, favor_step
 from .exact import exact_attention
 from .favor import favor_attention
-from .features import FEATURE_MAPS, FeatureMap, feature_map, positive_random_features, register
+from .features import positive_random_features
 from .module import KVCache, MultiheadSelfAttention
 from .projection import gaussian_projection
 from .redraw import redraw_projections
 
 __all__ = [
-    "FEATURE_MAPS",
     "FavorState",
-    "FeatureMap",
     "KVCache",
     "MultiheadSelfAttention",
     "exact_attention",
     "favor_attention",
     "favor_step",
-    "feature_map",
     "gaussian_projection",
     "positive_random_features",
     "redraw_projections",
-    "register",
 ]

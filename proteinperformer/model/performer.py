@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from proteinperformer.attention import MultiheadSelfAttention, feature_map
+from proteinperformer.attention import MultiheadSelfAttention
+from proteinperformer.attention.features import feature_map
 from proteinperformer.tokenizer import Alphabet
 
 POSITIONS = ("learned", "sinusoidal", "rotary")
