@@ -153,7 +153,7 @@ PATHS = [(False, None, 4096), (True, 4, 8), (True, 5, 15), (True, 16, 1024), (Tr
 @pytest.mark.parametrize("kernel,projected", MAPS, ids=["softmax", "relu", "relu-noproj"])
 def test_fast_paths_match_reference(kernel, projected, causal, chunk_size, group_size, masked, monkeypatch):
     """Forward and backward of every fast path equal reference.py in float64: noncausal (the fused softmax one in
-    several row blocks), chunked causal with groups, key padding."""
+    several row blocks), chunked causal with groups, key padding on either side."""
     monkeypatch.setattr(noncausal, "ROW_BLOCK_ELEMENTS", 1)  # 64-row blocks: L = 70 takes two
     g = gen(5)
     q, k, v = (torch.randn(2, 2, 70, 8, dtype=torch.float64, generator=g) for _ in range(3))
@@ -161,7 +161,7 @@ def test_fast_paths_match_reference(kernel, projected, causal, chunk_size, group
     mask = None
     if masked:
         mask = torch.zeros(2, 70, dtype=torch.bool)
-        mask[1, 50:] = True
+        mask[0, :3], mask[1, 50:] = True, True  # left and right padding
     kw = dict(kernel=kernel, causal=causal, key_padding_mask=mask)
     outs, grads = [], []
     for fn in (lambda *a: favor_attention(*a, P, chunk_size=chunk_size, group_size=group_size, **kw),
@@ -174,6 +174,8 @@ def test_fast_paths_match_reference(kernel, projected, causal, chunk_size, group
     assert torch.allclose(outs[0], outs[1], atol=1e-10)
     for a, b in zip(grads[0], grads[1], strict=True):
         assert torch.allclose(a, b, atol=1e-9), (a - b).abs().max()
+    if masked and causal:
+        assert outs[0][0, :, :3].abs().max() == 0  # the first queries of the left-padded row see no key at all
 
 
 def test_registering_a_feature_map_is_all_it_takes(monkeypatch):

@@ -12,7 +12,7 @@ import math
 import torch
 
 from .features import _NEG, SOFTMAX_EPS, FeatureMap, PositiveRandomFeatures
-from .normaliser import _normalise, _normaliser_backward, _values_with_ones
+from .normaliser import _NO_KEY, _normalise, _normaliser_backward, _values_with_ones
 from .precision import _acc, _float32_region
 
 # causal core: o_i = Σ_{j≤i} (Q_i·K_j) exp(g_j − g_i) V_j with g nondecreasing (the running key max)
@@ -185,7 +185,7 @@ class _SoftmaxCausal(torch.autograd.Function):
         O, Hs = _causal_forward(Q, K, V, g, chunk)
         # ε floor of φ(k_j): Σ_{j≤i} ε (Σ_f φ(q_i)_f) v_j
         O.addcmul_(Q.sum(-1, keepdim=True), _prefix_sum(V), value=SOFTMAX_EPS)
-        den = O[..., -1:].clamp_min(1e-30)
+        den = O[..., -1:].clamp_min(_NO_KEY)
         out = O[..., :-1] / den
         ctx.save_for_backward(q, k, Q, K, V, g, Hs, out, den, Pa, mask)
         ctx.chunk = chunk

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .features import _NEG, SOFTMAX_EPS, FeatureMap, PositiveRandomFeatures
-from .normaliser import _normalise, _normaliser_backward, _values_with_ones
+from .normaliser import _NO_KEY, _normalise, _normaliser_backward, _values_with_ones
 from .precision import _acc, _float32_region
 
 ROW_BLOCK_ELEMENTS = 1 << 19  # CPU feature block: N·rows·m floats (see _row_block)
@@ -76,7 +76,7 @@ class _SoftmaxNoncausal(torch.autograd.Function):
             pb = torch.softmax(q[:, a : a + rows] @ Ps.T, -1)
             pm = pb.amax(-1, keepdim=True)
             o = torch.baddbmm(SOFTMAX_EPS * pm * kv_sum, pb, kv)  # (N, r, e+1)
-            d_b = o[..., -1:].clamp_min(1e-30)  # a query that sees no key at all gets 0
+            d_b = o[..., -1:].clamp_min(_NO_KEY)  # a query that sees no key at all gets 0
             torch.div(o[..., :-1], d_b, out=out[:, a : a + rows])
             den[:, a : a + rows], pq_max[:, a : a + rows] = d_b, pm
             pq.append(pb)
