@@ -261,7 +261,7 @@ def _favor_causal(q, k, v, P, fmap: FeatureMap, key_padding_mask, chunk_size, gr
         mask = key_padding_mask if key_padding_mask is not None else q.new_zeros(B, L, dtype=torch.bool)
         key_padding_mask = torch.nn.functional.pad(mask, (0, pad), value=True)
     Lp, acc = L + pad, _acc(q)
-    if isinstance(fmap, PositiveRandomFeatures):
+    if isinstance(fmap, PositiveRandomFeatures):  # the fused path
         flat = [t.to(acc).reshape(B * H, Lp, t.shape[3]) for t in (q, k, v)]  # (N, L, ·)
         mask = None if key_padding_mask is None else key_padding_mask.repeat_interleave(H, 0)
         out = _SoftmaxCausal.apply(*flat, P.to(acc), mask, T, group).view(B, H, Lp, v.shape[3])

@@ -34,7 +34,7 @@ class _SoftmaxNoncausal(torch.autograd.Function):
     cancels in the ratio if the ε floor scales with it: φ(q)/S = p + ε·max_f p. Per key, exp(ωᵀk' − ‖k'‖²/2 − C)
     = p_k · w with one weight w per key, which multiplies the (L, e+1) values instead of the (L, m) features.
     So one fused softmax replaces the bias, max, subtract and exp passes, and the result is exactly the
-    stabilised φ of the reference (stabilisers constant in the backward pass, as before).
+    stabilised φ of the definition (reference.py; stabilisers constant in the backward pass).
     """
 
     @staticmethod
@@ -114,13 +114,12 @@ class _SoftmaxNoncausal(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-
 @_float32_region
 def _favor_noncausal(q, k, v, P, fmap: FeatureMap, key_padding_mask) -> torch.Tensor:
     """(B, H, Lq, d), (B, H, Lk, d), (B, H, Lk, e) -> (B, H, Lq, e) in the accumulation dtype."""
     B, H = q.shape[:2]
     acc = _acc(q)
-    if isinstance(fmap, PositiveRandomFeatures):
+    if isinstance(fmap, PositiveRandomFeatures):  # the fused path
         flat = [t.to(acc).reshape(B * H, t.shape[2], t.shape[3]) for t in (q, k, v)]  # (N, L, ·)
         mask = None if key_padding_mask is None else key_padding_mask.repeat_interleave(H, 0)
         return _SoftmaxNoncausal.apply(*flat, P.to(acc), mask).view(B, H, q.shape[2], v.shape[3])
