@@ -28,7 +28,7 @@ from proteinperformer.analysis import (
     substitution_matrix,
     symmetrize,
 )
-from proteinperformer.attention.favor import RELU_EPS, SOFTMAX_EPS
+from proteinperformer.attention.reference import favor_weights
 from proteinperformer.model import ModelConfig, PerformerLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,29 +46,9 @@ def tiny_model(**kw) -> PerformerLM:
     return model
 
 
-def feature_weights(attn, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Unnormalised FAVOR+ weights w[h, i, j] = φ(q_i)·φ(k_j) straight from the feature maps (DESIGN §2).
-
-    q, k: [H, T, d] float64. relu: φ(x) = relu(x'Pᵀ) + 1e-3 (or relu(x') + 1e-3 without P), x' = d^(-1/4)x.
-    softmax: φ(q) = exp(ℓ(q) − max_f ℓ(q)) + ε, φ(k) = exp(ℓ(k) − c) + ε with ℓ(x) = x'Pᵀ − ‖x'‖²/2 and c the max
-    over all keys and features (noncausal) or, for query i of a causal layer, over keys j ≤ i.
-    """
-    d, T = q.shape[-1], q.shape[1]
-    qs, ks = q * d**-0.25, k * d**-0.25
-    P = None if attn.projection is None else attn.projection.double()
-    if attn.kernel == "relu":
-        fq, fk = (torch.relu(x if P is None else x @ P.T) + RELU_EPS for x in (qs, ks))
-        return fq @ fk.transpose(-1, -2)
-    lq, lk = (x @ P.T - 0.5 * (x * x).sum(-1, keepdim=True) for x in (qs, ks))  # [H, T, m]
-    fq = torch.exp(lq - lq.amax(-1, keepdim=True)) + SOFTMAX_EPS
-    key_max = lk.amax(-1)  # [H, T]
-    c = key_max.cummax(-1).values if attn.causal else key_max.amax(-1, keepdim=True).expand(-1, T)  # [H, T(i)]
-    fk = torch.exp((lk[:, None] - c[:, :, None, None]).clamp_max(0)) + SOFTMAX_EPS  # [H, T(i), T(j), m]
-    return (fq[:, :, None] * fk).sum(-1)
-
-
 def explicit_maps(model: PerformerLM, seq: str) -> torch.Tensor:
-    """Attention of every layer/head computed directly from the feature maps (or softmax for exact layers).
+    """Attention of every layer/head by definition: the quadratic FAVOR+ reference (attention/reference.py) built
+    from the feature maps, or softmax for exact layers.
 
     Token-level rows are normalised over all tokens, then cls/eos rows and columns are dropped: [layers, H, L, L].
     """
@@ -79,11 +59,12 @@ def explicit_maps(model: PerformerLM, seq: str) -> torch.Tensor:
         T = q.shape[1]
         if attn.attention == "exact":
             w = torch.exp(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]))
+            if attn.causal:
+                w = w * torch.ones(T, T, dtype=torch.bool).tril()
+            w = w / w.sum(-1, keepdim=True)
         else:
-            w = feature_weights(attn, q, k)
-        if attn.causal:
-            w = w * torch.ones(T, T, dtype=torch.bool).tril()
-        w = w / w.sum(-1, keepdim=True)
+            P = None if attn.projection is None else attn.projection.double()
+            w = favor_weights(q[None], k[None], P, attn.kernel, attn.causal)[0]
         out.append(w[:, 1:-1, 1:-1])
     return torch.stack(out).float()
 

@@ -1,5 +1,6 @@
-"""Tests for proteinperformer.attention: FAVOR+ kernel statistics, accuracy on sharp attention, causal
-chunking and gradients, padding, step decoding, low precision, redraw and input checks."""
+"""Tests for proteinperformer.attention: FAVOR+ kernel statistics, accuracy on sharp attention, every fast path
+against the reference (attention/reference.py), the feature-map registry, causal chunking and gradients, padding,
+step decoding, low precision, redraw and input checks."""
 
 from types import SimpleNamespace
 
@@ -11,11 +12,14 @@ from proteinperformer.attention import (
     exact_attention,
     favor_attention,
     favor_step,
+    features,
     gaussian_projection,
+    noncausal,
     positive_random_features,
     redraw_projections,
 )
-from proteinperformer.attention.favor import SOFTMAX_EPS
+from proteinperformer.attention.features import FeatureMap, register
+from proteinperformer.attention.reference import favor_reference
 from proteinperformer.training.callbacks import FeatureRedrawCallback
 
 
@@ -116,24 +120,105 @@ def test_output_error_on_sharp_attention_falls_with_m():
     assert errs[2] < 0.5 * baseline, (errs, baseline)
 
 
-def test_relu_kernel_matches_definition():
-    q, k, v = torch.randn(3, 1, 2, 30, 8, dtype=torch.float64).unbind(0)
-    for P in (None, gaussian_projection(16, 8, generator=gen(0)).double()):
-        fq, fk = (torch.relu(x * 8**-0.25 if P is None else (x * 8**-0.25) @ P.T) + 1e-3 for x in (q, k))
+def test_reference_is_the_design_definition():
+    """reference.py against DESIGN §2 written out: relu(x'Pᵀ) + 1e-3 exactly, and for the softmax kernel the
+    unstabilised positive random features, which it matches up to the ε floor (the stabilisers only scale ε)."""
+    q, k, v = torch.randn(3, 1, 2, 30, 8, dtype=torch.float64, generator=gen(4)).unbind(0)
+    x_q, x_k = q * 8**-0.25, k * 8**-0.25
+
+    def attend(fq, fk, causal):  # normalised quadratic form of the features
         w = fq @ fk.transpose(-1, -2)
-        ref = (w @ v) / w.sum(-1, keepdim=True)
-        assert torch.allclose(favor_attention(q, k, v, P, kernel="relu"), ref, atol=1e-10)
-        ref_c = (w.tril() @ v) / w.tril().sum(-1, keepdim=True)
-        assert torch.allclose(favor_attention(q, k, v, P, kernel="relu", causal=True, chunk_size=7), ref_c)
-    # gradients of the chunked relu path against autograd through the quadratic form
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    favor_attention(*leaves, None, kernel="relu", causal=True, chunk_size=4, group_size=8).sum().backward()
-    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    fq, fk = (torch.relu(x * 8**-0.25) + 1e-3 for x in ref_leaves[:2])
-    w = (fq @ fk.transpose(-1, -2)).tril()
-    ((w @ ref_leaves[2]) / w.sum(-1, keepdim=True)).sum().backward()
-    for a, b in zip(leaves, ref_leaves, strict=True):
-        assert torch.allclose(a.grad, b.grad, atol=1e-10)
+        w = w.tril() if causal else w
+        return (w @ v) / w.sum(-1, keepdim=True)
+
+    P = gaussian_projection(16, 8, generator=gen(0)).double()
+    for causal in (False, True):
+        for proj in (None, P):
+            fq, fk = (torch.relu(x if proj is None else x @ proj.T) + 1e-3 for x in (x_q, x_k))
+            ref = favor_reference(q, k, v, proj, kernel="relu", causal=causal)
+            assert torch.allclose(ref, attend(fq, fk, causal), atol=1e-12)
+        ref = favor_reference(q, k, v, P, causal=causal)
+        definition = attend(positive_random_features(x_q, P), positive_random_features(x_k, P), causal)
+        assert rel_err(ref, definition) < 1e-4
+        wrong = attend(torch.exp(x_q @ P.T), torch.exp(x_k @ P.T), causal)  # logits without −‖x‖²/2
+        assert rel_err(ref, wrong) > 1e-2
+
+
+MAPS = [("softmax", True), ("relu", True), ("relu", False)]  # (kernel, with a projection)
+PATHS = [(False, None, 4096), (True, 4, 8), (True, 5, 15), (True, 16, 1024), (True, 64, 64)]  # causal, chunk, group
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("causal,chunk_size,group_size", PATHS, ids=lambda p: str(p))
+@pytest.mark.parametrize("kernel,projected", MAPS, ids=["softmax", "relu", "relu-noproj"])
+def test_fast_paths_match_reference(kernel, projected, causal, chunk_size, group_size, masked, monkeypatch):
+    """Forward and backward of every fast path equal reference.py in float64: noncausal (the fused softmax one in
+    several row blocks), chunked causal with groups, key padding on either side."""
+    monkeypatch.setattr(noncausal, "ROW_BLOCK_ELEMENTS", 1)  # 64-row blocks: L = 70 takes two
+    g = gen(5)
+    q, k, v = (torch.randn(2, 2, 70, 8, dtype=torch.float64, generator=g) for _ in range(3))
+    P = gaussian_projection(16, 8, generator=gen(0)).double() if projected else None
+    mask = None
+    if masked:
+        mask = torch.zeros(2, 70, dtype=torch.bool)
+        mask[0, :3], mask[1, 50:] = True, True  # left and right padding
+    kw = dict(kernel=kernel, causal=causal, key_padding_mask=mask)
+    outs, grads = [], []
+    for fn in (lambda *a: favor_attention(*a, P, chunk_size=chunk_size, group_size=group_size, **kw),
+               lambda *a: favor_reference(*a, P, **kw)):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        outs.append(out)
+        grads.append([t.grad for t in leaves])
+    assert torch.allclose(outs[0], outs[1], atol=1e-10)
+    for a, b in zip(grads[0], grads[1], strict=True):
+        assert torch.allclose(a, b, atol=1e-9), (a - b).abs().max()
+    if masked and causal:
+        assert outs[0][0, :, :3].abs().max() == 0  # the first queries of the left-padded row see no key at all
+
+
+def test_registering_a_feature_map_is_all_it_takes(monkeypatch):
+    """A new feature map is one class: once registered, favor_attention (noncausal and chunked causal), favor_step,
+    the attention layer and the reference all use it by name, and the fast paths agree with the reference."""
+    monkeypatch.setattr(features, "FEATURE_MAPS", dict(features.FEATURE_MAPS))  # registrations end with the test
+
+    @register
+    class Squared(FeatureMap):  # φ(x) = (x'Pᵀ)² + ε: positive and unlike either built-in map
+        name = "squared"
+        eps = 1e-2
+
+        def features(self, x, P):
+            x = x * x.shape[-1] ** -0.25
+            return (x if P is None else x @ P.to(x.dtype).T) ** 2 + self.eps
+
+    with pytest.raises(ValueError, match="already registered"):
+        register(Squared)
+    g = gen(9)
+    q, k, v = (torch.randn(2, 2, 40, 8, dtype=torch.float64, generator=g) for _ in range(3))
+    mask = torch.zeros(2, 40, dtype=torch.bool)
+    mask[1, 30:] = True
+    for P in (None, gaussian_projection(12, 8, generator=gen(0)).double()):
+        for causal in (False, True):
+            kw = dict(kernel="squared", causal=causal, key_padding_mask=mask)
+            out = favor_attention(q, k, v, P, chunk_size=8, group_size=16, **kw)
+            assert torch.allclose(out, favor_reference(q, k, v, P, **kw), atol=1e-10)
+            assert rel_err(out, favor_attention(q, k, v, P, kernel="relu", causal=causal, key_padding_mask=mask)) > 0.01
+        state, rows = None, []
+        for t in range(40):
+            o, state = favor_step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], P, state, "squared")
+            rows.append(o)
+        assert torch.allclose(torch.cat(rows, 2), favor_reference(q, k, v, P, "squared", causal=True), atol=1e-10)
+    layer = MultiheadSelfAttention(32, 4, kernel="squared", use_projection=False, causal=True).eval()
+    x = torch.randn(2, 10, 32)
+    with torch.no_grad():
+        state, ys = layer.init_state(2), []
+        for t in range(10):
+            y, state = layer.step(x[:, t : t + 1], state)
+            ys.append(y)
+        assert torch.allclose(torch.cat(ys, 1), layer(x), atol=1e-5)
+    with pytest.raises(ValueError, match=r"registered feature maps: \['relu', 'softmax', 'squared'\]"):
+        favor_attention(q, k, v, None, kernel="cosine")
 
 
 def test_cross_attention_shapes_and_identity_values_recover_rows():
@@ -150,17 +235,6 @@ def test_cross_attention_shapes_and_identity_values_recover_rows():
 
 
 # ----------------------------------------------------------------------------- causal
-
-
-def naive_causal_favor(q, k, v, P):
-    """Quadratic float64 reference with the documented stabilisers (running key max, detached)."""
-    d = q.shape[-1]
-    xq, xk = (x * d**-0.25 @ P.T - 0.5 * (x * d**-0.25).pow(2).sum(-1, keepdim=True) for x in (q, k))
-    qf = torch.exp(xq - xq.detach().amax(-1, keepdim=True)) + SOFTMAX_EPS
-    g = xk.detach().amax(-1).cummax(-1).values  # (B, H, L)
-    w = torch.exp(-g).unsqueeze(-1) * (qf @ torch.exp(xk).transpose(-1, -2)) + SOFTMAX_EPS * qf.sum(-1, keepdim=True)
-    w = w.tril()
-    return (w @ v) / w.sum(-1, keepdim=True)
 
 
 def test_causal_equals_noncausal_on_every_prefix_and_chunk_size_is_irrelevant():
@@ -183,52 +257,6 @@ def test_causal_grad_of_future_keys_is_zero():
     assert k.grad[:, :, i + 1 :].abs().max() == 0 and v.grad[:, :, i + 1 :].abs().max() == 0
     assert q.grad[:, :, i + 1 :].abs().max() == 0
     assert k.grad[:, :, : i + 1].abs().max() > 0
-
-
-@pytest.mark.parametrize("chunk_size,group_size", [(4, 8), (5, 15), (16, 1024), (64, 64)])
-def test_causal_forward_and_backward_match_naive_reference(chunk_size, group_size):
-    g = gen(5)
-    q, k, v = (torch.randn(2, 2, 37, 8, dtype=torch.float64, generator=g) for _ in range(3))
-    P = gaussian_projection(16, 8, generator=gen(0)).double()
-    outs, grads = [], []
-    fns = (
-        lambda *a: favor_attention(*a, P, causal=True, chunk_size=chunk_size, group_size=group_size),
-        lambda *a: naive_causal_favor(*a, P),
-    )
-    for fn in fns:
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = fn(*leaves)
-        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
-        outs.append(out)
-        grads.append([t.grad for t in leaves])
-    assert torch.allclose(outs[0], outs[1], atol=1e-10)
-    for a, b in zip(grads[0], grads[1], strict=True):
-        assert torch.allclose(a, b, atol=1e-9), (a - b).abs().max()
-
-
-def test_noncausal_backward_matches_autograd_reference():
-    g = gen(6)
-    q, k, v = (torch.randn(1, 2, 20, 8, dtype=torch.float64, generator=g) for _ in range(3))
-    mask = torch.zeros(1, 20, dtype=torch.bool)
-    mask[0, 15:] = True
-    P = gaussian_projection(16, 8, generator=gen(0)).double()
-
-    def reference(q, k, v):
-        xq, xk = (x * 8**-0.25 @ P.T - 0.5 * (x * 8**-0.25).pow(2).sum(-1, keepdim=True) for x in (q, k))
-        qf = torch.exp(xq - xq.detach().amax(-1, keepdim=True)) + SOFTMAX_EPS
-        xk = xk[:, :, :15]
-        kf = torch.exp(xk - xk.detach().amax((-1, -2), keepdim=True)) + SOFTMAX_EPS
-        w = qf @ kf.transpose(-1, -2)
-        return (w @ v[:, :, :15]) / w.sum(-1, keepdim=True)
-
-    res = []
-    for fn in (lambda *a: favor_attention(*a, P, key_padding_mask=mask), reference):
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = fn(*leaves)
-        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
-        res.append([out] + [t.grad for t in leaves])
-    for a, b in zip(*res, strict=True):
-        assert torch.allclose(a, b, atol=1e-9)
 
 
 # ----------------------------------------------------------------------------- padding
@@ -385,8 +413,10 @@ def test_clear_errors_on_bad_input():
         favor_attention(q[0], q, q, P)
     with pytest.raises(ValueError, match="head_dim"):
         favor_attention(q, q[..., :8], q, P)
-    with pytest.raises(ValueError, match="unknown kernel"):
+    with pytest.raises(ValueError, match=r"unknown kernel 'cosine'; registered feature maps: \['relu', 'softmax'\]"):
         favor_attention(q, q, q, P, kernel="cosine")
+    with pytest.raises(ValueError, match="unknown kernel 'cosine'"):
+        MultiheadSelfAttention(32, 4, kernel="cosine")
     with pytest.raises(ValueError, match="projection"):
         favor_attention(q, q, q, gaussian_projection(32, 8))
     with pytest.raises(ValueError, match="needs a projection"):

@@ -319,7 +319,7 @@ def test_analysis_clis_precision(tiny_checkpoint: Path, tmp_path: Path) -> None:
 def test_matmul_precision_setting_reaches_favor_float32_region():
     """trainer.matmul_precision sets torch's float32 matmul precision, and FAVOR+'s float32 region (which only turns
     autocast off) runs under it: "high" there means TF32 tensor cores on Ampere/Hopper GPUs. Bad values are refused."""
-    from proteinperformer.attention.favor import _float32_region
+    from proteinperformer.attention.precision import _float32_region
     from proteinperformer.training.train import set_matmul_precision
 
     seen = _float32_region(lambda x: torch.get_float32_matmul_precision())

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .decoding import FavorState, favor_step
 from .exact import exact_attention
-from .favor import FavorState, favor_attention, favor_step
+from .favor import favor_attention
+from .features import feature_map
 from .projection import gaussian_projection
 from .rotary import apply_rotary
 
@@ -35,7 +37,7 @@ class MultiheadSelfAttention(nn.Module):
         dim: model width D (divisible by heads).
         heads: number of heads H; head_dim = D // H.
         attention: "favor" or "exact".
-        kernel: "softmax" or "relu" (favor only).
+        kernel: a registered feature map, "softmax" or "relu" (favor only).
         num_features: m random features per head (shared by all heads of the layer).
         orthogonal: orthogonal (else iid) random features.
         use_projection: relu kernel only; False -> φ(x) = relu(x) + 1e-3 with no projection (reference default).
@@ -62,10 +64,9 @@ class MultiheadSelfAttention(nn.Module):
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         if attention not in ("favor", "exact"):
             raise ValueError(f"attention must be 'favor' or 'exact', got {attention!r}")
-        if kernel not in ("softmax", "relu"):
-            raise ValueError(f"kernel must be 'softmax' or 'relu', got {kernel!r}")
-        if kernel == "softmax" and not use_projection:
-            raise ValueError("the softmax kernel needs a projection (use_projection=True)")
+        needs_projection = feature_map(kernel).needs_projection  # ValueError naming the registered kernels
+        if needs_projection and not use_projection:
+            raise ValueError(f"the {kernel} kernel needs a projection (use_projection=True)")
         self.heads, self.head_dim = heads, dim // heads
         self.attention, self.kernel, self.causal = attention, kernel, causal
         self.num_features, self.orthogonal = num_features, orthogonal
@@ -73,7 +74,7 @@ class MultiheadSelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(dropout)
-        if attention == "favor" and (kernel == "softmax" or use_projection):
+        if attention == "favor" and (needs_projection or use_projection):
             self.register_buffer("projection", gaussian_projection(num_features, self.head_dim, orthogonal))
         else:
             self.projection = None
@@ -117,7 +118,7 @@ class MultiheadSelfAttention(nn.Module):
         if self.attention == "exact":
             empty = torch.zeros(batch_size, self.heads, 0, self.head_dim, device=device, dtype=dtype)
             return KVCache(k=empty, v=empty.clone())
-        m = self.projection.shape[0] if self.projection is not None else self.head_dim
+        m = feature_map(self.kernel).num_features(self.projection, self.head_dim)
         return FavorState.zeros(batch_size, self.heads, m, self.head_dim, device)
 
     def step(self, x_t: torch.Tensor, state: FavorState | KVCache) -> tuple[torch.Tensor, FavorState | KVCache]:

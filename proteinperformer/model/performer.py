@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from proteinperformer.attention import MultiheadSelfAttention
+from proteinperformer.attention.features import feature_map
 from proteinperformer.tokenizer import Alphabet
 
 POSITIONS = ("learned", "sinusoidal", "rotary")
@@ -279,7 +280,7 @@ def convert_attention(
     """
     cfg = replace(model.config, attention=attention or model.config.attention,
                   num_features=num_features or model.config.num_features, kernel=kernel or model.config.kernel)
-    if cfg.attention == "favor" and cfg.kernel == "softmax":
+    if cfg.attention == "favor" and feature_map(cfg.kernel).needs_projection:
         cfg = replace(cfg, use_projection=True)  # positive random features need ω; a source without one gets a draw
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

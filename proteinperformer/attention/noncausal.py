@@ -1,0 +1,130 @@
+"""Noncausal FAVOR+: out = φ(Q)(φ(K)ᵀ[V, 1]), split into numerator and normaliser (Choromanski et al. 2021).
+
+O(L·m·e) time and O(L·m + m·e) memory instead of O(L²). Positive random features (kernel "softmax") take a fused
+autograd Function that builds the features in cache-sized row blocks and keeps only φ(Q), φ(K) (L·m each) for the
+backward pass; every other feature map goes through its ``features`` and two matmuls under autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .features import _NEG, SOFTMAX_EPS, FeatureMap, PositiveRandomFeatures
+from .normaliser import _NO_KEY, _normalise, _normaliser_backward, _values_with_ones
+from .precision import _acc, _float32_region
+
+ROW_BLOCK_ELEMENTS = 1 << 19  # CPU feature block: N·rows·m floats (see _row_block)
+
+
+def _row_block(N: int, L: int, m: int, device: torch.device) -> int:
+    """Rows per block of the blocked feature passes, chosen by the shapes. On a CPU, N·rows·m floats (a block's
+    features for all heads) take about 2 MiB, so a block stays in cache from its GEMM to its last use and the
+    (L, m) features cross memory once each way; a GPU takes the whole length as one block (there, kernel
+    launches cost more than the passes)."""
+    if device.type != "cpu":
+        return max(L, 1)
+    return max(64, min(max(L, 1), ROW_BLOCK_ELEMENTS // max(N * m, 1)))
+
+
+class _SoftmaxNoncausal(torch.autograd.Function):
+    """FAVOR+ noncausal softmax attention on flattened (N = B·H) inputs in the accumulation dtype.
+
+    Features are built in row blocks, each used while it is in cache. Per query row, softmax(ωᵀq') equals
+    exp(ωᵀq' − ‖q'‖²/2 − c_q) up to a row scale 1/S (S = Σ_f of the stabilised exp), and a row scale of φ(q)
+    cancels in the ratio if the ε floor scales with it: φ(q)/S = p + ε·max_f p. Per key, exp(ωᵀk' − ‖k'‖²/2 − C)
+    = p_k · w with one weight w per key, which multiplies the (L, e+1) values instead of the (L, m) features.
+    So one fused softmax replaces the bias, max, subtract and exp passes, and the result is exactly the
+    stabilised φ of the definition (reference.py; stabilisers constant in the backward pass).
+    """
+
+    @staticmethod
+    @_float32_region
+    def forward(ctx, q, k, v, P, mask):
+        N, Lq, _ = q.shape
+        Lk, m = k.shape[1], P.shape[0]
+        Pa = PositiveRandomFeatures.augmented_projection(P, q.dtype)  # (m, d+1); column d: −d^(-1/2)/2 for ‖x‖²
+        Ps = Pa[:, :-1].contiguous()
+        rows = _row_block(N, max(Lq, Lk), m, q.device)
+        v1 = _values_with_ones(v, mask)  # (N, Lk, e+1), padded rows zero
+        # keys: p_k blocks, log w (relative to the running max C; rescaled at the end), kv = Σ p_kᵀ (w v1)
+        pk, logw = [], k.new_empty(N, Lk, 1)
+        C = k.new_full((N, 1, 1), _NEG)
+        kv = k.new_zeros(N, m, v1.shape[-1])
+        for a in range(0, Lk, rows):
+            kb = k[:, a : a + rows]
+            y = kb @ Ps.T  # (N, r, m): ω·k'
+            top, idx = y.max(-1, keepdim=True)
+            pb = torch.softmax(y, -1)
+            pk.append(pb)
+            top = top + (kb * kb).sum(-1, keepdim=True) * Pa[0, -1]  # the row's largest logit ω·k' − ‖k'‖²/2
+            lw = top - pb.gather(-1, idx).log()  # log Σ_f exp(logit): p·exp(lw) = exp(logit)
+            if mask is not None:
+                pad = mask[:, a : a + rows, None]
+                top, lw = top.masked_fill(pad, _NEG), lw.masked_fill(pad, float("-inf"))
+            C_new = torch.maximum(C, top.amax(1, keepdim=True))
+            kv.mul_(torch.exp(C - C_new))
+            C = C_new
+            kv.baddbmm_(pb.transpose(-1, -2), torch.exp(lw - C) * v1[:, a : a + rows])
+            logw[:, a : a + rows] = lw
+        logw.sub_(C)  # w = exp(logw) ≤ m, and φ(k) − ε = p_k·w ≤ 1
+        kv.add_(SOFTMAX_EPS * v1.sum(1, keepdim=True))  # the ε floor of φ(k) on real keys
+        kv_sum = kv.sum(1, keepdim=True)  # (N, 1, e+1): what the ε floor of φ(q) sees
+        # queries: o = (p_q + ε max p_q) kv, blocks
+        pq, pq_max = [], q.new_empty(N, Lq, 1)
+        out, den = q.new_empty(N, Lq, v.shape[-1]), q.new_empty(N, Lq, 1)
+        for a in range(0, Lq, rows):
+            pb = torch.softmax(q[:, a : a + rows] @ Ps.T, -1)
+            pm = pb.amax(-1, keepdim=True)
+            o = torch.baddbmm(SOFTMAX_EPS * pm * kv_sum, pb, kv)  # (N, r, e+1)
+            d_b = o[..., -1:].clamp_min(_NO_KEY)  # a query that sees no key at all gets 0
+            torch.div(o[..., :-1], d_b, out=out[:, a : a + rows])
+            den[:, a : a + rows], pq_max[:, a : a + rows] = d_b, pm
+            pq.append(pb)
+        ctx.save_for_backward(q, k, v1, kv, out, den, pq_max, logw, Pa, mask, *pq, *pk)
+        ctx.blocks = (rows, len(pq))
+        return out
+
+    @staticmethod
+    @_float32_region
+    def backward(ctx, grad):
+        q, k, v1, kv, out, den, pq_max, logw, Pa, mask, *blocks = ctx.saved_tensors
+        rows, nq = ctx.blocks
+        pq, pk = blocks[:nq], blocks[nq:]
+        do = _normaliser_backward(grad, out, den)  # (N, Lq, e+1)
+        dq = torch.empty_like(q)
+        dkv = SOFTMAX_EPS * (pq_max * do).sum(1, keepdim=True).expand_as(kv).clone()  # via the ε floor of φ(q)
+        for i, pb in enumerate(pq):
+            a = i * rows
+            dob = do[:, a : a + rows]
+            dkv.baddbmm_(pb.transpose(-1, -2), dob)
+            dlogits = (dob @ kv.transpose(-1, -2)).mul_(pb)  # stabiliser and row scale are constants
+            dq[:, a : a + rows] = PositiveRandomFeatures.augmented_logits_backward(dlogits, q[:, a : a + rows], Pa)
+        dk, dv = torch.empty_like(k), torch.empty_like(v1[..., :-1])
+        w = logw.exp()  # (N, Lk, 1), 0 on padded keys
+        dv_eps = SOFTMAX_EPS * dkv.sum(1, keepdim=True)  # (N, 1, e+1) via the ε floor of φ(k)
+        for i, pb in enumerate(pk):
+            a = i * rows
+            wv = w[:, a : a + rows] * v1[:, a : a + rows]
+            dlogits = (wv @ dkv.transpose(-1, -2)).mul_(pb)
+            dk[:, a : a + rows] = PositiveRandomFeatures.augmented_logits_backward(dlogits, k[:, a : a + rows], Pa)
+            dvb = (pb @ dkv).mul_(w[:, a : a + rows]).add_(dv_eps)
+            dv[:, a : a + rows] = dvb[..., :-1]
+        if mask is not None:
+            dv.masked_fill_(mask.unsqueeze(-1), 0.0)
+        return dq, dk, dv, None, None
+
+
+@_float32_region
+def _favor_noncausal(q, k, v, P, fmap: FeatureMap, key_padding_mask) -> torch.Tensor:
+    """(B, H, Lq, d), (B, H, Lk, d), (B, H, Lk, e) -> (B, H, Lq, e) in the accumulation dtype."""
+    B, H = q.shape[:2]
+    acc = _acc(q)
+    if isinstance(fmap, PositiveRandomFeatures):  # the fused path
+        flat = [t.to(acc).reshape(B * H, t.shape[2], t.shape[3]) for t in (q, k, v)]  # (N, L, ·)
+        mask = None if key_padding_mask is None else key_padding_mask.repeat_interleave(H, 0)
+        return _SoftmaxNoncausal.apply(*flat, P.to(acc), mask).view(B, H, q.shape[2], v.shape[3])
+    qf, kf = fmap.features(q, P), fmap.features(k, P)  # (B, H, L, m)
+    if key_padding_mask is not None:
+        kf = kf.masked_fill(key_padding_mask[:, None, :, None], 0.0)
+    kv = kf.transpose(-1, -2) @ _values_with_ones(v.to(_acc(v)), None)  # (B, H, m, e+1)
+    return _normalise(qf @ kv)
