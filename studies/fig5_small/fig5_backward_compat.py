@@ -7,7 +7,7 @@ trained from scratch for the same total number of steps. Every run is a ``train.
 whose ``metrics.json`` exists is skipped, so the script resumes. Writes fig5.json and fig5.png into ``--results``
 (default: this study's ``results/``).
 
-    mkdir -p runs/fig5 && OMP_NUM_THREADS=1 nohup python studies/fig5_esm2/fig5_backward_compat.py runs/fig5 \
+    mkdir -p runs/fig5 && OMP_NUM_THREADS=1 nohup python studies/fig5_small/fig5_backward_compat.py runs/fig5 \
         > runs/fig5/log.txt &
 """
 
@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent  # studies/fig5_esm2: results/ is written here
+HERE = Path(__file__).resolve().parent  # studies/fig5_small: results/ is written here
 ROOT = HERE.parents[1]  # the repository: scripts/train.py, conf/, the runs' working directory
 # small enough for a few minutes per run on 2 CPU cores
 COMMON = [
