@@ -51,12 +51,9 @@ from pathlib import Path
 
 import torch
 
-from proteinperformer.checkpoints import load_model, save_checkpoint
-from proteinperformer.evaluation.conversion import attention_errors
-from proteinperformer.model import PerformerLM, convert_attention
-
-HERE = Path(__file__).resolve().parent  # studies/fig5_iglm: results/ is written here
-ROOT = HERE.parents[1]  # the repository: scripts/train.py, and the working directory of the runs
+from proteinperformer.checkpoints import load_model, save_checkpoint  # noqa: E402
+from proteinperformer.evaluation.conversion import attention_errors  # noqa: E402
+from proteinperformer.model import PerformerLM, convert_attention  # noqa: E402
 
 STAGES = ("data", "exactness", "conversion", "train", "finetuned", "generation", "report")
 CHAIN_TAGS = {"heavy": "[HEAVY]", "light": "[LIGHT]"}
@@ -68,6 +65,8 @@ STEPS = (100, 300, 1000)
 PROMPT = "[HEAVY][HUMAN]EVQ"
 EVAL_PER_CHAIN = 150  # held-out sequences scored per chain type (exactness, fine-tuning)
 SCORE_PER_CHAIN = 60  # the same for the 13 FAVOR+ conversions and the fine-tuning checkpoints (2 shared cores)
+HERE = Path(__file__).resolve().parent  # studies/fig5_iglm: results/ is written here
+ROOT = HERE.parents[1]  # the repository: scripts/train.py, and the working directory of the runs
 
 
 # ---- data ---------------------------------------------------------------------------------------
