@@ -237,3 +237,43 @@ def test_doc_commands_and_paths_exist() -> None:
             if not target.exists() and target not in PENDING:
                 problems.append(f"{where}: link {link}: no such file")
     assert not problems, "\n".join(problems)
+
+
+def _train_overrides(block: str) -> list[list[str]]:
+    """The Hydra overrides of every training command in a shell block (scripts/train.py, pp-train, the SLURM
+    script): key=value words up to a comment or redirection; placeholders (<...>, $VAR), sweeps (a,b) and hydra.*
+    keys left out."""
+    runs = []
+    for line in block.replace("\\\n", " ").splitlines():
+        words = line.split()
+        starts = [i for i, w in enumerate(words) if w.endswith(("scripts/train.py", "train.sbatch")) or w == "pp-train"]
+        if not starts:
+            continue
+        overrides = []
+        for word in words[starts[0] + 1 :]:
+            word = word.removeprefix("[").removesuffix("]")  # [data.mode=concat]: an optional override
+            if word.startswith("#") or word in {"&", "&&", "|", ">", "2>&1"} or word.startswith(">"):
+                break
+            key, eq, value = word.partition("=")
+            if eq and not key.startswith(("-", "hydra.")) and not re.search(r"[<$,]", value):
+                overrides.append(word)
+        runs.append(overrides)
+    return runs
+
+
+def test_doc_training_commands_compose() -> None:
+    """Every training command the pages show composes with the project's config: each group option and key it sets
+    exists (catches a renamed data.* or model.* option)."""
+    from hydra import compose, initialize_config_dir
+
+    runs = {(page.relative_to(ROOT), tuple(o)) for page in PAGES for block in _blocks(page.read_text(), SHELL)
+            for o in _train_overrides(block)}
+    assert len(runs) >= 10, runs
+    problems = []
+    with initialize_config_dir(config_dir=str(_conf_dir("model").parent), version_base="1.3"):
+        for where, overrides in sorted(runs):
+            try:
+                compose("train", overrides=list(overrides))
+            except Exception as err:  # noqa: BLE001 - every failure is reported with its page and command
+                problems.append(f"{where}: {' '.join(overrides)}: {type(err).__name__}: {err}")
+    assert not problems, "\n".join(problems)
