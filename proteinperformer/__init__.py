@@ -7,7 +7,7 @@ The functions users call, importable from the top level::
     reps = embed(model, [("P12345", "MKTAYIAKQR")], layers=[-1], include=["mean", "per_tok"])
 
 Names are loaded on first use, so ``import proteinperformer.attention`` (plain torch) does not pull in
-Lightning or Hydra. The layout (README "Layout"): ``attention`` → ``model`` → ``checkpoints`` → ``data`` →
+Lightning or Hydra. The layout (docs/layout.md): ``attention`` → ``model`` → ``checkpoints`` → ``data`` →
 ``training`` → ``analysis`` → ``inference`` → ``evaluation`` → ``cli``; each imports only those before it.
 """
 

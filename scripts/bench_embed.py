@@ -1,8 +1,11 @@
 """Embedding benchmark: pp-embed's memory against the number of proteins, and its throughput against fair-esm's own
 extraction loop, every configuration a separate process measured in the same run (peak RSS from getrusage).
 
-    python scripts/bench_embed.py --out results/bench_embed.json            # both parts (~20 min on 2 cores)
-    python scripts/bench_embed.py --parts memory --sizes 2000 20000          # a quick look
+    python scripts/bench_embed.py                                            # both parts (~20 min on 2 cores)
+    python scripts/bench_embed.py --parts memory --sizes 2000 20000 --out /tmp/bench_embed.json   # a quick look
+
+Writes ``results/bench_embed.json`` by default, one top-level key per part (``memory``, ``throughput``), each with
+the host and start time of the run that measured it: a run replaces the parts it ran and keeps the others.
 
 1. memory: ``pp-embed --format h5 --include mean`` of N synthetic proteins (50-150 residues, a tiny 1-layer
    exact-attention model) for each N of ``--sizes`` (default 50,000 / 100,000 / 200,000): wall time, peak RSS,
@@ -209,18 +212,20 @@ def main() -> None:
     p.add_argument("--toks-per-batch", type=int, default=4096)
     p.add_argument("--out", type=Path, default=ROOT / "results/bench_embed.json")
     args = p.parse_args()
-    result = {"host": {"cpus": os.cpu_count(), "threads": args.threads, "load_avg_at_start": os.getloadavg()},
-              "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    host = {"cpus": os.cpu_count(), "threads": args.threads, "load_avg_at_start": os.getloadavg()}
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    result = {}
     with tempfile.TemporaryDirectory() as tmp:
         if "throughput" in args.parts:
             result["throughput"] = throughput_part(Path(tmp), args.n_real, args.threads, args.toks_per_batch)
         if "memory" in args.parts:
             result["memory"] = memory_part(Path(tmp), args.sizes, args.threads, args.toks_per_batch,
                                            args.block_size)
-    result["host"]["load_avg_at_end"] = os.getloadavg()
+    host["load_avg_at_end"] = os.getloadavg()
     from proteinperformer.files import write_json_atomic
 
-    write_json_atomic(args.out, result)
+    kept = json.loads(args.out.read_text()) if args.out.exists() else {}
+    write_json_atomic(args.out, kept | {part: {"host": host, "started": started, **r} for part, r in result.items()})
     if "memory" in result:
         m = result["memory"]
         print("\n| proteins | wall s | CPU s | peak RSS MiB | h5 bytes |\n|---|---|---|---|---|")

@@ -11,7 +11,7 @@ Each measurement is a fresh subprocess, so its peak RSS is its own: "peak" is th
 memory, "added" that minus the memory before the forward pass (model, Python and torch already loaded).
 
     OMP_NUM_THREADS=1 python scripts/bench_long_protein.py --lengths 1000 4000 16000 35000 \\
-        --exact-lengths 1000 4000 16000 --out runs/bench_long_protein.json
+        --exact-lengths 1000 4000 16000 --esm-lengths 1000 2000 4000      # -> results/bench_long_protein.json
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def main() -> None:
                         help="lengths for fair-esm's own ESM2 (needs the esm extra); give none to skip")
     parser.add_argument("--num-features", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_long_protein.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_long_protein.json")
     parser.add_argument("--one", nargs=2, metavar=("ATTENTION", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:

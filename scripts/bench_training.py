@@ -14,9 +14,12 @@ The profile columns split the step: "attention" is depth × the forward + backwa
 alone (q, k, v -> heads' outputs, timed separately at the same shape), "rest" the step minus that (QKV and
 output projections, feed-forward, embeddings, loss, AdamW). It shows where FAVOR+ loses at short L.
 
-    python scripts/bench_training.py --size reference --shapes 16x256 4x1024 --out results/bench_training_ref.json
-    python scripts/bench_training.py --size paper --shapes 1x1024 1x8192
-    python scripts/bench_training.py --device cuda --precision bf16 --shapes 8x1024 1x8192
+    python scripts/bench_training.py --size reference --shapes 16x256 4x1024 --threads 2 --repeats 3
+    python scripts/bench_training.py --size paper --shapes 4x1024 --repeats 2
+    python scripts/bench_training.py --device cuda --precision bf16 --shapes 8x1024 1x8192 --out /tmp/bench_gpu.json
+
+Results go into one file, ``results/bench_training.json`` by default, under one key per size and shape set
+(``reference_16x256_4x1024``, ``paper_4x1024``, ...): a run replaces its own key and keeps the others.
 """
 
 from __future__ import annotations
@@ -215,7 +218,8 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads per run")
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "results/bench_training.json",
+                        help="JSON file the run is written into, under the key SIZE_BxL_... (other keys are kept)")
     return parser
 
 
@@ -223,10 +227,12 @@ def main(argv: list[str] | None = None) -> None:
     args = create_parser().parse_args(argv)
     payload = run(args)
     print(format_table(payload))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(payload, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    key = "_".join([args.size, *(f"{b}x{n}" for b, n in args.shapes)])
+    runs = json.loads(args.out.read_text()) if args.out.exists() else {}
+    runs[key] = payload
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(runs, indent=2) + "\n")
+    print(f"wrote {args.out} [{key}]")
 
 
 if __name__ == "__main__":

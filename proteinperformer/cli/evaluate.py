@@ -1,6 +1,6 @@
 """``pp-evaluate``: a checkpoint's whole model card in one command.
 
-    pp-evaluate checkpoints/pp_mlm_relu_2.7M.ckpt --out results/reference --device auto
+    pp-evaluate checkpoints/pp_mlm_relu_2.7M.ckpt --out studies/reference_model/results/card --device auto
 
 What it runs and writes is described in :mod:`proteinperformer.evaluation.card`.
 """

@@ -19,7 +19,7 @@ from proteinperformer.checkpoints import load_model
 from proteinperformer.inference.embed import as_records, residue_limit
 from proteinperformer.model import PerformerLM, convert_attention
 
-DEFAULT_NUM_FEATURES = 256  # see README "ESM-2 as a Performer": the error falls as m^-1/2; 256 is ~2x of 64's
+DEFAULT_NUM_FEATURES = 256  # see docs/esm2.md "Which defaults, and why" (measured in studies/fig5_small/)
 
 
 @torch.no_grad()

@@ -96,7 +96,7 @@ def set_matmul_precision(precision: str | None) -> None:
 
     "high" lets float32 matmuls use TF32 tensor cores on Ampere/Hopper (10-bit mantissa inputs, fp32 accumulation):
     FAVOR+'s float32 region (attention/favor.py) runs its matmuls under this setting too. The GPU presets use
-    "high"; the CPU default "highest" (plain fp32). README "Performance" gives TF32's effect on FAVOR+'s error.
+    "high"; the CPU default "highest" (plain fp32). studies/tf32_favor_error/ measures TF32's effect on FAVOR+'s error.
     """
     if precision is None:
         return

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The recipe study of README.md: one Hydra multirun per factor around the base of conf/experiment/recipe.yaml,
-# each run 6.5 minutes on one core. Two lanes (one core each) run side by side on a 2-core machine:
-#   bash scripts/recipe_study.sh a & bash scripts/recipe_study.sh b & wait
-#   bash scripts/recipe_study.sh combined
-#   python scripts/summarize_runs.py runs/recipe --out results/recipe
+# The recipe study (studies/recipe/README.md): one Hydra multirun per factor around the base of
+# conf/experiment/recipe.yaml, each run 6.5 minutes on one core. Two lanes (one core each) run side by side on a
+# 2-core machine; run from anywhere, the runs go to runs/recipe/ of the repository:
+#   bash studies/recipe/recipe_study.sh a & bash studies/recipe/recipe_study.sh b & wait
+#   bash studies/recipe/recipe_study.sh combined
+#   python studies/recipe/summarize_runs.py runs/recipe --out studies/recipe/results/recipe --minutes 6.5 \
+#       --rescore-masks 0.15
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1
 train() { .venv/bin/python scripts/train.py -m experiment=recipe "$@"; }
 case "${1:-a}" in

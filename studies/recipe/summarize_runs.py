@@ -1,8 +1,9 @@
 """Summarise a directory of training runs (a Hydra multirun sweep): a markdown table, JSON and a PNG of the
 validation curves.
 
-    python scripts/summarize_runs.py runs/recipe --out results/recipe
-    python scripts/summarize_runs.py runs/table2/mlm --out results/table2_mlm --minutes 6.5
+    python studies/recipe/summarize_runs.py runs/recipe --out studies/recipe/results/recipe --minutes 6.5 \
+        --rescore-masks 0.15
+    python studies/recipe/summarize_runs.py runs/table2/mlm --out /tmp/table2_mlm_curves --minutes 6.5
 
 Each run directory holds what ``scripts/train.py`` writes: ``metrics.json`` (final validation of the best
 checkpoint), ``csv/metrics.csv`` (the CSV logger: val/ppl, val/acc and perf/tokens_per_sec by step) and

@@ -5,9 +5,9 @@ an optional extra for this experiment, never a dependency of proteinperformer, a
 into this repository)::
 
     pip install -c constraints-cpu.txt --no-deps iglm      # transformers is already there with the [dev] extra
-    nice -n 10 python scripts/fig5_real.py runs/fig5_real --stages data exactness conversion
-    nice -n 10 nohup python scripts/fig5_real.py runs/fig5_real --stages train > runs/fig5_real/train.log &
-    nice -n 10 python scripts/fig5_real.py runs/fig5_real --stages finetuned generation report
+    nice -n 10 python studies/fig5_iglm/fig5_real.py runs/fig5_real --stages data exactness conversion
+    nice -n 10 nohup python studies/fig5_iglm/fig5_real.py runs/fig5_real --stages train > runs/fig5_real/train.log &
+    nice -n 10 python studies/fig5_iglm/fig5_real.py runs/fig5_real --stages finetuned generation report
 
 Stages (each writes its result under OUTDIR and is skipped when that exists, so the script resumes; training
 resumes from the runs' ``last.ckpt``):
@@ -22,8 +22,8 @@ resumes from the runs' ``last.ckpt``):
   from the first residue to ``[SEP]``).
 - ``conversion``: next-residue accuracy / perplexity per chain type (60 test sequences each) of the exact
   ``--train-model`` and of FAVOR+ (causal; softmax kernel with m = 64/128/256/512 features, 3 projection draws
-  each; the ReLU kernel), and the relative error of each layer's attention output on 16 of them. ``FIG5_DRAWS=d``
-  computes one draw per process (run three side by side, then a plain run merges them).
+  each; the ReLU kernel), and the relative error of each layer's attention output on 16 of them. ``--draws d``
+  computes only draw d, one process per draw (run three side by side, then a run without ``--draws`` merges them).
 - ``train``: ``pp-train init_from=<train-model converted to FAVOR+, m=256> task=clm`` on the training split
   (bf16-mixed on the CPU, batch 4, lr 2e-4) for up to 1,000 steps with a checkpoint every 100, and beside it a
   same-size FAVOR+ model from random weights (lr 1e-3). ``pp-train`` frames every sequence as ``[CLS] ... [SEP]``,
@@ -31,7 +31,8 @@ resumes from the runs' ``last.ckpt``):
 - ``finetuned``: scores of both runs at 0 / 100 / 300 / 1,000 steps and the last step reached.
 - ``generation``: 100 samples (prompt ``[HEAVY][HUMAN]EVQ``) from exact IgLM, exact / converted / fine-tuned
   ``--train-model`` with ``pp-generate``, each scored by the exact IgLM (13M).
-- ``report``: ``results/iglm_fig5/fig5_real.{json,md,png}`` (every number, the tables, the plot).
+- ``report``: ``--results`` (default: this study's ``results/``) ``fig5_real.{json,md,png}`` (every number, the
+  tables, the plot).
 """
 
 from __future__ import annotations
@@ -50,9 +51,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 from proteinperformer.checkpoints import load_model, save_checkpoint  # noqa: E402
 from proteinperformer.evaluation.conversion import attention_errors  # noqa: E402
 from proteinperformer.model import PerformerLM, convert_attention  # noqa: E402
@@ -67,6 +65,8 @@ STEPS = (100, 300, 1000)
 PROMPT = "[HEAVY][HUMAN]EVQ"
 EVAL_PER_CHAIN = 150  # held-out sequences scored per chain type (exactness, fine-tuning)
 SCORE_PER_CHAIN = 60  # the same for the 13 FAVOR+ conversions and the fine-tuning checkpoints (2 shared cores)
+HERE = Path(__file__).resolve().parent  # studies/fig5_iglm: results/ is written here
+ROOT = HERE.parents[1]  # the repository: scripts/train.py, and the working directory of the runs
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -236,7 +236,7 @@ def stage_exactness(out: Path) -> dict:
     return result
 
 
-def stage_conversion(out: Path, name: str) -> dict:
+def stage_conversion(out: Path, name: str, draws: tuple[int, ...] = tuple(range(DRAWS))) -> dict:
     records = read_records(out / "data" / "test.fasta", SCORE_PER_CHAIN)
     chains = [c for _, c, _ in records]
     exact = load_model(iglm_dir(name))
@@ -256,7 +256,6 @@ def stage_conversion(out: Path, name: str) -> dict:
               f"({time.time() - t0:.0f} s)", flush=True)
         return scores
 
-    draws = [int(d) for d in os.environ.get("FIG5_DRAWS", ",".join(map(str, range(DRAWS)))).split(",")]
     for m in FEATURES:
         result["favor"][f"softmax_{m}"] = [run(f"softmax m={m} draw {d}", convert_attention(exact, "favor", m,
                                                                                             "softmax", seed=d).eval())
@@ -267,7 +266,7 @@ def stage_conversion(out: Path, name: str) -> dict:
 
 
 def draw_from_log(log: Path) -> dict:
-    """The results a FIG5_DRAWS=d run printed, for a run stopped before it wrote its JSON (per-chain accuracy,
+    """The results a ``--draws d`` run printed, for a run stopped before it wrote its JSON (per-chain accuracy,
     perplexity over both chains, layer errors)."""
     favor: dict[str, list] = {}
     for line in log.read_text().splitlines():
@@ -283,7 +282,7 @@ def draw_from_log(log: Path) -> dict:
 
 
 def merge_conversion(out: Path) -> dict:
-    """conversion.json from the per-draw files that FIG5_DRAWS=d runs write (one process per draw); a draw whose
+    """conversion.json from the per-draw files that ``--draws d`` runs write (one process per draw); a draw whose
     JSON is missing (its process stopped at the deadline) is read from its log, eval_<d>.log."""
     parts = [json.loads(f.read_text()) for f in sorted(out.glob("conversion_draw*.json"))]
     done = {f.stem.removeprefix("conversion_draw") for f in out.glob("conversion_draw*.json")}
@@ -493,7 +492,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="fine-tuning batch (sequences)")
     parser.add_argument("--train-model", default="IgLM-S", choices=("IgLM", "IgLM-S"),
                         help="the model fine-tuned (IgLM-S: 1,000 steps of IgLM do not fit 2 shared CPU cores)")
-    parser.add_argument("--results", type=Path, default=ROOT / "results" / "iglm_fig5")
+    parser.add_argument("--results", type=Path, default=HERE / "results", help="where the report stage writes")
+    parser.add_argument("--draws", type=int, nargs="+", default=None, metavar="D",
+                        help="conversion stage: compute only these projection draws (one process per draw, run side "
+                             "by side; a later run without --draws merges their conversion_draw<D>.json)")
     args = parser.parse_args()
     out = args.outdir
     out.mkdir(parents=True, exist_ok=True)
@@ -505,9 +507,9 @@ def main() -> None:
         elif stage == "exactness":
             cached(out / "exactness.json", stage_exactness, out)
         elif stage == "conversion":
-            if "FIG5_DRAWS" in os.environ:  # one process per projection draw (merged by a plain run)
-                cached(out / f"conversion_draw{os.environ['FIG5_DRAWS']}.json", stage_conversion, out,
-                       args.train_model)
+            if args.draws is not None:  # one process per projection draw (merged by a run without --draws)
+                cached(out / f"conversion_draw{','.join(map(str, args.draws))}.json", stage_conversion, out,
+                       args.train_model, tuple(args.draws))
             elif list(out.glob("conversion_draw*.json")):
                 cached(out / "conversion.json", merge_conversion, out)
             else:

@@ -4,9 +4,11 @@ Trains an exact-attention Transformer with ``train.py`` on CPU, converts its che
 attention with ``pp-convert``, and records masked-residue validation accuracy right after the conversion and
 after 100 / 300 / 1,000 fine-tuning steps (``train.py init_from=...``), beside the Transformer and a Performer
 trained from scratch for the same total number of steps. Every run is a ``train.py`` run under OUTDIR; a stage
-whose ``metrics.json`` exists is skipped, so the script resumes. Writes OUTDIR/fig5.json and OUTDIR/fig5.png.
+whose ``metrics.json`` exists is skipped, so the script resumes. Writes fig5.json and fig5.png into ``--results``
+(default: this study's ``results/``).
 
-    OMP_NUM_THREADS=1 nohup python scripts/fig5_backward_compat.py runs/fig5 > runs/fig5/log.txt &
+    mkdir -p runs/fig5 && OMP_NUM_THREADS=1 nohup python studies/fig5_small/fig5_backward_compat.py runs/fig5 \
+        > runs/fig5/log.txt &
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent  # studies/fig5_small: results/ is written here
+ROOT = HERE.parents[1]  # the repository: scripts/train.py, conf/, the runs' working directory
 # small enough for a few minutes per run on 2 CPU cores
 COMMON = [
     "data.max_len=128",
@@ -65,6 +68,7 @@ def main() -> None:
     parser.add_argument("--stages", choices=("all", "base", "finetune"), default="all",
                         help="base: only the runs that need no conversion; finetune: only the conversion and "
                         "fine-tuning runs (the two can run side by side); all: everything, then the table")
+    parser.add_argument("--results", type=Path, default=HERE / "results", help="where fig5.json and fig5.png go")
     args = parser.parse_args()
     out = args.outdir
     out.mkdir(parents=True, exist_ok=True)
@@ -100,10 +104,11 @@ def main() -> None:
                      "val_acc": m["val_acc"], "val_ppl": m["val_ppl"]})
     table = {"base_steps": args.base_steps, "num_features": args.num_features, "kernel": "softmax",
              "baseline_acc": base["baseline_acc"], "baseline_ppl": base["baseline_ppl"], "rows": rows}
-    tmp = out / "fig5.json.tmp"
+    args.results.mkdir(parents=True, exist_ok=True)
+    tmp = args.results / "fig5.json.tmp"
     tmp.write_text(json.dumps(table, indent=2) + "\n")
-    os.replace(tmp, out / "fig5.json")
-    plot(table, out / "fig5.png")
+    os.replace(tmp, args.results / "fig5.json")
+    plot(table, args.results / "fig5.png")
     for r in rows:
         print(f"{r['model']:<45} {r['steps']:>6} {100 * r['val_acc']:6.2f}% {r['val_ppl']:7.2f}")
 

@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python scripts/train.py -m experiment=table2 task=mlm,clm \
         model=performer_relu,performer_softmax,transformer
-    python scripts/table2.py runs/table2 --out results/table2
+    python studies/table2/table2.py runs/table2 --tasks mlm      # -> studies/table2/results/table2_mlm.{md,json}
 
 Per task (runs/table2/<task>/<model>/), "same steps" is the checkpoint at the largest multiple of the
 checkpoint interval that every model of that task reached within the budget; "same wall-clock" is the run's
@@ -110,11 +110,14 @@ def markdown(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=Path, help="the sweep directory (runs/table2: one subdirectory per task)")
-    parser.add_argument("--out", type=Path, required=True, help="output prefix: writes OUT.md and OUT.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output prefix: writes OUT.md and OUT.json (default: this study's results/table2_<tasks>)")
     parser.add_argument("--tasks", nargs="+", default=["mlm", "clm"], choices=["mlm", "clm"])
     parser.add_argument("--eval-mask-prob", type=float, default=0.15,
                         help="MLM: share of residues masked (all by <mask>) when scoring; 0.15 as the paper")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = Path(__file__).resolve().parent / "results" / f"table2_{'_'.join(args.tasks)}"
     task_dirs = [args.runs / t for t in args.tasks if (args.runs / t).is_dir()]
     if not task_dirs:
         raise SystemExit(f"error: {args.runs}: no mlm/ or clm/ subdirectory (run the sweep first)")

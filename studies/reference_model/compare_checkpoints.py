@@ -1,7 +1,8 @@
 """Score MLM checkpoints on the same validation and test batches of one data config (15% masks, all <mask>).
 
-    python scripts/compare_checkpoints.py checkpoints/pp_mlm_relu_2.7M.ckpt runs/reference/<run>/checkpoints/last.ckpt \
-        --experiment reference --out results/reference_comparison.json
+    python studies/reference_model/compare_checkpoints.py checkpoints/pp_mlm_relu_2.7M.ckpt \
+        runs/reference/<run>/checkpoints/last.ckpt --experiment reference \
+        --out studies/reference_model/results/reference_comparison.json
 
 The data come from ``conf/train.yaml`` with ``experiment=...`` (the reference's: the Swiss-Prot corpus split
 98/1/1, 256-token windows, ``trainer.limit_val_batches`` / ``--test-batches`` batches of 16), loaded once; every

@@ -6,7 +6,7 @@ accumulate in float32. Here every matmul operand inside FAVOR+'s float32 region 
 Frobenius error of the output against float64 exact softmax attention and against float64 FAVOR+ with the same
 projection is printed for random q, k (nearly uniform attention) and for sharp clustered attention.
 
-    python scripts/tf32_favor_error.py --out results/tf32_favor_error.json
+    python studies/tf32_favor_error/tf32_favor_error.py --seeds 2      # -> this study's results/tf32_favor_error.json
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -66,7 +67,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--length", type=int, default=1024)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--out", default="results/tf32_favor_error.json")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "tf32_favor_error.json")
     args = ap.parse_args()
     d, rows = 64, []
     for kind in ("random", "sharp"):
