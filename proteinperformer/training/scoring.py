@@ -44,14 +44,18 @@ def evaluation_collator(alphabet: Alphabet, causal: bool, mask_prob: float = EVA
     return MLMCollator(alphabet, mask_prob, mask_frac=1.0, random_frac=0.0)
 
 
-def batch_sums(logits: torch.Tensor, labels: torch.Tensor, is_residue: torch.Tensor) -> dict[str, torch.Tensor]:
+def batch_sums(logits: torch.Tensor, labels: torch.Tensor, is_residue: torch.Tensor,
+               dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Sums over one batch's targets: 0-d tensors on the logits' device, no host read.
 
-    ``logits`` [B, T, V] (any float dtype; the NLL is computed in float32), ``labels`` [B, T] (``IGNORE_INDEX`` where
-    not supervised), ``is_residue`` bool [≥ V] on the same device (:func:`residue_table`). Returns ``nll`` and
-    ``n_supervised`` (all targets) and ``residue_nll``, ``residue_correct``, ``n_residue`` (residue targets only).
+    ``logits`` [B, T, V] (any float dtype; the NLL of each target is computed in float32), ``labels`` [B, T]
+    (``IGNORE_INDEX`` where not supervised), ``is_residue`` bool [≥ V] on the same device (:func:`residue_table`).
+    Returns ``nll`` and ``n_supervised`` (all targets) and ``residue_nll``, ``residue_correct``, ``n_residue``
+    (residue targets only). ``dtype``: of the NLL sums (float32, the training loss's; float64 where sums of
+    nearly equal models are compared at the 1e-7 level).
     """
     nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    nll = nll.to(dtype)
     supervised = labels != IGNORE_INDEX
     residue = supervised & is_residue[labels.clamp_min(0)]
     correct = (logits.argmax(-1) == labels) & residue
