@@ -1,7 +1,7 @@
 """What swapping exact attention for FAVOR+ costs a trained Transformer, measured on your own sequences
 (``pp-convert --report``; the conversion itself is :func:`proteinperformer.model.convert_attention`).
 
-:func:`report` runs the exact model and its FAVOR+ conversion on the sequences and prints, per layer, the
+:func:`report` runs the exact model and its FAVOR+ conversion on the sequences and measures, per layer, the
 relative error ‖y_favor − y_exact‖ / ‖y_exact‖ of the attention output (both given the exact model's input to
 that layer, residue and special tokens of every sequence), and the masked-residue accuracy / perplexity of
 both models, over ``--draws`` projection draws: :func:`~proteinperformer.training.scoring.score_batches` on the

@@ -83,7 +83,8 @@ class ProteinLM(pl.LightningModule):
         self.eval_sums = torch.nn.ModuleDict({name: SumMetric(nan_strategy="disable") for name in SUMS})
         for metric in self.eval_sums.values():
             metric.set_dtype(torch.float64)  # counts stay exact beyond 2^24 tokens
-        self._unigram: dict[str, tuple[object, dict]] = {}  # split -> (the data module's splits, baseline)
+        # split -> (the data module's splits, their unigram baseline), kept while one Trainer call runs (teardown)
+        self._unigram: dict[str, tuple[object, dict]] = {}
 
     # ---- one step shared by train / val / test -------------------------------------------------
     def model_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -140,7 +141,7 @@ class ProteinLM(pl.LightningModule):
     def _unigram_baseline(self, split: str) -> dict | None:
         """The unigram baseline of ``split`` (:func:`~proteinperformer.data.unigram.unigram_baseline`: train-split
         frequencies, every residue of ``split``) when the data module has ``splits``, else None; computed once
-        per data module."""
+        per data module and Trainer call."""
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         splits = getattr(datamodule, "splits", None)
         if not splits or "train" not in splits or split not in splits:
@@ -150,6 +151,9 @@ class ProteinLM(pl.LightningModule):
             alphabet = getattr(datamodule, "alphabet", self.alphabet)
             cached = self._unigram[split] = (splits, unigram_baseline(splits["train"], splits[split], alphabet))
         return cached[1]
+
+    def teardown(self, stage: str) -> None:
+        self._unigram.clear()  # no reference to the data outlives the fit / validate / test call
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         # Count the non-padding tokens while the batch is still on the host, so the throughput callback never

@@ -15,7 +15,7 @@ across DDP ranks), ``pp-evaluate``'s masked residues, ``pp-convert --report`` an
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,8 @@ def residue_table(alphabet: Alphabet, vocab_size: int | None = None) -> torch.Te
     return table
 
 
-def evaluation_collator(alphabet: Alphabet, causal: bool, mask_prob: float = EVAL_MASK_PROB):
+def evaluation_collator(alphabet: Alphabet, causal: bool,
+                        mask_prob: float = EVAL_MASK_PROB) -> MLMCollator | CLMCollator:
     """The collator that makes evaluation targets: next tokens for a causal model, else ``mask_prob`` of the residues
     masked, every one replaced by ``<mask>`` (the MLM collator's evaluation mode, as the data module validates:
     with BERT's 10% kept targets a model would score free hits by copying its input). Items are
@@ -71,28 +72,20 @@ def summarise(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             "loss": sums["nll"] / sums["n_supervised"].clamp_min(1)}
 
 
-def performer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The logits of a :class:`~proteinperformer.model.PerformerLM` for a collated batch (on the model's device)."""
-    return model(batch["input_ids"], batch["padding_mask"])["logits"]
-
-
 @torch.inference_mode()
-def score_batches(
-    model: torch.nn.Module,
-    batches: Iterable[dict[str, torch.Tensor]],
-    alphabet: Alphabet,
-    forward: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor] = performer_logits,
-) -> dict[str, float | int]:
-    """Accuracy / perplexity of ``model`` over collated ``batches`` (``input_ids``, ``labels``, ``padding_mask``;
-    moved to the model's device): :func:`summarise` of the summed :func:`batch_sums`, accumulated in float64 as
-    training validation accumulates them (``residues``: the residue targets scored). ``forward(model, batch)`` ->
-    logits [B, T, V]. With no residue target (``residues`` 0) accuracy and perplexity are NaN."""
+def score_batches(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]],
+                  alphabet: Alphabet) -> dict[str, float | int]:
+    """Accuracy / perplexity of a :class:`~proteinperformer.model.PerformerLM` over collated ``batches``
+    (``input_ids``, ``labels``, ``padding_mask``; moved to the model's device): :func:`summarise` of the summed
+    :func:`batch_sums`, accumulated in float64 as training validation accumulates them (``residues``: the residue
+    targets scored). With no residue target (``residues`` 0) accuracy and perplexity are NaN."""
     device = next(model.parameters()).device
     is_residue = residue_table(alphabet).to(device)
     totals = {name: torch.zeros((), dtype=torch.float64, device=device) for name in SUMS}
     for batch in batches:
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        for name, value in batch_sums(forward(model, batch), batch["labels"], is_residue).items():
+        logits = model(batch["input_ids"], batch["padding_mask"])["logits"]
+        for name, value in batch_sums(logits, batch["labels"], is_residue).items():
             totals[name] += value.double()
     scores = summarise(totals)
     return {"accuracy": float(scores["accuracy"]), "perplexity": float(scores["perplexity"]),
