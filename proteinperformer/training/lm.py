@@ -88,20 +88,21 @@ class ProteinLM(pl.LightningModule):
 
     # ---- one step shared by train / val / test -------------------------------------------------
     def model_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Forward a collated batch: :func:`~proteinperformer.training.scoring.batch_sums` of its targets."""
+        """Forward a collated batch: :func:`~proteinperformer.training.scoring.batch_sums` of its targets, and
+        ``loss``, the mean NLL of all supervised targets."""
         logits = self.model(batch["input_ids"], batch["padding_mask"])["logits"]  # (B, T, V)
-        return batch_sums(logits, batch["labels"], self.is_residue_id)
+        out = batch_sums(logits, batch["labels"], self.is_residue_id)
+        return {**out, "loss": out["nll"] / out["n_supervised"].clamp_min(1)}
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.model_step(batch)
-        n_sup = out["n_supervised"].clamp_min(1)
-        loss = out["nll"] / n_sup  # mean over all supervised targets
         n = out["n_residue"].clamp_min(1)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", out["loss"], prog_bar=True)
         self.log("train/acc", out["residue_correct"] / n)
         self.log("train/ppl", torch.exp(out["residue_nll"] / n))
         world = self.trainer.world_size if self._trainer is not None else 1
-        return global_token_mean(loss, n_sup, world, self.trainer.strategy.reduce if world > 1 else None)
+        return global_token_mean(out["loss"], out["n_supervised"].clamp_min(1), world,
+                                 self.trainer.strategy.reduce if world > 1 else None)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch)
@@ -111,8 +112,9 @@ class ProteinLM(pl.LightningModule):
 
     def _eval_step(self, batch: dict[str, torch.Tensor]) -> None:
         # Accumulate sums on the device, every batch (a batch with no target adds zeros): no host read per step.
-        for name, value in self.model_step(batch).items():
-            self.eval_sums[name].update(value)
+        out = self.model_step(batch)
+        for name, metric in self.eval_sums.items():
+            metric.update(out[name])
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
