@@ -66,6 +66,28 @@ def test_report_measures_favor_against_exact(esm_file, tmp_path):
     assert abs(many["favor_ppl"] - many["exact_ppl"]) < abs(few["favor_ppl"] - few["exact_ppl"]) + 1e-3
 
 
+def test_report_scores_are_the_scorers_on_the_evaluation_masks(esm_file, tmp_path, capsys):
+    """The report's exact-model numbers are score_batches on the evaluation collator's masks (seed = index of the
+    sequence), one sequence per batch; pp-convert prints them."""
+    from proteinperformer.training.scoring import evaluation_collator, score_batches
+
+    fasta = tmp_path / "seqs.fasta"
+    fasta.write_text("".join(f">{label}\n{seq}\n" for label, seq in SEQS))
+    r = report(esm_file, fasta, num_features=16, draws=1)
+    model = load_model(esm_file, attention="exact")
+    collate = evaluation_collator(model.alphabet, causal=False)
+    tokens = model.alphabet.get_batch_converter()(SEQS)[2]
+    batches = [collate([{"tokens": t[: len(seq) + 2], "seed": i}]) for i, (t, (_, seq)) in enumerate(zip(
+        tokens, SEQS, strict=True))]
+    want = score_batches(model, batches, model.alphabet)
+    assert r["masked_residues"] == want["residues"] == sum(int((b["labels"] != -100).sum()) for b in batches)
+    assert (r["exact_acc"], r["exact_ppl"]) == (want["accuracy"], want["perplexity"])
+    assert all(int((b["input_ids"] == model.alphabet.mask_idx).sum()) == int((b["labels"] != -100).sum())
+               for b in batches)  # every scored residue is replaced by <mask>
+    convert.main([str(esm_file), "--report", str(fasta), "--num-features", "16", "--draws", "1"])
+    assert f"masked-residue accuracy  exact {100 * want['accuracy']:.2f}%" in capsys.readouterr().out
+
+
 def test_pp_embed_runs_on_a_fair_esm_file_unchanged(esm_file, tmp_path):
     from proteinperformer.cli.embed import main as pp_embed
     from proteinperformer.inference.embed_files import read_embeddings
@@ -88,10 +110,10 @@ def test_pp_embed_attention_favor_on_a_fair_esm_file(esm_file, tmp_path):
     long_seq = ("MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ" * 40)[:1300]
     fasta = tmp_path / "long.fasta"
     fasta.write_text(f">long\n{long_seq}\n>short\n{SEQS[0][1]}\n")
+    torch.manual_seed(0)  # the FAVOR+ draw made at load time: the same whichever tests ran before
     pp_embed([str(esm_file), str(fasta), str(tmp_path / "favor"), "--attention", "favor", "--num-features", "64"])
     out = read_embeddings(tmp_path / "favor")
     assert out["long"]["mean_representations"][2].shape == (32,)
-    torch.manual_seed(0)
     exact = embed(load_model(esm_file), [("short", SEQS[0][1])])["short"]["mean"][-1]
     favor = out["short"]["mean_representations"][2]
     assert not torch.equal(favor, exact)  # FAVOR+ really ran

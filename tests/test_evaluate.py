@@ -10,6 +10,8 @@ import pandas as pd
 import pytest
 
 from proteinperformer.cli.evaluate import main
+from proteinperformer.data.datamodule import ProteinDataModule
+from proteinperformer.data.unigram import unigram_baseline
 from proteinperformer.evaluation.card import BEGIN, END
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,10 +60,16 @@ def test_pp_evaluate_writes_the_whole_card(tiny_checkpoint, tmp_path, capsys):
     assert set(s) == {"mlm", "ss3", "location", "go_mf", "fold_class", "blosum", "contacts", "dms"}
     assert s["dms"]["n"] == 4996 and -1 < s["dms"]["rho"]["model masked-marginals"] < 1
     assert abs(s["dms"]["rho"]["BLOSUM62(wt, mt)"] - 0.346) < 0.001  # model-free: the README's number
+    dm = ProteinDataModule(fasta_path=str(ROOT / "data" / "uniprot_sample20k.fasta.gz"), valid_frac=0.1,
+                           test_frac=0.1, split_seed=0)
+    dm.setup()
+    assert s["mlm"]["unigram"] == "train-split frequencies of 25 residue letters, on every residue of the split"
     for split in ("valid", "test"):
         m = s["mlm"][split]
         assert m["n_masked"] > 100 and 0 < m["model"]["accuracy"] < 1 and m["model"]["perplexity"] > 1
         assert 0 < m["unigram"]["accuracy"] < 0.2 and 10 < m["unigram"]["perplexity"] < 25
+        base = unigram_baseline(dm.splits["train"], dm.splits[split], dm.alphabet)  # training's definition
+        assert m["unigram"] == pytest.approx({k: base[k] for k in ("accuracy", "perplexity", "residues")})
     assert set(s["go_mf"]["results"]) == {"embedding", "composition", "kmer3", "naive", "nn_kmer3"}
     assert all(0 < r["fmax"] <= 1 for r in s["go_mf"]["results"].values())
     assert all(0 <= r["macro_f1"] <= 1 for r in s["fold_class"]["results"].values())

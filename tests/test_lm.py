@@ -74,3 +74,71 @@ def test_padding_idx_follows_the_alphabet_and_a_disagreeing_config_is_refused(tm
     torch.save(ckpt, path)
     with pytest.raises(CheckpointError, match="disagrees with the 'proteinperformer' alphabet"):
         load_model(path)
+
+
+def test_unigram_baseline_on_a_hand_counted_split():
+    from proteinperformer.data import FastaRecord, TokenizedSequences
+    from proteinperformer.data.unigram import unigram_baseline, unigram_description, unigram_frequencies
+    from proteinperformer.tokenizer import Alphabet
+
+    alphabet = Alphabet()
+
+    def split(*seqs: str) -> TokenizedSequences:
+        return TokenizedSequences.from_records([FastaRecord(f"s{i}", "", s, "", 0, {}) for i, s in enumerate(seqs)],
+                                               alphabet)
+
+    # train: A 3, C 1, G 1; add-one over the 25 residue letters -> 30: f(A) = 4/30, f(C) = f(G) = 2/30, W 1/30
+    freqs = unigram_frequencies(split("AAC", "AG").residue_counts(len(alphabet)), alphabet)
+    tok = alphabet.tok_to_idx
+    assert freqs[tok["A"]] == pytest.approx(4 / 30) and freqs[tok["X"]] == pytest.approx(1 / 30)
+    assert freqs.sum() == pytest.approx(1) and freqs[alphabet.mask_idx] == 0
+    base = unigram_baseline(split("AAC", "AG"), split("ACW"), alphabet)
+    # valid A C W: one of three is the most frequent letter A; ppl = (30/4 * 30/2 * 30/1) ** (1/3) = 15
+    assert base["accuracy"] == pytest.approx(1 / 3) and base["perplexity"] == pytest.approx(15.0)
+    assert base["residues"] == 3 and base["most_frequent"] == "A"
+    assert unigram_description(alphabet, "train-split", "valid") == (
+        "train-split frequencies of 25 residue letters, on valid")
+    with pytest.raises(ValueError, match="no residue to score"):
+        unigram_baseline(split("AAC"), split(), alphabet)
+
+
+def test_one_scorer_gives_training_validations_numbers(tmp_path):
+    """score_batches over the data module's validation batches = what trainer.validate logs, and the logged
+    baseline is unigram_baseline of the train and valid splits."""
+    import pytorch_lightning as pl
+
+    from proteinperformer.data.datamodule import ProteinDataModule
+    from proteinperformer.data.unigram import unigram_baseline
+    from proteinperformer.training.scoring import score_batches
+
+    from .conftest import SAMPLE_FASTA
+
+    for task, causal in (("mlm", False), ("clm", True)):
+        dm = ProteinDataModule(str(SAMPLE_FASTA), task=task, max_len=64, batch_size=8, max_sequences=200,
+                               valid_frac=0.2)
+        torch.manual_seed(0)
+        lm = ProteinLM({"dim": 32, "depth": 1, "heads": 2, "ff_dim": 64, "num_features": 16, "causal": causal},
+                       task=task)
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, default_root_dir=tmp_path)
+        logged = trainer.validate(lm, datamodule=dm, verbose=False)[0]
+        scores = score_batches(lm.model, dm.val_dataloader(), dm.alphabet)
+        assert scores["residues"] > 200
+        assert scores["accuracy"] == pytest.approx(logged["val/acc"], rel=1e-6)
+        assert scores["perplexity"] == pytest.approx(logged["val/ppl"], rel=1e-6)
+        assert scores["loss"] == pytest.approx(logged["val/loss"], rel=1e-6)
+        base = unigram_baseline(dm.splits["train"], dm.splits["valid"], dm.alphabet)
+        assert base["accuracy"] == pytest.approx(logged["val/baseline_acc"], rel=1e-6)
+        assert base["perplexity"] == pytest.approx(logged["val/baseline_ppl"], rel=1e-6)
+
+
+def test_library_imports_leave_the_warning_filters_alone():
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    code = ("import warnings, pytorch_lightning, torchmetrics, transformers, hydra; before = list(warnings.filters); "
+            "import proteinperformer.training.train, proteinperformer.inference.embed_files, proteinperformer.cli; "
+            "assert warnings.filters == before, [f for f in warnings.filters if f not in before]")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

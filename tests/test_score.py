@@ -110,6 +110,21 @@ def test_baselines():
     np.testing.assert_allclose(unigram_scores(subs, freqs)[:3], [np.log(4), 0, np.log(0.5)])
 
 
+def test_unigram_log_ratio_uses_the_baselines_frequencies(tmp_path):
+    from proteinperformer.data.unigram import fasta_unigram_frequencies
+
+    fasta = tmp_path / "u.fasta"
+    fasta.write_text(">a\nAAAAKK\n>b\nWWx*\n")  # A 4, K 2, W 2, X 1 (lower case read, terminal * dropped)
+    freqs = fasta_unigram_frequencies(fasta)
+    assert len(freqs) == 25 and sum(freqs.values()) == pytest.approx(1)  # add-one over the 25 residue letters
+    assert freqs["A"] == pytest.approx(5 / 34) and freqs["X"] == pytest.approx(2 / 34) and freqs["M"] == 1 / 34
+    subs = [parse_variant(v, WT) for v in ("A4K", "K2W", "M1A:K2W")]
+    np.testing.assert_allclose(unigram_scores(subs, freqs), [np.log(3 / 5), 0, np.log(5) + 0])
+    fasta.write_text(">a\nAK-K\n")
+    with pytest.raises(ValueError, match=r"u.fasta:1: sequence 'a': invalid character '-' at position 3"):
+        fasta_unigram_frequencies(fasta)
+
+
 # ---- a random-init fair-esm ESM-2: reproduce ESM-1v's predict.py ----------------------------------
 def predict_py_scores(esm_model, alphabet, sequence: str, variants: list[str], strategy: str) -> np.ndarray:
     """ESM-1v examples/variant-prediction/predict.py (label_row, its masked-marginals loop over every token), and
@@ -202,6 +217,7 @@ def test_pp_score_writes_every_row_and_rho(tmp_path, capsys):
     rho = json.loads((tmp_path / "scored.csv.rho.json").read_text())
     assert rho["n_rows"] == len(src) and rho["n_with_target"] == len(src) - 1
     assert set(rho["spearman"]) == {"masked-marginals", "blosum62", "unigram"}
+    assert rho["unigram"] == f"whole-file ({fasta}) frequencies of 25 residue letters"
     assert "Spearman rho masked-marginals vs fitness" in capsys.readouterr().out
 
 

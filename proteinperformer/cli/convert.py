@@ -20,7 +20,7 @@ from pathlib import Path
 
 from proteinperformer.checkpoints import load_model, save_checkpoint
 from proteinperformer.cli.common import Parser, add_device_arguments, checked_device, run_command
-from proteinperformer.evaluation.conversion import DEFAULT_NUM_FEATURES, print_report, report
+from proteinperformer.evaluation.conversion import DEFAULT_NUM_FEATURES, report
 from proteinperformer.files import write_json_atomic
 from proteinperformer.model import convert_attention
 
@@ -41,6 +41,20 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-sequences", type=int, default=200, help="report: first N sequences of FASTA")
     add_device_arguments(parser, precision=False)
     return parser
+
+
+def print_report(r: dict) -> None:
+    """The report of :func:`~proteinperformer.evaluation.conversion.report`, as ``pp-convert --report`` prints it."""
+    print(f"{r['source']}: FAVOR+ ({r['kernel']} kernel, {r['num_features']} features, {r['draws']} draws) vs "
+          f"exact attention on {r['sequences']} sequences of {r['fasta']}")
+    print("layer  relative error of the attention output (mean ± std over draws)")
+    for i, (m, s) in enumerate(zip(r["layer_rel_error_mean"], r["layer_rel_error_std"], strict=True), start=1):
+        print(f"{i:>5}  {m:.4f} ± {s:.4f}")
+    what = r.get("objective", "masked-residue")
+    print(f"{what} accuracy  exact {100 * r['exact_acc']:.2f}%   "
+          f"FAVOR+ {100 * r['favor_acc']:.2f}%")
+    print(f"perplexity               exact {r['exact_ppl']:.3f}   FAVOR+ {r['favor_ppl']:.3f}   "
+          f"({r['masked_residues']} {'scored' if what == 'next-residue' else 'masked'} residues)")
 
 
 def run(args: argparse.Namespace) -> None:

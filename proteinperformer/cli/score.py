@@ -21,17 +21,18 @@ import pandas as pd
 from proteinperformer.checkpoints import load_model
 from proteinperformer.cli.common import Parser, add_device_arguments, checked_device, run_command
 from proteinperformer.data.fasta import read_fasta
+from proteinperformer.data.unigram import fasta_unigram_frequencies, unigram_description
 from proteinperformer.files import resolve_path, write_atomic, write_json_atomic
 from proteinperformer.inference.score import (
     STRATEGIES,
     VariantError,
     blosum_scores,
     parse_variant,
-    residue_frequencies,
     score_variants,
     spearman,
     unigram_scores,
 )
+from proteinperformer.tokenizer import Alphabet
 
 BASELINE_COLUMNS = ("blosum62", "unigram")
 
@@ -61,7 +62,8 @@ def create_parser() -> argparse.ArgumentParser:
                         "instead of stopping")
     parser.add_argument("--no-baselines", action="store_true", help="do not add the blosum62 / unigram columns")
     parser.add_argument("--unigram-fasta", default="data/uniprot_sample20k.fasta.gz",
-                        help="residue frequencies of the unigram baseline")
+                        help="the unigram baseline's residue frequencies are counted over every sequence of this file "
+                        "(25 residue letters, add-one smoothed)")
     parser.add_argument("--toks-per-batch", type=int, default=4096, help="tokens per forward pass")
     add_device_arguments(parser)
     parser.add_argument("--attention", choices=("exact", "favor"), default=None,
@@ -112,7 +114,9 @@ def run(args: argparse.Namespace) -> dict:
     sequence = wild_type(args)
     df, parsed, skipped = read_variants(args, sequence)  # bad rows fail before the model is loaded
     score_col = args.score_col or args.scoring_strategy
-    freqs = None if args.no_baselines else residue_frequencies(resolve_path(args.unigram_fasta))
+    unigram_alphabet = Alphabet()  # the unigram baseline's letters (model-free: not the model's vocabulary)
+    freqs = None if args.no_baselines else fasta_unigram_frequencies(resolve_path(args.unigram_fasta),
+                                                                     unigram_alphabet)
     model = load_model(args.model, device, attention=args.attention, num_features=args.num_features,
                        kernel=args.kernel)
     variants = [None if s is None else ":".join(f"{wt}{idx + 1}{mt}" for idx, wt, mt in s) for s in parsed]
@@ -137,6 +141,8 @@ def run(args: argparse.Namespace) -> dict:
               "target_col": args.target_col, "offset_idx": args.offset_idx, "attention": model.config.attention,
               "precision": args.precision, "n_rows": len(df), "n_skipped_mismatched": skipped,
               "n_with_target": int(np.isfinite(target).sum()), "spearman": rho}
+    if freqs is not None:
+        record["unigram"] = unigram_description(unigram_alphabet, f"whole-file ({args.unigram_fasta})")
     path = args.rho_json or args.out_csv.with_name(args.out_csv.name + ".rho.json")
     record["spearman"] = {k: v if np.isfinite(v) else None for k, v in rho.items()}  # JSON has no NaN
     write_json_atomic(path, record)

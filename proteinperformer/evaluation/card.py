@@ -6,7 +6,8 @@ Runs, with the data shipped in ``data/`` by default (every path is an option):
    with the checkpoint's own training fractions and seed when it records them, else the training defaults 0.05 /
    0.05 / 0, each overridable with ``--valid-frac`` / ``--test-frac`` / ``--split-seed``; the card says which, so
    a checkpoint trained on the same FASTA never saw these proteins; 15% of residues, all replaced by ``<mask>``)
-   against the unigram baseline (training-split residue frequencies, scored on the same masked residues);
+   against the unigram baseline (train-split frequencies of the residue letters, scored on every residue of the
+   split: :mod:`proteinperformer.data.unigram`);
 2. the probes of ``pp-probe`` against their baselines: SS3 (Q3), location and fold class (accuracy, macro-F1),
    GO molecular function (CAFA F-max, micro-AUPR);
 3. attention vs BLOSUM62 (``pp-attention-blosum``): Vig et al.'s binarised method (with the number of surviving
@@ -33,20 +34,19 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from proteinperformer.analysis import blosum_report, contacts_report
 from proteinperformer.checkpoints import CheckpointError, load_model, read_torch
-from proteinperformer.data.collate import IGNORE_INDEX
 from proteinperformer.data.datamodule import ProteinDataModule
+from proteinperformer.data.unigram import unigram_baseline, unigram_description
 from proteinperformer.evaluation.dms import PUBLISHED, TEM1_CSV, tem1_rho
 from proteinperformer.evaluation.probe import probe_files, read_tables
 from proteinperformer.files import resolve_path, save_figure_atomic, write_json_atomic, write_text_atomic
 from proteinperformer.model.precision import resolve_device
 from proteinperformer.progress import track
 from proteinperformer.tokenizer import Alphabet
+from proteinperformer.training.scoring import score_batches
 
 SECTIONS = ("mlm", "ss3", "location", "go_mf", "fold_class", "blosum", "contacts", "dms")
 PROBES = {  # task: (train, valid, default --max-train)
@@ -63,7 +63,6 @@ TRAINING_SPLIT = {"valid_frac": 0.05, "test_frac": 0.05, "split_seed": 0}
 
 
 # ---- masked-residue accuracy and perplexity -----------------------------------------------------
-@torch.inference_mode()
 def masked_lm_scores(
     model: torch.nn.Module,
     fasta: str | Path,
@@ -74,42 +73,30 @@ def masked_lm_scores(
     batch_size: int = 16,
     seed: int = 0,
 ) -> dict:
-    """Accuracy and perplexity of the masked residues of the valid and test splits of ``fasta``, beside the
-    unigram baseline on the same residues: ``{split: {"model": {"accuracy", "perplexity"}, "unigram": {...},
-    "n_sequences", "n_masked"}}``. Evaluation masking as in training's validation (15% of residues, every one
-    replaced by ``<mask>``, fixed per example), sequences cropped to ``max_len`` tokens (deterministic)."""
+    """Accuracy and perplexity of the masked residues of the valid and test splits of ``fasta``
+    (:func:`~proteinperformer.training.scoring.score_batches` on the data module's evaluation batches: 15% of
+    residues, every one replaced by ``<mask>``, fixed per example; sequences cropped to ``max_len`` tokens,
+    deterministically), beside the unigram baseline of each split
+    (:func:`~proteinperformer.data.unigram.unigram_baseline`: train-split frequencies, every residue of the split):
+    ``{split: {"model": {"accuracy", "perplexity"}, "unigram": {"accuracy", "perplexity", "residues"},
+    "n_sequences", "n_masked"}, "unigram": its definition, "unigram_most_frequent", "n_train_sequences"}``."""
     dm = ProteinDataModule(fasta_path=str(fasta), task="mlm", max_len=max_len, batch_size=batch_size,
                            valid_frac=valid_frac, test_frac=test_frac, split_seed=split_seed, seed=seed)
     dm.setup()
     alphabet = dm.alphabet
-    residue_ids = torch.tensor(alphabet.residue_ids)
-    counts = torch.bincount(torch.as_tensor(np.asarray(dm.splits["train"].tokens)), minlength=len(alphabet))
-    freqs = torch.zeros(len(alphabet), dtype=torch.float64)
-    freqs[residue_ids] = counts[residue_ids].double() + 1.0  # add-one smoothing over the residue letters
-    log_p = (freqs / freqs.sum()).log()
-    best = int(freqs.argmax())
     out = {}
-    device = next(model.parameters()).device
     for split, loader in (("valid", dm.val_dataloader()), ("test", dm.test_dataloader())):
-        n = correct = nll = base_correct = base_nll = 0.0
-        for batch in track(loader, desc=f"masked LM ({split})", unit="batch", leave=False):
-            logits = model(batch["input_ids"].to(device), batch["padding_mask"].to(device))["logits"].float().cpu()
-            labels = batch["labels"]
-            sel = labels != IGNORE_INDEX
-            target = labels[sel]
-            logit = logits[sel]
-            n += len(target)
-            correct += float((logit.argmax(-1) == target).sum())
-            nll += float(F.cross_entropy(logit, target, reduction="sum"))
-            base_correct += float((target == best).sum())
-            base_nll -= float(log_p[target].sum())
-        if n == 0:
+        scores = score_batches(model, track(loader, desc=f"masked LM ({split})", unit="batch", leave=False),
+                               alphabet)
+        if scores["residues"] == 0:
             raise ValueError(f"{fasta}: the {split} split has no masked residue (valid_frac={valid_frac}, "
                              f"test_frac={test_frac}); use a larger FASTA or larger fractions")
-        out[split] = {"model": {"accuracy": correct / n, "perplexity": math.exp(nll / n)},
-                      "unigram": {"accuracy": base_correct / n, "perplexity": math.exp(base_nll / n)},
-                      "n_sequences": len(dm.splits[split]), "n_masked": int(n)}
-    out["unigram_most_frequent"] = alphabet.all_toks[best]
+        unigram = unigram_baseline(dm.splits["train"], dm.splits[split], alphabet)
+        out[split] = {"model": {"accuracy": scores["accuracy"], "perplexity": scores["perplexity"]},
+                      "unigram": {k: unigram[k] for k in ("accuracy", "perplexity", "residues")},
+                      "n_sequences": len(dm.splits[split]), "n_masked": scores["residues"]}
+    out["unigram"] = unigram_description(alphabet, "train-split", "every residue of the split")
+    out["unigram_most_frequent"] = unigram["most_frequent"]
     out["n_train_sequences"] = len(dm.splits["train"])
     return out
 
@@ -129,7 +116,8 @@ def card_rows(card: dict) -> list[tuple[str, str, str, str]]:
             rows.append((f"masked residues, {split} split ({m['n_masked']:,} residues of {m['n_sequences']} proteins)",
                          "accuracy / perplexity",
                          f"**{100 * m['model']['accuracy']:.2f}% / {m['model']['perplexity']:.2f}**",
-                         f"unigram {100 * m['unigram']['accuracy']:.2f}% / {m['unigram']['perplexity']:.2f}"))
+                         f"unigram {100 * m['unigram']['accuracy']:.2f}% / {m['unigram']['perplexity']:.2f} "
+                         f"({s['mlm']['unigram']})"))
     probe_metrics = {"ss3": ("Q3", ("q3",)), "location": ("accuracy / macro-F1", ("accuracy", "macro_f1")),
                      "fold_class": ("accuracy / macro-F1", ("accuracy", "macro_f1")),
                      "go_mf": ("F-max / micro-AUPR", ("fmax", "aupr"))}
@@ -345,6 +333,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             card["sections"]["mlm"] = masked_lm_scores(model, fasta, split["valid_frac"], split["test_frac"],
                                                        split["split_seed"],
                                                        args.max_len, args.batch_size, args.seed)
+            print(f"unigram baseline: {card['sections']['mlm']['unigram']}")
             for split in ("valid", "test"):
                 m = card["sections"]["mlm"][split]
                 print(f"{split}: model {100 * m['model']['accuracy']:.2f}% / {m['model']['perplexity']:.2f}, "

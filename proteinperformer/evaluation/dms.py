@@ -13,15 +13,10 @@ import numpy as np
 import pandas as pd
 
 from proteinperformer.analysis.aminoacids import random_init_like
+from proteinperformer.data.unigram import fasta_unigram_frequencies, unigram_description
 from proteinperformer.files import resolve_path
-from proteinperformer.inference.score import (
-    blosum_scores,
-    parse_variant,
-    residue_frequencies,
-    score_variants,
-    spearman,
-    unigram_scores,
-)
+from proteinperformer.inference.score import blosum_scores, parse_variant, score_variants, spearman, unigram_scores
+from proteinperformer.tokenizer import Alphabet
 
 TEM1_CSV = "data/dms/BLAT_ECOLX_Ranganathan2015.csv"
 TEM1_OFFSET = 24  # the first residue of TEM1 is position 24 of the study's numbering
@@ -37,7 +32,8 @@ def tem1_rho(model, csv: str | Path = TEM1_CSV, strategies=("masked-marginals",)
              null_seed: int | None = 0, unigram_fasta: str = "data/uniprot_sample20k.fasta.gz",
              precision: str = "32") -> dict:
     """ρ against the ``2500`` column for each strategy of ``model`` (and of a random-init copy unless
-    ``null_seed`` is None), BLOSUM62 and the unigram log-ratio: ``{"rho": {name: ρ}, "n": pairs, ...}``."""
+    ``null_seed`` is None), BLOSUM62 and the unigram log-ratio (frequencies over every sequence of
+    ``unigram_fasta``): ``{"rho": {name: ρ}, "n": pairs, "unigram": what its frequencies count, ...}``."""
     df = pd.read_csv(resolve_path(csv), encoding="utf-8-sig")
     target = pd.to_numeric(df["2500"], errors="coerce").to_numpy(dtype=np.float64)
     variants = list(df["mutant"])
@@ -51,7 +47,8 @@ def tem1_rho(model, csv: str | Path = TEM1_CSV, strategies=("masked-marginals",)
             seconds[f"{who} {strategy}"] = round(time.perf_counter() - t, 1)
             rho[f"{who} {strategy}"], n = spearman(scores, target)
     rho["BLOSUM62(wt, mt)"], _ = spearman(blosum_scores(parsed), target)
-    freqs = residue_frequencies(resolve_path(unigram_fasta))
+    alphabet = Alphabet()
+    freqs = fasta_unigram_frequencies(resolve_path(unigram_fasta), alphabet)
     rho["unigram log f(mt)/f(wt)"], _ = spearman(unigram_scores(parsed, freqs), target)
     return {"rho": rho, "n": n, "n_rows": len(df), "target": "2500", "seconds": seconds,
-            "unigram_fasta": unigram_fasta}
+            "unigram_fasta": unigram_fasta, "unigram": unigram_description(alphabet, f"whole-file ({unigram_fasta})")}

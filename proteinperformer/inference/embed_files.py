@@ -372,9 +372,10 @@ def predict_to_dir(
         enable_checkpointing=False,
     )
     task = EmbeddingTask(model, layers, include, on_long, contact_head, precision, dtype)
-    warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")  # batches are lists
-    warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__`")
-    trainer.predict(task, datamodule=EmbeddingData(source, toks_per_batch, label, skip, block),
-                    return_predictions=False)
+    with warnings.catch_warnings():  # scoped: the caller's warning filters are restored on exit
+        warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")  # batches are lists
+        warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__`")
+        trainer.predict(task, datamodule=EmbeddingData(source, toks_per_batch, label, skip, block),
+                        return_predictions=False)
     trainer.strategy.barrier()
     return trainer.is_global_zero

@@ -21,21 +21,19 @@ from ``offset_idx`` (the number of the sequence's first residue). Strategies (Me
 
 Masked copies of one sequence all have the same length, so a batch has no padding and a row scores exactly as it
 does alone (tested against a loop over single sequences). Baselines that need no model, for reading a ρ:
-:func:`blosum_scores` (BLOSUM62 of each substitution) and :func:`unigram_scores` (log f(mt) − log f(wt)).
+:func:`blosum_scores` (BLOSUM62 of each substitution) and :func:`unigram_scores` (log f(mt) − log f(wt), the unigram
+baseline's frequencies: :mod:`proteinperformer.data.unigram`).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections import Counter
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from proteinperformer.data.fasta import read_fasta
 from proteinperformer.inference.embed import residue_limit
 from proteinperformer.model import PerformerLM
 from proteinperformer.model.precision import check_inference_precision, inference_autocast
@@ -201,17 +199,10 @@ def blosum_scores(variants: Sequence[list[Substitution] | None], matrix: str = "
     return np.array([np.nan if s is None else float(sum(m[wt][mt] for _, wt, mt in s)) for s in variants])
 
 
-def residue_frequencies(fasta: str | Path) -> dict[str, float]:
-    """Frequencies of the 20 amino acids over every sequence of ``fasta`` (add-one smoothed; other letters ignored)."""
-    counts: Counter[str] = Counter()
-    for record in read_fasta(fasta):
-        counts.update(record.sequence.upper())
-    total = sum(counts[a] + 1 for a in STANDARD_RESIDUES)
-    return {a: (counts[a] + 1) / total for a in STANDARD_RESIDUES}
-
-
 def unigram_scores(variants: Sequence[list[Substitution] | None], frequencies: dict[str, float]) -> np.ndarray:
-    """Σ over each variant's substitutions of log f(mt) − log f(wt) (the unigram LM's log-ratio): float64 [N]."""
+    """Σ over each variant's substitutions of log f(mt) − log f(wt) (the unigram LM's log-ratio): float64 [N], NaN
+    for None. ``frequencies``: {letter: f}, the unigram baseline's
+    (:func:`~proteinperformer.data.unigram.fasta_unigram_frequencies`)."""
     return np.array([np.nan if s is None else
                      sum(math.log(frequencies[mt]) - math.log(frequencies[wt]) for _, wt, mt in s) for s in variants])
 

@@ -8,26 +8,22 @@ Metrics: ``loss`` is the cross-entropy over all supervised targets (for CLM this
 the model learns where proteins end); under DDP the loss optimised is the mean over all supervised tokens of
 the global step (:func:`global_token_mean`), the logged ``train/loss`` this rank's mean. ``acc`` and ``ppl`` are
 computed over residue targets only (masked residues for MLM, next residues for CLM), the quantity the paper's
-Table 2 and the unigram baseline report.
+Table 2 and the unigram baseline report; both are defined once, in :mod:`proteinperformer.training.scoring` and
+:mod:`proteinperformer.data.unigram`.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torchmetrics import SumMetric
 
-from proteinperformer.data.collate import IGNORE_INDEX
+from proteinperformer.data.unigram import unigram_baseline
 from proteinperformer.model import ModelConfig, PerformerLM
 from proteinperformer.tokenizer import Alphabet
-
-# ProteinLM.on_before_batch_transfer counts tokens for any data module, on purpose; Lightning warns about that
-# on every fit with a LightningDataModule, which would be the first thing every user sees.
-warnings.filterwarnings("ignore", message=r"You have overridden `on_before_batch_transfer` in `LightningModule`")
+from proteinperformer.training.scoring import SUMS, batch_sums, residue_table, summarise
 
 TASKS = ("mlm", "clm")
 
@@ -78,47 +74,35 @@ class ProteinLM(pl.LightningModule):
             self.model.compile()
         self.task = task
         self.alphabet = Alphabet(cfg.alphabet)
-        residue = torch.zeros(cfg.vocab_size, dtype=torch.bool)
-        residue[self.alphabet.residue_ids] = True
-        self.register_buffer("is_residue_id", residue, persistent=False)
+        self.register_buffer("is_residue_id", residue_table(self.alphabet, cfg.vocab_size), persistent=False)
         # Evaluation sums (synchronised across DDP ranks by torchmetrics at compute): NLL of all supervised targets,
         # their count, residue NLL, residue hits, residue count. Sums, not MeanMetric: with nan_strategy="disable"
         # torchmetrics 1.9's MeanMetric replaces the weights by ones (an unweighted mean of batch means). NaN is
         # kept (not dropped): a diverged run then logs val/ppl = nan instead of logging nothing, which made
         # ModelCheckpoint(monitor="val/ppl") fail with "could not find the monitored key".
-        self.eval_sums = torch.nn.ModuleDict(
-            {name: SumMetric(nan_strategy="disable") for name in ("nll", "n_supervised", "residue_nll",
-                                                                  "residue_correct", "n_residue")})
+        self.eval_sums = torch.nn.ModuleDict({name: SumMetric(nan_strategy="disable") for name in SUMS})
         for metric in self.eval_sums.values():
             metric.set_dtype(torch.float64)  # counts stay exact beyond 2^24 tokens
+        # split -> (the data module's splits, their unigram baseline), kept while one Trainer call runs (teardown)
+        self._unigram: dict[str, tuple[object, dict]] = {}
 
     # ---- one step shared by train / val / test -------------------------------------------------
     def model_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Forward a collated batch; returns loss (all targets) and residue-target NLL / correctness sums."""
+        """Forward a collated batch: :func:`~proteinperformer.training.scoring.batch_sums` of its targets, and
+        ``loss``, the mean NLL of all supervised targets."""
         logits = self.model(batch["input_ids"], batch["padding_mask"])["logits"]  # (B, T, V)
-        labels = batch["labels"]
-        nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
-        supervised = labels != IGNORE_INDEX
-        residue = supervised & self.is_residue_id[labels.clamp_min(0)]
-        n_sup = supervised.sum().clamp_min(1)
-        correct = (logits.argmax(-1) == labels) & residue
-        return {
-            "loss": nll.sum() / n_sup,
-            "residue_nll_sum": (nll * residue).sum(),
-            "residue_correct": correct.sum(),
-            "n_residue": residue.sum(),
-            "n_supervised": n_sup,
-        }
+        out = batch_sums(logits, batch["labels"], self.is_residue_id)
+        return {**out, "loss": out["nll"] / out["n_supervised"].clamp_min(1)}
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.model_step(batch)
         n = out["n_residue"].clamp_min(1)
         self.log("train/loss", out["loss"], prog_bar=True)
         self.log("train/acc", out["residue_correct"] / n)
-        self.log("train/ppl", torch.exp(out["residue_nll_sum"] / n))
+        self.log("train/ppl", torch.exp(out["residue_nll"] / n))
         world = self.trainer.world_size if self._trainer is not None else 1
-        return global_token_mean(out["loss"], out["n_supervised"], world, self.trainer.strategy.reduce
-                                 if world > 1 else None)
+        return global_token_mean(out["loss"], out["n_supervised"].clamp_min(1), world,
+                                 self.trainer.strategy.reduce if world > 1 else None)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch)
@@ -129,12 +113,8 @@ class ProteinLM(pl.LightningModule):
     def _eval_step(self, batch: dict[str, torch.Tensor]) -> None:
         # Accumulate sums on the device, every batch (a batch with no target adds zeros): no host read per step.
         out = self.model_step(batch)
-        n_supervised = (batch["labels"] != IGNORE_INDEX).sum()
-        sums = {"nll": out["loss"] * n_supervised, "n_supervised": n_supervised,
-                "residue_nll": out["residue_nll_sum"], "residue_correct": out["residue_correct"],
-                "n_residue": out["n_residue"]}
-        for name, value in sums.items():
-            self.eval_sums[name].update(value)
+        for name, metric in self.eval_sums.items():
+            metric.update(out[name])
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
@@ -149,17 +129,33 @@ class ProteinLM(pl.LightningModule):
         totals = {name: metric.compute() for name, metric in self.eval_sums.items()}
         for metric in self.eval_sums.values():
             metric.reset()
-        n = totals["n_residue"]
-        if n == 0:  # no residue target on any rank: nothing to report
+        if totals["n_residue"] == 0:  # no residue target on any rank: nothing to report
             return
-        self.log(f"{split}/loss", totals["nll"] / totals["n_supervised"].clamp_min(1))
-        self.log(f"{split}/ppl", torch.exp(totals["residue_nll"] / n), prog_bar=True)
-        self.log(f"{split}/acc", totals["residue_correct"] / n, prog_bar=True)
-        baseline = getattr(self.trainer.datamodule, "unigram_baseline", None) if self.trainer else None
-        if callable(baseline):
-            stats = baseline()
-            self.log(f"{split}/baseline_acc", stats["acc"])
-            self.log(f"{split}/baseline_ppl", stats["ppl"])
+        scores = summarise(totals)
+        self.log(f"{split}/loss", scores["loss"])
+        self.log(f"{split}/ppl", scores["perplexity"], prog_bar=True)
+        self.log(f"{split}/acc", scores["accuracy"], prog_bar=True)
+        baseline = self._unigram_baseline({"val": "valid", "test": "test"}[split])
+        if baseline is not None:
+            self.log(f"{split}/baseline_acc", baseline["accuracy"])
+            self.log(f"{split}/baseline_ppl", baseline["perplexity"])
+
+    def _unigram_baseline(self, split: str) -> dict | None:
+        """The unigram baseline of ``split`` (:func:`~proteinperformer.data.unigram.unigram_baseline`: train-split
+        frequencies, every residue of ``split``) when the data module has ``splits``, else None; computed once
+        per data module and Trainer call."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        splits = getattr(datamodule, "splits", None)
+        if not splits or "train" not in splits or split not in splits:
+            return None
+        cached = self._unigram.get(split)
+        if cached is None or cached[0] is not splits:
+            alphabet = getattr(datamodule, "alphabet", self.alphabet)
+            cached = self._unigram[split] = (splits, unigram_baseline(splits["train"], splits[split], alphabet))
+        return cached[1]
+
+    def teardown(self, stage: str) -> None:
+        self._unigram.clear()  # no reference to the data outlives the fit / validate / test call
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         # Count the non-padding tokens while the batch is still on the host, so the throughput callback never

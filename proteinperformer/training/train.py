@@ -11,6 +11,8 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -21,15 +23,25 @@ from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.loggers import WandbLogger
 
 from proteinperformer.checkpoints import load_model, read_torch
+from proteinperformer.data.unigram import unigram_description
 from proteinperformer.files import resolve_path, write_json_atomic
 from proteinperformer.training.lm import ProteinLM
 from proteinperformer.training.precision import check_trainer
 
 log = logging.getLogger("proteinperformer.training.train")
 
-# Lightning warns on any mid-epoch resume unless the DataLoader itself is stateful; here the DataModule's
-# state_dict holds the sampler position (and StepSeedCallback the RNG), so such a resume is exact.
-warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+
+@contextmanager
+def lightning_notices_silenced() -> Iterator[None]:
+    """Within: two Lightning warnings about this package's deliberate choices are not shown (scoped: the caller's
+    warning filters are restored on exit). ``ProteinLM.on_before_batch_transfer`` counts tokens for any data module
+    on purpose, which Lightning flags on every run with a LightningDataModule; and Lightning warns on any mid-epoch
+    resume unless the DataLoader itself is stateful, while here the DataModule's state_dict holds the sampler
+    position (and StepSeedCallback the RNG), so such a resume is exact."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"You have overridden `on_before_batch_transfer` in `Lightning")
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+        yield
 
 
 def _instantiate_all(group: DictConfig | None) -> list:
@@ -64,7 +76,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     trainer = pl.Trainer(accelerator=cfg.trainer.get("accelerator", "auto"), devices=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False,
                          limit_val_batches=cfg.trainer.get("limit_val_batches"))
-    final = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
+    with lightning_notices_silenced():
+        final = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
     return {"val_acc": final.get("val/acc"), "val_ppl": final.get("val/ppl"),
             "baseline_acc": final.get("val/baseline_acc"), "baseline_ppl": final.get("val/baseline_ppl")}
 
@@ -79,11 +92,13 @@ def score_checkpoint(ckpt: str | Path, task: str, datamodule, limit_val_batches=
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
                          limit_val_batches=limit_val_batches, limit_test_batches=limit_test_batches or 1.0)
-    val = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
+    with lightning_notices_silenced():
+        val = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
     out = {"val_acc": val["val/acc"], "val_ppl": val["val/ppl"], "baseline_acc": val["val/baseline_acc"],
            "baseline_ppl": val["val/baseline_ppl"]}
     if limit_test_batches:
-        test = trainer.test(model, datamodule=datamodule, verbose=False)[0]
+        with lightning_notices_silenced():
+            test = trainer.test(model, datamodule=datamodule, verbose=False)[0]
         out.update({"test_acc": test["test/acc"], "test_ppl": test["test/ppl"]})
     return out
 
@@ -133,18 +148,21 @@ def train(cfg: DictConfig) -> dict:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     ckpt_path = str(resolve_path(cfg.ckpt_path)) if cfg.get("ckpt_path") else None
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    with lightning_notices_silenced():
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None else ""
     # read before validate(): loading the best checkpoint restores the callbacks' state as it was then
     last = next((c.last_model_path for c in trainer.checkpoint_callbacks if c.last_model_path), "")
-    final = trainer.validate(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0]
+    with lightning_notices_silenced():
+        final = trainer.validate(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0]
     metrics = {
         "val_acc": final.get("val/acc"),
         "val_ppl": final.get("val/ppl"),
         "baseline_acc": final.get("val/baseline_acc"),
         "baseline_ppl": final.get("val/baseline_ppl"),
+        "baseline": "unigram, " + unigram_description(model.alphabet, "train-split", "valid"),
         "best_checkpoint": best,
         "last_checkpoint": last,
         "global_step": trainer.global_step,
@@ -152,7 +170,8 @@ def train(cfg: DictConfig) -> dict:
         "train_seconds": round(time.time() - start, 1),
     }
     if cfg.get("test"):
-        test = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0]
+        with lightning_notices_silenced():
+            test = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0]
         metrics.update({"test_acc": test.get("test/acc"), "test_ppl": test.get("test/ppl")})
     if metrics["val_ppl"] is not None and not math.isfinite(metrics["val_ppl"]):
         log.warning("validation perplexity is %s: training diverged. Lower model.lr or raise model.warmup_steps; "
@@ -163,7 +182,8 @@ def train(cfg: DictConfig) -> dict:
         print(
             f"\nvalidation ({cfg.task_name}, step {trainer.global_step}): "
             f"accuracy {100 * metrics['val_acc']:.2f}%  perplexity {metrics['val_ppl']:.2f}\n"
-            f"unigram baseline:           accuracy {100 * metrics['baseline_acc']:.2f}%  "
+            f"unigram baseline ({unigram_description(model.alphabet, 'train-split', 'valid')}): "
+            f"accuracy {100 * metrics['baseline_acc']:.2f}%  "
             f"perplexity {metrics['baseline_ppl']:.2f}\n"
             f"checkpoint: {best or metrics['last_checkpoint']}\nmetrics:    {output_dir / 'metrics.json'}"
         )

@@ -52,8 +52,10 @@ from pathlib import Path
 import torch
 
 from proteinperformer.checkpoints import load_model, save_checkpoint  # noqa: E402
+from proteinperformer.data.collate import IGNORE_INDEX  # noqa: E402
 from proteinperformer.evaluation.conversion import attention_errors  # noqa: E402
 from proteinperformer.model import PerformerLM, convert_attention  # noqa: E402
+from proteinperformer.training.scoring import batch_sums, evaluation_collator, residue_table  # noqa: E402
 
 STAGES = ("data", "exactness", "conversion", "train", "finetuned", "generation", "report")
 CHAIN_TAGS = {"heavy": "[HEAVY]", "light": "[LIGHT]"}
@@ -167,29 +169,28 @@ def encode(model: PerformerLM, records, cls: bool) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def per_sequence(model, tokens: list[torch.Tensor], cls: bool, batch: int = 32, hf: bool = False) -> list[dict]:
-    """Per sequence: summed NLL and count of the targets from the first residue to [SEP], residue hits and count."""
+def per_sequence(model, tokens: list[torch.Tensor], cls: bool, batch: int = 32, hf: bool = False,
+                 alphabet=None) -> list[dict]:
+    """Per sequence: summed NLL and count of the targets from the first residue to [SEP], residue hits and count
+    (``batch_sums`` of the package's next-token targets, the tags' targets left out). ``alphabet``: the
+    vocabulary of ``tokens`` (default the model's; give it for a Hugging Face model)."""
+    alphabet = model.alphabet if alphabet is None else alphabet
+    collate = evaluation_collator(alphabet, causal=True)  # input tokens[:, :-1], labels tokens[:, 1:], pad ignored
+    is_residue = residue_table(alphabet)
     skip = 2 + int(cls)  # targets start at the first residue (after the tags)
     out = []
     for s in range(0, len(tokens), batch):
-        rows = tokens[s : s + batch]
-        width = max(len(r) for r in rows)
-        x = torch.zeros(len(rows), width, dtype=torch.long)  # [PAD] is 0 in IgLM's vocabulary
-        for j, r in enumerate(rows):
-            x[j, : len(r)] = r
+        rows = collate([{"tokens": r} for r in tokens[s : s + batch]])
+        labels = rows["labels"]
+        labels[:, : skip - 1] = IGNORE_INDEX
         if hf:
-            logits = model(input_ids=x, attention_mask=(x != 0).long()).logits.float()
+            logits = model(input_ids=rows["input_ids"], attention_mask=(~rows["padding_mask"]).long()).logits
         else:
-            logits = model(x)["logits"].float()
-        logp = torch.log_softmax(logits[:, :-1], -1)
-        for j, r in enumerate(rows):
-            n = len(r)
-            target = r[skip:n]
-            lp = logp[j, skip - 1 : n - 1]
-            nll = -lp.gather(1, target[:, None])[:, 0]
-            residue = target != 3  # [SEP]
-            out.append({"nll": float(nll.double().sum()), "n": len(target),
-                        "hits": int((lp.argmax(-1) == target)[residue].sum()), "residues": int(residue.sum())})
+            logits = model(rows["input_ids"], rows["padding_mask"])["logits"]
+        for j in range(len(labels)):
+            sums = batch_sums(logits[j : j + 1], labels[j : j + 1], is_residue, torch.float64)
+            out.append({"nll": float(sums["nll"]), "n": int(sums["n_supervised"]),
+                        "hits": int(sums["residue_correct"]), "residues": int(sums["n_residue"])})
     return out
 
 
@@ -223,7 +224,7 @@ def stage_exactness(out: Path) -> dict:
         ours = load_model(iglm_dir(name))
         ref = GPT2LMHeadModel.from_pretrained(iglm_dir(name)).eval()
         tokens = encode(ours, records, cls=False)
-        a, b = per_sequence(ours, tokens, False), per_sequence(ref, tokens, False, hf=True)
+        a, b = per_sequence(ours, tokens, False), per_sequence(ref, tokens, False, hf=True, alphabet=ours.alphabet)
         diff = [abs(x["nll"] / x["n"] - y["nll"] / y["n"]) for x, y in zip(a, b, strict=True)]
         human_heavy = [i for i, (rid, c, s) in enumerate(records) if c == "heavy" and "[HUMAN]" in s][:60]
         result[name] = {"sequences": len(records), "max_abs_ll_diff": max(diff),
