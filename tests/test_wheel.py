@@ -110,3 +110,13 @@ def test_pp_gpu_check_quick_runs_from_the_wheel(installed: Installed) -> None:
     assert set(report["sections"]) == {"tests", "train", "bench"}
     assert all(section["ok"] for section in report["sections"].values())
     assert report["sections"]["train"]["fasta_source"].startswith("synthetic")  # no data/ here
+
+
+def test_wheelhouse_leaves_out_only_the_nodes_torch_and_cuda_stack() -> None:
+    names = ["torch", "nvidia-cublas-cu12", "NVIDIA_cudnn_cu12", "triton", "cuda-bindings", "numpy",
+             "pytorch-lightning", "torchmetrics", "sympy"]
+    kept = make_wheelhouse.keep([{"metadata": {"name": n, "version": "1.0"}} for n in names])
+    assert [i["metadata"]["name"] for i in kept] == ["numpy", "pytorch-lightning", "torchmetrics", "sympy"]
+    tags = make_wheelhouse.platforms("2.28")
+    assert tags[0] == "manylinux_2_28_x86_64" and {"manylinux_2_17_x86_64", "manylinux2014_x86_64"} <= set(tags)
+    assert "manylinux_2_29_x86_64" not in tags and "manylinux_2_16_x86_64" not in tags
