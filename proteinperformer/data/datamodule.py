@@ -150,7 +150,7 @@ class ProteinDataModule(pl.LightningDataModule):
         """All sequences of the configured source, tokenised (errors name file, line and id)."""
         fasta = resolve_path(self.fasta_path)
         if not fasta.exists():  # the default sample is relative: present only when run from the checkout's root
-            raise ValueError(f"{self.fasta_path}: no such FASTA file (relative paths are read from {Path.cwd()}); "
+            raise ValueError(f"{self.fasta_path}: no such file (a relative path is read from {Path.cwd()}); "
                              "set data.fasta_path=PATH to your sequences (.fasta or .fasta.gz)")
         records = load_fasta(fasta, self.alphabet)
         if self.max_sequences is not None:
