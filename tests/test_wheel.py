@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from proteinperformer.files import CONFIG_DIR
 from tests.conftest import ROOT
 
 
@@ -72,6 +73,12 @@ def _fasta_gz(path: Path, n: int = 2000) -> Path:
         for i in range(n):
             f.write(f">seq{i}\nM{''.join(rng.choices('ACDEFGHIKLMNPQRSTVWY', k=rng.randint(30, 120)))}\n")
     return path
+
+
+def test_the_checkout_reaches_its_configs_through_the_package() -> None:
+    """In a checkout (editable install, PYTHONPATH) the package's conf/ is a link to the top-level conf/."""
+    assert CONFIG_DIR == ROOT / "proteinperformer" / "conf" and CONFIG_DIR.is_symlink()
+    assert CONFIG_DIR.resolve() == ROOT / "conf" and (CONFIG_DIR / "experiment" / "tiny.yaml").is_file()
 
 
 def test_the_wheel_carries_the_configs_and_is_what_runs(installed: Installed) -> None:
