@@ -58,7 +58,8 @@ def installed(tmp_path_factory) -> Installed:
     inst = Installed(root, make_wheelhouse.build_wheel(root / "dist", isolation=False))
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(inst.venv)], check=True)
     site = Path(sysconfig.get_path("purelib", vars={"base": str(inst.venv), "platbase": str(inst.venv)}))
-    (site / "dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")  # after the venv's own
+    ours = dict.fromkeys([sysconfig.get_path("purelib"), sysconfig.get_path("platlib")])  # lib64 on some systems
+    (site / "dependencies.pth").write_text("".join(f"{path}\n" for path in ours))  # searched after the venv's own
     # --no-index: the dependencies must all be met from site-packages (the resolver fails otherwise)
     proc = subprocess.run([sys.executable, "-m", "pip", "--python", str(inst.bin / "python"), "install", "--quiet",
                            "--no-index", str(inst.wheel)], cwd=root, capture_output=True, text=True, timeout=300)
