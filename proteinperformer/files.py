@@ -1,10 +1,14 @@
-"""Files: where they are found (the project root with ``conf/`` and ``data/``, the shared data folder) and how
-they are written (a temp file beside the target, then a rename, so no reader ever sees a half-written file).
+"""Files: where they are found (the Hydra configs inside the package, data paths from the current directory, the
+shared data folder) and how they are written (a temp file beside the target, then a rename, so no reader ever sees
+a half-written file).
 
-A relative path given to a command or a config is tried from the current directory, then from the project
-root, so ``data/uniprot_sample20k.fasta.gz`` works from anywhere. Large data shared between checkouts (UniProt
-samples, probe sets, structures) is reached through ``$PP_SHARED_DATA``; unset, it is ``../shared/data``
-beside the project root. Configs spell it ``${shared_data}`` (``conf/train.yaml``).
+The configs are ``conf/`` at the top of the repository; the package reaches them as ``proteinperformer/conf``, a
+committed symlink to ``../conf`` in a checkout (editable install or ``PYTHONPATH``) and a real folder of package
+data in the wheel, so :data:`CONFIG_DIR` is the same expression everywhere. A relative path given to a command or a
+config is read from the current directory: ``data/uniprot_sample20k.fasta.gz`` is the checkout's sample when a
+command runs from the checkout's root. Large data shared between checkouts (UniProt samples, probe sets,
+structures) is reached through ``$PP_SHARED_DATA``; unset, it is ``../shared/data`` from the current directory.
+Configs spell it ``${shared_data}`` (``conf/train.yaml``).
 """
 
 from __future__ import annotations
@@ -16,16 +20,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = Path(__file__).resolve().parent / "conf"  # Hydra's config folder: train.yaml and the groups
 
 
 def resolve_path(path: str | Path) -> Path:
-    """A path as given if it exists, else relative to the project root (so configs work from any cwd)."""
-    path = Path(path).expanduser()
-    if path.exists() or path.is_absolute():
-        return path
-    candidate = PROJECT_ROOT / path
-    return candidate if candidate.exists() else path
+    """A path from a command line or a config: ``~`` expanded, a relative path read from the current directory."""
+    return Path(path).expanduser()
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], Any]) -> Path:

@@ -7,6 +7,9 @@ dependency: install it in a separate venv, see below; it is skipped with a messa
         performer-pytorch numpy && .venv-bench/bin/pip install -e . --no-deps
     .venv-bench/bin/python scripts/bench_attention.py --out results/bench_attention.json
 
+The timing itself is :mod:`proteinperformer.attention.benchmark` (what ``pp-gpu-check`` runs); this script adds
+the peer, one subprocess per case on the CPU, the peak resident memory and the FLOP rates.
+
 Each (method, L) runs in its own subprocess (fresh allocator, clean high-water mark). Time: median over
 --repeats of forward + backward of sum(out²) after one warm-up call. Peak memory: the process's
 ru_maxrss (peak resident set) after the runs minus its resident set just before the first call, i.e. the
@@ -34,6 +37,18 @@ import subprocess
 import sys
 import time
 
+from proteinperformer.attention.benchmark import (
+    FEATURES,
+    HEAD_DIM,
+    HEADS,
+    AttentionFn,
+    attention_fn,
+    longest,
+    random_qkv,
+    time_call,
+    time_lengths,
+)
+
 METHODS = {
     "exact": "torch SDPA exact",
     "exact_causal": "torch SDPA exact causal",
@@ -42,7 +57,6 @@ METHODS = {
     "peer": "performer-pytorch FastAttention",
     "peer_causal": "performer-pytorch causal",
 }
-HEADS, HEAD_DIM, FEATURES = 8, 64, 256
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 THREADS = int(os.environ.get("PP_BENCH_THREADS", os.cpu_count()))  # set by --threads for every worker
 GEMM_N = 2048  # the dense reference: an N×N×N fp32 matmul, timed in its own subprocess next to every length
@@ -84,68 +98,19 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _build(method: str, device: str = "cpu"):
-    import torch
-
-    causal = method.endswith("_causal")
-    if method.startswith("exact"):
-        from proteinperformer.attention import exact_attention
-
-        return lambda q, k, v: exact_attention(q, k, v, causal=causal)
-    if method.startswith("favor"):
-        from proteinperformer.attention import favor_attention, gaussian_projection
-
-        P = gaussian_projection(FEATURES, HEAD_DIM, generator=torch.Generator().manual_seed(0)).to(device)
-        return lambda q, k, v: favor_attention(q, k, v, P, causal=causal)
+def _build(method: str, device: str = "cpu") -> AttentionFn:
+    """The package's methods, or the performer-pytorch peer."""
+    if not method.startswith("peer"):
+        return attention_fn(method, device)
     from performer_pytorch import FastAttention
 
-    fa = FastAttention(dim_heads=HEAD_DIM, nb_features=FEATURES, causal=causal)
+    fa = FastAttention(dim_heads=HEAD_DIM, nb_features=FEATURES, causal=method.endswith("_causal")).to(device)
     return lambda q, k, v: fa(q, k, v)
-
-
-def _time_cuda(fn, q, k, v, repeats: int, budget_s: float) -> tuple[float, int, float, bool]:
-    """Median fwd+bwd seconds, repeats, peak extra GiB and finiteness of fn(q, k, v) on CUDA."""
-    import torch
-
-    def run():
-        q.grad = k.grad = v.grad = None
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        out = fn(q, k, v)
-        out.float().square().sum().backward()
-        torch.cuda.synchronize()
-        return time.perf_counter() - t, bool(torch.isfinite(out).all())
-
-    run()  # warm-up (kernels, allocator)
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    first, ok = run()
-    n = max(1, min(repeats, int(budget_s / max(first, 1e-9))))
-    times = [first] + [run()[0] for _ in range(n - 1)]
-    return statistics.median(times), n, (torch.cuda.max_memory_allocated() - base) / 2**30, ok
 
 
 def cuda_worker(method: str, lengths: list[int], repeats: int, budget_s: float, dtype: str) -> list[dict]:
     """Time every L for one method on CUDA in this process, stopping at the first out-of-memory length."""
-    import torch
-
-    fn = _build(method, "cuda")
-    results = []
-    for L in lengths:
-        g = torch.Generator(device="cuda").manual_seed(0)
-        try:
-            qkv = [torch.randn(1, HEADS, L, HEAD_DIM, generator=g, device="cuda", dtype=getattr(torch, DTYPES[dtype]))
-                   .requires_grad_() for _ in range(3)]
-            seconds, n, peak, ok = _time_cuda(fn, *qkv, repeats, budget_s)
-        except torch.cuda.OutOfMemoryError:
-            results.append({"method": method, "L": L, "oom": True, "dtype": dtype})
-            break
-        finally:
-            qkv = None
-            torch.cuda.empty_cache()
-        results.append({"method": method, "L": L, "seconds": seconds, "repeats": n, "peak_gib": peak,
-                        "finite": ok, "dtype": dtype})
-    return results
+    return time_lengths(method, lengths, "cuda", dtype, repeats, budget_s, fn=_build(method, "cuda"))
 
 
 def worker(method: str, L: int, repeats: int, budget_s: float) -> dict:
@@ -154,24 +119,12 @@ def worker(method: str, L: int, repeats: int, budget_s: float) -> dict:
 
     torch.set_num_threads(THREADS)
     fn = _build(method)
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, HEADS, L, HEAD_DIM, generator=g).requires_grad_() for _ in range(3))
-
-    def run():
-        q.grad = k.grad = v.grad = None
-        t = time.perf_counter()
-        out = fn(q, k, v)
-        out.square().sum().backward()
-        ok = bool(torch.isfinite(out).all())
-        return time.perf_counter() - t, ok
-
+    q, k, v = random_qkv(L)
     base = _rss_bytes()
-    first, ok = run()  # warm-up; slow cases get fewer repeats so the whole benchmark stays bounded
-    n = max(1, min(repeats, int(budget_s / max(first, 1e-9))))
-    times = [run()[0] for _ in range(n)]
+    seconds, n, ok = time_call(fn, q, k, v, repeats, budget_s)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"method": method, "L": L, "seconds": statistics.median(times), "repeats": n,
-            "peak_gib": max(peak, 0) / 2**30, "finite": ok}
+    return {"method": method, "L": L, "seconds": seconds, "repeats": n, "peak_gib": max(peak, 0) / 2**30,
+            "finite": ok}
 
 
 def run_case(method: str, L: int, repeats: int, budget_s: float) -> dict | None:
@@ -197,7 +150,6 @@ def run_cuda_method(method: str, lengths: list[int], repeats: int, budget_s: flo
     return results
 
 
-
 def print_table(methods: list[str], lengths: list[int], by: dict, cell) -> None:
     """A markdown table: one row per method, one column per length, ``cell(result)`` or "-" where none ran."""
     print("| method | " + " | ".join(str(L) for L in lengths) + " |")
@@ -205,6 +157,7 @@ def print_table(methods: list[str], lengths: list[int], by: dict, cell) -> None:
     for method in methods:
         cells = ["-" if (r := by.get((method, L))) is None else cell(r) for L in lengths]
         print(f"| {METHODS[method]} | " + " | ".join(cells) + " |")
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -263,8 +216,7 @@ def main() -> None:
                     results.append(r)
                     print(f"  {METHODS[method]:34s} L={L:6d} {r['seconds']:8.3f} s  peak {r['peak_gib']:.2f} GiB "
                           f"(n={r['repeats']})", file=sys.stderr, flush=True)
-    longest = {m: max((r["L"] for r in results if r["method"] == m and not r.get("oom")), default=None)
-               for m in methods}
+    longest_l = {**dict.fromkeys(methods), **longest(results)}
 
     by = {(r["method"], r["L"]): r for r in results if not r.get("oom")}
     threads = int(os.environ.get("PP_BENCH_THREADS", os.cpu_count()))
@@ -289,13 +241,13 @@ def main() -> None:
                 a, b = by.get((ours, L)), by.get((ref, L))
                 cells.append("-" if a is None or b is None else f"{b['seconds'] / a['seconds']:.2f}x")
             print(f"| {METHODS[ref]} / {METHODS[ours]} | " + " | ".join(cells) + " |")
-    print("\nlongest L that ran: " + ", ".join(f"{METHODS[m]} {L}" for m, L in longest.items()))
+    print("\nlongest L that ran: " + ", ".join(f"{METHODS[m]} {L}" for m, L in longest_l.items()))
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
             json.dump({"config": {"batch": 1, "heads": HEADS, "head_dim": HEAD_DIM, "features": FEATURES,
                                   "dtype": DTYPES[args.dtype], "device": args.device, "threads": threads},
-                       "gemm_gflops": gemm_rates, "longest": longest, "results": results}, f, indent=1)
+                       "gemm_gflops": gemm_rates, "longest": longest_l, "results": results}, f, indent=1)
         print(f"\nwrote {args.out}")
 
 

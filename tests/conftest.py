@@ -8,6 +8,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
+from proteinperformer.files import CONFIG_DIR
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_FASTA = ROOT / "data" / "uniprot_sample20k.fasta.gz"
 
@@ -30,8 +32,8 @@ TINY_OVERRIDES = [
 
 
 def tiny_config(tmp_path: Path, overrides: list[str] = ()) -> DictConfig:
-    """The project's train.yaml with TINY_OVERRIDES + ``overrides``, writing into ``tmp_path``."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    """The package's train.yaml with TINY_OVERRIDES + ``overrides``, writing into ``tmp_path``."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[*TINY_OVERRIDES, *overrides])
     with open_dict(cfg):
         cfg.output_dir = str(tmp_path)

@@ -1,13 +1,14 @@
 """pp-convert: an ESM-2 file becomes a FAVOR+ project checkpoint that load_model, embed() and train.py init_from
-use; --report measures FAVOR+ against exact attention."""
+use; --report measures FAVOR+ against exact attention; --slim drops a training checkpoint's optimiser state."""
 
+import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from proteinperformer.checkpoints import load_model
+from proteinperformer.checkpoints import load_model, read_torch
 from proteinperformer.cli import convert
 from proteinperformer.evaluation.conversion import report
 from proteinperformer.inference.embed import embed
@@ -118,3 +119,30 @@ def test_pp_embed_attention_favor_on_a_fair_esm_file(esm_file, tmp_path):
     favor = out["short"]["mean_representations"][2]
     assert not torch.equal(favor, exact)  # FAVOR+ really ran
     assert ((favor - exact).norm() / exact.norm()).item() < 0.2
+
+
+def test_slim_copy_loads_with_the_same_weights_and_no_optimiser_state(tiny_checkpoint, tmp_path, capsys):
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"val_ppl": 12.5}))
+    out = tmp_path / "slim.ckpt"
+    convert.main(["--slim", str(tiny_checkpoint), str(out), "--metrics", str(metrics)])
+    full, slim = read_torch(tiny_checkpoint), read_torch(out)
+    assert "optimizer_states" in full and not {"optimizer_states", "lr_schedulers", "callbacks", "loops"} & set(slim)
+    assert out.stat().st_size < tiny_checkpoint.stat().st_size
+    a, b = load_model(out).state_dict(), load_model(tiny_checkpoint).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    printed = capsys.readouterr().out
+    model = load_model(out)
+    assert printed.startswith(f"{out}: ") and f"{model.num_parameters():,} parameters" in printed
+    assert f"step {full['global_step']}, task mlm" in printed and '"val_ppl": 12.5' in printed
+
+
+def test_slim_refuses_what_is_not_a_training_checkpoint(esm_file, tmp_path):
+    for source in (tmp_path / "missing.ckpt", esm_file):
+        with pytest.raises(SystemExit) as exit_info:
+            convert.main(["--slim", str(source), str(tmp_path / "slim.ckpt")])
+        message = str(exit_info.value.code)
+        assert message.startswith(f"error: {source}: ") and "\n" not in message, message
+    with pytest.raises(SystemExit, match="^error: --slim copies SOURCE to OUTPUT"):
+        convert.main(["--slim", str(esm_file)])
+    assert not (tmp_path / "slim.ckpt").exists()

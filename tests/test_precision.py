@@ -153,7 +153,7 @@ def test_bf16_mixed_trains_every_position_encoding(tmp_path: Path, model: str, p
 def test_other_precisions_lightning_accepts_on_cpu(tmp_path: Path, model: str, precision: str) -> None:
     """bf16-true runs as asked. 16-mixed is accepted, but Lightning runs it as bf16-mixed on CPU (it warns:
     "AMP with fp16 is not supported on CPU"), so CPU proves nothing about fp16 *training*; fp16 autocast of the
-    FAVOR+ kernels themselves is covered above, and on CUDA by scripts/gpu_check.py."""
+    FAVOR+ kernels themselves is covered above, and on CUDA by pp-gpu-check."""
     if precision == "16-mixed":
         with pytest.warns(UserWarning, match="Using `precision='bf16-mixed'` instead"):
             metrics = _train(tmp_path, [f"model={model}", "task=clm", f"trainer.precision={precision}"])

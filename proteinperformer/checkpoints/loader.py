@@ -104,8 +104,8 @@ def export_slim(src: str | Path, dst: str | Path) -> Path:
     """Write a copy of checkpoint ``src`` with only weights, hyper-parameters, alphabet and step counters
     (no optimiser or callback state) to ``dst`` (temp file + rename); returns ``dst``. The copy loads with
     :func:`load_model` and ``ProteinLM.load_from_checkpoint`` (for evaluation, not for resuming training)."""
-    load_model(src)  # validate first
     ckpt = read_torch(src)
+    _load_project_checkpoint(Path(src), ckpt)  # validate first: a project checkpoint whose weights fit its config
     keep = ("state_dict", "hyper_parameters", "datamodule_hyper_parameters", "alphabet",
             "pytorch-lightning_version", "epoch", "global_step")
     return save_atomic({k: ckpt[k] for k in keep if k in ckpt}, dst)

@@ -5,20 +5,26 @@ checkpoint) into a Performer checkpoint, and measure what the swap costs on your
     pp-convert esm2_t6_8M_UR50D.pt --report my_proteins.fasta                  # what FAVOR+ changes, per layer
     pp-train init_from=esm2_8M_favor.ckpt data.fasta_path=my.fasta            # fine-tune it (MLM)
     pp-convert iglm/trained_models/IgLM iglm_favor.ckpt --attention favor      # a GPT-2 directory + vocab.txt
+    pp-convert --slim runs/tiny/<run>/checkpoints/last.ckpt model.ckpt          # drop the optimiser state
 
 The checkpoint holds the weights, ``hyper_parameters.config`` and the alphabet; every command that takes a
 checkpoint reads it (:func:`proteinperformer.checkpoints.load_model`). The FAVOR+ kernel is the source's own
 (softmax for ESM-2 and GPT-2, which were trained with softmax attention) unless ``--kernel`` is given. The report is
 described in :mod:`proteinperformer.evaluation.conversion`.
+
+``--slim SOURCE OUTPUT`` converts nothing: it copies a ``pp-train`` checkpoint with only what loading needs (weights,
+hyper-parameters, alphabet, step counters; no optimiser or callback state), the way shipped checkpoints are made, and
+prints its size, parameter count, step and task (and, with ``--metrics``, the run's ``metrics.json``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from proteinperformer.checkpoints import load_model, save_checkpoint
+from proteinperformer.checkpoints import export_slim, load_model, read_torch, save_checkpoint
 from proteinperformer.cli.common import Parser, add_device_arguments, checked_device, run_command
 from proteinperformer.evaluation.conversion import DEFAULT_NUM_FEATURES, report
 from proteinperformer.files import write_json_atomic
@@ -39,6 +45,9 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report-json", type=Path, help="also write the report as JSON here")
     parser.add_argument("--draws", type=int, default=3, help="projection draws the report averages over")
     parser.add_argument("--max-sequences", type=int, default=200, help="report: first N sequences of FASTA")
+    parser.add_argument("--slim", action="store_true",
+                        help="copy a pp-train checkpoint SOURCE to OUTPUT without optimiser state (no conversion)")
+    parser.add_argument("--metrics", type=Path, help="with --slim: the run's metrics.json, printed with the summary")
     add_device_arguments(parser, precision=False)
     return parser
 
@@ -57,8 +66,26 @@ def print_report(r: dict) -> None:
           f"({r['masked_residues']} {'scored' if what == 'next-residue' else 'masked'} residues)")
 
 
+def slim(args: argparse.Namespace) -> None:
+    """``--slim``: write the slim copy and print what goes into a model card."""
+    if args.output is None or args.report is not None:
+        raise ValueError("--slim copies SOURCE to OUTPUT: give both, and no --report")
+    dst = export_slim(args.source, args.output)
+    model, ckpt = load_model(dst), read_torch(dst)
+    print(f"{dst}: {dst.stat().st_size / 2**20:.1f} MiB (from {args.source.stat().st_size / 2**20:.1f} MiB), "
+          f"{model.num_parameters():,} parameters, step {ckpt.get('global_step')}, task "
+          f"{ckpt['hyper_parameters'].get('task')}\nconfig: {model.config.to_dict()}")
+    if args.metrics:
+        print(json.dumps(json.loads(args.metrics.read_text()), indent=2))
+
+
 def run(args: argparse.Namespace) -> None:
-    """Write the converted checkpoint and/or print (and save) the report."""
+    """Write the converted checkpoint and/or print (and save) the report; or, with ``--slim``, the slim copy."""
+    if args.slim:
+        slim(args)
+        return
+    if args.metrics is not None:
+        raise ValueError("--metrics goes with --slim")
     if args.output is None and args.report is None:
         raise ValueError("give an OUTPUT checkpoint to write, --report FASTA, or both")
     device = checked_device(args)  # the report's forward passes; the conversion itself copies weights on the CPU

@@ -148,7 +148,11 @@ class ProteinDataModule(pl.LightningDataModule):
     # ---- data --------------------------------------------------------------------------------
     def load_sequences(self) -> TokenizedSequences:
         """All sequences of the configured source, tokenised (errors name file, line and id)."""
-        records = load_fasta(resolve_path(self.fasta_path), self.alphabet)
+        fasta = resolve_path(self.fasta_path)
+        if not fasta.exists():  # the default sample is relative: present only when run from the checkout's root
+            raise ValueError(f"{self.fasta_path}: no such file (a relative path is read from {Path.cwd()}); "
+                             "set data.fasta_path=PATH to your sequences (.fasta or .fasta.gz)")
+        records = load_fasta(fasta, self.alphabet)
         if self.max_sequences is not None:
             records = records[: self.max_sequences]
         return TokenizedSequences.from_records(records, self.alphabet)

@@ -19,7 +19,7 @@ from pathlib import Path
 import hydra
 from hydra import compose, initialize_config_dir
 
-from proteinperformer.files import PROJECT_ROOT
+from proteinperformer.files import CONFIG_DIR
 from proteinperformer.training.train import score_checkpoint
 
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     for ckpt in args.checkpoints:
         if not ckpt.exists():
             raise SystemExit(f"error: {ckpt}: no such checkpoint")
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={args.experiment}", f"data.eval_mask_prob={args.eval_mask_prob}",
                                           "data.num_workers=0"])
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
