@@ -78,8 +78,8 @@ def masked_lm_scores(
     unigram baseline on the same residues: ``{split: {"model": {"accuracy", "perplexity"}, "unigram": {...},
     "n_sequences", "n_masked"}}``. Evaluation masking as in training's validation (15% of residues, every one
     replaced by ``<mask>``, fixed per example), sequences cropped to ``max_len`` tokens (deterministic)."""
-    dm = ProteinDataModule(fasta_path=str(fasta), task="mlm", max_len=max_len, batch_size=batch_size,
-                           valid_frac=valid_frac, test_frac=test_frac, split_seed=split_seed, seed=seed)
+    dm = ProteinDataModule.from_hparams(fasta_path=str(fasta), task="mlm", max_len=max_len, batch_size=batch_size,
+                                        valid_frac=valid_frac, test_frac=test_frac, split_seed=split_seed, seed=seed)
     dm.setup()
     alphabet = dm.alphabet
     residue_ids = torch.tensor(alphabet.residue_ids)
