@@ -266,13 +266,17 @@ VARIANTS = {
 }
 
 
-def _tiny_data_config(overrides: list[str]):
+def _tiny_config(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
     from tests.conftest import ROOT, TINY_OVERRIDES
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=[*TINY_OVERRIDES, *overrides]).data
+        return compose("train", overrides=[*TINY_OVERRIDES, *overrides])
+
+
+def _tiny_data_config(overrides: list[str]):
+    return _tiny_config(overrides).data
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
@@ -328,6 +332,26 @@ def test_old_flat_checkpoint_hyper_parameters_build_the_same_datamodule():
     for a, b in ((old.train_dataloader(), new.train_dataloader()), (old.val_dataloader(), new.val_dataloader())):
         x, y = next(iter(a)), next(iter(b))
         assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_a_saved_run_config_of_either_form_builds_the_datamodule():
+    """scripts/table2.py and summarize_runs.py rescore runs from their .hydra/config.yaml (interpolations kept),
+    also runs made before the data module had parts, with another evaluation masking rate."""
+    from omegaconf import OmegaConf
+
+    old_data = {**OLD_FLAT_HPARAMS, "_target_": "proteinperformer.data.datamodule.ProteinDataModule",
+                "task": "${task_name}", "seed": "${seed}", "alphabet": "${model.config.alphabet}"}
+    old_run = OmegaConf.create({"task_name": "mlm", "seed": 0, "model": {"config": {"alphabet": "proteinperformer"}},
+                                "data": old_data})
+    new_run = OmegaConf.create(OmegaConf.to_yaml(_tiny_config([])))
+    built = []
+    for saved in (old_run, new_run):
+        saved.data.eval_mask_prob = 0.3
+        dm = ProteinDataModule.from_hparams(**OmegaConf.to_container(saved.data, resolve=True))
+        dm.setup()
+        assert dm.eval_collator.mask_prob == 0.3 and dm.collator.mask_prob == 0.15
+        built.append(dm)
+    assert {k: v.ids for k, v in built[0].splits.items()} == {k: v.ids for k, v in built[1].splits.items()}
 
 
 def test_checkpoint_holds_the_data_config_and_the_sampler_position_as_plain_data(tmp_path):

@@ -32,6 +32,7 @@ from proteinperformer.data.sources import SplitSource
 from proteinperformer.tokenizer import Alphabet
 
 Collator = Callable[[list[dict]], dict]
+HYDRA_KEYS = ("_target_", "_recursive_", "_convert_", "_partial_")
 
 
 class ProteinDataModule(pl.LightningDataModule):
@@ -83,9 +84,10 @@ class ProteinDataModule(pl.LightningDataModule):
     def from_hparams(cls, **hparams: Any) -> ProteinDataModule:
         """Build from a data config: ``conf/data/*.yaml`` (its flat keys and its parts as ``_target_`` nodes) or a
         checkpoint's ``datamodule_hyper_parameters``, in that form or in the flat one of checkpoints written before
-        the data module had parts (``config.nested_config``; unset flat keys take its defaults)."""
+        the data module had parts (``config.nested_config``; unset flat keys take its defaults). A run's saved
+        ``cfg.data`` (``.hydra/config.yaml``, resolved) works too, of either form: Hydra's own keys are dropped."""
         hparams = {k: OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v
-                   for k, v in hparams.items()}
+                   for k, v in hparams.items() if k not in HYDRA_KEYS}
         config = hparams if "source" in hparams else nested_config(**hparams)
         parts = {name: hydra.utils.instantiate(config[name]) for name in PARTS}
         datamodule = cls(**parts, **{k: config[k] for k in LOADER_KEYS if k in config})
