@@ -21,14 +21,16 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from proteinperformer.data.config import LOADER_KEYS, PARTS, nested_config
 from proteinperformer.data.datasets import Examples
 from proteinperformer.data.resume import ResumableSampler
 from proteinperformer.data.sampling import Sampling
+from proteinperformer.data.sequences import TokenizedSequences
 from proteinperformer.data.sources import SplitSource
+from proteinperformer.data.store import StoreSequences
 from proteinperformer.tokenizer import Alphabet
 
 Collator = Callable[[list[dict]], dict]
@@ -76,7 +78,7 @@ class ProteinDataModule(pl.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
         self.prepare_data_per_node = False  # one rank builds a cached store (on a shared filesystem)
-        self.splits: dict = {}
+        self.splits: dict[str, TokenizedSequences | StoreSequences] = {}  # after setup: train, valid, test
         self._train_sampler: ResumableSampler | None = None
         self._resume_state: dict | None = None
 
@@ -86,7 +88,7 @@ class ProteinDataModule(pl.LightningDataModule):
         checkpoint's ``datamodule_hyper_parameters``, in that form or in the flat one of checkpoints written before
         the data module had parts (``config.nested_config``; unset flat keys take its defaults). A run's saved
         ``cfg.data`` (``.hydra/config.yaml``, resolved) works too, of either form: Hydra's own keys are dropped."""
-        hparams = {k: OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v
+        hparams = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
                    for k, v in hparams.items() if k not in HYDRA_KEYS}
         config = hparams if "source" in hparams else nested_config(**hparams)
         parts = {name: hydra.utils.instantiate(config[name]) for name in PARTS}

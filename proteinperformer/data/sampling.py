@@ -20,7 +20,10 @@ from proteinperformer.data.bucketing import LengthBucketBatchSampler, TokenCount
 from proteinperformer.data.cluster_sampling import ClusterSampler
 from proteinperformer.data.datasets import EpochShuffleSampler
 from proteinperformer.data.resume import ResumableSampler
-from proteinperformer.data.store import StoreError
+from proteinperformer.data.sequences import TokenizedSequences
+from proteinperformer.data.store import StoreError, StoreSequences
+
+Split = TokenizedSequences | StoreSequences
 
 
 class Sampling:
@@ -52,7 +55,7 @@ class Sampling:
                              "unset data.bucketing and data.toks_per_batch")
         self.sampling, self.toks_per_batch, self.pool_batches, self.seed = sampling, toks_per_batch, pool_batches, seed
 
-    def check(self, train) -> None:
+    def check(self, train: Split) -> None:
         """Fail early (at setup) when the training split cannot be sampled so: cluster sampling needs a split of a
         token store made with clusters."""
         if self.sampling != "cluster":
@@ -65,7 +68,7 @@ class Sampling:
             raise StoreError(f"{train.store.path}: made without clusters, so data.sampling=cluster has none to "
                              "sample; rerun pp-preprocess with --clusters clusters.tsv (shards are reused)")
 
-    def train_sampler(self, train, dataset: Dataset, batch_size: int, rank: int = 0,
+    def train_sampler(self, train: Split, dataset: Dataset, batch_size: int, rank: int = 0,
                       world_size: int = 1) -> ResumableSampler:
         """This rank's sampler of the training ``dataset`` made from split ``train``: a sampler of items
         (``items_per_batch`` = ``batch_size``) or, when bucketing, of whole batches (``items_per_batch`` None)."""
