@@ -35,9 +35,10 @@ from rich.table import Table
 from proteinperformer.data.bucketing import LengthBucketBatchSampler, padding_fraction
 from proteinperformer.data.collate import MLMCollator
 from proteinperformer.data.datasets import ConcatChunkDataset, EpochShuffleSampler, SingleSequenceDataset
+from proteinperformer.data.fasta import iter_blocks, parse_block
 from proteinperformer.data.store import open_store
-from proteinperformer.data.store.build import parse_block
-from proteinperformer.data.store.preprocess import iter_blocks, prefetch, preprocess
+from proteinperformer.data.store.build import prefetch
+from proteinperformer.data.store.preprocess import preprocess
 from proteinperformer.tokenizer import RARE_RESIDUES, STANDARD_RESIDUES, Alphabet
 
 TREMBL_RESIDUES = 35e9

@@ -205,19 +205,21 @@ def child(store: str, out: str, devices: int, steps: int) -> None:
 
 # ---- the data path's start-up alone ---------------------------------------------------------------------
 def data_start(store: str) -> dict:
-    """Seconds to open ``store``, compute the unigram baseline and get the first train and valid batch, in this
-    process without workers (what of the time to the first step belongs to the data path); and the epoch-start
-    pass of ``toks_per_batch=4096``."""
+    """Seconds to open ``store``, read the residue counts of the unigram baseline and get the first train and valid
+    batch, in this process without workers (what of the time to the first step belongs to the data path); and the
+    epoch-start pass of ``toks_per_batch=4096``."""
     from proteinperformer.data.datamodule import ProteinDataModule
 
     t0 = time.perf_counter()
-    dm = ProteinDataModule(store_path=store, max_len=256, batch_size=16, num_workers=0)
+    dm = ProteinDataModule.from_hparams(store_path=store, max_len=256, batch_size=16, num_workers=0)
     dm.setup()
-    dm.unigram_baseline()
+    for split in ("train", "valid"):
+        dm.splits[split].residue_counts(len(dm.alphabet))
     next(iter(dm.train_dataloader()))
     next(iter(dm.val_dataloader()))
     t1 = time.perf_counter()
-    budget = ProteinDataModule(store_path=store, max_len=256, batch_size=16, num_workers=0, toks_per_batch=4096)
+    budget = ProteinDataModule.from_hparams(store_path=store, max_len=256, batch_size=16, num_workers=0,
+                                            toks_per_batch=4096)
     budget.setup()
     next(iter(budget.train_dataloader()))
     t2 = time.perf_counter()

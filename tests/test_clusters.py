@@ -98,14 +98,14 @@ def test_cluster_sampling_draws_every_cluster_once_per_epoch(clustered):
 
 def test_datamodule_samples_clusters_and_needs_a_clustered_store(clustered, tmp_path):
     store_path, _ = clustered
-    dm = ProteinDataModule(store_path=str(store_path), sampling="cluster", batch_size=8, max_len=64)
+    dm = ProteinDataModule.from_hparams(store_path=str(store_path), sampling="cluster", batch_size=8, max_len=64)
     dm.setup()
     loader = dm.train_dataloader()
     assert isinstance(loader.sampler, ClusterSampler)
     assert len(loader.sampler) == TokenStore(store_path).manifest["counts"]["splits"]["train"]["clusters"]
     random_fasta(tmp_path / "y.fasta", n=30)
     pp.preprocess([tmp_path / "y.fasta"], tmp_path / "plain", progress=False)
-    plain = ProteinDataModule(store_path=str(tmp_path / "plain"), sampling="cluster")
+    plain = ProteinDataModule.from_hparams(store_path=str(tmp_path / "plain"), sampling="cluster")
     with pytest.raises(Exception, match="made without clusters.*--clusters"):
         plain.setup()
 

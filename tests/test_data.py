@@ -165,15 +165,16 @@ def test_sampler_shards_disjointly_and_reshuffles_per_epoch():
     assert [i for _, i in s] == e0
 
 
-def test_datamodule_splits_and_baseline(tmp_path):
-    dm = ProteinDataModule(max_sequences=2000, valid_frac=0.1, test_frac=0.1, max_len=64, batch_size=4)
+def test_datamodule_splits_and_residue_counts(tmp_path):
+    dm = ProteinDataModule.from_hparams(max_sequences=2000, valid_frac=0.1, test_frac=0.1, max_len=64, batch_size=4)
     dm.setup()
     sizes = {k: len(v) for k, v in dm.splits.items()}
     assert sum(sizes.values()) == 2000 and 120 < sizes["valid"] < 280
     assert set(dm.splits["train"].ids).isdisjoint(dm.splits["valid"].ids)
-    base = dm.unigram_baseline()
-    # Leucine is the most frequent residue (~9.6%); uniform over 20 letters would give ppl 20.
-    assert 0.08 < base["acc"] < 0.12 and 16.0 < base["ppl"] < 19.5
+    # the unigram baseline's input: Leucine is the most frequent residue (~9.6%)
+    counts = dm.splits["train"].residue_counts(len(dm.alphabet))
+    assert counts.sum() == dm.splits["train"].lengths.sum() and counts[alphabet.residue_ids].sum() == counts.sum()
+    assert alphabet.all_toks[int(counts.argmax())] == "L" and 0.08 < counts.max() / counts.sum() < 0.12
     batch = next(iter(dm.val_dataloader()))
     sel = batch["labels"] != IGNORE_INDEX
     assert (batch["input_ids"][sel] == alphabet.mask_idx).all(), "evaluation masks every selected residue"
@@ -187,7 +188,8 @@ def test_datamodule_splits_and_baseline(tmp_path):
 
 def test_datamodule_bucketing_covers_the_epoch_once_with_little_padding():
     def epoch_stats(bucketing: bool) -> tuple[ProteinDataModule, float]:
-        dm = ProteinDataModule(max_sequences=1000, max_len=512, batch_size=8, bucketing=bucketing, pool_batches=20)
+        dm = ProteinDataModule.from_hparams(max_sequences=1000, max_len=512, batch_size=8, bucketing=bucketing,
+                                            pool_batches=20)
         dm.setup()
         real = padded = 0
         for batch in dm.train_dataloader():
@@ -206,15 +208,15 @@ def test_datamodule_bucketing_covers_the_epoch_once_with_little_padding():
     sampler.sampler.set_epoch(1)
     assert [i for batch in sampler for _, i in batch] != seen
     with pytest.raises(ValueError, match=r"bucketing \(and toks_per_batch\) applies to mode='single'"):
-        ProteinDataModule(mode="concat", bucketing=True)
+        ProteinDataModule.from_hparams(mode="concat", bucketing=True)
 
 
 def test_eval_max_len_scores_every_crop_length_on_the_same_windows():
     """A run that trains on 32-token crops is validated on exactly the batches (windows and masks) of a run
     that trains on 64-token crops, when both set eval_max_len=64."""
     def loaders(max_len: int, eval_max_len: int | None):
-        dm = ProteinDataModule(max_sequences=300, valid_frac=0.2, test_frac=0.1, max_len=max_len,
-                               eval_max_len=eval_max_len, batch_size=8)
+        dm = ProteinDataModule.from_hparams(max_sequences=300, valid_frac=0.2, test_frac=0.1, max_len=max_len,
+                                            eval_max_len=eval_max_len, batch_size=8)
         dm.setup()
         return dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()
 
@@ -234,8 +236,8 @@ def test_eval_mask_prob_scores_every_masking_rate_on_the_same_masks():
     """Training at 30% masking and validating with eval_mask_prob=0.15 scores exactly the masks of a 15% run;
     without it, validation masks at the training rate (about twice the residues)."""
     def val_batches(mask_prob: float, eval_mask_prob: float | None):
-        dm = ProteinDataModule(max_sequences=300, valid_frac=0.2, test_frac=0.1, max_len=64, batch_size=8,
-                               mask_prob=mask_prob, eval_mask_prob=eval_mask_prob)
+        dm = ProteinDataModule.from_hparams(max_sequences=300, valid_frac=0.2, test_frac=0.1, max_len=64, batch_size=8,
+                                            mask_prob=mask_prob, eval_mask_prob=eval_mask_prob)
         dm.setup()
         return list(dm.val_dataloader())
 
@@ -244,3 +246,133 @@ def test_eval_mask_prob_scores_every_masking_rate_on_the_same_masks():
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
     masked = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in fixed)
     assert 1.6 < sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in default) / masked < 2.4
+
+
+# ---- the data module from its config, and from checkpoints of before and after it had parts ------------
+# datamodule_hyper_parameters of a checkpoint written before the data module had parts (conf/data/fasta.yaml with
+# tests/conftest.py's TINY_OVERRIDES, as the old ProteinDataModule.__init__ saved them)
+OLD_FLAT_HPARAMS = {
+    "fasta_path": "data/uniprot_sample20k.fasta.gz", "task": "mlm", "mode": "single", "max_len": 96, "chunk_len": 8192,
+    "batch_size": 8, "num_workers": "auto", "valid_frac": 0.1, "test_frac": 0.05, "split_seed": 0, "max_sequences": 600,
+    "mask_prob": 0.15, "seed": 0, "store_path": None, "bucketing": False, "pool_batches": 100,
+    "alphabet": "proteinperformer", "eval_max_len": None, "eval_mask_prob": None, "toks_per_batch": None,
+    "pin_memory": None, "persistent_workers": None, "sampling": "sequence", "cache_dir": None, "store_min_mb": 256,
+}
+VARIANTS = {
+    "default": [], "clm": ["task=clm"], "concat": ["data.mode=concat", "data.chunk_len=256"],
+    "bucketing": ["data.bucketing=true"], "token-budget": ["data.toks_per_batch=600", "data.eval_max_len=64"],
+    "eval-masks": ["data.eval_mask_prob=0.3", "data.mask_prob=0.2"], "paper": ["experiment=paper_uni_1024"],
+    "store": ["data=uniprot_store", "data.store_path=/no/store", "task=clm", "data.sampling=cluster"],
+}
+
+
+def _tiny_config(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import ROOT, TINY_OVERRIDES
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=[*TINY_OVERRIDES, *overrides])
+
+
+def _tiny_data_config(overrides: list[str]):
+    return _tiny_config(overrides).data
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_data_config_parts_are_built_from_its_flat_keys_as_old_checkpoints_are(name):
+    """conf/data + conf/task write the parts as config.nested_config makes them from the flat keys (the form of
+    checkpoints before the parts existed), so both build the same data module."""
+    from dataclasses import fields
+
+    from omegaconf import OmegaConf
+
+    from proteinperformer.data.config import PARTS, FlatDataConfig, nested_config
+
+    config = OmegaConf.to_container(_tiny_data_config(VARIANTS[name]), resolve=True)
+    flat = {f.name: config[f.name] for f in fields(FlatDataConfig) if f.name in config}
+    assert set(config) - set(flat) == {*PARTS, "_target_", "_recursive_"}  # every other key is a flat one
+    nested = nested_config(**flat)
+    assert {k: config[k] for k in PARTS} == {k: nested[k] for k in PARTS}
+
+
+@pytest.mark.parametrize("name", ["default", "clm", "concat", "token-budget"])
+def test_instantiating_the_data_config_gives_a_ready_datamodule(name):
+    import hydra
+    import pytorch_lightning as pl
+
+    cfg = _tiny_data_config(VARIANTS[name])
+    dm = hydra.utils.instantiate(cfg)
+    assert isinstance(dm, pl.LightningDataModule) and isinstance(dm, ProteinDataModule)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    width = {"default": 96, "clm": 95, "concat": 256}  # max_len (CLM: inputs drop the last token), chunk_len
+    assert batch["input_ids"].shape[1] == width.get(name, batch["input_ids"].shape[1])
+    assert (batch["labels"] != IGNORE_INDEX).any() and set(batch) == {"input_ids", "labels", "padding_mask"}
+    assert isinstance(dm.collator, CLMCollator if name == "clm" else MLMCollator)
+    evaluation = next(iter(dm.val_dataloader()))
+    if name != "clm":  # evaluation masks every scored residue (mask_frac 1.0, random_frac 0.0)
+        sel = evaluation["labels"] != IGNORE_INDEX
+        assert (evaluation["input_ids"][sel] == alphabet.mask_idx).all()
+    if name == "token-budget":
+        assert evaluation["input_ids"].shape[1] == 64 and dm.train_dataloader().batch_sampler.toks_per_batch == 600
+
+
+def test_old_flat_checkpoint_hyper_parameters_build_the_same_datamodule():
+    import hydra
+
+    from proteinperformer.data.config import PARTS
+
+    old = ProteinDataModule.from_hparams(**OLD_FLAT_HPARAMS)
+    new = hydra.utils.instantiate(_tiny_data_config([]))
+    assert {k: old.hparams[k] for k in PARTS} == {k: new.hparams[k] for k in PARTS}
+    old.setup()
+    new.setup()
+    assert {k: v.ids for k, v in old.splits.items()} == {k: v.ids for k, v in new.splits.items()}
+    for a, b in ((old.train_dataloader(), new.train_dataloader()), (old.val_dataloader(), new.val_dataloader())):
+        x, y = next(iter(a)), next(iter(b))
+        assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_a_saved_run_config_of_either_form_builds_the_datamodule():
+    """scripts/table2.py and summarize_runs.py rescore runs from their .hydra/config.yaml (interpolations kept),
+    also runs made before the data module had parts, with another evaluation masking rate."""
+    from omegaconf import OmegaConf
+
+    old_data = {**OLD_FLAT_HPARAMS, "_target_": "proteinperformer.data.datamodule.ProteinDataModule",
+                "task": "${task_name}", "seed": "${seed}", "alphabet": "${model.config.alphabet}"}
+    old_run = OmegaConf.create({"task_name": "mlm", "seed": 0, "model": {"config": {"alphabet": "proteinperformer"}},
+                                "data": old_data})
+    new_run = OmegaConf.create(OmegaConf.to_yaml(_tiny_config([])))
+    built = []
+    for saved in (old_run, new_run):
+        saved.data.eval_mask_prob = 0.3
+        dm = ProteinDataModule.from_hparams(**OmegaConf.to_container(saved.data, resolve=True))
+        dm.setup()
+        assert dm.eval_collator.mask_prob == 0.3 and dm.collator.mask_prob == 0.15
+        built.append(dm)
+    assert {k: v.ids for k, v in built[0].splits.items()} == {k: v.ids for k, v in built[1].splits.items()}
+
+
+def test_checkpoint_holds_the_data_config_and_the_sampler_position_as_plain_data(tmp_path):
+    """A checkpoint (read without unpickling objects) rebuilds the data module, pp-evaluate reads its split from
+    it, and the train sampler's resume state is the epoch and the batches consumed."""
+    import hydra
+    import pytorch_lightning as pl
+
+    from proteinperformer.checkpoints import read_torch
+    from proteinperformer.evaluation.card import training_record
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path)
+    dm, model = hydra.utils.instantiate(cfg.data), hydra.utils.instantiate(cfg.model, _convert_="all")
+    trainer = pl.Trainer(accelerator="cpu", max_steps=3, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=dm)
+    trainer.save_checkpoint(tmp_path / "x.ckpt")
+    ckpt = read_torch(tmp_path / "x.ckpt")
+    assert ckpt["ProteinDataModule"] == {"epoch": 0, "batches": 3}
+    again = ProteinDataModule.from_hparams(**ckpt["datamodule_hyper_parameters"])
+    again.setup()
+    assert {k: v.ids for k, v in again.splits.items()} == {k: v.ids for k, v in dm.splits.items()}
+    assert training_record(tmp_path / "x.ckpt")["split"] == {"valid_frac": 0.1, "test_frac": 0.05, "split_seed": 0}

@@ -60,8 +60,8 @@ def test_pp_evaluate_writes_the_whole_card(tiny_checkpoint, tmp_path, capsys):
     assert set(s) == {"mlm", "ss3", "location", "go_mf", "fold_class", "blosum", "contacts", "dms"}
     assert s["dms"]["n"] == 4996 and -1 < s["dms"]["rho"]["model masked-marginals"] < 1
     assert abs(s["dms"]["rho"]["BLOSUM62(wt, mt)"] - 0.346) < 0.001  # model-free: the README's number
-    dm = ProteinDataModule(fasta_path=str(ROOT / "data" / "uniprot_sample20k.fasta.gz"), valid_frac=0.1,
-                           test_frac=0.1, split_seed=0)
+    dm = ProteinDataModule.from_hparams(fasta_path=str(ROOT / "data" / "uniprot_sample20k.fasta.gz"), valid_frac=0.1,
+                                        test_frac=0.1, split_seed=0)
     dm.setup()
     assert s["mlm"]["unigram"] == "train-split frequencies of 25 residue letters, on every residue of the split"
     for split in ("valid", "test"):

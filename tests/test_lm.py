@@ -114,8 +114,8 @@ def test_one_scorer_gives_training_validations_numbers(tmp_path):
     from .conftest import SAMPLE_FASTA
 
     for task, causal in (("mlm", False), ("clm", True)):
-        dm = ProteinDataModule(str(SAMPLE_FASTA), task=task, max_len=64, batch_size=8, max_sequences=200,
-                               valid_frac=0.2)
+        dm = ProteinDataModule.from_hparams(fasta_path=str(SAMPLE_FASTA), task=task, max_len=64, batch_size=8,
+                                            max_sequences=200, valid_frac=0.2)
         torch.manual_seed(0)
         lm = ProteinLM({"dim": 32, "depth": 1, "heads": 2, "ff_dim": 64, "num_features": 16, "causal": causal},
                        task=task)

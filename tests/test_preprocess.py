@@ -12,10 +12,16 @@ import pandas as pd
 import pytest
 
 from proteinperformer.data.datasets import ConcatChunkDataset, SingleSequenceDataset
-from proteinperformer.data.fasta import FastaFormatError, load_fasta, parse_uniprot_header
+from proteinperformer.data.fasta import (
+    FastaFormatError,
+    header_columns,
+    iter_blocks,
+    load_fasta,
+    parse_block,
+    parse_uniprot_header,
+)
 from proteinperformer.data.store import StoreError, TokenStore, open_store
-from proteinperformer.data.store.build import header_columns, parse_block
-from proteinperformer.data.store.preprocess import iter_blocks, preprocess
+from proteinperformer.data.store.preprocess import preprocess
 from proteinperformer.tokenizer import Alphabet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,6 +113,77 @@ def test_block_reader_cuts_only_between_records(tmp_path, chunk_mb):
     parsed = [parse_block(b.data, b.path, b.first_line) for b in blocks]
     assert sum(len(p.lengths) for p in parsed) == 9
     assert [int(x) for p in parsed for x in p.lines][:4] == [3, 6, 8, 10]
+
+
+# ---- one reader: pp-preprocess and the in-memory route agree on awkward and bad files ----------------
+AWKWARD = (">sp|P1|A_HUMAN Kinase OS=Homo sapiens\r\nmkv\r\nLLa*\r\n\r\n"
+           ">P2 ambiguous letters\nACDEFGHIKLMNPQRSTVWYXBZUO\n>P3 spaces and tabs\n M K\tv \n\n>P4 stop codon\nwq\n*\n")
+BAD = {
+    "text_before_header": "\nMKV\n>A1\nMK\n",
+    "no_id": ">A1\nMK\n>\nMK\n",
+    "empty_record": ">A1\nMK\n>A2 empty\n\n>A3\nMK\n",
+    "empty_one_line_records": ">A1\n>A2\nMK\n",
+    "invalid_character": ">A1\nMK\n>A2\nMK\nVJ\n",
+    "inner_star": ">A1\nMK*V\n",
+    "two_stars": ">A1\nMKV**\n",
+    "duplicate_ids": ">A1\nMK\n>A2\nMK\n>A1\nQQ\n>A2\nWW\n",
+    "empty_file": "",
+    "blank_file": "\n \n",
+}
+
+
+def _in_memory(path: Path) -> dict[str, np.ndarray]:
+    from proteinperformer.data.sources import FastaSource
+
+    seqs = FastaSource(path).sequences()
+    return {seqs.ids[i]: np.asarray(seqs[i]) for i in range(len(seqs))}
+
+
+def _stored(store_path: Path) -> dict[str, np.ndarray]:
+    store = TokenStore(store_path)
+    return {s.ids[i]: np.asarray(s[i]) for s in map(store.split, store.split_names) for i in range(len(s))}
+
+
+def _error(call) -> str:
+    with pytest.raises(FastaFormatError) as err:
+        call()
+    return str(err.value)
+
+
+@pytest.mark.parametrize("gz", [True, False], ids=["gzip-named-fasta", "plain"])
+def test_awkward_file_gives_the_same_sequences_through_the_store_and_in_memory(tmp_path, gz):
+    path = tmp_path.resolve() / "awkward.fasta"  # gzip under a plain name: recognised by its magic bytes
+    path.write_bytes(gzip.compress(AWKWARD.encode()) if gz else AWKWARD.encode())
+    manifest = preprocess([path], tmp_path / "store", progress=False)
+    stored, in_memory = _stored(tmp_path / "store"), _in_memory(path)
+    expected = {"P1": "MKVLLA", "P2": "ACDEFGHIKLMNPQRSTVWYXBZUO", "P3": "MKV", "P4": "WQ"}
+    assert {k: ALPHABET.decode(v.tolist()) for k, v in stored.items()} == expected
+    assert stored.keys() == in_memory.keys()
+    for key, tokens in stored.items():
+        np.testing.assert_array_equal(tokens, in_memory[key])
+    assert manifest["counters"]["stop_codon_stripped"] == 2
+    records = load_fasta(path, ALPHABET)  # record by record: the same residues, as the alphabet reads them
+    assert {r.id: r.sequence for r in records} == expected and [r.line for r in records] == [1, 5, 7, 10]
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+@pytest.mark.parametrize("gz", [True, False], ids=["gzip-named-fasta", "plain"])
+def test_bad_file_gives_the_same_error_through_the_store_and_in_memory(tmp_path, name, gz):
+    path = tmp_path.resolve() / f"{name}.fasta"
+    path.write_bytes(gzip.compress(BAD[name].encode()) if gz else BAD[name].encode())
+    message = _error(lambda: preprocess([path], tmp_path / "store", progress=False))
+    assert message == _error(lambda: _in_memory(path))
+    assert message.startswith(str(path)) and "\n" not in message  # one line naming the file (and line, id)
+
+
+def test_unreadable_inputs_give_the_same_error_through_the_store_and_in_memory(tmp_path):
+    data = gzip.compress("".join(f">A{i}\nMKVLAAGGWQ\n" for i in range(20000)).encode())
+    truncated = tmp_path.resolve() / "truncated.fasta"
+    truncated.write_bytes(data[: len(data) // 2])
+    (tmp_path / "folder.fasta").mkdir()
+    for path in (truncated, tmp_path.resolve() / "folder.fasta", tmp_path.resolve() / "missing.fasta"):
+        message = _error(lambda path=path: preprocess([path], tmp_path / "store", progress=False))
+        assert message == _error(lambda path=path: _in_memory(path)) and message.startswith(str(path))
 
 
 # ---- bad input -----------------------------------------------------------------------------------

@@ -177,37 +177,38 @@ def test_large_fasta_trains_from_a_cached_store_built_once(tmp_path, monkeypatch
     from proteinperformer.data.datamodule import ProteinDataModule
 
     seqs = random_fasta(tmp_path / "big.fasta", n=400)
-    in_memory = ProteinDataModule(fasta_path=str(tmp_path / "big.fasta"), max_len=64, batch_size=4)
+    in_memory = ProteinDataModule.from_hparams(fasta_path=str(tmp_path / "big.fasta"), max_len=64, batch_size=4)
     in_memory.setup()
-    assert in_memory.cached_store() is None  # small file: read into memory
-    dm = ProteinDataModule(fasta_path=str(tmp_path / "big.fasta"), max_len=64, batch_size=4,
-                           cache_dir=str(tmp_path / "cache"), store_min_mb=0)
+    assert in_memory.source.cached_store() is None  # small file: read into memory
+    dm = ProteinDataModule.from_hparams(fasta_path=str(tmp_path / "big.fasta"), max_len=64, batch_size=4,
+                                        cache_dir=str(tmp_path / "cache"), store_min_mb=0)
     dm.prepare_data()
     dm.setup()
-    store = dm.cached_store()
+    store = dm.source.cached_store().path
     assert store.parent == tmp_path / "cache" and (store / "manifest.json").exists()
     for split in ("train", "valid", "test"):  # the same accession-hashed splits as the in-memory route
         assert sorted(dm.splits[split].ids) == sorted(in_memory.splits[split].ids)
-    assert dm.unigram_baseline() == pytest.approx(in_memory.unigram_baseline())
+        n = len(ALPHABET)  # and the same residue counts (the unigram baseline's input)
+        np.testing.assert_array_equal(dm.splits[split].residue_counts(n), in_memory.splits[split].residue_counts(n))
     i = dm.splits["train"].ids.index("P00007")
     assert ALPHABET.decode(dm.splits["train"][i].tolist()) == seqs["P00007"]
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape[0] == 4
     # reused: a second run neither parses nor finalizes
     monkeypatch.setattr(pp, "iter_blocks", lambda *a, **k: pytest.fail("the cached store was rebuilt"))
-    again = ProteinDataModule(fasta_path=str(tmp_path / "big.fasta"), cache_dir=str(tmp_path / "cache"),
-                              store_min_mb=0)
+    again = ProteinDataModule.from_hparams(fasta_path=str(tmp_path / "big.fasta"), cache_dir=str(tmp_path / "cache"),
+                                           store_min_mb=0)
     again.prepare_data()
     again.setup()
-    assert again.cached_store() == store
+    assert again.source.cached_store().path == store
     monkeypatch.undo()
     # other split options -> another store; an unwritable cache directory -> one-line error
-    other = ProteinDataModule(fasta_path=str(tmp_path / "big.fasta"), cache_dir=str(tmp_path / "cache"),
-                              store_min_mb=0, valid_frac=0.2)
-    assert other.cached_store() != store
+    other = ProteinDataModule.from_hparams(fasta_path=str(tmp_path / "big.fasta"), cache_dir=str(tmp_path / "cache"),
+                                           store_min_mb=0, valid_frac=0.2)
+    assert other.source.cached_store().path != store
     (tmp_path / "file").write_text("")
-    bad = ProteinDataModule(fasta_path=str(tmp_path / "big.fasta"), cache_dir=str(tmp_path / "file" / "cache"),
-                            store_min_mb=0)
+    bad = ProteinDataModule.from_hparams(fasta_path=str(tmp_path / "big.fasta"),
+                                         cache_dir=str(tmp_path / "file" / "cache"), store_min_mb=0)
     with pytest.raises(StoreError, match=r"cache directory .* is not writable .*set data.cache_dir"):
         bad.prepare_data()
 
@@ -217,13 +218,13 @@ def test_loader_options_turn_on_workers_pinning_and_persistence_on_gpus_only():
 
     from proteinperformer.data.datamodule import ProteinDataModule
 
-    dm = ProteinDataModule(num_workers="auto")
+    dm = ProteinDataModule.from_hparams(num_workers="auto")
     assert dm.loader_options() == {"num_workers": 0, "pin_memory": False, "persistent_workers": False}  # no trainer
     dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)), num_devices=1)
     expected = min(8, len(os.sched_getaffinity(0)) - 1)
     assert dm.loader_options() == {"num_workers": expected, "pin_memory": True, "persistent_workers": expected > 0}
     dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")), num_devices=1)
     assert dm.loader_options()["num_workers"] == 0 and not dm.loader_options()["pin_memory"]
-    explicit = ProteinDataModule(num_workers=3, pin_memory=False, persistent_workers=False)
+    explicit = ProteinDataModule.from_hparams(num_workers=3, pin_memory=False, persistent_workers=False)
     assert explicit.loader_options() == {"num_workers": 3, "pin_memory": False, "persistent_workers": False}
-    assert ProteinDataModule(num_workers=2).loader_options()["persistent_workers"]  # null: on with workers
+    assert ProteinDataModule.from_hparams(num_workers=2).loader_options()["persistent_workers"]  # null: on with workers

@@ -90,7 +90,7 @@ def test_tiny_run_logs_checkpoints_and_throughput(tmp_path: Path, monkeypatch: p
 
 @pytest.mark.parametrize(
     "content,expected",
-    [(">sp|P1|A_HUMAN x\nMKV1LL\n", "bad.fasta:1: sequence 'P1': invalid character '1' at position 4"),
+    [(">sp|P1|A_HUMAN x\nMKV1LL\n", "bad.fasta:1: record 'P1' invalid character '1' at residue 4 (line 2)"),
      ("", "bad.fasta"), (None, "no such file")],
     ids=["bad-character", "empty-file", "missing-file"],
 )

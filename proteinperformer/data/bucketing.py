@@ -23,6 +23,7 @@ import numpy as np
 from torch.utils.data import Sampler
 
 from proteinperformer.data.permutation import Permutation
+from proteinperformer.data.resume import ResumableSampler
 
 
 class TokenCounts:
@@ -41,7 +42,7 @@ class TokenCounts:
         return np.minimum(np.asarray(self.lengths[index], dtype=np.int64) + self.specials, self.max_len)
 
 
-class LengthBucketBatchSampler(Sampler):
+class LengthBucketBatchSampler(ResumableSampler, Sampler):
     """Batches of ``(epoch, index)`` pairs of similar length (see the module docstring).
 
     ``num_tokens``: int [N] token count of each example (e.g. ``min(length + 2, max_len)``), an array or a
@@ -49,7 +50,7 @@ class LengthBucketBatchSampler(Sampler):
     least one row) instead of ``batch_size`` rows; ``batch_size`` then only sets the pool size.
     Without ``drop_last`` the step list is padded by wrapping so every rank gets the same number of batches
     (as ``DistributedSampler`` pads indices); with it, a partial last batch (fixed ``batch_size`` only) and
-    a partial last step are dropped.
+    a partial last step are dropped. Resume state (``state_dict``): the epoch and its batches consumed.
     """
 
     def __init__(

@@ -16,6 +16,7 @@ import numpy as np
 from torch.utils.data import Sampler
 
 from proteinperformer.data.permutation import Permutation, _mix
+from proteinperformer.data.resume import ResumableSampler
 
 
 def draw_members(starts: np.ndarray, clusters: np.ndarray, seed: int, epoch: int) -> np.ndarray:
@@ -28,11 +29,12 @@ def draw_members(starts: np.ndarray, clusters: np.ndarray, seed: int, epoch: int
     return first + (u % size.astype(np.uint64)).astype(np.int64)
 
 
-class ClusterSampler(Sampler):
+class ClusterSampler(ResumableSampler, Sampler):
     """Yields ``(epoch, index)``: one member of every cluster per epoch, clusters shuffled and rank-sharded.
 
     ``cluster_starts``: int64 [C + 1] (``StoreSequences.cluster_starts``). Epoch length, padding by wrapping
-    and ``start`` (resume) as in ``EpochShuffleSampler``, counted in clusters.
+    and ``start`` (resume) as in ``EpochShuffleSampler``, counted in clusters; ``items_per_batch``: the
+    DataLoader's batch size, for the resume state (``state_dict``: epoch and batches consumed).
     """
 
     CHUNK = 1 << 16
@@ -45,9 +47,11 @@ class ClusterSampler(Sampler):
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = False,
+        items_per_batch: int = 1,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
+        self.items_per_batch = items_per_batch
         self.starts = cluster_starts
         self.clusters = len(cluster_starts) - 1
         self.seed, self.shuffle = seed, shuffle

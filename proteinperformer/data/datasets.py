@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from proteinperformer.data.permutation import Permutation
+from proteinperformer.data.resume import ResumableSampler
 from proteinperformer.data.sequences import TokenizedSequences
 from proteinperformer.tokenizer import Alphabet
 
@@ -148,7 +149,7 @@ class ConcatChunkDataset(Dataset):
         return {"tokens": torch.from_numpy(tokens), "seed": example_seed(self.seed, epoch, index)}
 
 
-class EpochShuffleSampler(Sampler):
+class EpochShuffleSampler(ResumableSampler, Sampler):
     """Yields ``(epoch, index)`` pairs: a fresh permutation per epoch from ``(seed, epoch)``, sharded by rank.
 
     Each of ``world_size`` ranks takes every ``world_size``-th index of the permutation (after padding
@@ -157,7 +158,8 @@ class EpochShuffleSampler(Sampler):
     rank (used to resume mid-epoch). ``follow_epoch=False`` pins the epoch at 0 for evaluation: Lightning
     calls ``set_epoch`` on validation samplers too, and the epoch seeds every example's crop and masks, so
     without the pin each epoch (and the final ``validate`` after fit) would score different masked residues.
-    Memory: none per item; indices are computed ``CHUNK`` at a time from a ``permutation.Permutation``.
+    ``items_per_batch``: the DataLoader's batch size, for the resume state (``state_dict``: epoch and batches
+    consumed). Memory: none per item; indices are computed ``CHUNK`` at a time from a ``permutation.Permutation``.
     """
 
     CHUNK = 1 << 16  # indices computed at a time
@@ -171,9 +173,11 @@ class EpochShuffleSampler(Sampler):
         world_size: int = 1,
         drop_last: bool = False,
         follow_epoch: bool = True,
+        items_per_batch: int = 1,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
+        self.items_per_batch = items_per_batch
         self.length, self.seed, self.shuffle = length, seed, shuffle
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.follow_epoch = follow_epoch
@@ -216,3 +220,33 @@ class EpochShuffleSampler(Sampler):
         # The whole epoch on this rank, also when resuming at ``start``: Lightning counts an epoch's batches
         # from its beginning after a mid-epoch resume, and would end the epoch early on a shorter length.
         return self.length // self.world_size if self.drop_last else math.ceil(self.length / self.world_size)
+
+
+class Examples:
+    """How a split becomes a Dataset (the data config's mode, max_len, eval_max_len, chunk_len and seed).
+
+    ``mode="single"``: one sequence per example (:class:`SingleSequenceDataset`), cropped at random to ``max_len``
+    tokens for training and to its first ``eval_max_len`` tokens (default ``max_len``) for evaluation, so runs that
+    train on different crop lengths are scored on the same windows. ``mode="concat"``: ``<eos>``-joined chunks of
+    ``chunk_len`` tokens (:class:`ConcatChunkDataset`), the same for training and evaluation.
+    """
+
+    def __init__(
+        self,
+        mode: str = "single",
+        max_len: int = 1024,
+        eval_max_len: int | None = None,
+        chunk_len: int = 8192,
+        seed: int = 0,
+    ) -> None:
+        if mode not in ("single", "concat"):
+            raise ValueError(f"mode must be 'single' or 'concat', got {mode!r}")
+        self.mode, self.max_len, self.chunk_len, self.seed = mode, max_len, chunk_len, seed
+        self.eval_max_len = max_len if eval_max_len is None else eval_max_len
+
+    def dataset(self, sequences: TokenizedSequences, alphabet: Alphabet, train: bool) -> Dataset:
+        """The examples of one split (``train``: random crops; evaluation: deterministic ones)."""
+        if self.mode == "concat":
+            return ConcatChunkDataset(sequences, alphabet, self.chunk_len, seed=self.seed)
+        max_len = self.max_len if train else self.eval_max_len
+        return SingleSequenceDataset(sequences, alphabet, max_len, self.seed, random_crop=train)

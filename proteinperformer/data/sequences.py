@@ -8,10 +8,11 @@ millions of sequences in a few bytes per residue and lets the on-disk version be
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 
-from proteinperformer.data.fasta import FastaRecord
+from proteinperformer.data.fasta import FastaRecord, check_unique_ids, iter_blocks, parse_block, read_fasta
 from proteinperformer.tokenizer import Alphabet
 
 
@@ -50,6 +51,32 @@ class TokenizedSequences:
         for j, i in enumerate(indices):
             tokens[offsets[j] : offsets[j + 1]] = self[int(i)]
         return TokenizedSequences(tokens, offsets, [self.ids[int(i)] for i in indices])
+
+    def head(self, n: int) -> TokenizedSequences:
+        """The first ``n`` sequences (views of this collection's arrays, nothing copied)."""
+        n = min(n, len(self))
+        return TokenizedSequences(self.tokens[: self.offsets[n]], self.offsets[: n + 1], self.ids[:n])
+
+    @classmethod
+    def from_fasta(cls, path: str | Path, alphabet: Alphabet) -> TokenizedSequences:
+        """Every record of a FASTA file, tokenised by the FASTA reader (``fasta.parse_block``: the rules and
+        error messages of ``pp-preprocess``); duplicate ids are refused. Holds the file's residues as one uint8
+        array (one per block while reading) and its ids; no object per sequence beyond its id string."""
+        if alphabet.tags:  # a vocabulary with tags ([HEAVY]) is encoded by its own tokenizer, record by record
+            records = list(read_fasta(path, alphabet))
+            check_unique_ids(path, [r.id for r in records], [r.line for r in records])
+            return cls.from_records(records, alphabet)
+        tokens, lengths, lines, ids = [], [], [], []
+        for block in iter_blocks(path):
+            parsed = parse_block(block.data, block.path, block.first_line, alphabet=alphabet)
+            tokens.append(parsed.tokens)
+            lengths.append(parsed.lengths)
+            lines.append(parsed.lines)
+            ids.extend(parsed.ids)
+        check_unique_ids(path, ids, np.concatenate(lines).tolist())
+        offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.cumsum(np.concatenate(lengths), out=offsets[1:])
+        return cls(np.concatenate(tokens), offsets, ids)
 
     @classmethod
     def from_records(cls, records: Iterable[FastaRecord], alphabet: Alphabet) -> TokenizedSequences:

@@ -80,8 +80,8 @@ def masked_lm_scores(
     (:func:`~proteinperformer.data.unigram.unigram_baseline`: train-split frequencies, every residue of the split):
     ``{split: {"model": {"accuracy", "perplexity"}, "unigram": {"accuracy", "perplexity", "residues"},
     "n_sequences", "n_masked"}, "unigram": its definition, "unigram_most_frequent", "n_train_sequences"}``."""
-    dm = ProteinDataModule(fasta_path=str(fasta), task="mlm", max_len=max_len, batch_size=batch_size,
-                           valid_frac=valid_frac, test_frac=test_frac, split_seed=split_seed, seed=seed)
+    dm = ProteinDataModule.from_hparams(fasta_path=str(fasta), task="mlm", max_len=max_len, batch_size=batch_size,
+                                        valid_frac=valid_frac, test_frac=test_frac, split_seed=split_seed, seed=seed)
     dm.setup()
     alphabet = dm.alphabet
     out = {}

@@ -56,9 +56,9 @@ def load_run(run: Path) -> dict:
 def rescore(rows: list[dict], mask_prob: float) -> None:
     """Replace val_ppl / val_acc of runs validated at another MLM masking rate by their best checkpoint's score
     on the masks at ``mask_prob`` (one data load, the first such run's data config); marks them ``rescored``."""
-    import hydra
     from omegaconf import OmegaConf
 
+    from proteinperformer.data.datamodule import ProteinDataModule  # a run's data config of any version
     from proteinperformer.training.train import score_checkpoint
 
     datamodule = None
@@ -69,7 +69,7 @@ def rescore(rows: list[dict], mask_prob: float) -> None:
             continue
         if datamodule is None:
             cfg.data.eval_mask_prob, cfg.data.num_workers = mask_prob, 0
-            datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+            datamodule = ProteinDataModule.from_hparams(**OmegaConf.to_container(cfg.data, resolve=True))
         best = Path(r["dir"]) / "checkpoints" / Path(json.loads((Path(r["dir"]) / "metrics.json").read_text())
                                                      ["best_checkpoint"]).name
         score = score_checkpoint(best, "mlm", datamodule, cfg.trainer.limit_val_batches)

@@ -21,9 +21,9 @@ import os
 import re
 from pathlib import Path
 
-import hydra
 from omegaconf import OmegaConf
 
+from proteinperformer.data.datamodule import ProteinDataModule
 from proteinperformer.training.train import score_checkpoint
 
 # Choromanski et al. 2020, Table 2 (TrEMBL test, accuracy % / perplexity; 36M-parameter models, 1024 tokens)
@@ -70,7 +70,8 @@ def score_task(task_dir: Path, eval_mask_prob: float = 0.15) -> list[dict]:
     cfg = OmegaConf.load(runs[0] / ".hydra" / "config.yaml")
     cfg.data.num_workers = 0
     cfg.data.eval_mask_prob = eval_mask_prob  # MLM: the scored masks do not depend on the training mask rate
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")  # one data load for every model of the task
+    # one data load for every model of the task; from_hparams reads the data config of any version of the code
+    datamodule = ProteinDataModule.from_hparams(**OmegaConf.to_container(cfg.data, resolve=True))
     rows = []
     for run, run_steps in zip(runs, steps, strict=True):
         run_cfg = OmegaConf.load(run / ".hydra" / "config.yaml")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from proteinperformer.data.fasta import FastaFormatError
+from proteinperformer.data.fasta import FastaFormatError, duplicate_id_message
 from proteinperformer.data.splits import assign_split
 from proteinperformer.data.store.build import crc32_of
 from proteinperformer.data.store.clusters import ClusterTable, cluster_split_codes, group_by_cluster
@@ -191,11 +191,10 @@ def finalize(
             acc_hash, candidates, lambda a, b: where.at[a, "accession"] == where.at[b, "accession"]
         )
         if len(dup) and on_duplicate_id == "error":
-            d, f = where.loc[dup[0]], where.loc[first[0]]
-            raise FastaFormatError(
-                f"{d['file']}:{d['line']}: duplicate id {d['accession']!r} (first seen at {f['file']}:{f['line']}); "
-                f"{len(dup)} duplicate accession(s) in all; ids must be unique, or rerun with --on-duplicate-id skip"
-            )
+            k = int(np.argmin(dup))  # the earliest repeat in input order, as the in-memory reader reports it
+            d, f = where.loc[dup[k]], where.loc[first[k]]
+            raise FastaFormatError(duplicate_id_message(f"{d['file']}:{d['line']}", d["accession"],
+                                                        f"{f['file']}:{f['line']}", len(dup)))
         status[dup] = STATUS_DUP_ID
     if min_len is not None:
         status[(status == STATUS_KEPT) & (lengths < min_len)] = STATUS_TOO_SHORT

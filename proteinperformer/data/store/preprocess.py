@@ -3,11 +3,12 @@
 Pipeline (``preprocess``):
 
 1. **read**: each input (plain or gzip, detected by magic bytes) is read in big binary blocks of about
-   ``chunk_mb`` MB, cut after the last complete record (``b"\\n>"``). Memory is a few blocks per process,
-   whatever the input size.
-2. **parse + encode** (in ``workers`` processes): one block -> one shard. Records are found with numpy
-   (positions of ``\\n>``), residues encoded with a 256-entry lookup table (same ids as ``Alphabet.encode``),
-   headers parsed with ``parse_uniprot_header``. A shard is a directory ``shards/FFFF-CCCCCC/`` holding
+   ``chunk_mb`` MB, cut after the last complete record (``b"\\n>"``), by the FASTA reader that training from a
+   FASTA and inference use as well (:mod:`proteinperformer.data.fasta`: the same rules and error messages).
+   Memory is a few blocks per process, whatever the input size.
+2. **parse + encode** (in ``workers`` processes): one block -> one shard (``fasta.parse_block``: records split
+   at ``\\n>``, residues encoded with a 256-entry lookup table, the same ids as ``Alphabet.encode``, headers
+   parsed with ``parse_uniprot_header``). A shard is a directory ``shards/FFFF-CCCCCC/`` holding
    ``tokens.npy`` (uint8 residues, all records back to back), ``offsets.npy`` (int64, n + 1),
    ``meta.parquet`` (accession, header fields, length, file, line) and ``shard.json`` (counts, checksums).
    It is written to a temp directory and renamed, so a shard either exists completely or not at all.
@@ -38,19 +39,11 @@ import hashlib
 import json
 import shutil
 import time
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from proteinperformer.data.fasta import FastaFormatError
-from proteinperformer.data.store.build import (
-    iter_blocks,
-    load_shard_summary,
-    open_binary,
-    prefetch,
-    process_block,
-    shard_name,
-)
+from proteinperformer.data.fasta import FastaFormatError, iter_blocks, open_fasta
+from proteinperformer.data.store.build import load_shard_summary, prefetch, process_block, shard_name
 from proteinperformer.data.store.clusters import ClusterTable, file_digest
 from proteinperformer.data.store.finalize import finalize, read_holdout
 from proteinperformer.data.store.reader import STORE_VERSION, StoreError
@@ -140,7 +133,7 @@ def preprocess(
         raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
     paths = [Path(p).resolve() for p in inputs]
     for p in paths:
-        open_binary(p)[0].close()  # missing file / directory -> FastaFormatError before anything is written
+        open_fasta(p)[0].close()  # missing file / directory -> FastaFormatError before anything is written
     holdout_set = read_holdout(holdout) if holdout else None
     clusters_path = Path(clusters).resolve() if clusters else None
     if clusters_path is not None and not clusters_path.is_file():
@@ -208,13 +201,7 @@ def preprocess(
         raise
     finally:
         bar.close()
-    ordered = [summaries[k] for k in sorted(summaries)]
-    per_file: Counter = Counter()
-    for s in ordered:
-        per_file[s["file"]] += s["counters"].get("records_read", 0)
-    for path in paths:
-        if per_file[str(path)] == 0:
-            raise FastaFormatError(f"{path}: no FASTA records found (empty file?)")
+    ordered = [summaries[k] for k in sorted(summaries)]  # (a file without records failed in iter_blocks)
     parse_seconds = time.perf_counter() - t0
     manifest = finalize(
         out,

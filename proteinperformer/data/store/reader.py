@@ -201,7 +201,7 @@ class StoreSequences:
     ``len()``; ``[i]`` -> uint8 array [length_i] (read-only memmap view); ``lengths`` int64 [n] and the row
     index (memory maps of the split's index files, re-opened, not copied, when pickled); ``ids`` (accessions,
     loaded on first use: ~70 bytes per sequence, for small stores and tests); ``subset(indices)`` -> another
-    view (its row index in memory); ``residue_counts()`` from the manifest.
+    view (its row index in memory); ``residue_counts()`` from the manifest; ``cluster_starts()``.
     """
 
     def __init__(self, store: TokenStore, rows: np.ndarray, lengths: np.ndarray, split: str | None = None) -> None:
@@ -224,6 +224,11 @@ class StoreSequences:
         if self._ids is None:
             self._ids = self.store.accessions(self.rows)
         return self._ids
+
+    def cluster_starts(self) -> np.ndarray | None:
+        """int64 [C + 1]: where each cluster starts among the split's rows (``TokenStore.cluster_starts``); None for
+        a subset or a store made without ``--clusters``."""
+        return None if self.split is None else self.store.cluster_starts(self.split)
 
     def residue_counts(self, vocab_size: int) -> np.ndarray:
         """Occurrences of each token id in the split's residues, int64 [vocab_size].
