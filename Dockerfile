@@ -23,8 +23,9 @@ ENV PYTHONUNBUFFERED=1 \
 COPY --from=build /wheels /wheels
 # torch is already in the base image and satisfies the requirement, so pip keeps its CUDA build.
 RUN pip install /wheels/proteinperformer-*.whl && rm -rf /wheels
-# the bundled sample, probe sets and structures, so that the default paths work from /work
+# the bundled sample, probe sets, structures and the reference weights, so that the default paths work from /work
 WORKDIR /work
 COPY data ./data
+COPY weights ./weights
 
 CMD ["pp-train", "trainer=gpu"]

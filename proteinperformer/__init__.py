@@ -3,7 +3,7 @@
 The functions users call, importable from the top level::
 
     from proteinperformer import load_model, embed
-    model = load_model("checkpoints/pp_mlm_relu_2.7M.ckpt")      # or an ESM-2 .pt / Hugging Face ESM directory
+    model = load_model("weights/pp_mlm_relu_2.7M.ckpt")      # or an ESM-2 .pt / Hugging Face ESM directory
     reps = embed(model, [("P12345", "MKTAYIAKQR")], layers=[-1], include=["mean", "per_tok"])
 
 Names are loaded on first use, so ``import proteinperformer.attention`` (plain torch) does not pull in

@@ -16,7 +16,7 @@ class RunsCode:
         return (exec, (f"open({w + '/MARKER'!r}, 'w').write('ran')",))
 torch.save({"state_dict": {"w": RunsCode()}, "hyper_parameters": {}}, f"{w}/code.ckpt")
 open(f"{w}/random.ckpt", "wb").write(os.urandom(4096))
-data = open("checkpoints/pp_mlm_relu_2.7M.ckpt", "rb").read()
+data = open("weights/pp_mlm_relu_2.7M.ckpt", "rb").read()
 open(f"{w}/trunc.ckpt", "wb").write(data[: len(data) // 2])
 PY
 F=$ROOT/data/uniprot_sample20k.fasta.gz

@@ -1,7 +1,7 @@
 """Spearman ρ on the TEM-1 β-lactamase scan (data/dms/) for a model, a randomly initialised model of the same shape,
 and the two model-free baselines, beside the published numbers (Meier et al. 2021): the README's TEM-1 table.
 
-    python scripts/score_dms.py checkpoints/pp_mlm_relu_2.7M.ckpt --out results/tem1_rho.json
+    python scripts/score_dms.py weights/pp_mlm_relu_2.7M.ckpt --out results/tem1_rho.json
 
 Every score comes from :func:`proteinperformer.inference.score.score_variants` (what ``pp-score`` runs), all in one
 run (:func:`proteinperformer.evaluation.dms.tem1_rho`). Prints a markdown table and writes the numbers to ``--out``.

@@ -147,7 +147,7 @@ def test_no_machine_paths_in_the_repository() -> None:
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]  # every ```python block of these runs
 # the pages whose shell blocks, inline commands and links are checked: the above, the studies' and folder READMEs
 PAGES = [*DOCS, *sorted((ROOT / "studies").rglob("README.md")), ROOT / "results" / "README.md",
-         ROOT / "notebooks" / "README.md", ROOT / "checkpoints" / "README.md"]
+         ROOT / "notebooks" / "README.md", ROOT / "weights" / "README.md"]
 # What some blocks compute, checked after they ran (the numbers the pages show).
 EXPECTED = {
     "README.md": lambda ns: tuple(ns["reps"]["P69905"]["per_tok"][-1].shape) == (47, 192),

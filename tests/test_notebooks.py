@@ -14,7 +14,7 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-REFERENCE = NOTEBOOKS.parent / "checkpoints" / "pp_mlm_relu_2.7M.ckpt"
+REFERENCE = NOTEBOOKS.parent / "weights" / "pp_mlm_relu_2.7M.ckpt"
 
 
 def run_notebook(name: str, env: dict[str, str]) -> dict:

@@ -1,4 +1,4 @@
-"""The shipped reference checkpoint (checkpoints/pp_mlm_relu_2.7M.ckpt) is what its model card says it is."""
+"""The shipped reference checkpoint (weights/pp_mlm_relu_2.7M.ckpt) is what its model card says it is."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from proteinperformer.inference.embed import embed
 from proteinperformer.tokenizer import Alphabet
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = ROOT / "checkpoints" / "pp_mlm_relu_2.7M.ckpt"
+REFERENCE = ROOT / "weights" / "pp_mlm_relu_2.7M.ckpt"
 SAMPLE_FASTA = ROOT / "data" / "uniprot_sample20k.fasta.gz"
 
 

@@ -1,6 +1,6 @@
 """``pp-evaluate``: a checkpoint's whole model card in one command.
 
-    pp-evaluate checkpoints/pp_mlm_relu_2.7M.ckpt --out studies/reference_model/results/card --device auto
+    pp-evaluate weights/pp_mlm_relu_2.7M.ckpt --out studies/reference_model/results/card --device auto
 
 What it runs and writes is described in :mod:`proteinperformer.evaluation.card`.
 """

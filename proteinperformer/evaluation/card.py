@@ -21,7 +21,7 @@ Runs, with the data shipped in ``data/`` by default (every path is an option):
 Writes ``DIR/card.json`` (every number), ``DIR/card.md`` (the model-card table), ``DIR/card.png`` (each task's
 headline metric, model vs its best baseline) and the per-task JSON/PNG files of the commands above under
 ``DIR/probes``, ``DIR/blosum``, ``DIR/contacts``. ``--update-readme FILE`` replaces the part of FILE between
-``<!-- pp-evaluate:begin -->`` and ``<!-- pp-evaluate:end -->`` with the card (how ``checkpoints/README.md``
+``<!-- pp-evaluate:begin -->`` and ``<!-- pp-evaluate:end -->`` with the card (how ``weights/README.md``
 is made). ``--skip`` leaves sections out; the ``--*-max-train`` options bound the probes' CPU time (defaults:
 about 10 minutes on 2 CPU cores for the 2.7M-parameter reference checkpoint).
 """

@@ -1,6 +1,6 @@
 """Score MLM checkpoints on the same validation and test batches of one data config (15% masks, all <mask>).
 
-    python studies/reference_model/compare_checkpoints.py checkpoints/pp_mlm_relu_2.7M.ckpt \
+    python studies/reference_model/compare_checkpoints.py weights/pp_mlm_relu_2.7M.ckpt \
         runs/reference/<run>/checkpoints/last.ckpt --experiment reference \
         --out studies/reference_model/results/reference_comparison.json
 
