@@ -215,7 +215,7 @@ def to_markdown(report: dict) -> str:
 
 def create_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="pp-gpu-check", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("results/gpu_check"), help="output folder")
+    parser.add_argument("--out", type=Path, default=Path("results/gpu"), help="output folder")
     parser.add_argument("--quick", action="store_true", help="tiny CPU run of the same mechanics (no CUDA needed)")
     parser.add_argument("--sections", nargs="+", choices=["tests", "train", "bench"],
                         default=["tests", "train", "bench"])

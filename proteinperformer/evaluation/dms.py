@@ -1,7 +1,7 @@
 """Zero-shot variant-effect ρ on the TEM-1 β-lactamase scan shipped in ``data/dms/`` (Stiffler et al. 2015; 4,996
 substitutions, fitness at 2,500 µg/mL ampicillin), for a model beside a random-init copy of it and the two
 model-free baselines (BLOSUM62, unigram log-ratio), with the published numbers of Meier et al. 2021 (ESM-1v).
-Used by ``pp-evaluate`` (the card's ``dms`` section) and ``scripts/score_dms.py`` (the README table).
+Used by ``pp-evaluate`` (the card's ``dms`` section) and ``studies/reference_model/score_dms.py`` (the study's table).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Spearman ρ on the TEM-1 β-lactamase scan (data/dms/) for a model, a randomly initialised model of the same shape,
 and the two model-free baselines, beside the published numbers (Meier et al. 2021): the README's TEM-1 table.
 
-    python scripts/score_dms.py weights/pp_mlm_relu_2.7M.ckpt --out results/tem1_rho.json
+    python studies/reference_model/score_dms.py weights/pp_mlm_relu_2.7M.ckpt
 
 Every score comes from :func:`proteinperformer.inference.score.score_variants` (what ``pp-score`` runs), all in one
 run (:func:`proteinperformer.evaluation.dms.tem1_rho`). Prints a markdown table and writes the numbers to ``--out``.
@@ -20,7 +20,7 @@ from proteinperformer.files import write_json_atomic
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", type=Path)
-    p.add_argument("--out", type=Path, default=Path("results/tem1_rho.json"))
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "tem1_rho.json")
     p.add_argument("--strategies", nargs="+", default=["wt-marginals", "masked-marginals"])
     p.add_argument("--attention", choices=("exact", "favor"), default=None)
     args = p.parse_args()
