@@ -130,11 +130,7 @@ class FastaSource:
     def sequences(self) -> TokenizedSequences:
         """The file's records tokenised in memory (the first ``max_sequences``); bad input raises a one-line
         FastaFormatError naming file and line, worded as ``pp-preprocess`` words it."""
-        fasta = resolve_path(self.path)
-        if not fasta.exists():  # the default sample is relative: present only when run from the checkout's root
-            raise ValueError(f"{self.path}: no such file (a relative path is read from {Path.cwd()}); "
-                             "set data.fasta_path=PATH to your sequences (.fasta or .fasta.gz)")
-        sequences = TokenizedSequences.from_fasta(fasta, self.alphabet)
+        sequences = TokenizedSequences.from_fasta(resolve_path(self.path), self.alphabet)
         return sequences if self.max_sequences is None else sequences.head(self.max_sequences)
 
     def splits(self) -> dict[str, TokenizedSequences | StoreSequences]:

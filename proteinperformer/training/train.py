@@ -23,6 +23,7 @@ from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.loggers import WandbLogger
 
 from proteinperformer.checkpoints import load_model, read_torch
+from proteinperformer.data.sources import FastaSource
 from proteinperformer.data.unigram import unigram_description
 from proteinperformer.files import resolve_path, write_json_atomic
 from proteinperformer.training.lm import ProteinLM
@@ -60,6 +61,17 @@ def _init_weights_from(cfg: DictConfig):
     return net
 
 
+def _instantiate_data(cfg: DictConfig):
+    """The data module of ``cfg.data``; a FASTA that is not there fails here, in one line that names the setting
+    (the default sample is a relative path, present only when run from the checkout's root)."""
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    source = getattr(datamodule, "source", None)
+    if isinstance(source, FastaSource) and not resolve_path(source.path).exists():
+        raise ValueError(f"{source.path}: no such file (a relative path is read from {Path.cwd()}); set "
+                         "data.fasta_path=PATH to your sequences (.fasta or .fasta.gz)")
+    return datamodule
+
+
 def _instantiate_model(cfg: DictConfig, net):
     model = hydra.utils.instantiate(cfg.model, _convert_="all")
     if net is not None:
@@ -71,7 +83,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     """Validation accuracy/perplexity of ``cfg.init_from`` as it is (no training), with the config's data."""
     pl.seed_everything(cfg.seed, workers=True)
     net = _init_weights_from(cfg)
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    datamodule = _instantiate_data(cfg)
     model = _instantiate_model(cfg, net)
     trainer = pl.Trainer(accelerator=cfg.trainer.get("accelerator", "auto"), devices=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False,
@@ -134,7 +146,7 @@ def train(cfg: DictConfig) -> dict:
     output_dir = Path(cfg.output_dir)
     net = _init_weights_from(cfg)
     log.info("data: %s", cfg.data._target_)
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    datamodule = _instantiate_data(cfg)
     log.info("model: %s (%s)", cfg.model._target_, dict(cfg.model.config))
     model = _instantiate_model(cfg, net)
     callbacks = _instantiate_all(cfg.get("callbacks"))
