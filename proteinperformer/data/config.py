@@ -10,7 +10,7 @@ build the same data module.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -23,7 +23,7 @@ PARTS = ("source", "examples", "sampler", "collator", "eval_collator")
 LOADER_KEYS = ("batch_size", "num_workers", "pin_memory", "persistent_workers")
 
 
-def _target(cls: type) -> str:
+def _target(cls: Callable) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
@@ -85,9 +85,8 @@ class FlatDataConfig:
         if self.task == "mlm":
             eval_prob = self.mask_prob if self.eval_mask_prob is None else self.eval_mask_prob
             collator = {"_target_": _target(MLMCollator), "_partial_": True, "mask_prob": self.mask_prob}
-            # evaluation masks every scored residue (mask_frac 1): see conf/task/mlm.yaml
-            eval_collator = {"_target_": _target(MLMCollator), "_partial_": True, "mask_prob": eval_prob,
-                             "mask_frac": 1.0, "random_frac": 0.0}
+            eval_collator = {"_target_": _target(MLMCollator.for_evaluation), "_partial_": True,
+                             "mask_prob": eval_prob}
         elif self.task == "clm":
             collator = eval_collator = {"_target_": _target(CLMCollator), "_partial_": True}
         else:

@@ -83,8 +83,8 @@ class ProteinLM(pl.LightningModule):
         self.eval_sums = torch.nn.ModuleDict({name: SumMetric(nan_strategy="disable") for name in SUMS})
         for metric in self.eval_sums.values():
             metric.set_dtype(torch.float64)  # counts stay exact beyond 2^24 tokens
-        # split -> (the data module's splits, their unigram baseline), kept while one Trainer call runs (teardown)
-        self._unigram: dict[str, tuple[object, dict]] = {}
+        # split -> its unigram baseline, kept while one Trainer call runs (teardown)
+        self._unigram: dict[str, dict] = {}
 
     # ---- one step shared by train / val / test -------------------------------------------------
     def model_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -148,11 +148,10 @@ class ProteinLM(pl.LightningModule):
         splits = getattr(datamodule, "splits", None)
         if not splits or "train" not in splits or split not in splits:
             return None
-        cached = self._unigram.get(split)
-        if cached is None or cached[0] is not splits:
+        if split not in self._unigram:
             alphabet = getattr(datamodule, "alphabet", self.alphabet)
-            cached = self._unigram[split] = (splits, unigram_baseline(splits["train"], splits[split], alphabet))
-        return cached[1]
+            self._unigram[split] = unigram_baseline(splits["train"], splits[split], alphabet)
+        return self._unigram[split]
 
     def teardown(self, stage: str) -> None:
         self._unigram.clear()  # no reference to the data outlives the fit / validate / test call

@@ -2,7 +2,7 @@
 
 A batch's targets are its ``labels`` (``IGNORE_INDEX`` elsewhere), as the collators of ``data/collate.py`` make them:
 masked residues (:class:`~proteinperformer.data.collate.MLMCollator`; evaluation masks with
-:func:`evaluation_collator`, every selected residue replaced by ``<mask>``) or next tokens
+``MLMCollator.for_evaluation``, every selected residue replaced by ``<mask>``) or next tokens
 (:class:`~proteinperformer.data.collate.CLMCollator`). :func:`batch_sums` is the per-batch sum every caller
 accumulates: the NLL of all targets (the training loss; for CLM it includes ``<eos>``) and, over residue targets
 only, the NLL, the hits (argmax = target) and the count. Accuracy = hits / residues, perplexity =
@@ -37,12 +37,11 @@ def residue_table(alphabet: Alphabet, vocab_size: int | None = None) -> torch.Te
 def evaluation_collator(alphabet: Alphabet, causal: bool,
                         mask_prob: float = EVAL_MASK_PROB) -> MLMCollator | CLMCollator:
     """The collator that makes evaluation targets: next tokens for a causal model, else ``mask_prob`` of the residues
-    masked, every one replaced by ``<mask>`` (the MLM collator's evaluation mode, as the data module validates:
-    with BERT's 10% kept targets a model would score free hits by copying its input). Items are
+    masked, every one replaced by ``<mask>`` (``MLMCollator.for_evaluation``, as the data module validates). Items are
     ``{"tokens": LongTensor [T] (<cls> ... <eos>), "seed": int}``; the seed fixes the masks."""
     if causal:
         return CLMCollator(alphabet)
-    return MLMCollator(alphabet, mask_prob, mask_frac=1.0, random_frac=0.0)
+    return MLMCollator.for_evaluation(alphabet, mask_prob)
 
 
 def batch_sums(logits: torch.Tensor, labels: torch.Tensor, is_residue: torch.Tensor,
