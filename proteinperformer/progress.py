@@ -7,6 +7,7 @@ periodic one-line updates there: every ``LOG_EVERY_SECONDS`` and at the end.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Iterable
@@ -17,6 +18,7 @@ from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
 from tqdm import tqdm
 
 LOG_EVERY_SECONDS = 30.0
+QUIET_ENV = "PP_QUIET"  # set (to 1) by a command's --quiet: no bars and no periodic lines
 
 
 class _LineStream:
@@ -36,7 +38,9 @@ class _LineStream:
 
 def track(iterable: Iterable | None = None, *, disable: bool = False, **kwargs: Any) -> tqdm:
     """``tqdm(iterable, **kwargs)`` on a terminal; elsewhere a tqdm that writes one line every
-    ``LOG_EVERY_SECONDS`` (and a last one when it ends) instead of redrawing in place."""
+    ``LOG_EVERY_SECONDS`` (and a last one when it ends) instead of redrawing in place; nothing when ``PP_QUIET``
+    is set."""
+    disable = disable or bool(os.environ.get(QUIET_ENV))
     if not disable and not sys.stderr.isatty():
         kwargs = {**kwargs, "file": _LineStream(sys.stderr), "mininterval": LOG_EVERY_SECONDS, "ascii": True,
                   "dynamic_ncols": False, "ncols": 100}
@@ -108,7 +112,12 @@ class LogLineProgressBar(ProgressBar):
 
 
 def progress_bar(refresh_rate: int = 20, every_seconds: float = 30.0) -> ProgressBar:
-    """Lightning's tqdm bar when stdout (where it draws) is a terminal, else :class:`LogLineProgressBar`."""
+    """Lightning's tqdm bar when stdout (where it draws) is a terminal, else :class:`LogLineProgressBar` (disabled
+    when ``PP_QUIET`` is set)."""
+    if os.environ.get(QUIET_ENV):
+        bar = LogLineProgressBar(every_seconds)
+        bar.disable()
+        return bar
     if sys.stdout.isatty():
         return TQDMProgressBar(refresh_rate=refresh_rate)
     return LogLineProgressBar(every_seconds)

@@ -1,6 +1,6 @@
 """``pp-attention-blosum``: does the model's attention know which amino acids substitute for each other?
 
-    pp-attention-blosum CHECKPOINT FASTA --n-seqs 800 --out results/
+    pp-attention-blosum CHECKPOINT FASTA --max-sequences 800 --out blosum/
 
 What it computes and writes is described in :mod:`proteinperformer.analysis.blosum_report` (Vig et al. 2020).
 """
@@ -13,31 +13,33 @@ from pathlib import Path
 
 from proteinperformer.analysis.aminoacids import VIG_MIN_EDGES, VIG_THRESHOLD
 from proteinperformer.analysis.blosum_report import MATRICES, METHODS, run
-from proteinperformer.cli.common import Parser, add_device_arguments, checked_device, run_command
+from proteinperformer.cli.common import Parser, add_device_arguments, checked_device, run_command, summary
 
 
 def create_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="pp-attention-blosum", description=__doc__.split("\n\n")[0].strip("`"))
+    p = Parser(prog="pp-attention-blosum", description=summary(__doc__))
     p.add_argument("checkpoint", help="a pp-train / pp-convert checkpoint, an ESM-2 file or a Hugging Face ESM dir")
     p.add_argument("fasta", help="proteins to aggregate attention over (FASTA, may be .gz)")
-    p.add_argument("--n-seqs", type=int, default=800, help="random subset of this many sequences")
-    p.add_argument("--out", type=Path, default=Path("results"), help="output folder")
+    p.add_argument("--max-sequences", type=int, default=800, help="a random subset of this many sequences")
+    p.add_out("output folder", default=Path("blosum"))
     p.add_argument("--matrices", nargs="+", default=list(MATRICES),
                    help="Biopython substitution matrices; the first is plotted")
-    p.add_argument("--max-len", type=int, default=512, help="crop proteins to this many residues")
+    p.add_argument("--crop-length", type=int, default=512, help="crop proteins to this many residues")
     p.add_argument("--seed", type=int, default=0, help="sequence subset and null-model seed")
     p.add_argument("--method", choices=METHODS, default="vig",
                    help="vig: Vig et al.'s binarised method; weighted: attention-weighted fractions")
     p.add_argument("--threshold", type=float, default=VIG_THRESHOLD, help="vig: attention weight of an edge")
     p.add_argument("--min-edges", type=int, default=VIG_MIN_EDGES, help="vig: drop heads with fewer edges")
     add_device_arguments(p)
+    p.deprecated("--n-seqs", "--max-sequences")
+    p.deprecated("--max-len", "--crop-length")
     return p
 
 
 def report(a: argparse.Namespace) -> dict:
     """Run the analysis and print r against the first matrix for both methods; returns the JSON."""
     device = checked_device(a)
-    res = run(a.checkpoint, a.fasta, a.n_seqs, a.out, a.matrices, a.max_len, a.seed, a.method, a.threshold,
+    res = run(a.checkpoint, a.fasta, a.max_sequences, a.out, a.matrices, a.crop_length, a.seed, a.method, a.threshold,
               a.min_edges, a.precision, device)
     first = a.matrices[0]
     print(f"{res['n_sequences']} sequences, r vs {first}:")

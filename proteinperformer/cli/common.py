@@ -1,7 +1,13 @@
-"""What every ``pp-*`` command shares, so that they behave alike.
+"""What every ``pp-*`` command shares, so that they behave alike (the table is in docs/cli.md; the test
+``tests/test_cli_conventions.py`` builds every parser and checks it).
 
 - Options are spelled with dashes (``--max-length``); the underscore spelling (``--max_length``, as in
   esm-extract) is accepted everywhere and means the same option.
+- One name for one idea: ``--out`` (what a command writes), ``--max-sequences`` (use at most N input sequences),
+  ``--crop-length`` (crop longer sequences) vs ``--max-length`` (skip longer ones; for pp-generate: stop there),
+  ``--repr-layers``, ``--device``, ``--precision``, ``--attention`` / ``--kernel`` / ``--num-features``,
+  ``--threads``, ``--seed``, ``--quiet``, ``--debug``. Old spellings stay for one release as hidden aliases
+  (:meth:`Parser.deprecated`) that print a one-line note.
 - ``--device`` takes a torch device string (``auto``, ``cpu``, ``cuda``, ``cuda:1``, ``mps``), default ``auto``.
 - Anticipated errors (a bad or unsafe checkpoint, a bad FASTA or CSV, a bad option, an unsupported precision or
   device) end in one line ``error: ...`` on stderr that names the file and what to do, with exit code 1 and no
@@ -11,9 +17,12 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 import zlib
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
@@ -50,30 +59,98 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class _Deprecated(argparse.Action):
+    """An old spelling kept for one release: stores into the new option's ``dest`` and prints a one-line note."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str, **kwargs: Any) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(f"note: {option_string or self.dest} is deprecated and goes in the next release; use {self.new}",
+              file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+LEGACY_OUT = "legacy_out"  # the dest of a hidden positional OUTPUT kept for one release (see Parser.add_out)
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse with the conventions above: underscore spellings of long options, ``--debug``, and a one-line
-    ``error: ...`` (exit 1) for a bad option instead of the usage block (exit 2)."""
+    """argparse with the conventions above: underscore spellings of long options, ``--debug``, ``--quiet``, hidden
+    deprecated aliases, and a one-line ``error: ...`` (exit 1) for a bad option instead of the usage block
+    (exit 2)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
         self.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")
+        self.add_argument("--quiet", action="store_true", help="no progress bars")
+        self._out_required = False
+
+    def deprecated(self, old: str, new: str) -> None:
+        """Accept ``old`` (hidden from --help) as the option ``new`` added before, with a one-line note."""
+        action = self._option_string_actions[new]
+        self.add_argument(old, action=_Deprecated, new=new, dest=action.dest, type=action.type, nargs=action.nargs,
+                          choices=action.choices, metavar=action.metavar)
+
+    def add_out(self, help: str, required: bool = False, default: Any = None, positional: bool = False) -> None:
+        """``--out``: what the command writes. ``positional``: the OUTPUT positional of earlier releases is still
+        accepted (hidden, with a note) after the other positionals."""
+        self.add_argument("--out", type=Path, default=default, help=help)
+        self._out_required = required
+        if positional:
+            self.add_argument(LEGACY_OUT, type=Path, nargs="?", default=None, help=argparse.SUPPRESS)
 
     def parse_known_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None):
         args = list(sys.argv[1:] if args is None else args)
         end = args.index("--") if "--" in args else len(args)
-        return super().parse_known_args([_dashed(a) for a in args[:end]] + args[end:], namespace)
+        ns, rest = super().parse_known_args([_dashed(a) for a in args[:end]] + args[end:], namespace)
+        legacy = getattr(ns, LEGACY_OUT, None)
+        if legacy is not None:
+            if ns.out is not None and ns.out != self.get_default("out"):
+                self.error(f"give the output once: --out {ns.out} or {legacy}, not both")
+            print(f"note: the output as a positional argument is deprecated and goes in the next release; use "
+                  f"--out {legacy}", file=sys.stderr)
+            ns.out = legacy
+        if hasattr(ns, LEGACY_OUT):
+            delattr(ns, LEGACY_OUT)
+        if self._out_required and getattr(ns, "out", None) is None:
+            self.error("the following arguments are required: --out")
+        return ns, rest
 
     def error(self, message: str) -> NoReturn:
         self.exit(1, f"error: {message} (see {self.prog} --help)\n")
 
 
+def summary(doc: str) -> str:
+    """A command's --help description: the first paragraph of its module docstring without the leading
+    ``pp-name``: (``\"\"\"``pp-contacts``: can the model's attention ...`` -> ``can the model's attention ...``)."""
+    first = " ".join(doc.split("\n\n")[0].split())
+    text = re.sub(r"^``[\w-]+``( / ``[^`]+``)?:\s*", "", first)
+    return text[:1].upper() + text[1:]
+
+
 def add_device_arguments(parser: argparse.ArgumentParser, precision: bool = True) -> None:
-    """``--device`` (and ``--precision``), the same on every command that runs a model."""
+    """``--device``, ``--threads`` (and ``--precision``), the same on every command that runs a model."""
     parser.add_argument("--device", default="auto", help=f"torch device: {DEVICE_CHOICES}")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; use 1 when other jobs share the cores, where "
+                        "two threads per core run several times slower)")
     if precision:
         parser.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="32",
                             help="32, or run the model under autocast in bf16 / 16 (fp16) for speed and memory")
+
+
+def add_attention_arguments(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """``--attention``, ``--num-features``, ``--kernel``: swap a model's attention at load time (weights kept), the
+    same on every command that runs a model for its outputs (``default`` None keeps the file's attention)."""
+    parser.add_argument("--attention", choices=("exact", "favor"), default=default,
+                        help="exact softmax, or favor = FAVOR+ (linear memory, no length cap, e.g. an ESM-2 file on "
+                        "a 35,000-residue protein)" + ("" if default else "; default: as in the file"))
+    parser.add_argument("--num-features", type=int, default=None, help="FAVOR+ random features per head (256)")
+    parser.add_argument("--kernel", choices=("softmax", "relu"), default=None,
+                        help="FAVOR+ kernel (default: softmax for a file trained with exact attention, else the "
+                        "checkpoint's own)")
 
 
 def checked_device(args: argparse.Namespace) -> torch.device:
@@ -95,9 +172,17 @@ def run_command(run: Callable[[argparse.Namespace], Any], parser: argparse.Argum
                 argv: Sequence[str] | None = None) -> Any:
     """Parse ``argv`` and call ``run(args)``; an anticipated error becomes ``error: ...`` and exit code 1."""
     args = parser.parse_args(argv)
+    quiet = getattr(args, "quiet", False)
+    if quiet:
+        os.environ["PP_QUIET"] = "1"  # proteinperformer.progress: no bars, no periodic lines
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     try:
         return run(args)
     except ANTICIPATED_ERRORS as err:
         if getattr(args, "debug", False):
             raise
         raise SystemExit(f"error: {one_line(err)}") from None
+    finally:
+        if quiet:
+            os.environ.pop("PP_QUIET", None)

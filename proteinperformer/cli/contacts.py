@@ -1,6 +1,6 @@
 """``pp-contacts``: can the model's attention find which residues touch in the folded protein?
 
-    pp-contacts CHECKPOINT --structures data/structures/pdb_chains_subset60.npz --train-chains 20 --out results/
+    pp-contacts CHECKPOINT --structures data/structures/pdb_chains_subset60.npz --train-chains 20 --out contacts/
 
 What it fits and writes is described in :mod:`proteinperformer.analysis.contacts_report` (ESM-style contacts).
 """
@@ -12,28 +12,30 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proteinperformer.analysis.contacts_report import run
-from proteinperformer.cli.common import Parser, add_device_arguments, checked_device, run_command
+from proteinperformer.cli.common import Parser, add_device_arguments, checked_device, run_command, summary
 
 
 def create_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="pp-contacts", description=__doc__.split("\n\n")[0].strip("`"))
+    p = Parser(prog="pp-contacts", description=summary(__doc__))
     p.add_argument("checkpoint", help="a pp-train / pp-convert checkpoint, an ESM-2 file or a Hugging Face ESM dir")
     p.add_argument("--structures", default="data/structures/pdb_chains_subset60.npz",
                    help="chains in the pdb_chains.npz layout")
     p.add_argument("--train-chains", type=int, default=20, help="chains used to fit the regression (ESM: 20)")
-    p.add_argument("--out", type=Path, default=Path("results"), help="output folder")
+    p.add_out("output folder", default=Path("contacts"))
     p.add_argument("--atom", choices=("cb", "ca"), default="cb", help="distance between Cβ or Cα atoms")
-    p.add_argument("--max-len", type=int, default=512, help="skip chains longer than this")
+    p.add_argument("--max-length", type=int, default=512, help="skip (and count) chains longer than this")
     p.add_argument("--seed", type=int, default=0, help="null-model seed")
-    p.add_argument("--n-chains", type=int, default=None, help="use only the first N chains (default: all)")
+    p.add_argument("--max-sequences", type=int, default=None, help="use only the first N chains (default: all)")
     add_device_arguments(p)
+    p.deprecated("--n-chains", "--max-sequences")
+    p.deprecated("--max-len", "--max-length")
     return p
 
 
 def report(a: argparse.Namespace) -> dict:
     """Fit and score the contact regression; print long-range P@L against the null; returns the JSON."""
     device = checked_device(a)
-    res = run(a.checkpoint, a.structures, a.train_chains, a.out, a.atom, a.max_len, a.seed, a.n_chains,
+    res = run(a.checkpoint, a.structures, a.train_chains, a.out, a.atom, a.max_length, a.seed, a.max_sequences,
               a.precision, device)
     m, n = res["model"]["mean"]["long"], res["null_random_init"]["mean"]["long"]
     print(f"{res['n_test']} test chains, long-range P@L = {m['L']:.3f} (random-init null {n['L']:.3f}, "

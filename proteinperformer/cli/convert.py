@@ -1,19 +1,21 @@
 """``pp-convert``: turn a Transformer (an ESM-2 file, a Hugging Face ESM or GPT-2 directory, an exact-attention project
 checkpoint) into a Performer checkpoint, and measure what the swap costs on your own sequences.
 
-    pp-convert esm2_t6_8M_UR50D.pt esm2_8M_favor.ckpt --attention favor        # write a project checkpoint
+    pp-convert esm2_t6_8M_UR50D.pt --out esm2_8M_favor.ckpt --attention favor  # write a project checkpoint
     pp-convert esm2_t6_8M_UR50D.pt --report my_proteins.fasta                  # what FAVOR+ changes, per layer
     pp-train init_from=esm2_8M_favor.ckpt data.fasta_path=my.fasta            # fine-tune it (MLM)
-    pp-convert iglm/trained_models/IgLM iglm_favor.ckpt --attention favor      # a GPT-2 directory + vocab.txt
-    pp-convert --slim runs/tiny/<run>/checkpoints/last.ckpt model.ckpt          # drop the optimiser state
+    pp-convert iglm/trained_models/IgLM --out iglm_favor.ckpt --attention favor  # a GPT-2 directory + vocab.txt
+    pp-convert --slim runs/tiny/<run>/checkpoints/last.ckpt --out model.ckpt    # drop the optimiser state
 
 The checkpoint holds the weights, ``hyper_parameters.config`` and the alphabet; every command that takes a
 checkpoint reads it (:func:`proteinperformer.checkpoints.load_model`). The FAVOR+ kernel is the source's own
-(softmax for ESM-2 and GPT-2, which were trained with softmax attention) unless ``--kernel`` is given. The report is
+(softmax for ESM-2, GPT-2 and any exact-attention checkpoint, whose attention is softmax; the checkpoint's own for a
+FAVOR+ one) unless ``--kernel`` is given. The report is
 described in :mod:`proteinperformer.evaluation.conversion`.
 
-``--slim SOURCE OUTPUT`` converts nothing: it copies a ``pp-train`` checkpoint with only what loading needs (weights,
-hyper-parameters, alphabet, step counters; no optimiser or callback state), the way shipped checkpoints are made, and
+``--slim SOURCE --out OUTPUT`` converts nothing: it copies a ``pp-train`` checkpoint with only what loading needs
+(weights, hyper-parameters, alphabet, step counters; no optimiser or callback state), the way shipped checkpoints are
+made, and
 prints its size, parameter count, step and task (and, with ``--metrics``, the run's ``metrics.json``).
 """
 
@@ -25,30 +27,36 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proteinperformer.checkpoints import export_slim, load_model, read_torch, save_checkpoint
-from proteinperformer.cli.common import Parser, add_device_arguments, checked_device, run_command
+from proteinperformer.cli.common import (
+    Parser,
+    add_attention_arguments,
+    add_device_arguments,
+    checked_device,
+    run_command,
+    summary,
+)
 from proteinperformer.evaluation.conversion import DEFAULT_NUM_FEATURES, report
 from proteinperformer.files import write_json_atomic
 from proteinperformer.model import convert_attention
+from proteinperformer.model.precision import inference_autocast
 
 
 def create_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="pp-convert", description=__doc__.split("\n\n")[0].strip("`"))
+    parser = Parser(prog="pp-convert", description=summary(__doc__))
     parser.add_argument("source", type=Path,
                         help="ESM-2 .pt file, Hugging Face ESM or GPT-2 directory, or project .ckpt")
-    parser.add_argument("output", type=Path, nargs="?", help="project checkpoint to write (.ckpt)")
-    parser.add_argument("--attention", choices=("favor", "exact"), default="favor")
-    parser.add_argument("--num-features", type=int, default=DEFAULT_NUM_FEATURES, help="random features per head")
-    parser.add_argument("--kernel", choices=("softmax", "relu"), default=None,
-                        help="FAVOR+ kernel (default: the source's own; softmax for ESM-2 and GPT-2)")
+    parser.add_out("project checkpoint to write (.ckpt)", positional=True)
+    add_attention_arguments(parser, default="favor")
+    parser.set_defaults(num_features=DEFAULT_NUM_FEATURES)
     parser.add_argument("--seed", type=int, default=0, help="seed of the FAVOR+ projection draw")
     parser.add_argument("--report", type=Path, metavar="FASTA", help="measure FAVOR+ vs exact on these sequences")
     parser.add_argument("--report-json", type=Path, help="also write the report as JSON here")
     parser.add_argument("--draws", type=int, default=3, help="projection draws the report averages over")
     parser.add_argument("--max-sequences", type=int, default=200, help="report: first N sequences of FASTA")
     parser.add_argument("--slim", action="store_true",
-                        help="copy a pp-train checkpoint SOURCE to OUTPUT without optimiser state (no conversion)")
+                        help="copy a pp-train checkpoint SOURCE to --out without optimiser state (no conversion)")
     parser.add_argument("--metrics", type=Path, help="with --slim: the run's metrics.json, printed with the summary")
-    add_device_arguments(parser, precision=False)
+    add_device_arguments(parser)
     return parser
 
 
@@ -68,9 +76,9 @@ def print_report(r: dict) -> None:
 
 def slim(args: argparse.Namespace) -> None:
     """``--slim``: write the slim copy and print what goes into a model card."""
-    if args.output is None or args.report is not None:
-        raise ValueError("--slim copies SOURCE to OUTPUT: give both, and no --report")
-    dst = export_slim(args.source, args.output)
+    if args.out is None or args.report is not None:
+        raise ValueError("--slim copies SOURCE to --out: give both, and no --report")
+    dst = export_slim(args.source, args.out)
     model, ckpt = load_model(dst), read_torch(dst)
     print(f"{dst}: {dst.stat().st_size / 2**20:.1f} MiB (from {args.source.stat().st_size / 2**20:.1f} MiB), "
           f"{model.num_parameters():,} parameters, step {ckpt.get('global_step')}, task "
@@ -86,20 +94,22 @@ def run(args: argparse.Namespace) -> None:
         return
     if args.metrics is not None:
         raise ValueError("--metrics goes with --slim")
-    if args.output is None and args.report is None:
-        raise ValueError("give an OUTPUT checkpoint to write, --report FASTA, or both")
+    if args.out is None and args.report is None:
+        raise ValueError("give a checkpoint to write (--out), --report FASTA, or both")
     device = checked_device(args)  # the report's forward passes; the conversion itself copies weights on the CPU
-    if args.output is not None:
+    if args.out is not None:
         model = load_model(args.source, attention=args.attention, num_features=args.num_features, kernel=args.kernel)
         if args.attention == "favor":  # a reproducible draw, whatever load_model drew
             model = convert_attention(model, "favor", args.num_features, args.kernel, seed=args.seed)
-        save_checkpoint(model, args.output, args.source)
+        save_checkpoint(model, args.out, args.source)
         cfg = model.config
-        print(f"wrote {args.output}: {cfg.depth} layers, width {cfg.dim}, {cfg.attention} attention, "
+        print(f"wrote {args.out}: {cfg.depth} layers, width {cfg.dim}, {cfg.attention} attention, "
               f"{cfg.kernel} kernel ({model.num_parameters():,} parameters)")
     if args.report is not None:
-        r = report(args.source, args.report, args.num_features, args.kernel, args.draws, args.max_sequences,
-                   device=device)
+        with inference_autocast(args.precision, device):
+            r = report(args.source, args.report, args.num_features, args.kernel, args.draws, args.max_sequences,
+                       device=device)
+        r["precision"] = args.precision
         print_report(r)
         if args.report_json is not None:
             write_json_atomic(args.report_json, r)

@@ -1,8 +1,8 @@
 """``pp-embed``: per-protein and per-residue embeddings of a FASTA file, like esm-extract.
 
-    pp-embed CHECKPOINT proteins.fasta out/ --repr-layers 0 -1 --include mean per_tok --device cuda
+    pp-embed CHECKPOINT proteins.fasta --out emb/ --repr-layers 0 -1 --include mean per_tok --device cuda
 
-Resumable: labels already in OUTDIR are skipped. ``--format h5`` streams any number of proteins to per-rank
+Resumable: labels already in ``--out`` are skipped. ``--format h5`` streams any number of proteins to per-rank
 shards linked into one ``embeddings.h5``; ``npz`` is for small jobs (merged in memory). The FASTA is read once
 up front (letters, duplicate labels, too-long sequences: the run stops before any embedding, listing their ids),
 then streamed. The output files are described in :mod:`proteinperformer.inference.embed_files`, the embeddings
@@ -16,7 +16,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proteinperformer.checkpoints import load_model
-from proteinperformer.cli.common import Parser, add_device_arguments, checked_device, run_command
+from proteinperformer.cli.common import (
+    Parser,
+    add_attention_arguments,
+    add_device_arguments,
+    checked_device,
+    run_command,
+)
 from proteinperformer.inference.embed import INCLUDE, residue_limit, resolve_contact_head, resolve_layers
 from proteinperformer.inference.embed_files import (
     DTYPES,
@@ -34,14 +40,14 @@ def create_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="pp-embed",
         description="Extract per-sequence / per-residue representations from a proteinperformer checkpoint, an "
-        "ESM-2 file or a Hugging Face ESM directory (like esm-extract). Resumable: labels already in OUTDIR are "
+        "ESM-2 file or a Hugging Face ESM directory (like esm-extract). Resumable: labels already in --out are "
         "skipped.",
     )
     parser.add_argument("checkpoint", type=Path, help="a pp-train / pp-convert checkpoint, an ESM-2 .pt or HF dir")
     parser.add_argument("fasta", type=Path, help="FASTA file (.gz ok), streamed")
-    parser.add_argument("outdir", type=Path, help="output directory (created)")
+    parser.add_out("output folder (created)", required=True, positional=True)
     parser.add_argument("--repr-layers", type=int, nargs="+", default=[-1],
-                        help="layers to return: 0 = embeddings, -1 = final")
+                        help="layers to return: 0 = embeddings, -1 = final (files key them 0..depth)")
     parser.add_argument("--include", nargs="+", choices=INCLUDE, default=["mean"], help="what to save")
     parser.add_argument("--contact-head", type=Path, default=None,
                         help="for --include contacts: the contact_head.json pp-contacts wrote (default: the "
@@ -62,17 +68,12 @@ def create_parser() -> argparse.ArgumentParser:
     add_device_arguments(parser)
     parser.add_argument("--devices", type=int, default=1,
                         help="number of processes / GPUs (>1 runs DDP; with --device cuda or cpu)")
-    parser.add_argument("--attention", choices=("exact", "favor"), default=None,
-                        help="swap the model's attention (weights kept): favor = FAVOR+, linear memory, no length "
-                        "cap (e.g. an ESM-2 file on a 35,000-residue protein); default: as in the file")
-    parser.add_argument("--num-features", type=int, default=None, help="FAVOR+ random features per head (256)")
-    parser.add_argument("--kernel", choices=("softmax", "relu"), default=None,
-                        help="FAVOR+ kernel when swapping (default softmax for ESM-2, else the checkpoint's)")
+    add_attention_arguments(parser)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    """Embed every FASTA record not yet in ``args.outdir``; returns the number of sequences embedded."""
+    """Embed every FASTA record not yet in ``args.out``; returns the number of sequences embedded."""
     device = checked_device(args)
     model = load_model(args.checkpoint, attention=args.attention, num_features=args.num_features, kernel=args.kernel)
     layers = list(args.repr_layers)
@@ -81,21 +82,21 @@ def run(args: argparse.Namespace) -> int:
     if contact_head is not None and args.chunk:
         raise ValueError("--include contacts needs the whole protein in one pass: use --truncate, not --chunk")
     on_long = "truncate" if args.truncate else "chunk" if args.chunk else "error"
-    args.outdir.mkdir(parents=True, exist_ok=True)
-    done = done_labels(args.outdir, args.format)
+    args.out.mkdir(parents=True, exist_ok=True)
+    done = done_labels(args.out, args.format)
     limit = residue_limit(model.config) if on_long == "error" else None
     scan = scan_fasta(args.fasta, args.label, limit, done, model.alphabet)  # fails before any embedding
-    print(f"{scan['n']:,} sequences in {args.fasta}; {scan['n'] - scan['todo']:,} already in {args.outdir}, "
+    print(f"{scan['n']:,} sequences in {args.fasta}; {scan['n'] - scan['todo']:,} already in {args.out}, "
           f"{scan['todo']:,} to embed ({scan['residues']:,} residues)")
     if scan["todo"]:
-        is_global_zero = predict_to_dir(model, args.fasta, args.outdir, args.format, layers, args.include, on_long,
+        is_global_zero = predict_to_dir(model, args.fasta, args.out, args.format, layers, args.include, on_long,
                                         contact_head, args.precision, device, args.devices, args.toks_per_batch,
                                         args.label, done, args.dtype, args.block_size)
         if not is_global_zero:
             return scan["todo"]
     if args.format != "pt":
-        n = merge_parts(args.outdir, args.format)
-        print(f"{n:,} labels in {bundle_path(args.outdir, args.format)}")
+        n = merge_parts(args.out, args.format)
+        print(f"{n:,} labels in {bundle_path(args.out, args.format)}")
     return scan["todo"]
 
 

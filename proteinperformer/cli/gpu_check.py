@@ -215,10 +215,10 @@ def to_markdown(report: dict) -> str:
 
 def create_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="pp-gpu-check", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("results/gpu"), help="output folder")
+    parser.add_out("output folder", default=Path("results/gpu"))
     parser.add_argument("--quick", action="store_true", help="tiny CPU run of the same mechanics (no CUDA needed)")
     parser.add_argument("--sections", nargs="+", choices=["tests", "train", "bench"],
-                        default=["tests", "train", "bench"])
+                        default=["tests", "train", "bench"], help="which checks to run")
     parser.add_argument("--fasta", type=Path, default=None,
                         help="sequences for the training section (default: data.fasta_path if it exists from the "
                              "current directory, else random sequences written to OUT/synthetic.fasta)")

@@ -17,25 +17,26 @@ from proteinperformer.data.store.preprocess import preprocess
 def create_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="pp-preprocess", description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="+", help="FASTA files (.fasta / .fasta.gz)")
-    parser.add_argument("--out", required=True, help="output store directory")
+    parser.add_out("output store directory", required=True)
     parser.add_argument("--workers", type=int, default=1, help="parse processes (1 = in this process)")
     parser.add_argument("--chunk-mb", type=float, default=32, help="FASTA megabytes per shard")
     parser.add_argument("--on-invalid", choices=("error", "skip"), default="error",
                         help="records with invalid characters, no sequence or no id: fail, or skip and count")
     parser.add_argument("--on-duplicate-id", choices=("error", "skip"), default="error",
                         help="repeated accessions: fail, or keep the first and count the rest")
-    parser.add_argument("--min-len", type=int, default=None, help="drop (and count) shorter sequences")
-    parser.add_argument("--max-len", type=int, default=None, help="drop (and count) longer sequences")
+    parser.add_argument("--min-length", type=int, default=None, help="skip (and count) shorter sequences")
+    parser.add_argument("--max-length", type=int, default=None, help="skip (and count) longer sequences")
     parser.add_argument("--dedup", action="store_true", help="remove exact duplicate sequences (first kept)")
     parser.add_argument("--holdout", default=None, help="file of accessions (one per line) for the 'ood' split")
     parser.add_argument("--clusters", default=None,
                         help="TSV of representative TAB member (mmseqs createtsv; UniRef50 -> UniRef90 tables): whole "
                              "clusters go to one split, and data.sampling=cluster can draw one member per cluster")
-    parser.add_argument("--valid-frac", type=float, default=0.05)
-    parser.add_argument("--test-frac", type=float, default=0.05)
-    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--valid-frac", type=float, default=0.05, help="fraction of sequences in the valid split")
+    parser.add_argument("--test-frac", type=float, default=0.05, help="fraction of sequences in the test split")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the accession-hash split")
     parser.add_argument("--overwrite", action="store_true", help="discard shards made with other arguments")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.deprecated("--min-len", "--min-length")
+    parser.deprecated("--max-len", "--max-length")
     return parser
 
 
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> dict:
     """Build (or finish) the store; print its counts; returns the manifest."""
     manifest = preprocess(
         args.inputs, args.out, workers=args.workers, chunk_mb=args.chunk_mb, on_invalid=args.on_invalid,
-        min_len=args.min_len, max_len=args.max_len, dedup=args.dedup, on_duplicate_id=args.on_duplicate_id,
+        min_len=args.min_length, max_len=args.max_length, dedup=args.dedup, on_duplicate_id=args.on_duplicate_id,
         holdout=args.holdout, clusters=args.clusters,
         valid_frac=args.valid_frac, test_frac=args.test_frac, split_seed=args.split_seed,
         overwrite=args.overwrite, progress=not args.quiet,

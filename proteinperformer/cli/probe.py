@@ -12,7 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proteinperformer.checkpoints import load_model
-from proteinperformer.cli.common import Parser, add_device_arguments, checked_device, run_command
+from proteinperformer.cli.common import (
+    Parser,
+    add_attention_arguments,
+    add_device_arguments,
+    checked_device,
+    run_command,
+)
 from proteinperformer.evaluation.probe import probe_files, read_tables
 
 
@@ -27,24 +33,30 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train", type=Path, required=True, help="training CSV")
     parser.add_argument("--valid", type=Path, required=True, help="validation CSV (the test set if no --test)")
     parser.add_argument("--test", type=Path, default=None, help="test CSV (default: the validation CSV)")
-    parser.add_argument("--out", type=Path, default=Path("results.json"), help="results JSON (PNG beside it)")
-    parser.add_argument("--max-train", type=int, default=None, help="sample this many training proteins")
-    parser.add_argument("--layer", type=int, default=-1, help="representation layer (-1 = final)")
+    parser.add_out("results JSON (PNG beside it)", default=Path("probe.json"))
+    parser.add_argument("--max-sequences", type=int, default=None,
+                        help="sample this many training proteins, stratified by label (valid and test: all)")
+    parser.add_argument("--repr-layers", type=int, default=-1, metavar="LAYER",
+                        help="the one representation layer to probe (0 = embeddings, -1 = final)")
     parser.add_argument("--C", type=float, nargs="+", default=[1.0], help="inverse regularisation (several: "
                         "chosen on --valid; needs --test)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="training-subset and classifier seed")
     parser.add_argument("--toks-per-batch", type=int, default=4096, help="embedding batch size in tokens")
     add_device_arguments(parser)
+    add_attention_arguments(parser)
+    parser.deprecated("--max-train", "--max-sequences")
+    parser.deprecated("--layer", "--repr-layers")
     return parser
 
 
 def run(args: argparse.Namespace) -> dict:
     """Check the tables, load the checkpoint, run :func:`probe_files`; writes ``args.out`` and its PNG."""
     device = checked_device(args)
-    read_tables(args.train, args.valid, args.test, args.max_train, args.seed)  # bad data fails before the model
-    model = load_model(args.checkpoint, device)
-    report = probe_files(model, args.train, args.valid, args.out, args.test, args.max_train, args.layer, args.C,
-                         args.seed, args.toks_per_batch, args.precision, checkpoint=str(args.checkpoint))
+    read_tables(args.train, args.valid, args.test, args.max_sequences, args.seed)  # bad data fails before the model
+    model = load_model(args.checkpoint, device, attention=args.attention, num_features=args.num_features,
+                       kernel=args.kernel)
+    report = probe_files(model, args.train, args.valid, args.out, args.test, args.max_sequences, args.repr_layers,
+                         args.C, args.seed, args.toks_per_batch, args.precision, checkpoint=str(args.checkpoint))
     return report
 
 

@@ -1,6 +1,6 @@
 """``pp-score``: zero-shot variant-effect scores of a deep mutational scan, like ESM-1v's ``predict.py``.
 
-    pp-score MODEL dms.csv scored.csv --sequence HPETLVKV... --mutation-col mutant --offset-idx 24 \\
+    pp-score MODEL dms.csv --out scored.csv --sequence HPETLVKV... --mutation-col mutant --offset-idx 24 \\
         --scoring-strategy masked-marginals --target-col 2500
 
 Writes the input CSV back (every row and column, as read) with the score column added (``--score-col``, default
@@ -19,7 +19,13 @@ import numpy as np
 import pandas as pd
 
 from proteinperformer.checkpoints import load_model
-from proteinperformer.cli.common import Parser, add_device_arguments, checked_device, run_command
+from proteinperformer.cli.common import (
+    Parser,
+    add_attention_arguments,
+    add_device_arguments,
+    checked_device,
+    run_command,
+)
 from proteinperformer.data.fasta import read_fasta
 from proteinperformer.data.unigram import fasta_unigram_frequencies, unigram_description
 from proteinperformer.files import resolve_path, write_atomic, write_json_atomic
@@ -45,7 +51,7 @@ def create_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("model", type=Path, help="a pp-train / pp-convert checkpoint, an ESM-2 .pt or HF dir")
     parser.add_argument("dms_csv", type=Path, help="CSV with one variant per row")
-    parser.add_argument("out_csv", type=Path, help="the input CSV with the score columns added (written atomically)")
+    parser.add_out("the input CSV with the score columns added (written atomically)", required=True, positional=True)
     seq = parser.add_mutually_exclusive_group(required=True)
     seq.add_argument("--sequence", help="the wild-type sequence")
     seq.add_argument("--fasta", type=Path, help="FASTA with the wild-type sequence (one record)")
@@ -56,7 +62,7 @@ def create_parser() -> argparse.ArgumentParser:
                         "pseudo-log-likelihood of each whole mutant (L passes per mutant)")
     parser.add_argument("--score-col", default=None, help="name of the score column (default: the strategy's name)")
     parser.add_argument("--target-col", default=None, help="measured fitness column: print and save Spearman rho")
-    parser.add_argument("--rho-json", type=Path, default=None, help="where to write rho (default: OUT_CSV.rho.json)")
+    parser.add_argument("--rho-json", type=Path, default=None, help="where to write rho (default: OUT.rho.json)")
     parser.add_argument("--skip-mismatched", action="store_true",
                         help="count and skip (empty score) rows whose wild type does not match the sequence, "
                         "instead of stopping")
@@ -66,12 +72,7 @@ def create_parser() -> argparse.ArgumentParser:
                         "(25 residue letters, add-one smoothed)")
     parser.add_argument("--toks-per-batch", type=int, default=4096, help="tokens per forward pass")
     add_device_arguments(parser)
-    parser.add_argument("--attention", choices=("exact", "favor"), default=None,
-                        help="swap the model's attention (weights kept): favor = FAVOR+, no length cap (ESM-2 on "
-                        "proteins longer than 1,022 residues); default: as in the file")
-    parser.add_argument("--num-features", type=int, default=None, help="FAVOR+ random features per head (256)")
-    parser.add_argument("--kernel", choices=("softmax", "relu"), default=None,
-                        help="FAVOR+ kernel when swapping (default softmax for ESM-2, else the checkpoint's)")
+    add_attention_arguments(parser)
     return parser
 
 
@@ -127,8 +128,8 @@ def run(args: argparse.Namespace) -> dict:
         columns |= {"blosum62": blosum_scores(parsed), "unigram": unigram_scores(parsed, freqs)}
     for name, values in columns.items():
         df[name] = [f"{v:.6g}" if np.isfinite(v) else "" for v in values]
-    write_atomic(args.out_csv, lambda tmp: df.to_csv(tmp, index=False))
-    print(f"{len(df)} rows, {len(df) - skipped} scored ({args.scoring_strategy}) -> {args.out_csv}"
+    write_atomic(args.out, lambda tmp: df.to_csv(tmp, index=False))
+    print(f"{len(df)} rows, {len(df) - skipped} scored ({args.scoring_strategy}) -> {args.out}"
           + (f"; {skipped} rows skipped: wild type does not match the sequence" if skipped else ""))
     if args.target_col is None:
         return {}
@@ -143,7 +144,7 @@ def run(args: argparse.Namespace) -> dict:
               "n_with_target": int(np.isfinite(target).sum()), "spearman": rho}
     if freqs is not None:
         record["unigram"] = unigram_description(unigram_alphabet, f"whole-file ({args.unigram_fasta})")
-    path = args.rho_json or args.out_csv.with_name(args.out_csv.name + ".rho.json")
+    path = args.rho_json or args.out.with_name(args.out.name + ".rho.json")
     record["spearman"] = {k: v if np.isfinite(v) else None for k, v in rho.items()}  # JSON has no NaN
     write_json_atomic(path, record)
     print(f"written: {path}")

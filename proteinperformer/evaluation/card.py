@@ -43,7 +43,7 @@ from proteinperformer.data.unigram import unigram_baseline, unigram_description
 from proteinperformer.evaluation.dms import PUBLISHED, TEM1_CSV, tem1_rho
 from proteinperformer.evaluation.probe import probe_files, read_tables
 from proteinperformer.files import resolve_path, save_figure_atomic, write_json_atomic, write_text_atomic
-from proteinperformer.model.precision import resolve_device
+from proteinperformer.model.precision import check_inference_precision, inference_autocast, resolve_device
 from proteinperformer.progress import track
 from proteinperformer.tokenizer import Alphabet
 from proteinperformer.training.scoring import score_batches
@@ -302,13 +302,17 @@ def evaluate(args: argparse.Namespace) -> dict:
         if task not in skip:
             read_tables(train, valid, max_train=getattr(args, f"{task}_max_train"), seed=args.seed)
     device = resolve_device(args.device)
-    model = load_model(args.checkpoint, device)
+    precision = getattr(args, "precision", "32")
+    check_inference_precision(precision, device)
+    model = load_model(args.checkpoint, device, attention=getattr(args, "attention", None),
+                       num_features=getattr(args, "num_features", None), kernel=getattr(args, "kernel", None))
     record = training_record(args.checkpoint)
     card = {
         "checkpoint": str(args.checkpoint),
         "model": {"config": model.config.to_dict(), "parameters": model.num_parameters(),
                   "global_step": record.get("global_step")},
         "host": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "precision": precision,
         "data": {},
         "sections": {},
         "seconds": {},
@@ -330,9 +334,10 @@ def evaluate(args: argparse.Namespace) -> dict:
             print(f"scoring the valid and test splits of {args.fasta} (valid_frac={split['valid_frac']}, "
                   f"test_frac={split['test_frac']}, split_seed={split['split_seed']}, from {source})")
             card["data"]["split"] = {**split, "from": source}
-            card["sections"]["mlm"] = masked_lm_scores(model, fasta, split["valid_frac"], split["test_frac"],
-                                                       split["split_seed"],
-                                                       args.max_len, args.batch_size, args.seed)
+            with inference_autocast(precision, device):
+                card["sections"]["mlm"] = masked_lm_scores(model, fasta, split["valid_frac"], split["test_frac"],
+                                                           split["split_seed"],
+                                                           args.max_len, args.batch_size, args.seed)
             print(f"unigram baseline: {card['sections']['mlm']['unigram']}")
             for split in ("valid", "test"):
                 m = card["sections"]["mlm"][split]
@@ -347,7 +352,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         card["data"][task] = f"{getattr(args, f'{task}_train')}, {getattr(args, f'{task}_valid')}"
         report = probe_files(model, train, valid, out / "probes" / f"{task}.json",
                              max_train=getattr(args, f"{task}_max_train"), seed=args.seed,
-                             toks_per_batch=args.toks_per_batch)
+                             toks_per_batch=args.toks_per_batch, precision=precision)
         for r in report["results"].values():  # curves and confusion matrices stay in probes/<task>.json
             for key in ("curve", "pr_curve", "confusion"):
                 r.pop(key, None)
@@ -357,7 +362,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         t = stage("attention vs BLOSUM62")
         card["data"]["BLOSUM62"] = f"{args.blosum_fasta} ({args.blosum_n_seqs} proteins)"
         res = blosum_report.run(str(args.checkpoint), str(resolve_path(args.blosum_fasta)), args.blosum_n_seqs,
-                                out / "blosum", ["BLOSUM62"], args.blosum_max_len, args.seed, device=device)
+                                out / "blosum", ["BLOSUM62"], args.blosum_max_len, args.seed,
+                                precision=precision, device=device)
         for part in res["methods"].values():
             for r in part.values():
                 r.pop("edges_per_head", None)
@@ -368,14 +374,14 @@ def evaluate(args: argparse.Namespace) -> dict:
         card["data"]["contacts"] = str(args.structures)
         res = contacts_report.run(str(args.checkpoint), str(resolve_path(args.structures)),
                                   args.contact_train_chains, out / "contacts", max_len=args.contact_max_len,
-                                  seed=args.seed, device=device)
+                                  seed=args.seed, precision=precision, device=device)
         card["sections"]["contacts"] = {k: res[k] for k in ("contact_definition", "n_train", "n_test")} | {
             part: {"mean": res[part]["mean"]} for part in ("model", "null_random_init")}
         card["seconds"]["contacts"] = round(time.perf_counter() - t, 1)
     if "dms" not in skip:
         t = stage("zero-shot variant effects (TEM-1 scan)")
         card["data"]["variant effects"] = f"{TEM1_CSV} (fitness at 2,500 µg/mL ampicillin)"
-        card["sections"]["dms"] = tem1_rho(model, TEM1_CSV, null_seed=args.seed)
+        card["sections"]["dms"] = tem1_rho(model, TEM1_CSV, null_seed=args.seed, precision=precision)
         card["seconds"]["dms"] = round(time.perf_counter() - t, 1)
     card["wall_seconds"] = round(time.perf_counter() - start, 1)
     markdown = card_markdown(card)

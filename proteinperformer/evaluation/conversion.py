@@ -19,6 +19,7 @@ import torch
 from proteinperformer.checkpoints import load_model
 from proteinperformer.inference.embed import as_records, residue_limit
 from proteinperformer.model import PerformerLM, convert_attention
+from proteinperformer.model.performer import own_kernel
 from proteinperformer.training.scoring import evaluation_collator, score_batches
 
 DEFAULT_NUM_FEATURES = 256  # see docs/esm2.md "Which defaults, and why" (measured in studies/fig5_small/)
@@ -49,8 +50,9 @@ def report(source: str | Path, fasta: str | Path, num_features: int = DEFAULT_NU
     Sequences are cropped to ``max_residues`` or the exact model's limit; the models run on ``device``. ``kernel``
     None keeps the source's own. Returns a dict (see ``pp-convert``).
     """
-    exact = load_model(source, device, attention="exact")
-    kernel = kernel or exact.config.kernel  # the source's own kernel unless one is asked for
+    exact = load_model(source, device)
+    kernel = kernel or own_kernel(exact.config)  # the source's own kernel (softmax if exact) unless one is asked for
+    exact = convert_attention(exact, "exact") if exact.config.attention != "exact" else exact
     max_residues = min(max_residues, residue_limit(exact.config) or max_residues)
     records = [(label, seq[:max_residues]) for label, seq in as_records(fasta)[:max_sequences]]
     converter = exact.alphabet.get_batch_converter()

@@ -263,6 +263,12 @@ class PerformerLM(nn.Module):
             block.attn.redraw_projection(generator)
 
 
+def own_kernel(config: ModelConfig) -> str:
+    """The FAVOR+ kernel that approximates what ``config``'s attention computes: its own kernel under FAVOR+,
+    softmax under exact attention (whatever its unused ``kernel`` field says: a project config defaults to relu)."""
+    return config.kernel if config.attention == "favor" else "softmax"
+
+
 def convert_attention(
     model: PerformerLM,
     attention: str | None = None,
@@ -275,11 +281,12 @@ def convert_attention(
     Swapping exact softmax attention for FAVOR+ (``attention="favor"``, kernel "softmax") is the Performer's
     backward compatibility: the trained q/k/v weights stay and φ(q)·φ(k) estimates their softmax kernel. The
     new projections are drawn from ``seed`` (reproducible), also for a source that has none (exact attention, or
-    the ReLU kernel without projection). Arguments left None keep the model's value; the
-    result is on the model's device, in eval mode if the model was.
+    the ReLU kernel without projection). Arguments left None keep the model's value, except the kernel of a model
+    with exact attention, which is softmax (:func:`own_kernel`); the result is on the model's device, in eval mode
+    if the model was.
     """
     cfg = replace(model.config, attention=attention or model.config.attention,
-                  num_features=num_features or model.config.num_features, kernel=kernel or model.config.kernel)
+                  num_features=num_features or model.config.num_features, kernel=kernel or own_kernel(model.config))
     if cfg.attention == "favor" and feature_map(cfg.kernel).needs_projection:
         cfg = replace(cfg, use_projection=True)  # positive random features need ω; a source without one gets a draw
     with torch.random.fork_rng(devices=[]):
