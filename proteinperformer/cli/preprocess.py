@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from proteinperformer.cli.common import Parser, run_command
+from proteinperformer.cli.common import Parser, run_command, summary
 from proteinperformer.data.store.preprocess import preprocess
 
 
 def create_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="pp-preprocess", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="pp-preprocess", description=summary(__doc__))
     parser.add_argument("inputs", nargs="+", help="FASTA files (.fasta / .fasta.gz)")
     parser.add_out("output store directory", required=True)
     parser.add_argument("--workers", type=int, default=1, help="parse processes (1 = in this process)")

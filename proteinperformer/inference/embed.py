@@ -208,6 +208,10 @@ def resolve_contact_head(model: PerformerLM, contact_head=None):
     from proteinperformer.analysis.contacts import ContactHead
 
     if isinstance(contact_head, str | Path):
+        if not Path(contact_head).is_file():
+            raise ValueError(f"{contact_head}: no such contact head; run pp-contacts CHECKPOINT --out DIR first (it "
+                             "writes DIR/contact_head.json), or give the reference checkpoint's shipped head, "
+                             "studies/reference_model/results/card/contacts/contact_head.json")
         contact_head = ContactHead.load(contact_head)
     head = contact_head or ContactHead.of_model(model)
     if head is None:
