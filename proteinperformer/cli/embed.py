@@ -32,7 +32,9 @@ from proteinperformer.inference.embed_files import (
     done_labels,
     merge_parts,
     predict_to_dir,
+    prepare_folder,
     scan_fasta,
+    settings_of,
 )
 
 
@@ -69,6 +71,9 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--devices", type=int, default=1,
                         help="number of processes / GPUs (>1 runs DDP; with --device cuda or cpu)")
     add_attention_arguments(parser)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="when --out holds embeddings made with other --include / --repr-layers / --format / "
+                        "--dtype: remove them and embed every protein again (default: stop)")
     return parser
 
 
@@ -82,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     if contact_head is not None and args.chunk:
         raise ValueError("--include contacts needs the whole protein in one pass: use --truncate, not --chunk")
     on_long = "truncate" if args.truncate else "chunk" if args.chunk else "error"
-    args.out.mkdir(parents=True, exist_ok=True)
+    prepare_folder(args.out, settings_of(args.format, args.include, layers, model.config.depth, args.dtype),
+                   args.overwrite)
     done = done_labels(args.out, args.format)
     limit = residue_limit(model.config) if on_long == "error" else None
     scan = scan_fasta(args.fasta, args.label, limit, done, model.alphabet)  # fails before any embedding

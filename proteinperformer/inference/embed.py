@@ -9,8 +9,11 @@ Follows ESM's ``esm-extract`` (facebookresearch/esm, ``scripts/extract.py``)::
     reps["P12345"]["per_tok"][-1]  # Tensor [L, D], one row per residue (no <cls>/<eos>)
     reps["P12345"]["bos"][-1]      # Tensor [D], the <cls> state
 
-Layers: 0 is the embedding layer, i the output of block i, ``depth`` (= -1) the final LayerNorm'ed state;
-negative indices count from the end and the result is keyed by the layers as given.
+Layers: 0 is the embedding layer, i the output of block i, ``depth`` (= -1) the final LayerNorm'ed state.
+Results are keyed by the absolute layer, 0..depth, as ESM keys them and as ``pp-embed`` writes them to files
+(``layers=[-1]`` on a 6-layer model gives the key ``6``); the per-kind dicts are :class:`Layers`, which also take
+a negative key (``[-1]`` = ``[depth]``), so the same indexing works on ``embed()``'s result and on files read back
+with :func:`~proteinperformer.inference.embed_files.read_embeddings`.
 
 Batching packs length-sorted sequences by a token budget (ESM's ``get_batch_indices``); padded keys are
 excluded from attention, so a sequence embeds the same alone or in a batch. Models with sinusoidal
@@ -46,7 +49,41 @@ from proteinperformer.tokenizer import Alphabet
 INCLUDE = ("mean", "per_tok", "bos", "contacts")
 ON_LONG = ("error", "truncate", "chunk")
 
-Embeddings = dict[str, dict[str, dict[int, torch.Tensor]]]  # label -> kind -> layer -> tensor
+Embeddings = dict[str, dict[str, dict[int, torch.Tensor]]]  # label -> kind -> layer (0..depth) -> tensor
+
+
+class Layers(dict):
+    """``{layer: tensor}`` keyed by the absolute layer 0..``depth`` (ESM's convention, also in files); a negative
+    key counts from the end when ``depth`` is known (``reps["mean"][-1]`` is the last layer)."""
+
+    def __init__(self, items: Mapping[int, torch.Tensor] | Iterable = (), depth: int | None = None) -> None:
+        super().__init__(items)
+        self.depth = depth
+
+    def _absolute(self, key: object) -> object:
+        if isinstance(key, int) and key < 0:
+            if self.depth is None:
+                raise KeyError(f"layer {key}: a negative layer needs the model's depth, which these embeddings do "
+                               f"not record; give the absolute layer, one of {sorted(self)}")
+            return key % (self.depth + 1)
+        return key
+
+    def __getitem__(self, key: object) -> torch.Tensor:
+        layer = self._absolute(key)
+        if not super().__contains__(layer):
+            raise KeyError(f"layer {key} is not here: these embeddings hold layers {sorted(self)} (0 = embeddings, "
+                           f"{self.depth if self.depth is not None else 'depth'} = last); embed it with "
+                           "layers= / --repr-layers")
+        return super().__getitem__(layer)
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            return super().__contains__(self._absolute(key))
+        except KeyError:
+            return False
+
+    def get(self, key: object, default: object = None) -> object:
+        return self[key] if key in self else default
 
 
 class SequenceTooLongError(ValueError):
@@ -137,7 +174,8 @@ def embed_batch(
 ) -> list[tuple[str, dict[str, dict[int, torch.Tensor]]]]:
     """Embed one batch of (label, sequence) in a single padded forward pass.
 
-    Returns [(label, {kind: {layer: tensor}})] in input order, tensors on CPU in fp32: ``mean`` [D],
+    Returns [(label, {kind: Layers({layer: tensor})})] in input order, keyed by absolute layer (0..depth; a
+    negative key also works), tensors on CPU in fp32: ``mean`` [D],
     ``per_tok`` [L, D] (residues only) and ``bos`` [D]; ``contacts`` is one [L, L] tensor (not per layer), from
     ``contact_head`` (an :class:`~proteinperformer.analysis.contacts.ContactHead`) or the model's own contact
     regression. See the module docstring for ``on_long``.
@@ -179,8 +217,8 @@ def embed_batch(
     for item, (label, seq) in enumerate(batch):
         n_res = min(len(seq), limit) if on_long == "truncate" and limit is not None else len(seq)
         rows = [(row, start, len(sub)) for row, (it, start, sub) in enumerate(pieces) if it == item]
-        out: dict[str, dict[int, torch.Tensor]] = {k: {} for k in include}
-        for given, layer in layer_map.items():
+        out: dict = {k: Layers(depth=model.config.depth) for k in include if k != "contacts"}
+        for layer in sorted(set(layer_map.values())):
             hidden = reps[layer].float()  # (P, T, D)
             total = hidden.new_zeros(n_res, hidden.shape[-1])
             count = hidden.new_zeros(n_res, 1)
@@ -189,11 +227,11 @@ def embed_batch(
                 count[start : start + n] += 1
             per_tok = total / count  # (L, D)
             if "per_tok" in include:
-                out["per_tok"][given] = per_tok.cpu().clone()
+                out["per_tok"][layer] = per_tok.cpu().clone()
             if "mean" in include:
-                out["mean"][given] = per_tok.mean(0).cpu()
+                out["mean"][layer] = per_tok.mean(0).cpu()
             if "bos" in include:
-                out["bos"][given] = hidden[rows[0][0], 0].cpu().clone()
+                out["bos"][layer] = hidden[rows[0][0], 0].cpu().clone()
         if "contacts" in include:
             from proteinperformer.analysis.contacts import predict_contact_map
 

@@ -7,7 +7,7 @@ killed run resumes where it stopped. Output formats:
 - ``pt`` (default): one ``OUTDIR/<label>.pt`` per sequence as esm-extract writes it: ``{"label",
   "representations": {layer: [L, D]}, "mean_representations": {layer: [D]}, "bos_representations":
   {layer: [D]}, "contacts": [L, L]}`` with non-negative layer numbers (-1 is written as ``depth``, as
-  esm-extract does).
+  esm-extract does; :func:`read_embeddings` also takes ``[-1]`` when the folder records the depth).
 - ``h5`` (any size): streamed, one HDF5 shard per rank appended per batch under ``OUTDIR/shards/``, linked into
   ``OUTDIR/embeddings.h5`` (virtual datasets + a label index) at the end; memory stays flat in the number of
   proteins. Layout, commit order and resume: :mod:`proteinperformer.inference.embed_h5`.
@@ -20,7 +20,9 @@ the model's limit: a too-long sequence stops the run before any embedding, with 
 streams it in blocks of ``block`` records, sorts each block by length into token-budget batches and embeds only
 its share (every world_size-th batch of the block), so a rank holds one block of sequences, never the file.
 Resuming skips the labels already written (``pt``: file names; ``h5``: the shards' label indexes; ``npz``: the
-bundle and parts), a set of labels (~100 bytes per label) held while the run lasts.
+bundle and parts), a set of labels (~100 bytes per label) held while the run lasts. ``OUTDIR/pp_embed.json``
+records what the folder holds (format, kinds, absolute layers, depth, dtype): a run that asks for something else
+stops in one line (``--overwrite`` starts the folder again) instead of skipping proteins that lack it.
 
 File names and keys escape a label with URL percent-encoding (:func:`safe_name`): letters, digits and
 ``_.-~`` stay, anything else (``/``, ``|``, spaces, ...) becomes ``%XX``, and a leading ``.`` is escaped
@@ -30,6 +32,8 @@ so no label makes a hidden file or ``..``. Decode with ``urllib.parse.unquote``.
 from __future__ import annotations
 
 import array
+import json
+import shutil
 import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -44,9 +48,9 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from proteinperformer.checkpoints import save_atomic
 from proteinperformer.data.fasta import FastaFormatError, read_fasta
-from proteinperformer.files import write_atomic
-from proteinperformer.inference.embed import SequenceTooLongError, batch_indices, embed_batch
-from proteinperformer.inference.embed_h5 import ShardWriter, iter_h5, link_shards, shard_labels
+from proteinperformer.files import write_atomic, write_json_atomic
+from proteinperformer.inference.embed import Layers, SequenceTooLongError, batch_indices, embed_batch
+from proteinperformer.inference.embed_h5 import SHARD_DIR, ShardWriter, iter_h5, link_shards, shard_labels
 from proteinperformer.model import PerformerLM
 from proteinperformer.progress import progress_bar
 
@@ -56,6 +60,7 @@ DTYPES = ("float32", "float16")
 # esm-extract's key names, used in every output file.
 FILE_KEYS = {"mean": "mean_representations", "per_tok": "representations", "bos": "bos_representations",
              "contacts": "contacts"}
+SETTINGS = "pp_embed.json"  # what a folder holds: format, include, layers (absolute), depth, dtype
 
 
 def safe_name(label: str) -> str:
@@ -103,14 +108,105 @@ def _read_bundle(path: Path) -> dict[str, dict]:
     return records
 
 
-def read_embeddings(outdir: str | Path, fmt: str = "pt") -> dict[str, dict]:
-    """Load what ``pp-embed`` wrote to ``outdir`` as {label: esm-extract style record}."""
+def folder_formats(outdir: Path) -> list[str]:
+    """The formats whose output ``outdir`` holds (finished or, for h5/npz, in progress)."""
+    found = []
+    if any(outdir.glob("*.pt")):
+        found.append("pt")
+    if bundle_path(outdir, "h5").exists() or (outdir / SHARD_DIR).is_dir():
+        found.append("h5")
+    if bundle_path(outdir, "npz").exists() or (outdir / ".parts").is_dir():
+        found.append("npz")
+    return found
+
+
+def read_settings(outdir: Path) -> dict | None:
+    """``OUTDIR/pp_embed.json`` (what the folder holds), or None for a folder an earlier release wrote."""
+    path = outdir / SETTINGS
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_embeddings(outdir: str | Path, fmt: str | None = None) -> dict[str, dict]:
+    """Load what ``pp-embed`` wrote to ``outdir`` as {label: esm-extract style record}; ``fmt`` None finds the
+    format in the folder. Layer dicts are :class:`~proteinperformer.inference.embed.Layers`: keyed 0..depth as
+    written, and ``[-1]`` works when the folder records the depth (``pp_embed.json``). A missing folder, one with
+    no embeddings, or one without ``fmt``'s files raises ValueError naming the folder."""
     outdir = Path(outdir)
+    if not outdir.is_dir():
+        raise ValueError(f"{outdir}: no such folder; give the --out folder pp-embed wrote")
+    found = folder_formats(outdir)
+    if not found:
+        raise ValueError(f"{outdir}: holds no pp-embed output (no *.pt, embeddings.h5 or embeddings.npz)")
+    if fmt is None:
+        if len(found) > 1:
+            raise ValueError(f"{outdir}: holds {' and '.join(found)} embeddings; pass fmt= one of them")
+        fmt = found[0]
+    elif fmt not in found:
+        raise ValueError(f"{outdir}: holds {' and '.join(found)} embeddings, not {fmt}; pass fmt={found[0]!r}")
+    if fmt != "pt" and not bundle_path(outdir, fmt).exists():
+        raise ValueError(f"{outdir}: the {fmt} run did not finish ({bundle_path(outdir, fmt).name} is missing); "
+                         "run the same pp-embed command again to finish it")
     if fmt == "pt":
-        return {r["label"]: r for r in (torch.load(p, weights_only=True) for p in sorted(outdir.glob("*.pt")))}
-    if fmt == "h5":
-        return {r["label"]: r for r in iter_h5(bundle_path(outdir, fmt))}
-    return _read_bundle(bundle_path(outdir, fmt))
+        records = {r["label"]: r for r in (torch.load(p, weights_only=True) for p in sorted(outdir.glob("*.pt")))}
+    elif fmt == "h5":
+        records = {r["label"]: r for r in iter_h5(bundle_path(outdir, fmt))}
+    else:
+        records = _read_bundle(bundle_path(outdir, fmt))
+    depth = (read_settings(outdir) or {}).get("depth")
+    for record in records.values():
+        for key, value in record.items():
+            if key.endswith("representations"):
+                record[key] = Layers(value, depth)
+    return records
+
+
+def settings_of(fmt: str, include: Sequence[str], layers: Iterable[int], depth: int, dtype: str) -> dict:
+    """What a run writes to a folder, as ``pp_embed.json`` records it (layers absolute, sorted)."""
+    return {"format": fmt, "include": sorted(include), "repr_layers": sorted({int(x) % (depth + 1) for x in layers}),
+            "depth": depth, "dtype": dtype}
+
+
+def _peek_settings(outdir: Path, fmt: str) -> dict | None:
+    """What an earlier release's pt folder holds (one file's kinds and layers); None when it cannot tell."""
+    first = next(iter(sorted(outdir.glob("*.pt"))), None) if fmt == "pt" else None
+    if first is None:
+        return None
+    record = torch.load(first, weights_only=True)
+    kinds = {v: k for k, v in FILE_KEYS.items()}
+    include = sorted(kinds[k] for k in record if k in kinds)
+    layers = sorted({int(x) for k, v in record.items() if k.endswith("representations") for x in v})
+    return {"format": fmt, "include": include, "repr_layers": layers}
+
+
+def _describe(s: dict) -> str:
+    return (f"--include {' '.join(s['include'])} --repr-layers {' '.join(map(str, s['repr_layers']))} "
+            f"--format {s['format']}" + (f" --dtype {s['dtype']}" if s.get("dtype") else ""))
+
+
+def prepare_folder(outdir: Path, settings: dict, overwrite: bool = False) -> None:
+    """Make ``outdir`` ready for a run that writes ``settings`` (:func:`settings_of`): a folder holding other
+    kinds, layers, format or dtype raises ValueError in one line (a resumed run would skip proteins that lack
+    what was asked), unless ``overwrite``, which removes the embeddings there first. Writes ``pp_embed.json``."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    found = folder_formats(outdir)
+    before = read_settings(outdir) or (_peek_settings(outdir, found[0]) if found else None)
+    if found and not overwrite:
+        if found != [settings["format"]]:
+            raise ValueError(f"{outdir}: holds {' and '.join(found)} embeddings; this run writes "
+                             f"{settings['format']}: give another --out, or --overwrite to start the folder again")
+        keys = [k for k in ("include", "repr_layers", "dtype") if before and k in before]
+        if before is not None and any(before[k] != settings[k] for k in keys):
+            raise ValueError(f"{outdir}: holds proteins embedded with {_describe(before)}; this run asks for "
+                             f"{_describe(settings)}: give another --out, or --overwrite to embed every protein "
+                             "again")
+    if found and overwrite:
+        for path in outdir.glob("*.pt"):
+            path.unlink()
+        for fmt in ("h5", "npz"):
+            bundle_path(outdir, fmt).unlink(missing_ok=True)
+        for folder in (outdir / SHARD_DIR, outdir / ".parts"):
+            shutil.rmtree(folder, ignore_errors=True)
+    write_json_atomic(outdir / SETTINGS, settings)
 
 
 def _write_bundle(records: Iterable[dict], path: Path) -> None:

@@ -1,0 +1,99 @@
+"""Cases that used to end in exit 0 with a wrong or empty result, and the one-line errors that name the file and
+what to do (issue 34). Tiny untrained models, no training: each test runs in about a second."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from proteinperformer.checkpoints import load_model, save_checkpoint
+from proteinperformer.cli.embed import main as pp_embed
+from proteinperformer.inference.embed import embed
+from proteinperformer.inference.embed_files import read_embeddings
+from proteinperformer.model import ModelConfig, PerformerLM, convert_attention
+
+SEQS = [("a", "MKTAYIAKQRQISFVKSHF"), ("b", "GSHMSLFDFFKNKGSAMKT")]
+DEPTH = 2
+
+
+def tiny(path: Path, **config) -> Path:
+    """An untrained 2-layer project checkpoint (a few kB)."""
+    torch.manual_seed(0)
+    cfg = dict(dim=16, depth=DEPTH, heads=2, ff_dim=32, num_features=8, max_positions=64) | config
+    return save_checkpoint(PerformerLM(ModelConfig(**cfg)), path, "test")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return tiny(tmp_path_factory.mktemp("ckpt") / "tiny.ckpt")
+
+
+@pytest.fixture(scope="module")
+def fasta(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("fasta") / "p.fasta"
+    path.write_text("".join(f">{label}\n{seq}\n" for label, seq in SEQS))
+    return path
+
+
+def error_line(capsys, fn, *args) -> str:
+    with pytest.raises(SystemExit) as exc:
+        fn(*args)
+    text = str(exc.value.code) if isinstance(exc.value.code, str) else capsys.readouterr().err.strip()
+    assert exc.value.code != 0 and "\n" not in text.strip(), text
+    return text
+
+
+# ---- layer keys: one convention for embed() and files ------------------------------------------------------------
+def test_embed_and_files_key_layers_the_same_way(ckpt, fasta, tmp_path):
+    model = load_model(ckpt)
+    reps = embed(model, SEQS, layers=[0, -1], include=("mean",))
+    assert sorted(reps["a"]["mean"]) == [0, DEPTH]  # absolute, as ESM and the files key them
+    pp_embed([str(ckpt), str(fasta), "--out", str(tmp_path / "e"), "--repr-layers", "0", "-1"])
+    files = read_embeddings(tmp_path / "e")  # format found in the folder
+    assert sorted(files["a"]["mean_representations"]) == [0, DEPTH]
+    for key in (-1, DEPTH):  # the README's [-1] works on both
+        torch.testing.assert_close(files["a"]["mean_representations"][key], reps["a"]["mean"][key])
+    with pytest.raises(KeyError, match="hold layers"):
+        reps["a"]["mean"][1]
+
+
+# ---- pp-embed into a folder that holds something else ------------------------------------------------------------
+def test_rerun_with_other_options_refuses_then_overwrites(ckpt, fasta, tmp_path, capsys):
+    out = tmp_path / "e"
+    pp_embed([str(ckpt), str(fasta), "--out", str(out)])
+    msg = error_line(capsys, pp_embed, [str(ckpt), str(fasta), "--out", str(out), "--include", "mean", "per_tok"])
+    assert str(out) in msg and "--overwrite" in msg and "per_tok" in msg
+    msg = error_line(capsys, pp_embed, [str(ckpt), str(fasta), "--out", str(out), "--repr-layers", "0"])
+    assert "--repr-layers 2" in msg and "--repr-layers 0" in msg
+    pp_embed([str(ckpt), str(fasta), "--out", str(out), "--include", "mean", "per_tok", "--overwrite"])
+    got = read_embeddings(out)
+    assert set(got) == {"a", "b"} and got["a"]["representations"][-1].shape == (len(SEQS[0][1]), 16)
+    capsys.readouterr()
+    pp_embed([str(ckpt), str(fasta), "--out", str(out), "--include", "per_tok", "mean"])  # same settings: resumes
+    assert "2 already in" in capsys.readouterr().out
+
+
+def test_read_embeddings_refuses_missing_empty_and_other_format(ckpt, fasta, tmp_path):
+    with pytest.raises(ValueError, match="no such folder"):
+        read_embeddings(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no pp-embed output"):
+        read_embeddings(tmp_path / "empty")
+    pp_embed([str(ckpt), str(fasta), "--out", str(tmp_path / "h"), "--format", "h5"])
+    with pytest.raises(ValueError, match="holds h5 embeddings, not pt"):
+        read_embeddings(tmp_path / "h", "pt")
+    assert set(read_embeddings(tmp_path / "h")) == {"a", "b"}
+
+
+# ---- pp-convert: the kernel that approximates an exact-attention source --------------------------------------------
+def test_exact_source_converts_to_the_softmax_kernel(tmp_path):
+    src = tiny(tmp_path / "exact.ckpt", attention="exact")  # config.kernel keeps the default "relu", unused
+    from proteinperformer.cli.convert import main as pp_convert
+
+    pp_convert([str(src), "--out", str(tmp_path / "f.ckpt")])
+    assert load_model(tmp_path / "f.ckpt").config.kernel == "softmax"
+    assert convert_attention(load_model(src), "favor").config.kernel == "softmax"
+    favor = tiny(tmp_path / "favor.ckpt")  # a FAVOR+ (relu) source keeps its own kernel
+    assert convert_attention(load_model(favor), "exact").config.kernel == "relu"
