@@ -16,6 +16,7 @@ from proteinperformer.model import ModelConfig, PerformerLM, convert_attention
 
 SEQS = [("a", "MKTAYIAKQRQISFVKSHF"), ("b", "GSHMSLFDFFKNKGSAMKT")]
 DEPTH = 2
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny(path: Path, **config) -> Path:
@@ -97,3 +98,32 @@ def test_exact_source_converts_to_the_softmax_kernel(tmp_path):
     assert convert_attention(load_model(src), "favor").config.kernel == "softmax"
     favor = tiny(tmp_path / "favor.ckpt")  # a FAVOR+ (relu) source keeps its own kernel
     assert convert_attention(load_model(favor), "exact").config.kernel == "relu"
+
+
+# ---- pp-attention-blosum: skipped sequences are named, an undefined r says why -------------------------------------
+def test_attention_blosum_names_short_sequences_and_explains_nan(ckpt, tmp_path, capsys):
+    from proteinperformer.cli.attention_blosum import main as pp_blosum
+
+    fasta = tmp_path / "mix.fasta"
+    fasta.write_text(">tiny1\nMKT\n>tiny2\nGSHM\n>long1\n" + "ACDEFGHIKLMNPQRSTVWY" * 3 + "\n")
+    pp_blosum([str(ckpt), str(fasta), "--out", str(tmp_path / "b"), "--quiet"])
+    out = capsys.readouterr().out
+    assert "1 sequences" in out and "2 shorter than 30 residues skipped: tiny1, tiny2" in out
+    assert "undefined: 0/4 heads have >= 100 edges" in out and "nan" not in out.split("vig")[1].split("\n")[0]
+    only_short = tmp_path / "short.fasta"
+    only_short.write_text(">tiny1\nMKT\n")
+    msg = error_line(capsys, pp_blosum, [str(ckpt), str(only_short), "--out", str(tmp_path / "c")])
+    assert str(only_short) in msg and "30 residues" in msg
+
+
+# ---- probes: a small training subset is stratified ----------------------------------------------------------------
+def test_location_subsample_keeps_every_label():
+    from proteinperformer.evaluation.probe import ProbeDataError, read_tables
+
+    train_csv, valid_csv = ROOT / "data/probes/deeploc/train.csv", ROOT / "data/probes/deeploc/valid.csv"
+    task, full, valid, _, _ = read_tables(train_csv, valid_csv)
+    for seed in range(3):  # pp-evaluate --location-max-sequences 50 aborted here before
+        _, train, _, _, _ = read_tables(train_csv, valid_csv, max_train=50, seed=seed)
+        assert len(train) == 50 and set(train.location) == set(full.location) >= set(valid.location)
+    with pytest.raises(ProbeDataError, match="fewer than the 10 labels"):
+        read_tables(train_csv, valid_csv, max_train=5)

@@ -97,7 +97,20 @@ def analyse(
     methods = {m: {"model": trained[m], "null_random_init": null[m]} for m in METHODS}
     for part, c in (("model", counts), ("null_random_init", null_counts)):
         methods["vig"][part]["max_attention_weight"] = float(c["max_weight"].max())
+        if reason := undefined_reason(methods["vig"][part], threshold, min_edges):
+            methods["vig"][part]["r_undefined"] = reason
     return counts, null_counts, methods
+
+
+MIN_RESIDUES = 30  # shorter proteins are skipped (and counted): too few pairs for the per-head statistics
+
+
+def undefined_reason(part: dict, threshold: float, min_edges: int) -> str | None:
+    """Why a Vig result's r is undefined (no head kept), or None when it is defined."""
+    if part.get("n_heads_kept", 1) > 0:
+        return None
+    return (f"undefined: 0/{part['n_heads']} heads have >= {min_edges} edges with attention >= {threshold}; lower "
+            "--min-edges or --threshold, add sequences (--max-sequences), or read the weighted method")
 
 
 @torch.no_grad()  # a context, not set_grad_enabled: callers (tests, notebooks) keep autograd
@@ -112,7 +125,11 @@ def run(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(checkpoint, device)
-    records = read_sequences(fasta, n=n_seqs, max_len=max_len, seed=seed)
+    short: list[str] = []
+    records = read_sequences(fasta, n=n_seqs, min_len=MIN_RESIDUES, max_len=max_len, seed=seed, too_short=short)
+    if not records:
+        raise ValueError(f"{fasta}: no sequence has {MIN_RESIDUES} residues or more ({len(short)} shorter, e.g. "
+                         f"{', '.join(short[:3]) or 'none'}); the attention statistics need longer proteins")
     seqs = [s for _, s in records]
     t0 = time.time()
     with inference_autocast(precision, device):  # the forward passes that produce q and k
@@ -121,6 +138,8 @@ def run(
         "checkpoint": str(checkpoint),
         "fasta": str(fasta),
         "n_sequences": len(seqs),
+        "n_skipped_short": len(short),  # fewer than MIN_RESIDUES residues: not used
+        "skipped_short_ids": short[:20],
         "n_residues": int(sum(len(s) for s in seqs)),
         "max_len": max_len,
         "layers": int(counts["weighted"].shape[0]),

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proteinperformer.analysis.aminoacids import VIG_MIN_EDGES, VIG_THRESHOLD
-from proteinperformer.analysis.blosum_report import MATRICES, METHODS, run
+from proteinperformer.analysis.blosum_report import MATRICES, METHODS, MIN_RESIDUES, run
 from proteinperformer.cli.common import Parser, add_device_arguments, checked_device, run_command, summary
 
 
@@ -42,12 +42,17 @@ def report(a: argparse.Namespace) -> dict:
     res = run(a.checkpoint, a.fasta, a.max_sequences, a.out, a.matrices, a.crop_length, a.seed, a.method, a.threshold,
               a.min_edges, a.precision, device)
     first = a.matrices[0]
-    print(f"{res['n_sequences']} sequences, r vs {first}:")
+    skipped = res["n_skipped_short"]
+    print(f"{res['n_sequences']} sequences, r vs {first}:" + (
+        f" ({skipped} shorter than {MIN_RESIDUES} residues skipped: {', '.join(res['skipped_short_ids'][:5])}"
+        f"{', ...' if skipped > 5 else ''})" if skipped else ""))
     for m, r in res["methods"].items():
         kept = (f" ({r['model']['n_heads_kept']}/{r['model']['n_heads']} heads with >= {a.min_edges} edges >= "
                 f"{a.threshold}; null {r['null_random_init']['n_heads_kept']})" if m == "vig" else " (all heads)")
-        print(f"  {m:9s} model {r['model']['overall'][first]:.3f}, random-init null "
-              f"{r['null_random_init']['overall'][first]:.3f}{kept}")
+        model_r = r["model"].get("r_undefined") or f"{r['model']['overall'][first]:.3f}"
+        null_r = "undefined" if "r_undefined" in r["null_random_init"] else \
+            f"{r['null_random_init']['overall'][first]:.3f}"
+        print(f"  {m:9s} model {model_r}, random-init null {null_r}{kept}")
     print(f"written to {a.out}")
     return res
 

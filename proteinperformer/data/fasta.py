@@ -421,12 +421,15 @@ def load_fasta(path: str | Path, alphabet: Alphabet | None = None) -> list[Fasta
 
 
 def read_sequences(
-    path: str | Path, n: int | None = None, min_len: int = 30, max_len: int | None = None, seed: int = 0
+    path: str | Path, n: int | None = None, min_len: int = 30, max_len: int | None = None, seed: int = 0,
+    too_short: list[str] | None = None,
 ) -> list[tuple[str, str]]:
     """(id, sequence) pairs from a FASTA file, checked and upper-cased by the default alphabet: those with
     ≥ ``min_len`` residues, longer ones cropped to ``max_len``; a random subset of ``n`` (fixed ``seed``) when
-    ``n`` is given, in file order."""
+    ``n`` is given, in file order. The ids of the shorter ones are appended to ``too_short`` when given."""
     records = [(r.id, r.sequence) for r in read_fasta(path, DEFAULT_ALPHABET)]
+    if too_short is not None:
+        too_short.extend(i for i, s in records if len(s) < min_len)
     records = [(i, s[:max_len] if max_len else s) for i, s in records if len(s) >= min_len]
     if n is not None and n < len(records):
         keep = sorted(random.Random(seed).sample(range(len(records)), n))

@@ -49,7 +49,7 @@ from proteinperformer.tokenizer import Alphabet
 from proteinperformer.training.scoring import score_batches
 
 SECTIONS = ("mlm", "ss3", "location", "go_mf", "fold_class", "blosum", "contacts", "dms")
-PROBES = {  # task: (train, valid, default --max-train)
+PROBES = {  # task: (train, valid, default --<task>-max-sequences)
     "ss3": ("data/probes/ss3/train.csv", "data/probes/ss3/valid.csv", None),
     "location": ("data/probes/deeploc/train.csv", "data/probes/deeploc/valid.csv", None),
     "go_mf": ("data/probes/go_mf/train.csv.gz", "data/probes/go_mf/valid.csv.gz", 3000),

@@ -112,7 +112,7 @@ def check_labels_seen(task: str, train: pd.DataFrame, other: pd.DataFrame, path:
     for i, (pid, label) in enumerate(zip(other.id, getattr(other, task), strict=True)):
         if label not in seen:
             raise ProbeDataError(f"{path}:{i + 2}: id {pid!r}: column {task!r}: label {label!r} never occurs in the "
-                                 f"training table (labels there: {sorted(seen)}; with --max-train, sample more)")
+                                 f"training table (labels there: {sorted(seen)})")
 
 
 # ---- metrics ------------------------------------------------------------------------------------
@@ -270,6 +270,21 @@ def plot_report(report: dict, path: Path) -> None:
     save_figure_atomic(fig, path)
 
 
+def subsample(df: pd.DataFrame, n: int, label: str | None, seed: int, path: str | Path) -> pd.DataFrame:
+    """``n`` random rows of ``df`` (fixed ``seed``); with a ``label`` column, stratified: every label keeps at least
+    one row (so no valid label goes unseen), the rest drawn at random. Raises ProbeDataError when ``n`` is below
+    the number of labels."""
+    shuffled = df.sample(frac=1.0, random_state=seed)
+    if label is None:
+        return shuffled.head(n).reset_index(drop=True)
+    first = shuffled.drop_duplicates(label)
+    if len(first) > n:
+        raise ProbeDataError(f"{path}: --max-sequences {n} is fewer than the {len(first)} labels of column "
+                             f"{label!r}; give at least {len(first)}")
+    rest = shuffled.drop(first.index).head(n - len(first))
+    return pd.concat([first, rest]).sample(frac=1.0, random_state=seed).reset_index(drop=True)
+
+
 def read_tables(
     train_path: str | Path, valid_path: str | Path, test_path: str | Path | None = None,
     max_train: int | None = None, seed: int = 0,
@@ -286,7 +301,7 @@ def read_tables(
             raise ProbeDataError(f"{path}: --{name} is a {got!r} table but --train {train_path} is {task!r}")
     vocabulary = term_vocabulary([split_terms(v) for v in train.go]) if task == "go_mf" else None
     if max_train is not None and max_train < len(train):
-        train = train.sample(n=max_train, random_state=seed).reset_index(drop=True)
+        train = subsample(train, max_train, task if task in ("location", "fold_class") else None, seed, train_path)
     for path, (_, df) in tables.values():
         check_labels_seen(task, train, df, path)
     test = tables["test"][1][1] if "test" in tables else None
