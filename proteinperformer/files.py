@@ -72,3 +72,23 @@ def save_figure_atomic(fig: Any, path: str | Path, dpi: int = 100) -> Path:
     finally:
         plt.close(fig)
 
+
+def read_csv(path: str | Path, what: str = "CSV", **kwargs: Any):
+    """``pandas.read_csv(path, **kwargs)`` whose errors name the file and what to do (a folder, a missing or
+    empty file, a malformed line): ValueError in one line. ``what`` names the expected content in messages."""
+    import pandas as pd
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; give the {what} file")
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file; give the {what} file")
+    try:
+        return pd.read_csv(path, **kwargs)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path}: empty (no header line); give a {what} with a header and one row per "
+                         "record") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        detail = " ".join(str(err).split())
+        raise ValueError(f"{path}: not a readable {what} ({detail}); check the file is comma-separated "
+                         "text") from None

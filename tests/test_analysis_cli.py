@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_attention_vs_blosum_cli(tiny_checkpoint, tmp_path):
-    blosum_cli.main([str(tiny_checkpoint), str(ROOT / "data/uniprot_sample20k.fasta.gz"), "--n-seqs", "6",
-                     "--max-len", "60", "--out", str(tmp_path), "--matrices", "BLOSUM62", "PAM250"])
+    blosum_cli.main([str(tiny_checkpoint), str(ROOT / "data/uniprot_sample20k.fasta.gz"), "--max-sequences", "6",
+                     "--crop-length", "60", "--out", str(tmp_path), "--matrices", "BLOSUM62", "PAM250"])
     res = json.loads((tmp_path / "attention_vs_blosum.json").read_text())
     assert res["n_sequences"] == 6 and res["n_residues"] <= 6 * 60
     assert res["method"] == "vig" and res["model"] == res["methods"]["vig"]["model"]
@@ -35,7 +35,7 @@ def test_attention_vs_blosum_cli(tiny_checkpoint, tmp_path):
 
 def test_contacts_cli(tiny_checkpoint, tmp_path):
     contacts_cli.main([str(tiny_checkpoint), "--structures", str(ROOT / "data/structures/pdb_chains_subset60.npz"),
-                       "--train-chains", "4", "--n-chains", "7", "--atom", "ca", "--out", str(tmp_path)])
+                       "--train-chains", "4", "--max-sequences", "7", "--atom", "ca", "--out", str(tmp_path)])
     res = json.loads((tmp_path / "contacts.json").read_text())
     assert res["n_train"] == 4 and res["n_test"] == 3 and res["contact_definition"].startswith("CA")
     for part in ("model", "null_random_init"):

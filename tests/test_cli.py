@@ -46,17 +46,18 @@ def bad_checkpoints(tmp_path: Path) -> dict[str, Path]:
 
 def _argv(tool: str, ckpt: Path, tmp_path: Path) -> list[str]:
     return {
-        "pp-embed": [str(ckpt), str(SAMPLE_FASTA), str(tmp_path / "emb")],
-        "pp-generate": [str(ckpt), str(tmp_path / "out.fasta")],
+        "pp-embed": [str(ckpt), str(SAMPLE_FASTA), "--out", str(tmp_path / "emb")],
+        "pp-generate": [str(ckpt), "--out", str(tmp_path / "out.fasta")],
         "pp-probe": [str(ckpt), "--train", str(PROBES / "fold_class/train.csv"),
                      "--valid", str(PROBES / "fold_class/valid.csv"), "--out", str(tmp_path / "p.json")],
         "pp-evaluate": [str(ckpt), "--out", str(tmp_path / "card"),
                         "--skip", "ss3", "location", "go_mf", "fold_class", "blosum", "contacts"],
-        "pp-convert": [str(ckpt), str(tmp_path / "converted.ckpt")],
+        "pp-convert": [str(ckpt), "--out", str(tmp_path / "converted.ckpt")],
         "pp-contacts": [str(ckpt), "--out", str(tmp_path / "contacts")],
         "pp-attention-blosum": [str(ckpt), str(SAMPLE_FASTA), "--out", str(tmp_path / "blosum")],
-        "pp-score": [str(ckpt), str(ROOT / "data/dms/BLAT_ECOLX_Ranganathan2015.csv"), str(tmp_path / "scored.csv"),
-                     "--fasta", str(ROOT / "data/dms/BLAT_ECOLX.fasta"), "--offset-idx", "24", "--no-baselines"],
+        "pp-score": [str(ckpt), str(ROOT / "data/dms/BLAT_ECOLX_Ranganathan2015.csv"),
+                     "--out", str(tmp_path / "scored.csv"), "--fasta", str(ROOT / "data/dms/BLAT_ECOLX.fasta"),
+                     "--offset-idx", "24", "--no-baselines"],
     }[tool]
 
 
@@ -92,7 +93,7 @@ def test_pp_train_bad_checkpoint_is_one_line_error(kind, bad_checkpoints, tmp_pa
 
 
 def test_console_command_prints_exactly_one_line(bad_checkpoints, tmp_path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "proteinperformer.cli.generate", str(bad_checkpoints["code"]),
+    proc = subprocess.run([sys.executable, "-m", "proteinperformer.cli.generate", str(bad_checkpoints["code"]), "--out",
                            str(tmp_path / "x.fasta")], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr

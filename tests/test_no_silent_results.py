@@ -127,3 +127,59 @@ def test_location_subsample_keeps_every_label():
         assert len(train) == 50 and set(train.location) == set(full.location) >= set(valid.location)
     with pytest.raises(ProbeDataError, match="fewer than the 10 labels"):
         read_tables(train_csv, valid_csv, max_train=5)
+
+
+# ---- errors: one line that names the file and what to do ----------------------------------------------------------
+def test_csv_and_output_errors_name_the_file(ckpt, tmp_path, capsys):
+    from proteinperformer.cli.probe import main as pp_probe
+    from proteinperformer.cli.score import main as pp_score
+
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    msg = error_line(capsys, pp_score, [str(ckpt), str(empty), "--out", str(tmp_path / "s.csv"), "--sequence", "MK"])
+    assert f"{empty}: empty (no header line)" in msg
+    msg = error_line(capsys, pp_probe, [str(ckpt), "--train", str(empty), "--valid", str(empty)])
+    assert f"{empty}: empty (no header line)" in msg
+    msg = error_line(capsys, pp_probe, [str(ckpt), "--train", str(tmp_path), "--valid", str(empty)])
+    assert f"{tmp_path}: is a folder; give the probe CSV" in msg
+    dms = tmp_path / "dms.csv"
+    dms.write_text("mutant,fit\nM1A,0.5\n")
+    # the output is checked first: before the CSV is read and before the (here missing) model is loaded
+    msg = error_line(capsys, pp_score, ["missing.ckpt", str(dms), "--out", str(tmp_path), "--sequence", "MK"])
+    assert f"{tmp_path}: is a folder; give --out a file path" in msg
+
+
+def test_structures_truncated_checkpoint_and_esm_file_errors(ckpt, fasta, tmp_path, capsys):
+    from proteinperformer.checkpoints import CheckpointError
+    from proteinperformer.cli.contacts import main as pp_contacts
+
+    msg = error_line(capsys, pp_contacts, [str(ckpt), "--structures", str(fasta), "--out", str(tmp_path / "c")])
+    assert f"{fasta}: not an .npz of chains in the pdb_chains.npz layout" in msg
+    truncated = tmp_path / "cut.ckpt"
+    truncated.write_bytes(ckpt.read_bytes()[:3000])
+    with pytest.raises(CheckpointError, match=r"cut.ckpt: not a readable torch checkpoint; truncated.*copy it again$"):
+        load_model(truncated)
+    with pytest.raises(CheckpointError, match=r"hub/checkpoints/ \(esm.pretrained.esm2_t6_8M_UR50D\(\) fetches"):
+        load_model(tmp_path / "esm2_t6_8M_UR50D.pt")
+    msg = error_line(capsys, pp_embed, [str(ckpt), str(fasta), "--out", str(tmp_path / "e"), "--include", "contacts",
+                                        "--contact-head", str(tmp_path / "contact_head.json")])
+    assert "no such contact head; run pp-contacts" in msg
+
+
+def test_generate_past_learned_positions_suggests_max_length(tmp_path, capsys):
+    from proteinperformer.cli.generate import main as pp_generate
+
+    clm = tiny(tmp_path / "clm.ckpt", causal=True, max_positions=16)
+    msg = error_line(capsys, pp_generate, [str(clm), "--out", str(tmp_path / "s.fasta"), "--max-length", "40"])
+    assert "past the 16 positions this model learned; give --max-length 16 or less" in msg
+    pp_generate([str(clm), "--out", str(tmp_path / "s.fasta"), "--max-length", "16", "--num-samples", "2"])
+
+
+def test_train_override_typo_is_one_line_with_the_close_keys():
+    from proteinperformer.cli.train import check_overrides
+
+    check_overrides(["experiment=tiny", "trainer.max_steps=5"])  # valid: nothing happens
+    with pytest.raises(SystemExit) as exc:
+        check_overrides(["experiment=tiny", "trainer.max_step=5"])
+    assert str(exc.value.code).startswith("error: trainer.max_step=5: the config has no key trainer.max_step; "
+                                          "did you mean trainer.max_steps")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,7 +51,15 @@ def load_structures(path: str | Path) -> list[Chain]:
     """Read chains from an ``.npz`` in the layout of ``pdb_chains.npz`` (ids, seqs, offsets, ca, cb)."""
     # Read every array once: each ``z[key]`` of an NpzFile decompresses the whole array again, and slices
     # of it would keep one full copy alive per chain (3,421 chains of pdb_chains.npz filled 24 GiB).
+    layout = "an .npz of chains in the pdb_chains.npz layout (ids, seqs, offsets, ca, cb), e.g. " \
+        "data/structures/pdb_chains_subset60.npz"
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such file; give {layout}")
+    if not zipfile.is_zipfile(path):  # np.load would take a FASTA for a pickle and say so
+        raise ValueError(f"{path}: not {layout}")
     with np.load(path, allow_pickle=False) as z:
+        if missing := [k for k in ("ids", "seqs", "offsets", "ca", "cb") if k not in z.files]:
+            raise ValueError(f"{path}: no arrays {missing}; give {layout}")
         ids, seqs, off, ca, cb = (z[key] for key in ("ids", "seqs", "offsets", "ca", "cb"))
     return [
         Chain(str(ids[i]), str(seqs[i]), ca[off[i] : off[i + 1]].copy(), cb[off[i] : off[i + 1]].copy())

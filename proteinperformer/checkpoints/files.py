@@ -38,7 +38,7 @@ def read_torch(path: str | Path) -> object:
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+        raise CheckpointError(f"{path}: no such checkpoint file" + _where_esm_keeps(path))
     try:
         with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
             # a plain pickle (not torch's zip format) is refused below in one line; torch's warning would add two
@@ -54,10 +54,27 @@ def read_torch(path: str | Path) -> object:
         if unsafe:
             raise CheckpointError(f"{path}: holds pickled objects outside the allow-list (tensors, dicts, argparse."
                                   f"Namespace): {', '.join(unsafe[:3])}; refusing to run code from it") from None
+        with open(path, "rb") as handle:
+            zip_start = handle.read(2) == b"PK"
+        if zip_start and not zipfile.is_zipfile(path):
+            raise CheckpointError(f"{path}: not a readable torch checkpoint; truncated: a torch (zip) archive "
+                                  f"without its end, {path.stat().st_size:,} bytes (an interrupted copy or "
+                                  "download?); copy it again") from None
         detail = next((line.strip() for line in text.splitlines() if "Unsupported operand" in line),
-                      text.split("\n")[0][:200])
-        raise CheckpointError(f"{path}: not a readable torch checkpoint; truncated or corrupt? "
-                              f"({type(err).__name__}: {detail or 'empty file'})") from None
+                      text.split("\n")[0].split(". ")[0])  # a whole first sentence, never cut in the middle
+        raise CheckpointError(f"{path}: not a readable torch checkpoint, truncated or corrupt "
+                              f"({type(err).__name__}: {detail or 'empty file'}); copy it again") from None
+
+
+def _where_esm_keeps(path: Path) -> str:
+    """For a missing fair-esm file name (``esm2_t6_8M_UR50D.pt``): where fair-esm keeps the files it downloads."""
+    if not re.match(r"esm\w*_t\d+_\w+\.pt$", path.name):
+        return ""
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / path.name
+    if cached.is_file():
+        return f"; fair-esm downloaded it to {cached}: give that path"
+    return (f"; fair-esm keeps the files it downloads in {cached.parent}/ (esm.pretrained.{path.stem}() fetches "
+            "it there; nothing is downloaded here)")
 
 
 def _pickled_globals(path: Path, limit: int = 64 << 20) -> list[str]:

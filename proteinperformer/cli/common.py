@@ -130,6 +130,12 @@ def summary(doc: str) -> str:
     return text[:1].upper() + text[1:]
 
 
+def check_output_file(path: Path, example: str = "out.csv") -> None:
+    """Fail before any work when ``--out`` names a folder but the command writes one file."""
+    if Path(path).is_dir():
+        raise ValueError(f"{path}: is a folder; give --out a file path, e.g. {Path(path) / example}")
+
+
 def add_device_arguments(parser: argparse.ArgumentParser, precision: bool = True) -> None:
     """``--device``, ``--threads`` (and ``--precision``), the same on every command that runs a model."""
     parser.add_argument("--device", default="auto", help=f"torch device: {DEVICE_CHOICES}")

@@ -16,6 +16,7 @@ from proteinperformer.cli.common import (
     Parser,
     add_attention_arguments,
     add_device_arguments,
+    check_output_file,
     checked_device,
     run_command,
     summary,
@@ -48,6 +49,7 @@ def create_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> Path:
     """Load the checkpoint, sample, write the FASTA; returns its path."""
     device = checked_device(args)
+    check_output_file(args.out, "samples.fasta")
     model, alphabet = load_clm(args.checkpoint, device)
     if args.attention or args.num_features or args.kernel:
         model = convert_attention(model, args.attention, args.num_features, args.kernel, seed=args.seed).eval()

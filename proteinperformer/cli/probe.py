@@ -16,6 +16,7 @@ from proteinperformer.cli.common import (
     Parser,
     add_attention_arguments,
     add_device_arguments,
+    check_output_file,
     checked_device,
     run_command,
 )
@@ -52,6 +53,7 @@ def create_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict:
     """Check the tables, load the checkpoint, run :func:`probe_files`; writes ``args.out`` and its PNG."""
     device = checked_device(args)
+    check_output_file(args.out, "probe.json")
     read_tables(args.train, args.valid, args.test, args.max_sequences, args.seed)  # bad data fails before the model
     model = load_model(args.checkpoint, device, attention=args.attention, num_features=args.num_features,
                        kernel=args.kernel)

@@ -23,12 +23,13 @@ from proteinperformer.cli.common import (
     Parser,
     add_attention_arguments,
     add_device_arguments,
+    check_output_file,
     checked_device,
     run_command,
 )
 from proteinperformer.data.fasta import read_fasta
 from proteinperformer.data.unigram import fasta_unigram_frequencies, unigram_description
-from proteinperformer.files import resolve_path, write_atomic, write_json_atomic
+from proteinperformer.files import read_csv, resolve_path, write_atomic, write_json_atomic
 from proteinperformer.inference.score import (
     STRATEGIES,
     VariantError,
@@ -89,7 +90,7 @@ def wild_type(args: argparse.Namespace) -> str:
 def read_variants(args: argparse.Namespace, sequence: str) -> tuple[pd.DataFrame, list, int]:
     """(the CSV as strings, each row's parsed substitutions or None when skipped, number skipped); a bad row
     raises naming the file and line."""
-    df = pd.read_csv(args.dms_csv, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    df = read_csv(args.dms_csv, "CSV of variants", dtype=str, keep_default_na=False, encoding="utf-8-sig")
     df.columns = ["" if str(c).startswith("Unnamed: ") else c for c in df.columns]  # keep an unnamed index header
     if args.mutation_col not in df.columns:
         raise ValueError(f"{args.dms_csv}: no column {args.mutation_col!r} (columns: {list(df.columns)[:12]}); "
@@ -112,6 +113,7 @@ def read_variants(args: argparse.Namespace, sequence: str) -> tuple[pd.DataFrame
 def run(args: argparse.Namespace) -> dict:
     """Score the CSV; returns the ρ record (empty without ``--target-col``)."""
     device = checked_device(args)
+    check_output_file(args.out)  # before hours of scoring
     sequence = wild_type(args)
     df, parsed, skipped = read_variants(args, sequence)  # bad rows fail before the model is loaded
     score_col = args.score_col or args.scoring_strategy

@@ -13,7 +13,11 @@ machine cannot run) ends in one line ``error: ...`` and exit code 1; set ``PP_DE
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
+import sys
+from collections.abc import Sequence
 
 import hydra
 from omegaconf import DictConfig
@@ -23,8 +27,58 @@ from proteinperformer.files import CONFIG_DIR
 from proteinperformer.training.train import train
 
 
+def check_overrides(overrides: Sequence[str]) -> None:
+    """Compose ``conf/train.yaml`` with the command line's ``key=value`` overrides before Hydra runs: a key the
+    config lacks (a typo such as ``trainer.max_step=5``) ends in one line naming it and the closest keys, instead
+    of Hydra's seven lines whose ``+key`` suggestion then fails inside the Trainer. Sweeps (``-m``) and Hydra's own
+    flags and keys are left to Hydra."""
+    if any(o.startswith("-") for o in overrides):
+        return
+    plain = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        try:
+            compose("train", overrides=plain)
+            return
+        except ConfigCompositionException as err:
+            found = re.search(r"Could not override '([^']+)'", str(err))
+            if not found:  # e.g. an unknown experiment=: Hydra lists the options, then its search path
+                raise SystemExit(f"error: {one_line(err).split(' Config search path')[0]}") from None
+            key = found.group(1)
+        bad = next(o for o in plain if o.split("=", 1)[0] == key)
+        parent, _, leaf = key.rpartition(".")
+        try:
+            cfg = compose("train", overrides=[o for o in plain if o != bad])
+        except ConfigCompositionException:
+            cfg = None
+    close: list[str] = []
+    if cfg is not None:
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        siblings = list(node.keys()) if hasattr(node, "keys") else []
+        close = [f"{parent + '.' if parent else ''}{k}" for k in difflib.get_close_matches(leaf, siblings, 3, 0.6)]
+        close = close or difflib.get_close_matches(key, _dotted_keys(OmegaConf.to_container(cfg)), 3, 0.75)
+    hint = f"did you mean {' or '.join(close)}?" if close else "pp-train --cfg job prints every key"
+    raise SystemExit(f"error: {bad}: the config has no key {key}; {hint}")
+
+
+def _dotted_keys(node: object, prefix: str = "") -> list[str]:
+    """Every key of a nested dict as ``a.b.c``."""
+    if not isinstance(node, dict):
+        return []
+    return [k for key, value in node.items() for k in [prefix + str(key), *_dotted_keys(value, f"{prefix}{key}.")]]
+
+
+def main() -> None:
+    """Console entry point ``pp-train``: check the overrides, then run Hydra."""
+    check_overrides(sys.argv[1:])
+    _hydra_main()
+
+
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float | None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns validation perplexity for sweeps."""
     try:
         return train(cfg)["val_ppl"]

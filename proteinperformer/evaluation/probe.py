@@ -44,7 +44,7 @@ from sklearn.preprocessing import StandardScaler
 
 from proteinperformer.evaluation.baselines import composition, terminal_onehot, window_composition, window_onehot
 from proteinperformer.evaluation.go import check_go_column, plot_go, run_go_probe, split_terms, term_vocabulary
-from proteinperformer.files import save_figure_atomic, write_json_atomic
+from proteinperformer.files import read_csv, save_figure_atomic, write_json_atomic
 from proteinperformer.tokenizer import Alphabet, TokenizationError
 
 SS3_CLASSES = ("H", "E", "C")
@@ -63,9 +63,10 @@ def read_probe_csv(path: str | Path) -> tuple[str, pd.DataFrame]:
     ``file:line`` and the id for bad sequences, label/mask length mismatches, unknown letters or
     duplicate ids."""
     path = Path(path)
-    if not path.is_file():
-        raise ProbeDataError(f"{path}: no such file")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        df = read_csv(path, "probe CSV (id, sequence, label columns)", dtype=str, keep_default_na=False)
+    except ValueError as err:
+        raise ProbeDataError(str(err)) from None
     tasks = [t for t, cols in TASK_COLUMNS.items() if set(cols) <= set(df.columns)]
     if not tasks:
         raise ProbeDataError(f"{path}: columns {list(df.columns)} fit no probe task; expected {TASK_COLUMNS}")

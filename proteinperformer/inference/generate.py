@@ -112,6 +112,10 @@ def sample(
     feed = ([alphabet.cls_idx] if start_with_cls else []) + prefix  # what is fed before the first draw
     if not feed:
         raise ValueError("start_with_cls=False needs a prompt (e.g. the model's conditioning tags)")
+    longest = model.config.max_positions + 1 - (len(feed) - len(prefix))  # the last draw reads position longest
+    if model.config.positions == "learned" and max_length > longest:
+        raise ValueError(f"max_length={max_length} residues is past the {model.config.max_positions} positions this "
+                         f"model learned; give --max-length {longest} or less")
     allowed = torch.full((model.config.vocab_size,), float("-inf"), device=device)
     allowed[alphabet.residue_ids + [alphabet.eos_idx]] = 0.0  # only residues or the end can be drawn
     generator = torch.Generator(device=device).manual_seed(seed)
