@@ -84,8 +84,8 @@ def measured(cmd: list[str], threads: int) -> dict:
     return res
 
 
-def pp_embed(*args: str) -> list[str]:
-    return [sys.executable, "-m", "proteinperformer.cli.embed", *args]
+def pp_embed(checkpoint: str, fasta: str, out: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "proteinperformer.cli.embed", checkpoint, fasta, "--out", out, *args]
 
 
 # ---- 1. memory against the number of proteins ---------------------------------------------------
