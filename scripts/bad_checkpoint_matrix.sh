@@ -26,10 +26,10 @@ total=0; good=0
 cd "$W"
 for kind in random trunc code; do
   C=$W/$kind.ckpt
-  for cmd in "pp-embed $C $F emb" "pp-generate $C out.fasta" "pp-probe $C --train $P/train.csv --valid $P/valid.csv" \
-             "pp-evaluate $C --out card --skip ss3 location go_mf fold_class blosum contacts" "pp-convert $C conv.ckpt" \
+  for cmd in "pp-embed $C $F --out emb" "pp-generate $C --out out.fasta" "pp-probe $C --train $P/train.csv --valid $P/valid.csv" \
+             "pp-evaluate $C --out card --skip ss3 location go_mf fold_class blosum contacts" "pp-convert $C --out conv.ckpt" \
              "pp-contacts $C" "pp-attention-blosum $C $F" \
-             "pp-score $C $D/BLAT_ECOLX_Ranganathan2015.csv s.csv --fasta $D/BLAT_ECOLX.fasta --offset-idx 24" \
+             "pp-score $C $D/BLAT_ECOLX_Ranganathan2015.csv --out s.csv --fasta $D/BLAT_ECOLX.fasta --offset-idx 24" \
              "pp-train init_from=$C hydra.run.dir=$W/run" \
              "pp-train ckpt_path=$C hydra.run.dir=$W/run"; do
     set -- $cmd; tool=$1; shift

@@ -53,8 +53,8 @@ def test_pp_evaluate_writes_the_whole_card(tiny_checkpoint, tmp_path, capsys):
     readme.write_text(f"# card\n\nhand-written\n\n{BEGIN}\nold numbers\n{END}\n\n## Use\nkept\n")
     out = tmp_path / "eval"
     main([str(tiny_checkpoint), "--out", str(out), *_data_args(tmp_path), "--valid-frac", "0.1", "--test-frac",
-          "0.1", "--max-len", "64", "--blosum-n-seqs", "4", "--blosum-max-len", "60", "--contact-train-chains", "3",
-          "--contact-max-len", "90", "--update-readme", str(readme)])
+          "0.1", "--crop-length", "64", "--blosum-max-sequences", "4", "--blosum-crop-length", "60",
+          "--contact-train-chains", "3", "--contact-max-length", "90", "--update-readme", str(readme)])
     card = json.loads((out / "card.json").read_text())
     s = card["sections"]
     assert set(s) == {"mlm", "ss3", "location", "go_mf", "fold_class", "blosum", "contacts", "dms"}

@@ -303,10 +303,10 @@ def test_analysis_clis_precision(tiny_checkpoint: Path, tmp_path: Path) -> None:
     results = {}
     for precision in ("32", "bf16"):
         out = tmp_path / precision
-        blosum_cli.main([str(tiny_checkpoint), str(fasta), "--n-seqs", "4", "--max-len", "50", "--out", str(out),
-                         "--matrices", "BLOSUM62", "--precision", precision])
+        blosum_cli.main([str(tiny_checkpoint), str(fasta), "--max-sequences", "4", "--crop-length", "50",
+                         "--out", str(out), "--matrices", "BLOSUM62", "--precision", precision])
         contacts_cli.main([str(tiny_checkpoint), "--structures", str(structures), "--train-chains", "3",
-                           "--n-chains", "5", "--out", str(out), "--precision", precision])
+                           "--max-sequences", "5", "--out", str(out), "--precision", precision])
         results[precision] = (json.loads((out / "attention_vs_blosum.json").read_text()),
                               json.loads((out / "contacts.json").read_text()))
     (b32, c32), (b16, c16) = results["32"], results["bf16"]

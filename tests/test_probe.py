@@ -110,7 +110,8 @@ def test_probe_end_to_end(tiny_checkpoint, tmp_path, capsys, task, metric):
     train = _subset(PROBES / task / "train.csv", tmp_path / "train.csv", 30)
     valid = _subset(PROBES / task / "valid.csv", tmp_path / "valid.csv", 10)
     out = tmp_path / "res" / "results.json"
-    main([str(tiny_checkpoint), "--train", str(train), "--valid", str(valid), "--out", str(out), "--max-train", "20"])
+    main([str(tiny_checkpoint), "--train", str(train), "--valid", str(valid), "--out", str(out),
+          "--max-sequences", "20"])
     report = json.loads(out.read_text())
     assert report["n_train_proteins"] == 20 and report["n_test_proteins"] == len(pd.read_csv(valid))
     assert set(report["results"]) == {"embedding", "onehot", "composition"}

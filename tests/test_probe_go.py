@@ -142,7 +142,7 @@ def test_go_mf_probe_end_to_end(tiny_checkpoint, tmp_path, capsys):
     valid[valid.sequence.str.len() <= 150].head(25).to_csv(tmp_path / "valid.csv", index=False)
     out = tmp_path / "go.json"
     main([str(tiny_checkpoint), "--train", str(tmp_path / "train.csv"), "--valid", str(tmp_path / "valid.csv"),
-          "--out", str(out), "--max-train", "60"])
+          "--out", str(out), "--max-sequences", "60"])
     report = json.loads(out.read_text())
     vocab = term_vocabulary([g.split(";") for g in short.go])  # from the whole training file, before sampling
     assert report["task"] == "go_mf" and report["n_terms"] == len(vocab) > 0 and report["n_train_proteins"] == 60
