@@ -96,8 +96,8 @@ class Parser(argparse.ArgumentParser):
     def add_out(self, help: str, required: bool = False, default: Any = None, positional: bool = False) -> None:
         """``--out``: what the command writes. ``positional``: the OUTPUT positional of earlier releases is still
         accepted (hidden, with a note) after the other positionals."""
-        self.add_argument("--out", type=Path, default=default, help=help)
-        self._out_required = required
+        self.add_argument("--out", type=Path, default=default, help=help + (" (required)" if required else ""))
+        self._out_required = required  # checked after parsing: the old positional may give it instead
         if positional:
             self.add_argument(LEGACY_OUT, type=Path, nargs="?", default=None, help=argparse.SUPPRESS)
 
