@@ -143,6 +143,6 @@ def test_slim_refuses_what_is_not_a_training_checkpoint(esm_file, tmp_path):
             convert.main(["--slim", str(source), str(tmp_path / "slim.ckpt")])
         message = str(exit_info.value.code)
         assert message.startswith(f"error: {source}: ") and "\n" not in message, message
-    with pytest.raises(SystemExit, match="^error: --slim copies SOURCE to OUTPUT"):
+    with pytest.raises(SystemExit, match="^error: --slim copies SOURCE to --out"):
         convert.main(["--slim", str(esm_file)])
     assert not (tmp_path / "slim.ckpt").exists()

@@ -97,7 +97,7 @@ def test_embed_shapes_layers_and_kinds(model):
     for label, seq in SEQS:
         r = reps[label]
         assert set(r) == {"mean", "per_tok", "bos"}
-        assert set(r["per_tok"]) == {0, -1, 1, depth}  # keyed as given
+        assert set(r["per_tok"]) == {0, 1, depth}  # keyed by absolute layer, as ESM and the files key them
         assert r["per_tok"][-1].shape == (len(seq), dim)
         assert r["mean"][-1].shape == r["bos"][-1].shape == (dim,)
         torch.testing.assert_close(r["mean"][1], r["per_tok"][1].mean(0))
@@ -208,7 +208,7 @@ def test_cli_pt_like_esm_extract(tiny_checkpoint, model, tmp_path, capsys):
     capsys.readouterr()
     main(args)
     assert "2 already in" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["%2Ehidden.pt", "P1.pt", "weird%2Flabel.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["%2Ehidden.pt", "P1.pt", "pp_embed.json", "weird%2Flabel.pt"]
     assert safe_name("a/b c|.") == "a%2Fb%20c%7C."
 
 
@@ -223,7 +223,8 @@ def test_cli_single_file_formats_resume(tiny_checkpoint, model, tmp_path, fmt):
     got = read_embeddings(out, fmt)
     assert sorted(got) == sorted(label for label, _ in SEQS)
     # npz: parts merged and removed; h5: the shards stay, linked from embeddings.h5
-    assert sorted(p.name for p in out.iterdir()) == [f"embeddings.{fmt}"] + (["shards"] if fmt == "h5" else [])
+    assert sorted(p.name for p in out.iterdir()) == [f"embeddings.{fmt}", "pp_embed.json"] + (
+        ["shards"] if fmt == "h5" else [])
     ref = embed(model, SEQS, include=("mean", "per_tok"))
     depth = model.config.depth
     for label, _ in SEQS:
