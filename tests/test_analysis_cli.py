@@ -33,11 +33,14 @@ def test_attention_vs_blosum_cli(tiny_checkpoint, tmp_path):
     assert (tmp_path / "aa_pair_counts.npz").exists()
 
 
-def test_contacts_cli(tiny_checkpoint, tmp_path):
+def test_contacts_cli(tiny_checkpoint, tmp_path, capsys):
     contacts_cli.main([str(tiny_checkpoint), "--structures", str(ROOT / "data/structures/pdb_chains_subset60.npz"),
-                       "--train-chains", "4", "--max-sequences", "7", "--atom", "ca", "--out", str(tmp_path)])
+                       "--train-chains", "4", "--max-sequences", "8", "--max-length", "210", "--atom", "ca",
+                       "--out", str(tmp_path)])
     res = json.loads((tmp_path / "contacts.json").read_text())
     assert res["n_train"] == 4 and res["n_test"] == 3 and res["contact_definition"].startswith("CA")
+    assert res["n_skipped_long"] == 1  # the fifth chain has 247 residues: skipped, counted and named
+    assert f"1 chains longer than --max-length 210 skipped: {res['skipped_long_ids'][0]}" in capsys.readouterr().out
     for part in ("model", "null_random_init"):
         for rng in ("medium", "long"):
             assert all(0 <= v <= 1 for v in res[part]["mean"][rng].values())

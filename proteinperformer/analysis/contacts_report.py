@@ -78,6 +78,7 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(checkpoint, device)
     chains = load_structures(structures)[:n_chains]
+    too_long = [c.id for c in chains if max_len is not None and len(c.sequence) > max_len]  # skipped, counted
     with inference_autocast(precision, device):
         res = evaluate_contacts(model, chains, n_train=n_train, atom=atom, max_len=max_len, progress=True)
         null = evaluate_contacts(random_init_like(model, seed), chains, n_train=n_train, atom=atom, max_len=max_len,
@@ -89,6 +90,9 @@ def run(
         "precision": precision,
         "n_train": res["n_train"],
         "n_test": res["n_test"],
+        "max_len": max_len,
+        "n_skipped_long": len(too_long),
+        "skipped_long_ids": too_long[:20],
         "model": _summary(res),
         "null_random_init": _summary(null),
     }

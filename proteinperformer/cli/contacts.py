@@ -40,6 +40,9 @@ def report(a: argparse.Namespace) -> dict:
     m, n = res["model"]["mean"]["long"], res["null_random_init"]["mean"]["long"]
     print(f"{res['n_test']} test chains, long-range P@L = {m['L']:.3f} (random-init null {n['L']:.3f}, "
           f"background {m['background']:.3f}); written to {a.out}")
+    if skipped := res["n_skipped_long"]:
+        print(f"{skipped} chains longer than --max-length {a.max_length} skipped: "
+              f"{', '.join(res['skipped_long_ids'][:5])}{', ...' if skipped > 5 else ''}")
     return res
 
 
