@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
+from proteinperformer.data.collate import CLMCollator, MLMCollator
+from proteinperformer.data.datasets import WINDOW_BITS, Examples, ProteinWindows, window_counts
+from proteinperformer.data.fasta import FastaRecord
+from proteinperformer.data.packing import PackedBatchSampler, PackedCollator, default_budget
+from proteinperformer.data.sampling import Sampling
+from proteinperformer.data.sequences import TokenizedSequences
 from proteinperformer.model import ModelConfig, PerformerLM
 from proteinperformer.tokenizer import Alphabet, BatchConverter
+from proteinperformer.training.scoring import batch_sums, residue_table
 
+ROOT = Path(__file__).resolve().parents[1]
 PROTEINS = [("a", "MKTAYIAKQR"), ("b", "GSHMLE"), ("c", "MADEEKLPPGWEKRMSRSSGRVYYFNHITNASQW"), ("d", "MW")]
 
 
@@ -91,3 +106,115 @@ def test_bad_cu_seqlens_are_refused() -> None:
     with pytest.raises(ValueError, match="max_positions"):
         long = torch.full((1, 70), 10)
         model(long, cu_seqlens=torch.tensor([0, 70], dtype=torch.int32))
+
+
+# ---- data: the packed sampler, windows and collator -------------------------------------------------------------
+
+def _lengths(n: int = 3000, seed: int = 0) -> np.ndarray:
+    """UniProt-like residue counts: log-normal, median ~270, a tail past 2,000."""
+    return np.clip(np.random.default_rng(seed).lognormal(np.log(270), 0.75, n), 5, 6000).astype(np.int64)
+
+
+def _tokens_of(keys: np.ndarray, lengths: np.ndarray, max_len: int | None) -> np.ndarray:
+    index, window = keys >> WINDOW_BITS, keys & ((1 << WINDOW_BITS) - 1)
+    framed = lengths[index] + 2
+    count = window_counts(framed, max_len)
+    return (window + 1) * framed // count - window * framed // count
+
+
+@pytest.mark.parametrize(("max_len", "budget"), [(128, 2048), (1024, 16384), (None, 8192)])
+def test_packed_epoch_holds_every_window_once_within_budget_and_ranks_balanced(max_len, budget) -> None:
+    lengths = _lengths()
+    samplers = [PackedBatchSampler(lengths, max_len, budget, 16, 100, seed=1, rank=r, world_size=2) for r in (0, 1)]
+    batches = [s.batches() for s in samplers]
+    assert len(batches[0]) == len(batches[1]) == len(samplers[0])
+    keys = np.concatenate([b for rank in batches for b in rank])
+    assert len(keys) == len(np.unique(keys)), "a window twice in one epoch"
+    tokens = [np.array([_tokens_of(b, lengths, max_len).sum() for b in rank]) for rank in batches]
+    assert max(t.max() for t in tokens) <= budget
+    assert sum(t.sum() for t in tokens) == lengths.sum() + 2 * len(lengths), "every token of the split, once"
+    assert samplers[0].epoch_counts()["residues"] == lengths.sum()
+    assert np.mean(np.concatenate(tokens)) > 0.85 * budget, "batches are near-full"
+    imbalance = np.abs(tokens[0] - tokens[1]) / np.maximum(tokens[0], tokens[1])
+    assert imbalance.max() <= 0.05, "the ranks of every step hold nearly the same tokens"
+    assert not np.array_equal(np.concatenate(batches[0]), np.concatenate(_with_epoch(samplers[0], 1).batches()))
+
+
+def _with_epoch(sampler: PackedBatchSampler, epoch: int) -> PackedBatchSampler:
+    sampler.set_epoch(epoch)
+    return sampler
+
+
+def test_packed_sampler_resumes_mid_epoch_and_samples_clusters() -> None:
+    lengths = _lengths(800)
+    straight = [b for b in PackedBatchSampler(lengths, 128, 2048, 8, 10, seed=3)]
+    resumed = PackedBatchSampler(lengths, 128, 2048, 8, 10, seed=3)
+    resumed.load_state_dict({"epoch": 0, "batches": 7})
+    assert list(resumed) == straight[7:] and len(resumed) == len(straight)
+    starts = np.arange(0, 801, 4)  # 200 clusters of 4 members
+    sampler = PackedBatchSampler(lengths, 128, 2048, 8, 10, seed=3, cluster_starts=starts)
+    members = np.unique(np.concatenate(sampler.batches()) >> WINDOW_BITS)
+    assert len(members) == 200 and len(np.unique(members // 4)) == 200, "one member of every cluster"
+
+
+def test_packed_collator_batch_equals_each_protein_in_a_batch_of_its_own() -> None:
+    """The collated stream holds each window's MLM masks / CLM shift as a padded batch does, and the model gives
+    the packed batch the loss sums of the padded one."""
+    alphabet = Alphabet()
+    seqs = TokenizedSequences.from_records([FastaRecord(f"p{i}", f"p{i}", s) for i, (_, s) in enumerate(PROTEINS)], alphabet)
+    windows = ProteinWindows(seqs, alphabet, max_len=16, seed=0)
+    sampler = PackedBatchSampler(seqs.lengths, 16, 4096, 4, 1, seed=0)
+    (batch,) = list(sampler)
+    items = [windows[key] for key in batch]
+    for index, row in enumerate(_pack(PROTEINS)[2]):  # the windows of a protein join to its framed tokens
+        keys = sorted(k for _, k in batch if k >> WINDOW_BITS == index)
+        assert torch.equal(torch.cat([windows[(0, k)]["tokens"] for k in keys]), row[0])
+        assert all(len(windows[(0, k)]["tokens"]) <= 16 for k in keys)
+    table = residue_table(alphabet, 32)
+    for task, collator, causal in (("mlm", MLMCollator(alphabet, 0.3), False), ("clm", CLMCollator(alphabet), True)):
+        packed, alone = PackedCollator(collator)(items), [collator([item]) for item in items]
+        assert torch.equal(packed["input_ids"][0], torch.cat([a["input_ids"][0] for a in alone])), task
+        assert torch.equal(packed["labels"][0], torch.cat([a["labels"][0] for a in alone])), task
+        assert (packed["labels"] != -100).any() and not packed["padding_mask"].any()
+        assert packed["cu_seqlens"].dtype == torch.int32
+        assert packed["cu_seqlens"].diff().tolist() == [a["input_ids"].shape[1] for a in alone]
+        model = _model("favor", "relu", causal)
+        with torch.no_grad():
+            got = batch_sums(model(packed["input_ids"], cu_seqlens=packed["cu_seqlens"])["logits"], packed["labels"],
+                             table)
+            parts = [batch_sums(model(a["input_ids"])["logits"], a["labels"], table) for a in alone]
+        for name in got:
+            torch.testing.assert_close(got[name], sum(p[name] for p in parts), atol=1e-4, rtol=1e-5)
+
+
+def test_packing_settings_that_cannot_work_say_which_to_change() -> None:
+    lengths = _lengths(200)
+    with pytest.raises(ValueError, match=r"data.toks_per_batch=512 is smaller than the longest crop data.max_len=1024"):
+        PackedBatchSampler(lengths, 1024, 512)
+    with pytest.raises(ValueError, match=r"protein #\d+ .*more than data.toks_per_batch=1024 with cropping off"):
+        PackedBatchSampler(lengths, None, 1024)
+    with pytest.raises(ValueError, match="data.packing=true .* data.mode=concat"):
+        Examples(mode="concat", packing=True)
+    with pytest.raises(ValueError, match="unset data.bucketing"):
+        Sampling(bucketing=True, packing=True)
+    with pytest.raises(ValueError, match="data.max_len=null .* needs data.packing=true"):
+        Examples(max_len=None)
+    with pytest.raises(ValueError, match="set data.toks_per_batch"):
+        default_budget(None, 16, None)
+
+
+def test_ddp_two_gloo_ranks_train_packed_batches_balanced_by_tokens(tmp_path) -> None:
+    """2 DDP ranks (gloo, tests/ddp_train.py) train packed CLM batches: the same number of steps, every step's
+    streams within 5% of each other in tokens, the replicas in sync."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    packing = ["data.packing=true", "data.toks_per_batch=2048", "data.max_len=128"]
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_train.py"), str(tmp_path), "32-true", *packing],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    tokens = [[sum(len(row) for row in batch) for batch in r["batches"]] for r in ranks]
+    assert len(tokens[0]) == len(tokens[1]) == 2 and all(len(b) == 1 for r in ranks for b in r["batches"])
+    for a, b in zip(*tokens, strict=True):
+        assert abs(a - b) <= 0.05 * max(a, b) and max(a, b) <= 2048
+    assert ranks[0]["batches"] != ranks[1]["batches"]
+    assert ranks[0]["param_checksum"] == ranks[1]["param_checksum"]

@@ -54,26 +54,28 @@ def pack_balanced(sizes: Sequence[int], budget: int, world_size: int = 1, fill: 
     """Positions of ``sizes`` (each ≤ ``budget``) packed into steps of ``world_size`` bins of at most ``budget``.
 
     Worst-fit decreasing on a fixed number of bins: every item, largest first, goes to the emptiest bin, so all
-    bins end with nearly the same total (the ranks of a step wait for none); the number of bins starts at what
-    ``fill`` × ``budget`` allows and grows by a step when an item fits nowhere. Steps hold bins of similar totals.
+    bins end with nearly the same total (the ranks of a step wait for none). The number of bins starts at what
+    ``fill`` × ``budget`` allows and grows by a step (and the pack restarts) while an item fits nowhere. Steps
+    hold bins of similar totals.
     """
     sizes = [int(x) for x in sizes]
-    total = sum(sizes)
-    n_bins = world_size * max(1, math.ceil(total / (world_size * budget * fill)))
-    heap = [(0, b) for b in range(n_bins)]  # (load, bin): the emptiest first
-    bins: list[list[int]] = [[] for _ in range(n_bins)]
-    for item in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
-        load, b = heap[0]
-        if load + sizes[item] > budget:  # fits nowhere: a step of new bins
-            for _ in range(world_size):
-                heapq.heappush(heap, (0, len(bins)))
-                bins.append([])
+    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+    n_bins = world_size * max(1, math.ceil(sum(sizes) / (world_size * budget * fill)))
+    while True:
+        heap = [(0, b) for b in range(n_bins)]  # (load, bin): the emptiest first
+        bins: list[list[int]] = [[] for _ in range(n_bins)]
+        for item in order:
             load, b = heap[0]
-        heapq.heapreplace(heap, (load + sizes[item], b))
-        bins[b].append(item)
+            if load + sizes[item] > budget:
+                break
+            heapq.heapreplace(heap, (load + sizes[item], b))
+            bins[b].append(item)
+        else:
+            break
+        n_bins += world_size  # an item fit nowhere: one more step
     loads = {b: load for load, b in heap}
-    bins = [bins[b] for b in sorted(range(len(bins)), key=lambda b: -loads[b])]
-    return [bins[i: i + world_size] for i in range(0, len(bins), world_size)]
+    bins = [bins[b] for b in sorted(range(n_bins), key=lambda b: -loads[b])]
+    return [bins[i: i + world_size] for i in range(0, n_bins, world_size)]
 
 
 class PackedBatchSampler(ResumableSampler, Sampler):
