@@ -17,8 +17,10 @@ package's own samplers and collators:
 Reported: real residues per second (residues of the batch, not pad, not <cls>/<eos>), the pad share, and the
 step's peak memory above the process's memory before the step (CPU: the peak resident set, reset through
 ``/proc/self/clear_refs``; CUDA: ``torch.cuda.max_memory_allocated``). Ratios packed/padded and packed/bucketed
-are of the same run; each row is the median over ``--steps`` timed steps (after one warm-up step), each on a new
-batch. The machine may be shared: compare ratios, not absolute rates. Writes ``results/bench_packing.json``.
+are of the same run: the three batchings of a row group run their steps interleaved (packed, bucketed, padded,
+packed, ...; at least ``--steps`` steps and ``--min-seconds`` each, after a warm-up step, each step on a new batch),
+so that the machine's load changes hit all three alike. The machine may be shared: compare ratios, not absolute
+rates. Writes ``results/bench_packing.json``.
 """
 
 from __future__ import annotations
@@ -143,31 +145,44 @@ def train_step(model: PerformerLM, optimizer: torch.optim.Optimizer, batch: dict
     optimizer.zero_grad(set_to_none=True)
 
 
-def measure(model_name: str, task: str, kind: str, seqs, alphabet, budget: int, max_len: int, steps: int,
-            device: str) -> dict:
-    torch.manual_seed(0)
-    cfg = ModelConfig(**NETWORK, **MODELS[model_name], causal=task == "clm", max_positions=max_len)
-    model = PerformerLM(cfg).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    stream = batches(kind, seqs, alphabet, task, budget, max_len)
-    train_step(model, optimizer, next(stream), device)  # warm-up (AdamW state, allocator)
-    times, residues, tokens, peaks = [], 0, 0, []
-    for _ in range(steps):
-        batch = next(stream)
-        before = reset_peak(device)
-        start = time.perf_counter()
-        train_step(model, optimizer, batch, device)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-        peaks.append(peak(device) - before)
-        residues += real_residues(batch, alphabet)
-        tokens += batch["input_ids"].numel()
-    seconds = sum(times)
-    return {"model": model_name, "task": task, "batching": kind, "budget": budget, "steps": steps,
-            "residues_per_s": residues / seconds, "step_s_median": statistics.median(times),
-            "residues_per_step": residues / steps, "pad_share": 1 - (residues / tokens) if kind != "packed" else
-            0.0, "peak_mib": max(peaks)}
+def measure(model_name: str, task: str, seqs, alphabet, budget: int, max_len: int, steps: int, min_seconds: float,
+            device: str) -> list[dict]:
+    """One row per batching, their steps interleaved (packed, bucketed, padded, packed, ...) so that a change of
+    the machine's load hits all three alike: at least ``steps`` timed steps each and ``min_seconds`` of steps."""
+    runs = {}
+    for kind in BATCHINGS:
+        torch.manual_seed(0)
+        cfg = ModelConfig(**NETWORK, **MODELS[model_name], causal=task == "clm", max_positions=max_len)
+        model = PerformerLM(cfg).to(device).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        stream = batches(kind, seqs, alphabet, task, budget, max_len)
+        train_step(model, optimizer, next(stream), device)  # warm-up (AdamW state, allocator)
+        runs[kind] = {"model": model, "optimizer": optimizer, "stream": stream, "times": [], "peaks": [],
+                      "residues": 0, "tokens": 0}
+    while any(len(r["times"]) < steps or sum(r["times"]) < min_seconds for r in runs.values()):
+        for run in runs.values():
+            if len(run["times"]) >= 50:
+                continue
+            batch = next(run["stream"])
+            before = reset_peak(device)
+            start = time.perf_counter()
+            train_step(run["model"], run["optimizer"], batch, device)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            run["times"].append(time.perf_counter() - start)
+            run["peaks"].append(peak(device) - before)
+            run["residues"] += real_residues(batch, alphabet)
+            run["tokens"] += batch["input_ids"].numel()
+        if all(len(r["times"]) >= 50 for r in runs.values()):
+            break
+    rows = []
+    for kind, run in runs.items():
+        seconds, n = sum(run["times"]), len(run["times"])
+        rows.append({"model": model_name, "task": task, "batching": kind, "budget": budget, "steps": n,
+                     "residues_per_s": run["residues"] / seconds, "step_s_median": statistics.median(run["times"]),
+                     "residues_per_step": run["residues"] / n, "pad_share": 1 - run["residues"] / run["tokens"]
+                     if kind != "packed" else 0.0, "peak_mib": max(run["peaks"])})
+    return rows
 
 
 def main() -> None:
@@ -177,7 +192,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--tasks", nargs="+", default=["mlm", "clm"], choices=["mlm", "clm"])
     parser.add_argument("--data", nargs="+", default=["uniprot", "synthetic"], choices=["uniprot", "synthetic"])
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per row (after one warm-up step)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per row at least (after a warm-up step)")
+    parser.add_argument("--min-seconds", type=float, default=1.5, help="timed seconds per row at least")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true",
@@ -187,18 +203,19 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     alphabet = Alphabet()
-    data = {name: (bundled if name == "uniprot" else synthetic)(alphabet) for name in args.data}
     if args.quick:
-        args.budgets, data = [b for b in args.budgets if b <= 16384], {k: v for k, v in data.items() if k == "uniprot"}
+        args.budgets, args.data = [b for b in args.budgets if b <= 16384], ["uniprot"]
+    data = {name: (bundled if name == "uniprot" else synthetic)(alphabet) for name in args.data}
     grid = [(d, m, t, b) for d in data for m in args.models for t in args.tasks for b in args.budgets
             if not (args.quick and t == "clm" and m != "performer_relu")]
     rows, started = [], time.time()
-    print(f"{'data':9} {'model':17} {'task':4} {'budget':>6} {'batching':8} {'res/s':>9} {'pad':>5} {'peak MiB':>8}")
+    print(f"{'data':9} {'model':17} {'task':4} {'budget':>6} {'batching':8} {'res/s':>9} {'pad':>6} {'peak MiB':>8}")
     for d, m, t, b in grid:
-        for kind in BATCHINGS:
-            row = {"data": d, **measure(m, t, kind, data[d], alphabet, b, args.max_len, args.steps, args.device)}
+        for row in measure(m, t, data[d], alphabet, b, args.max_len, args.steps, args.min_seconds, args.device):
+            row = {"data": d, **row}
+            kind = row["batching"]
             rows.append(row)
-            print(f"{d:9} {m:17} {t:4} {b:>6} {kind:8} {row['residues_per_s']:>9.0f} {row['pad_share']:>5.0%} "
+            print(f"{d:9} {m:17} {t:4} {b:>6} {kind:8} {row['residues_per_s']:>9.0f} {row['pad_share']:>6.1%} "
                   f"{row['peak_mib']:>8.0f}", flush=True)
     ratios = []
     for d, m, t, b in grid:
@@ -210,7 +227,8 @@ def main() -> None:
     for r in ratios:
         print(f"{r['data']:9} {r['model']:17} {r['task']:4} {r['budget']:>6} {r['packed_vs_padded']:>13.2f} "
               f"{r['packed_vs_bucketed']:>15.2f}")
-    record = {"config": {"network": NETWORK, "max_len": args.max_len, "steps": args.steps, "threads": args.threads,
+    record = {"config": {"network": NETWORK, "max_len": args.max_len, "steps": args.steps,
+                         "min_seconds": args.min_seconds, "threads": args.threads,
                          "device": args.device, "quick": args.quick, "cpus": os.cpu_count(),
                          "torch": torch.__version__, "seconds": round(time.time() - started, 1),
                          "note": "shared machine: compare the same-run ratios, not absolute rates"},

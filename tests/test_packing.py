@@ -218,3 +218,15 @@ def test_ddp_two_gloo_ranks_train_packed_batches_balanced_by_tokens(tmp_path) ->
         assert abs(a - b) <= 0.05 * max(a, b) and max(a, b) <= 2048
     assert ranks[0]["batches"] != ranks[1]["batches"]
     assert ranks[0]["param_checksum"] == ranks[1]["param_checksum"]
+
+
+@pytest.mark.parametrize("name", ["paper_bid_1024", "paper_uni_1024", "paper_concat8192"])
+def test_paper_presets_have_packed_twins_with_the_same_model_and_tokens_per_step(name: str) -> None:
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        paper, packed = compose("train", [f"experiment={name}"]), compose("train", [f"experiment={name}_packed"])
+    assert packed.model == paper.model and packed.task_name == paper.task_name
+    assert packed.data.packing and packed.data.mode == "single" and not paper.data.packing
+    per_step = paper.data.batch_size * (paper.data.chunk_len if paper.data.mode == "concat" else paper.data.max_len)
+    assert packed.data.toks_per_batch == per_step and packed.data.max_len <= packed.model.config.max_positions
