@@ -38,10 +38,15 @@ def document_positions(cu_seqlens: torch.Tensor, device=None) -> torch.Tensor:
     return torch.arange(int(c[-1]), device=device) - starts
 
 
-def per_document(fn, cu_seqlens: torch.Tensor, *tensors: torch.Tensor, dim: int = 2) -> torch.Tensor:
-    """``fn`` applied to each document's slice of ``tensors`` (along ``dim``), results concatenated along ``dim``.
+def per_document(fn, cu_seqlens: torch.Tensor, *tensors: torch.Tensor | None, dim: int | tuple[int, ...] = 2):
+    """``fn`` applied to each document's piece of ``tensors`` (split along ``dim``, or one dim per tensor; None stays
+    None), the results concatenated along the first tensor's dim.
 
-    Exact by construction: each document is computed exactly as it would be alone.
+    Exact by construction: each document is computed exactly as it would be alone. The pieces come from one
+    ``split`` (whose backward is one concatenation: slicing each document out would make a full-size gradient per
+    document, O(n·T)).
     """
-    return torch.cat([fn(*(t.narrow(dim, a, b - a) for t in tensors)) for a, b in document_bounds(cu_seqlens)],
-                     dim=dim)
+    dims = (dim,) * len(tensors) if isinstance(dim, int) else dim
+    sizes = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    pieces = [[None] * len(sizes) if t is None else t.split(sizes, d) for t, d in zip(tensors, dims, strict=True)]
+    return torch.cat([fn(*parts) for parts in zip(*pieces, strict=True)], dim=dims[0])

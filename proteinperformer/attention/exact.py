@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .documents import check_cu_seqlens, document_bounds
+from .documents import check_cu_seqlens, per_document
 
 
 def exact_attention(
@@ -42,10 +42,8 @@ def exact_attention(
         if q.shape[2] != k.shape[2]:
             raise ValueError(f"packed input (cu_seqlens) needs Lq == Lk, got {q.shape[2]} and {k.shape[2]}")
         check_cu_seqlens(cu_seqlens, q.shape[2], q.shape[0])
-        bounds = document_bounds(cu_seqlens)
-        return torch.cat([exact_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], causal,
-                                          None if key_padding_mask is None else key_padding_mask[:, a:b])
-                          for a, b in bounds], dim=2)
+        return per_document(lambda qd, kd, vd, md: exact_attention(qd, kd, vd, causal, md), cu_seqlens,
+                            q, k, v, key_padding_mask, dim=(2, 2, 2, 1))
     if key_padding_mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (k.shape[0], k.shape[2]):

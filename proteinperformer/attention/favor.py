@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .causal import _favor_causal
-from .documents import check_cu_seqlens, document_bounds, per_document
+from .documents import check_cu_seqlens, per_document
 from .features import FeatureMap, feature_map
 from .noncausal import _favor_noncausal
 from .precision import _autocast_dtype
@@ -107,10 +107,7 @@ def favor_attention(
 def _favor_causal_documents(q, k, v, P, fmap, key_padding_mask, chunk_size, group_size, cu_seqlens):
     """Causal FAVOR+ of packed documents, one document at a time (the state starts empty in each): exact by
     construction. (B = 1, H, T, ·) -> (1, H, T, e)."""
-    def one(qd, kd, vd, *mask):
-        return _favor_causal(qd, kd, vd, P, fmap, mask[0] if mask else None, chunk_size, group_size)
+    def one(qd, kd, vd, md):
+        return _favor_causal(qd, kd, vd, P, fmap, md, chunk_size, group_size)
 
-    if key_padding_mask is None:
-        return per_document(one, cu_seqlens, q, k, v)
-    return torch.cat([one(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], key_padding_mask[:, a:b])
-                      for a, b in document_bounds(cu_seqlens)], dim=2)
+    return per_document(one, cu_seqlens, q, k, v, key_padding_mask, dim=(2, 2, 2, 1))

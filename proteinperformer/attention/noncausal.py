@@ -130,9 +130,6 @@ def _favor_noncausal(q, k, v, P, fmap: FeatureMap, key_padding_mask, cu_seqlens=
         Pa = P.to(acc)
         if cu_seqlens is None:
             out = _SoftmaxNoncausal.apply(*flat, Pa, mask)
-        elif mask is None:
-            out = per_document(lambda qd, kd, vd: _SoftmaxNoncausal.apply(qd, kd, vd, Pa, None), cu_seqlens,
-                               *flat, dim=1)
         else:
             out = per_document(lambda qd, kd, vd, md: _SoftmaxNoncausal.apply(qd, kd, vd, Pa, md), cu_seqlens,
                                *flat, mask, dim=1)

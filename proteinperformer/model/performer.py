@@ -276,6 +276,8 @@ class PerformerLM(nn.Module):
         # the host (a sync per step on a GPU, and a torch.compile graph break); FAVOR+ masks at the cost of one
         # masked_fill, so no fast path is lost there.
         kpm = padding_mask
+        if cu_seqlens is not None and not bool(padding_mask.any()):
+            kpm = None  # a packed stream holds no padding (cu_seqlens is read on the host anyway): no masking cost
         wanted = {layer % (self.config.depth + 1) for layer in repr_layers}
         reps: dict[int, torch.Tensor] = {}
         x = self.embed(tokens, padding_mask, cu_seqlens)
