@@ -158,10 +158,11 @@ def test_packed_sampler_resumes_mid_epoch_and_samples_clusters() -> None:
 
 
 def test_packed_collator_batch_equals_each_protein_in_a_batch_of_its_own() -> None:
-    """The collated stream holds each window's MLM masks / CLM shift as a padded batch does, and the model gives
-    the packed batch the loss sums of the padded one."""
+    """The collated stream holds each window's MLM masks / CLM shift as a batch of that window alone does, and the
+    model gives the packed batch the loss sums of those batches."""
     alphabet = Alphabet()
-    seqs = TokenizedSequences.from_records([FastaRecord(f"p{i}", f"p{i}", s) for i, (_, s) in enumerate(PROTEINS)], alphabet)
+    records = [FastaRecord(f"p{i}", f"p{i}", s) for i, (_, s) in enumerate(PROTEINS)]
+    seqs = TokenizedSequences.from_records(records, alphabet)
     windows = ProteinWindows(seqs, alphabet, max_len=16, seed=0)
     sampler = PackedBatchSampler(seqs.lengths, 16, 4096, 4, 1, seed=0)
     (batch,) = list(sampler)
@@ -230,3 +231,33 @@ def test_paper_presets_have_packed_twins_with_the_same_model_and_tokens_per_step
     assert packed.data.packing and packed.data.mode == "single" and not paper.data.packing
     per_step = paper.data.batch_size * (paper.data.chunk_len if paper.data.mode == "concat" else paper.data.max_len)
     assert packed.data.toks_per_batch == per_step and packed.data.max_len <= packed.model.config.max_positions
+
+
+def test_packed_loader_from_a_token_store_trains_every_residue_of_the_split(tmp_path) -> None:
+    """data=uniprot_store data.packing=true: the data module's packed batches of one epoch hold every residue of
+    the training split once; without a crop, a protein over the budget is named by its accession."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    import proteinperformer.data.store.preprocess as pp
+    from tests.test_store import random_fasta
+
+    random_fasta(tmp_path / "x.fasta", n=150)
+    pp.preprocess([tmp_path / "x.fasta"], tmp_path / "store", chunk_mb=0.01, progress=False)
+    overrides = ["data=uniprot_store", f"data.store_path={tmp_path / 'store'}", "data.packing=true"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose("train", overrides=[*overrides, "data.max_len=64", "data.toks_per_batch=1024"])
+        uncropped = compose("train", overrides=[*overrides, "data.max_len=null", "data.toks_per_batch=300"])
+    dm = instantiate(cfg.data, task="mlm")
+    dm.setup()
+    residues = 0
+    for batch in dm.train_dataloader():
+        assert batch["input_ids"].shape[0] == 1 and batch["input_ids"].shape[1] <= 1024
+        assert int(batch["cu_seqlens"][-1]) == batch["input_ids"].shape[1]
+        ids = batch["input_ids"]
+        residues += int(((ids != dm.alphabet.cls_idx) & (ids != dm.alphabet.eos_idx)).sum())
+    assert residues == int(np.sum(dm.splits["train"].lengths))
+    dm = instantiate(uncropped.data, task="mlm")
+    dm.setup()
+    with pytest.raises(ValueError, match=r"protein #\d+ \(P\d{5}\) .* data.toks_per_batch=300"):
+        dm.train_dataloader()
