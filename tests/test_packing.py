@@ -261,3 +261,16 @@ def test_packed_loader_from_a_token_store_trains_every_residue_of_the_split(tmp_
     dm.setup()
     with pytest.raises(ValueError, match=r"protein #\d+ \(P\d{5}\) .* data.toks_per_batch=300"):
         dm.train_dataloader()
+
+
+def test_token_dropout_counts_masks_per_protein() -> None:
+    """ESM-2's token dropout rescales by each protein's own <mask> share, packed as alone."""
+    model = _model("favor", "relu", False, "rotary", token_dropout=True)
+    tokens, cu, rows = _pack(PROTEINS)
+    mask_idx = model.alphabet.mask_idx
+    rows[2][0, 3:9] = mask_idx  # protein c: 6 of its 34 residues masked, the others none
+    tokens = torch.cat(rows, dim=1)
+    with torch.no_grad():
+        packed = model(tokens, cu_seqlens=cu)["logits"][0]
+        for i, row in enumerate(rows):
+            torch.testing.assert_close(packed[cu[i]: cu[i + 1]], model(row)["logits"][0], atol=1e-5, rtol=1e-5)
