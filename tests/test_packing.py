@@ -274,3 +274,15 @@ def test_token_dropout_counts_masks_per_protein() -> None:
         packed = model(tokens, cu_seqlens=cu)["logits"][0]
         for i, row in enumerate(rows):
             torch.testing.assert_close(packed[cu[i]: cu[i + 1]], model(row)["logits"][0], atol=1e-5, rtol=1e-5)
+
+
+def test_pp_train_refuses_packing_settings_in_one_line(tmp_path) -> None:
+    """What pp-train turns into `error: ...` (a ValueError, not Hydra's InstantiationException), before training."""
+    from proteinperformer.training.train import train
+    from tests.conftest import tiny_config
+
+    cases = {"data.mode=concat": "cannot be combined with data.mode=concat",
+             "data.max_len=null": "learned positions .* set data.max_len or model.config.positions=rotary"}
+    for override, message in cases.items():
+        with pytest.raises(ValueError, match=message):
+            train(tiny_config(tmp_path, ["data.packing=true", "data.toks_per_batch=50000", override]))

@@ -76,6 +76,12 @@ def _instantiate_data(cfg: DictConfig):
         if isinstance(cause, ValueError):
             raise cause from None
         raise
+    examples = getattr(datamodule, "examples", None)
+    positions = (cfg.get("model") or {}).get("config", {}).get("positions", "learned")
+    if getattr(examples, "packing", False) and examples.max_len is None and positions == "learned":
+        raise ValueError("data.packing=true with data.max_len=null packs whole proteins of any length, which learned "
+                         "positions (model.config.max_positions) cannot take: set data.max_len or "
+                         "model.config.positions=rotary")
     source = getattr(datamodule, "source", None)
     if isinstance(source, FastaSource) and not resolve_path(source.path).exists():
         raise ValueError(f"{source.path}: no such file (a relative path is read from {Path.cwd()}); set "
