@@ -286,3 +286,10 @@ def test_pp_train_refuses_packing_settings_in_one_line(tmp_path) -> None:
     for override, message in cases.items():
         with pytest.raises(ValueError, match=message):
             train(tiny_config(tmp_path, ["data.packing=true", "data.toks_per_batch=50000", override]))
+
+
+def test_a_pool_with_fewer_windows_than_ranks_gives_every_rank_a_batch() -> None:
+    samplers = [PackedBatchSampler(np.array([50, 60, 70]), 128, 1024, 1, 1, rank=r, world_size=2) for r in (0, 1)]
+    batches = [s.batches() for s in samplers]
+    assert len(batches[0]) == len(batches[1]) == 3 and all(len(b) for rank in batches for b in rank)
+    assert set((np.concatenate(batches[0]) >> WINDOW_BITS).tolist()) == {0, 1, 2}  # one pool per protein

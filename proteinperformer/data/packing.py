@@ -161,6 +161,10 @@ class PackedBatchSampler(ResumableSampler, Sampler):
         keys, sizes = self._windows(self._members(p))
         steps = [[keys[np.asarray(b, dtype=np.int64)] for b in step]
                  for step in pack_balanced(sizes.tolist(), self.toks_per_batch, self.world_size)]
+        for step in steps:  # fewer windows than ranks (a tiny last pool): a rank repeats one, as DistributedSampler
+            for r, batch in enumerate(step):
+                if not len(batch):
+                    step[r] = step[0][-1:]
         self._cached_pool = (self.epoch, p, steps)
         return steps
 
