@@ -44,6 +44,11 @@ FREQS = dict(A=8.25, R=5.53, N=4.06, D=5.45, C=1.37, Q=3.93, E=6.75, G=7.07, H=2
 
 
 # ---- synthetic corpus ------------------------------------------------------------------------------
+def synth_lengths(rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` UniProt-like protein lengths: log-normal (median ~300, long tail), clipped to 30..4,000 residues."""
+    return np.clip(rng.lognormal(5.7, 0.65, n), 30, 4000).astype(np.int64)
+
+
 def synth_fasta(path: Path, n: int, seed: int = 0, chunk: int = 200_000) -> int:
     """Write ``n`` records ``>SYN000000001`` + one sequence line; returns the file size. Vectorised: ~1 s per
     million records."""
@@ -55,7 +60,7 @@ def synth_fasta(path: Path, n: int, seed: int = 0, chunk: int = 200_000) -> int:
     with open(tmp, "wb") as handle:
         for lo in range(0, n, chunk):
             m = min(chunk, n - lo)
-            lengths = np.clip(rng.lognormal(5.7, 0.65, m), 30, 4000).astype(np.int64)
+            lengths = synth_lengths(rng, m)
             size = 14 + lengths  # ">SYN" + 9 digits + "\n" + residues + "\n"
             starts = np.zeros(m, dtype=np.int64)
             np.cumsum(size[:-1], out=starts[1:])

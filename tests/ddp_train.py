@@ -1,6 +1,6 @@
 """Helper of tests/test_ddp.py: 2 DDP steps on 2 CPU processes (gloo), recording what each rank trained on.
 
-    python tests/ddp_train.py OUT_DIR [PRECISION]
+    python tests/ddp_train.py OUT_DIR [PRECISION [OVERRIDE ...]]
 
 Run it in a subprocess: Lightning's DDP launcher starts rank 1 by re-executing this script (inside pytest
 it would re-launch pytest). Writes OUT_DIR/rank{r}.json with the rank's batches (CLM input ids, padding
@@ -52,4 +52,5 @@ class BatchRecorder(pl.Callback):
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     precision = sys.argv[2] if len(sys.argv) > 2 else "32-true"
-    train(tiny_config(out, [*DDP_OVERRIDES, f"trainer.precision={precision}", f"+callbacks.recorder.out_dir={out}"]))
+    train(tiny_config(out, [*DDP_OVERRIDES, f"trainer.precision={precision}", f"+callbacks.recorder.out_dir={out}",
+                            *sys.argv[3:]]))

@@ -67,11 +67,17 @@ def _losses(path: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines())}
 
 
-@pytest.mark.parametrize(("bucketing", "precision"), [(False, "32-true"), (True, "32-true"), (False, "bf16-mixed")],
-                         ids=["random-batches", "length-bucketed", "bf16-mixed"])
-def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path: Path, bucketing: bool, precision: str) -> None:
+# packed: ~45 train proteins in ~15 streams of <= 1,280 tokens per epoch (data/packing.py)
+PACKED = ["data.packing=true", "data.max_sequences=50", "data.toks_per_batch=1280"]
+
+
+@pytest.mark.parametrize(("batching", "precision"),
+                         [(["data.bucketing=false"], "32-true"), (["data.bucketing=true"], "32-true"),
+                          (["data.bucketing=false"], "bf16-mixed"), (PACKED, "32-true")],
+                         ids=["random-batches", "length-bucketed", "bf16-mixed", "packed"])
+def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path: Path, batching: list[str], precision: str) -> None:
     """Also under bf16-mixed (the GPU default), whose checkpoint holds float32 weights and the same state."""
-    data = [f"data.bucketing={bucketing}", "data.pool_batches=4", f"trainer.precision={precision}"]
+    data = [*batching, "data.pool_batches=4", f"trainer.precision={precision}"]
     _run(tmp_path / "a", tmp_path / "a.jsonl", data)
     crash = [f"+callbacks.crash._target_={__name__}.CrashAtStep", "+callbacks.crash.step=10"]
     with pytest.raises(SimulatedCrash):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from .causal import _favor_causal
+from .documents import check_cu_seqlens, per_document
 from .features import FeatureMap, feature_map
 from .noncausal import _favor_noncausal
 from .precision import _autocast_dtype
@@ -66,6 +67,7 @@ def favor_attention(
     key_padding_mask: torch.Tensor | None = None,
     chunk_size: int | None = None,
     group_size: int = 4096,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """FAVOR+ approximation of scaled_dot_product_attention(q, k, v, is_causal=causal).
 
@@ -81,14 +83,31 @@ def favor_attention(
         chunk_size: causal chunk length T (does not change the result; cost ∝ L·T·m inside chunks); None = chosen
             by the shapes (see ``causal._chunk_for``).
         group_size: causal positions processed per batched step (memory/speed knob, result unchanged).
+        cu_seqlens: (n + 1,) int32 offsets of packed documents (B = 1, Lq = Lk; ``documents.py``): each document
+            attends only to itself, exactly as if run alone.
     Returns:
         (B, H, Lq, e) computed in float32; returned in the autocast dtype inside torch.autocast, else in v's dtype.
     """
     fmap = feature_map(kernel)
     _check_inputs(q, k, v, P, fmap, causal, key_padding_mask)
+    if cu_seqlens is not None:
+        if q.shape[2] != k.shape[2]:
+            raise ValueError(f"packed input (cu_seqlens) needs Lq == Lk, got {q.shape[2]} and {k.shape[2]}")
+        check_cu_seqlens(cu_seqlens, q.shape[2], q.shape[0])
     out_dtype = _autocast_dtype(q) or v.dtype
-    if causal:
+    if causal and cu_seqlens is not None:
+        out = _favor_causal_documents(q, k, v, P, fmap, key_padding_mask, chunk_size, group_size, cu_seqlens)
+    elif causal:
         out = _favor_causal(q, k, v, P, fmap, key_padding_mask, chunk_size, group_size)
     else:
-        out = _favor_noncausal(q, k, v, P, fmap, key_padding_mask)
+        out = _favor_noncausal(q, k, v, P, fmap, key_padding_mask, cu_seqlens)
     return out.to(out_dtype)
+
+
+def _favor_causal_documents(q, k, v, P, fmap, key_padding_mask, chunk_size, group_size, cu_seqlens):
+    """Causal FAVOR+ of packed documents, one document at a time (the state starts empty in each): exact by
+    construction. (B = 1, H, T, ·) -> (1, H, T, e)."""
+    def one(qd, kd, vd, md):
+        return _favor_causal(qd, kd, vd, P, fmap, md, chunk_size, group_size)
+
+    return per_document(one, cu_seqlens, q, k, v, key_padding_mask, dim=(2, 2, 2, 1))

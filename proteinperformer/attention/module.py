@@ -87,30 +87,43 @@ class MultiheadSelfAttention(nn.Module):
         new = gaussian_projection(self.num_features, self.head_dim, self.orthogonal, generator=generator)
         self.projection.copy_(new)
 
-    def split_heads(self, x: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def split_heads(
+        self, x: torch.Tensor, start: int = 0, positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, L, D) -> q, k, v each (B, H, L, head_dim); with rotary, q and k are rotated by their positions
-        start..start+L-1 (so every attention path, and the maps in ``analysis.maps``, sees rotated q and k)."""
+        start..start+L-1, or ``positions`` (LongTensor [L]; packed documents) (so every attention path, and the
+        maps in ``analysis.maps``, sees rotated q and k)."""
         B, L, _ = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (B, H, L, hd)
         if self.rotary:
-            q, k = apply_rotary(q, start), apply_rotary(k, start)
+            q, k = apply_rotary(q, start, positions), apply_rotary(k, start, positions)
         return q, k, v
 
     def _merge(self, y: torch.Tensor) -> torch.Tensor:
         B, H, L, hd = y.shape
         return self.dropout(self.out(y.transpose(1, 2).reshape(B, L, H * hd)))  # (B, L, D)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, L, D); key_padding_mask: (B, L) bool, True = padding. Returns (B, L, D)."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: (B, L, D); key_padding_mask: (B, L) bool, True = padding. Returns (B, L, D).
+
+        Packed documents (B = 1): ``cu_seqlens`` (n + 1,) int32 offsets (each document attends only to itself)
+        and, for rotary, ``positions`` LongTensor [L] (restarting at each document; ``documents.py``)."""
         if x.dim() != 3:
             raise ValueError(f"x must be [batch, length, dim], got {tuple(x.shape)}")
-        q, k, v = self.split_heads(x)
+        q, k, v = self.split_heads(x, positions=positions)
         if self.attention == "exact":
-            y = exact_attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask)
+            y = exact_attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
+                                cu_seqlens=cu_seqlens)
         else:
             y = favor_attention(q, k, v, self.projection, kernel=self.kernel, causal=self.causal,
-                                key_padding_mask=key_padding_mask)
+                                key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens)
         return self._merge(y)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> FavorState | KVCache:

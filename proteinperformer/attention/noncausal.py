@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .documents import per_document
 from .features import _NEG, SOFTMAX_EPS, FeatureMap, PositiveRandomFeatures
 from .normaliser import _NO_KEY, _normalise, _normaliser_backward, _values_with_ones
 from .precision import _acc, _float32_region
@@ -115,16 +116,29 @@ class _SoftmaxNoncausal(torch.autograd.Function):
 
 
 @_float32_region
-def _favor_noncausal(q, k, v, P, fmap: FeatureMap, key_padding_mask) -> torch.Tensor:
-    """(B, H, Lq, d), (B, H, Lk, d), (B, H, Lk, e) -> (B, H, Lq, e) in the accumulation dtype."""
+def _favor_noncausal(q, k, v, P, fmap: FeatureMap, key_padding_mask, cu_seqlens=None) -> torch.Tensor:
+    """(B, H, Lq, d), (B, H, Lk, d), (B, H, Lk, e) -> (B, H, Lq, e) in the accumulation dtype.
+
+    ``cu_seqlens`` (n + 1,) (packed documents, B = 1, Lq = Lk; ``documents.py``): per-document key sums, so each
+    document's queries see only its own keys, exactly as if it were run alone.
+    """
     B, H = q.shape[:2]
     acc = _acc(q)
-    if isinstance(fmap, PositiveRandomFeatures):  # the fused path
+    if isinstance(fmap, PositiveRandomFeatures):  # the fused path (its key stabiliser is per document too)
         flat = [t.to(acc).reshape(B * H, t.shape[2], t.shape[3]) for t in (q, k, v)]  # (N, L, ·)
         mask = None if key_padding_mask is None else key_padding_mask.repeat_interleave(H, 0)
-        return _SoftmaxNoncausal.apply(*flat, P.to(acc), mask).view(B, H, q.shape[2], v.shape[3])
+        Pa = P.to(acc)
+        if cu_seqlens is None:
+            out = _SoftmaxNoncausal.apply(*flat, Pa, mask)
+        else:
+            out = per_document(lambda qd, kd, vd, md: _SoftmaxNoncausal.apply(qd, kd, vd, Pa, md), cu_seqlens,
+                               *flat, mask, dim=1)
+        return out.view(B, H, q.shape[2], v.shape[3])
     qf, kf = fmap.features(q, P), fmap.features(k, P)  # (B, H, L, m)
     if key_padding_mask is not None:
         kf = kf.masked_fill(key_padding_mask[:, None, :, None], 0.0)
-    kv = kf.transpose(-1, -2) @ _values_with_ones(v.to(_acc(v)), None)  # (B, H, m, e+1)
-    return _normalise(qf @ kv)
+    v1 = _values_with_ones(v.to(_acc(v)), None)  # (B, H, Lk, e+1)
+    if cu_seqlens is None:
+        return _normalise(qf @ (kf.transpose(-1, -2) @ v1))  # kv: (B, H, m, e+1)
+    # per-document key sums: kv_i = φ(K_i)ᵀ[V_i, 1], then φ(Q_i) kv_i
+    return _normalise(per_document(lambda qd, kd, vd: qd @ (kd.transpose(-1, -2) @ vd), cu_seqlens, qf, kf, v1))

@@ -21,9 +21,12 @@ def inverse_frequencies(head_dim: int, device=None) -> torch.Tensor:
     return 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
 
 
-def rotary_tables(length: int, head_dim: int, start: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the angles of positions start..start+length−1: two float32 [length, d] tables."""
-    t = torch.arange(start, start + length, device=device).float()
+def rotary_tables(
+    length: int, head_dim: int, start: int = 0, device=None, positions: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the angles of positions start..start+length−1 (or of ``positions``, LongTensor [length]):
+    two float32 [length, d] tables."""
+    t = torch.arange(start, start + length, device=device).float() if positions is None else positions.float()
     freqs = torch.outer(t, inverse_frequencies(head_dim, device))  # [L, d/2]
     angles = torch.cat((freqs, freqs), dim=-1)  # [L, d]
     return angles.cos(), angles.sin()
@@ -35,11 +38,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, start: int = 0) -> torch.Tensor:
-    """Rotate queries or keys x [..., L, d] by their positions start..start+L−1 (in float32, float64 kept).
+def apply_rotary(x: torch.Tensor, start: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate queries or keys x [..., L, d] by their positions start..start+L−1, or by ``positions``
+    (LongTensor [L], e.g. restarting at each packed document), in float32 (float64 kept).
 
     Returns a tensor of x's shape and dtype.
     """
-    cos, sin = rotary_tables(x.shape[-2], x.shape[-1], start, x.device)
+    cos, sin = rotary_tables(x.shape[-2], x.shape[-1], start, x.device, positions)
     xf = x if x.dtype == torch.float64 else x.float()
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)

@@ -38,7 +38,8 @@ class FlatDataConfig:
     valid_frac, test_frac, split_seed, max_sequences, cache_dir, store_min_mb: a FASTA's splits
         (``sources.FastaSource``); unused with ``store_path`` (``sources.StoreSource``).
     mask_prob, eval_mask_prob: MLM masking in training and in validation/test (default ``mask_prob``).
-    bucketing, pool_batches, toks_per_batch, sampling: the training order (``sampling.Sampling``).
+    bucketing, pool_batches, toks_per_batch, sampling, packing: the training order (``sampling.Sampling``;
+        ``packing``: ``data/packing.py``).
     alphabet: the model's ``tokenizer.Alphabet`` name or token list.
     """
 
@@ -67,6 +68,7 @@ class FlatDataConfig:
     sampling: str = "sequence"
     cache_dir: str | None = None
     store_min_mb: float = 256
+    packing: bool = False
 
     def parts(self) -> dict[str, dict[str, Any]]:
         """The ``_target_`` nodes of the parts, as ``conf/data/*.yaml`` and ``conf/task/*.yaml`` write them."""
@@ -79,9 +81,10 @@ class FlatDataConfig:
                       "store_min_mb": self.store_min_mb}
         examples = {"_target_": _target(Examples), "mode": self.mode, "max_len": self.max_len,
                     "eval_max_len": self.max_len if self.eval_max_len is None else self.eval_max_len,
-                    "chunk_len": self.chunk_len, "seed": self.seed}
+                    "chunk_len": self.chunk_len, "seed": self.seed, "packing": self.packing}
         sampler = {"_target_": _target(Sampling), "sampling": self.sampling, "bucketing": self.bucketing,
-                   "toks_per_batch": self.toks_per_batch, "pool_batches": self.pool_batches, "seed": self.seed}
+                   "toks_per_batch": self.toks_per_batch, "pool_batches": self.pool_batches, "seed": self.seed,
+                   "packing": self.packing}
         if self.task == "mlm":
             eval_prob = self.mask_prob if self.eval_mask_prob is None else self.eval_mask_prob
             collator = {"_target_": _target(MLMCollator), "_partial_": True, "mask_prob": self.mask_prob}

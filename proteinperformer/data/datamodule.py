@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from proteinperformer.data.config import LOADER_KEYS, PARTS, nested_config
 from proteinperformer.data.datasets import Examples
+from proteinperformer.data.packing import PackedCollator
 from proteinperformer.data.resume import ResumableSampler
 from proteinperformer.data.sampling import Sampling
 from proteinperformer.data.sequences import TokenizedSequences
@@ -68,6 +69,8 @@ class ProteinDataModule(pl.LightningDataModule):
         persistent_workers: bool | None = None,
     ) -> None:
         super().__init__()
+        if sampler.packing != examples.packing:
+            raise ValueError("data.packing must be set for both examples and sampler (conf/data/*.yaml reads it once)")
         if sampler.bucketing and examples.mode != "single":
             raise ValueError("bucketing (and toks_per_batch) applies to mode='single' (concat chunks all have "
                              "chunk_len tokens)")
@@ -122,6 +125,8 @@ class ProteinDataModule(pl.LightningDataModule):
         batching = ({"batch_sampler": sampler} if sampler.items_per_batch is None
                     else {"batch_size": sampler.items_per_batch, "sampler": sampler})
         collate = self.collator if train else self.eval_collator
+        if train and self.sampler.packing:
+            collate = PackedCollator(collate)  # one flat stream with cu_seqlens (data/packing.py)
         return DataLoader(dataset, **batching, collate_fn=collate, **self.loader_options())
 
     def loader_options(self) -> dict:

@@ -1,4 +1,5 @@
-"""Datasets over tokenised sequences: single sequences (random crop) and concatenated fixed-size chunks.
+"""Datasets over tokenised sequences: single sequences (random crop), concatenated fixed-size chunks, and the
+windows of whole proteins that packed batches hold (``packing.py``).
 
 Randomness (crop offsets, and the MLM masks chosen by the collator) is a pure function of
 ``(seed, epoch, index)``: the sampler hands every index out together with its epoch, so a run that is
@@ -149,6 +150,59 @@ class ConcatChunkDataset(Dataset):
         return {"tokens": torch.from_numpy(tokens), "seed": example_seed(self.seed, epoch, index)}
 
 
+WINDOW_BITS = 24  # a sampler key is index << WINDOW_BITS | window (a protein has < 16M windows)
+
+
+def window_key(index: int | np.ndarray, window: int | np.ndarray):
+    """The one int (or int64 array) naming window ``window`` of protein ``index`` (see :func:`split_key`)."""
+    return (np.asarray(index, dtype=np.int64) << WINDOW_BITS) | np.asarray(window, dtype=np.int64)
+
+
+def split_key(key: int) -> tuple[int, int]:
+    """(protein index, window) of a :func:`window_key`."""
+    return key >> WINDOW_BITS, key & ((1 << WINDOW_BITS) - 1)
+
+
+def window_counts(framed: np.ndarray, max_len: int | None) -> np.ndarray:
+    """Windows of each framed protein (``length + 2`` tokens): ceil(framed / max_len), 1 without a crop."""
+    framed = np.asarray(framed, dtype=np.int64)
+    return np.ones_like(framed) if max_len is None else -(-framed // max_len)
+
+
+def window_bounds(framed: int, windows: int, window: int) -> tuple[int, int]:
+    """[start, end) of window ``window`` of ``windows`` equal windows over ``framed`` tokens."""
+    return window * framed // windows, (window + 1) * framed // windows
+
+
+class ProteinWindows(Dataset):
+    """Windows of framed proteins: ``<cls> residues <eos>`` cut into equal windows of at most ``max_len`` tokens.
+
+    Index with ``(epoch, window_key(index, window))`` as ``packing.PackedBatchSampler`` yields. Items: ``tokens``
+    LongTensor [≤ max_len] and ``seed`` (the collator's masking), a function of (seed, epoch, index, window).
+    ``max_len=None``: whole proteins (one window each).
+    """
+
+    def __init__(self, sequences, alphabet: Alphabet, max_len: int | None, seed: int = 0) -> None:
+        if max_len is not None and max_len < 3:
+            raise ValueError(f"data.max_len must be at least 3 (cls + 1 residue + eos), got {max_len}")
+        self.sequences, self.alphabet, self.max_len, self.seed = sequences, alphabet, max_len, seed
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, code = key
+        index, window = split_key(int(code))
+        residues = self.sequences[index]
+        framed = len(residues) + 2
+        a, b = window_bounds(framed, int(window_counts(framed, self.max_len)), window)
+        tokens = torch.empty(framed, dtype=torch.int64)
+        tokens[0], tokens[-1] = self.alphabet.cls_idx, self.alphabet.eos_idx
+        tokens[1:-1] = torch.from_numpy(residues.astype(np.int64))
+        seed = example_seed(self.seed, epoch, index) ^ window
+        return {"tokens": tokens[a:b].clone(), "seed": seed}
+
+
 class EpochShuffleSampler(ResumableSampler, Sampler):
     """Yields ``(epoch, index)`` pairs: a fresh permutation per epoch from ``(seed, epoch)``, sharded by rank.
 
@@ -228,25 +282,38 @@ class Examples:
     ``mode="single"``: one sequence per example (:class:`SingleSequenceDataset`), cropped at random to ``max_len``
     tokens for training and to its first ``eval_max_len`` tokens (default ``max_len``) for evaluation, so runs that
     train on different crop lengths are scored on the same windows. ``mode="concat"``: ``<eos>``-joined chunks of
-    ``chunk_len`` tokens (:class:`ConcatChunkDataset`), the same for training and evaluation.
+    ``chunk_len`` tokens (:class:`ConcatChunkDataset`), the same for training and evaluation. ``packing``: training
+    examples are windows of at most ``max_len`` tokens covering each protein (``packing.ProteinWindows``; ``max_len``
+    None: whole proteins), evaluation as in single mode (``eval_max_len`` None: whole proteins).
     """
 
     def __init__(
         self,
         mode: str = "single",
-        max_len: int = 1024,
+        max_len: int | None = 1024,
         eval_max_len: int | None = None,
         chunk_len: int = 8192,
         seed: int = 0,
+        packing: bool = False,
     ) -> None:
         if mode not in ("single", "concat"):
             raise ValueError(f"mode must be 'single' or 'concat', got {mode!r}")
+        if packing and mode != "single":
+            raise ValueError("data.packing=true packs whole proteins and cannot be combined with data.mode=concat "
+                             "(fixed chunks across protein boundaries): set data.mode=single or data.packing=false")
+        if max_len is None and not packing:
+            raise ValueError("data.max_len=null (no crop) needs data.packing=true; set data.max_len")
         self.mode, self.max_len, self.chunk_len, self.seed = mode, max_len, chunk_len, seed
+        self.packing = packing
         self.eval_max_len = max_len if eval_max_len is None else eval_max_len
 
     def dataset(self, sequences: TokenizedSequences, alphabet: Alphabet, train: bool) -> Dataset:
         """The examples of one split (``train``: random crops; evaluation: deterministic ones)."""
         if self.mode == "concat":
             return ConcatChunkDataset(sequences, alphabet, self.chunk_len, seed=self.seed)
+        if self.packing and train:
+            return ProteinWindows(sequences, alphabet, self.max_len, self.seed)
         max_len = self.max_len if train else self.eval_max_len
+        if max_len is None:  # packing without a crop: evaluate whole proteins
+            max_len = int(np.max(sequences.lengths, initial=1)) + 2
         return SingleSequenceDataset(sequences, alphabet, max_len, self.seed, random_crop=train)

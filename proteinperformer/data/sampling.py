@@ -4,6 +4,8 @@
   (:class:`~proteinperformer.data.datasets.EpochShuffleSampler`);
 - ``bucketing`` / ``toks_per_batch``: the same, in batches of similar length, of ``batch_size`` rows or of up to
   ``toks_per_batch`` tokens (:class:`~proteinperformer.data.bucketing.LengthBucketBatchSampler`, mode single);
+- ``packing``: flat streams of whole proteins (windows of the longer ones) up to ``toks_per_batch`` tokens, with
+  either sampling (:class:`~proteinperformer.data.packing.PackedBatchSampler`);
 - ``sampling="cluster"``: one member of every cluster per epoch, as ESM-2 sampled UniRef50
   (:class:`~proteinperformer.data.cluster_sampling.ClusterSampler`; a token store made with
   ``pp-preprocess --clusters``).
@@ -19,6 +21,7 @@ from torch.utils.data import Dataset
 from proteinperformer.data.bucketing import LengthBucketBatchSampler, TokenCounts
 from proteinperformer.data.cluster_sampling import ClusterSampler
 from proteinperformer.data.datasets import EpochShuffleSampler
+from proteinperformer.data.packing import PackedBatchSampler, default_budget
 from proteinperformer.data.resume import ResumableSampler
 from proteinperformer.data.sequences import TokenizedSequences
 from proteinperformer.data.store import StoreError, StoreSequences
@@ -37,6 +40,8 @@ class Sampling:
             implies bucketing, and ``batch_size`` then sets only the pool size.
         pool_batches: batches per length-sorted pool.
         seed: seed of every epoch's order.
+        packing: train batches are packed streams (``data/packing.py``) of up to ``toks_per_batch`` tokens (default
+            ``batch_size × max_len``); replaces bucketing.
     """
 
     def __init__(
@@ -46,10 +51,15 @@ class Sampling:
         toks_per_batch: int | None = None,
         pool_batches: int = 100,
         seed: int = 0,
+        packing: bool = False,
     ) -> None:
         if sampling not in ("sequence", "cluster"):
             raise ValueError(f"sampling must be 'sequence' or 'cluster', got {sampling!r}")
-        self.bucketing = bucketing or toks_per_batch is not None  # token budgets are cut from length-sorted pools
+        if packing and bucketing:
+            raise ValueError("data.packing=true packs proteins into token budgets and replaces bucketing: unset "
+                             "data.bucketing (data.toks_per_batch sets the packed budget)")
+        self.packing = packing
+        self.bucketing = not packing and (bucketing or toks_per_batch is not None)  # budgets cut from sorted pools
         if sampling == "cluster" and self.bucketing:
             raise ValueError("data.sampling=cluster draws one member per cluster and cannot bucket by length; "
                              "unset data.bucketing and data.toks_per_batch")
@@ -71,7 +81,15 @@ class Sampling:
     def train_sampler(self, train: Split, dataset: Dataset, batch_size: int, rank: int = 0,
                       world_size: int = 1) -> ResumableSampler:
         """This rank's sampler of the training ``dataset`` made from split ``train``: a sampler of items
-        (``items_per_batch`` = ``batch_size``) or, when bucketing, of whole batches (``items_per_batch`` None)."""
+        (``items_per_batch`` = ``batch_size``) or, when bucketing or packing, of whole batches (``items_per_batch``
+        None)."""
+        if self.packing:
+            if self.sampling == "cluster":
+                self.check(train)
+            starts = train.cluster_starts() if self.sampling == "cluster" else None
+            budget = default_budget(self.toks_per_batch, batch_size, dataset.max_len)
+            return PackedBatchSampler(train.lengths, dataset.max_len, budget, batch_size, self.pool_batches,
+                                      self.seed, True, rank, world_size, cluster_starts=starts, split=train)
         if self.bucketing:  # (mode single: the data module checks)
             num_tokens = TokenCounts(train.lengths, dataset.max_len)
             return LengthBucketBatchSampler(num_tokens, batch_size, self.pool_batches, self.seed, True, rank,

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from proteinperformer.attention import MultiheadSelfAttention
+from proteinperformer.attention.documents import check_cu_seqlens, document_positions
 from proteinperformer.attention.features import feature_map
 from proteinperformer.tokenizer import Alphabet
 
@@ -125,8 +126,14 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg.dim, cfg.ff_dim, cfg.dropout, cfg.activation)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), key_padding_mask)
+    def forward(
+        self,
+        x: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), key_padding_mask, cu_seqlens, positions)
         return x + self.mlp(self.norm2(x))
 
 
@@ -182,25 +189,51 @@ class PerformerLM(nn.Module):
         """Number of distinct trainable parameters (tied weights counted once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def embed(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(
+        self,
+        tokens: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Token + position embeddings: LongTensor [B, T] -> [B, T, D] (the layer-0 representation).
 
         With ``token_dropout`` (ESM-2) the ``<mask>`` embeddings are zeroed and each row is scaled by
         (1 − 0.15·0.8) / (1 − its share of ``<mask>`` among non-padding tokens), in training and inference.
+        Packed documents (``cu_seqlens``, tokens [1, T]): positions restart and token dropout counts per document.
         """
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, length], got shape {tuple(tokens.shape)}")
         x = self.embed_tokens(tokens)
+        rows = None  # packed: each token's document, so per-row quantities become per-document ones
+        if cu_seqlens is not None:
+            check_cu_seqlens(cu_seqlens, tokens.shape[1], tokens.shape[0])
+            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device=tokens.device, dtype=torch.int64)
+            rows = torch.repeat_interleave(torch.arange(len(lengths), device=tokens.device), lengths)
         if self.config.token_dropout:
             if padding_mask is None:
                 padding_mask = tokens == self.config.padding_idx
             is_mask = tokens == self.alphabet.mask_idx
             x = x.masked_fill(is_mask.unsqueeze(-1), 0.0)
-            observed = is_mask.sum(-1).to(x.dtype) / (~padding_mask).sum(-1).clamp_min(1)
-            x = x * (1 - TOKEN_DROPOUT_TRAIN_RATIO) / (1 - observed)[:, None, None]
+            if rows is None:
+                observed = is_mask.sum(-1).to(x.dtype) / (~padding_mask).sum(-1).clamp_min(1)
+                x = x * (1 - TOKEN_DROPOUT_TRAIN_RATIO) / (1 - observed)[:, None, None]
+            else:
+                n = len(lengths)
+                masked = torch.zeros(n, device=x.device).index_add_(0, rows, is_mask[0].float())
+                real = torch.zeros(n, device=x.device).index_add_(0, rows, (~padding_mask[0]).float())
+                observed = (masked / real.clamp_min(1)).to(x.dtype)
+                x = x * (1 - TOKEN_DROPOUT_TRAIN_RATIO) / (1 - observed)[rows][None, :, None]
         if self.config.positions == "rotary":  # positions enter attention as rotations of q and k
             return self.dropout(x)
+        if cu_seqlens is not None:
+            return self.dropout(x + self.document_position_embedding(cu_seqlens, x.dtype))
         return self.dropout(x + self.position_embedding(0, tokens.shape[1], x.dtype))
+
+    def document_position_embedding(self, cu_seqlens: torch.Tensor, dtype: torch.dtype = torch.float32):
+        """Position embeddings of packed documents, restarting at 0 in each: [T, D] (T = ``cu_seqlens[-1]``)."""
+        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        table = self.position_embedding(0, longest, dtype)  # checks the learned table's cap
+        return table[document_positions(cu_seqlens, table.device)]
 
     def position_embedding(self, start: int, length: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """What is added to the token embeddings at positions start..start+length-1: [length, D]."""
@@ -221,6 +254,7 @@ class PerformerLM(nn.Module):
         tokens: torch.Tensor,
         padding_mask: torch.Tensor | None = None,
         repr_layers: tuple[int, ...] | list[int] = (),
+        cu_seqlens: torch.Tensor | None = None,
     ) -> dict:
         """Run the model.
 
@@ -229,6 +263,10 @@ class PerformerLM(nn.Module):
             padding_mask: bool [B, T], True at padding (default: ``tokens == padding_idx``).
             repr_layers: which hidden states to return; 0 = embeddings, i = output of block i, and
                 ``depth`` is the final (LayerNorm'ed) representation, as in ESM.
+            cu_seqlens: packed proteins, as flash-attention's varlen functions take them: tokens [1, T] hold n
+                proteins back to back (each framed as ``BatchConverter`` frames it), ``cu_seqlens`` (n + 1,) int32
+                their offsets from 0 to T. Each protein gets exactly the outputs it gets alone: attention stays
+                inside it and positions restart at 0 (``attention/documents.py``).
         Returns:
             ``{"logits": [B, T, V], "representations": {layer: [B, T, D]}}``.
         """
@@ -238,13 +276,18 @@ class PerformerLM(nn.Module):
         # the host (a sync per step on a GPU, and a torch.compile graph break); FAVOR+ masks at the cost of one
         # masked_fill, so no fast path is lost there.
         kpm = padding_mask
+        if cu_seqlens is not None and not bool(padding_mask.any()):
+            kpm = None  # a packed stream holds no padding (cu_seqlens is read on the host anyway): no masking cost
         wanted = {layer % (self.config.depth + 1) for layer in repr_layers}
         reps: dict[int, torch.Tensor] = {}
-        x = self.embed(tokens, padding_mask)
+        x = self.embed(tokens, padding_mask, cu_seqlens)
+        positions = None
+        if cu_seqlens is not None and self.config.positions == "rotary":
+            positions = document_positions(cu_seqlens, tokens.device)
         if 0 in wanted:
             reps[0] = x
         for i, block in enumerate(self.layers, start=1):
-            x = block(x, kpm)
+            x = block(x, kpm, cu_seqlens, positions)
             if i in wanted and i != self.config.depth:
                 reps[i] = x
         x = self.final_norm(x)

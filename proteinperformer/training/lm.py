@@ -90,7 +90,8 @@ class ProteinLM(pl.LightningModule):
     def model_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Forward a collated batch: :func:`~proteinperformer.training.scoring.batch_sums` of its targets, and
         ``loss``, the mean NLL of all supervised targets."""
-        logits = self.model(batch["input_ids"], batch["padding_mask"])["logits"]  # (B, T, V)
+        # packed batches (data.packing) carry cu_seqlens: (1, T) streams of proteins, each attended alone
+        logits = self.model(batch["input_ids"], batch["padding_mask"], cu_seqlens=batch.get("cu_seqlens"))["logits"]
         out = batch_sums(logits, batch["labels"], self.is_residue_id)
         return {**out, "loss": out["nll"] / out["n_supervised"].clamp_min(1)}
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.loggers import WandbLogger
@@ -63,8 +64,24 @@ def _init_weights_from(cfg: DictConfig):
 
 def _instantiate_data(cfg: DictConfig):
     """The data module of ``cfg.data``; a FASTA that is not there fails here, in one line that names the setting
-    (the default sample is a relative path, present only when run from the checkout's root)."""
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    (the default sample is a relative path, present only when run from the checkout's root). A data setting that
+    its part refuses (ValueError: e.g. data.packing=true with data.mode=concat) is raised as itself, not inside
+    Hydra's InstantiationException, so pp-train prints its one line."""
+    try:
+        datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    except InstantiationException as err:
+        cause = err
+        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, ValueError):
+            raise cause from None
+        raise
+    examples = getattr(datamodule, "examples", None)
+    positions = (cfg.get("model") or {}).get("config", {}).get("positions", "learned")
+    if getattr(examples, "packing", False) and examples.max_len is None and positions == "learned":
+        raise ValueError("data.packing=true with data.max_len=null packs whole proteins of any length, which learned "
+                         "positions (model.config.max_positions) cannot take: set data.max_len or "
+                         "model.config.positions=rotary")
     source = getattr(datamodule, "source", None)
     if isinstance(source, FastaSource) and not resolve_path(source.path).exists():
         raise ValueError(f"{source.path}: no such file (a relative path is read from {Path.cwd()}); set "

@@ -1,0 +1,242 @@
+"""Packed vs padded training batches: real residues per second and peak memory of a training step.
+
+    python scripts/bench_packing.py                 # the full grid (a few minutes on 2 threads)
+    python scripts/bench_packing.py --quick         # a smaller grid (about a minute)
+
+For UniProt-length proteins (the bundled ``data/uniprot_sample20k.fasta.gz``, and the synthetic length generator of
+``scripts/bench_scale.py``: log-normal, median ~300), crop ``--max-len`` (1,024), each token budget (4k, 16k, 64k
+tokens per batch), each model (Performer-ReLU, Performer-softmax, the exact Transformer; a small network, same for
+all) and task (MLM, CLM), one training step (forward, loss, backward, AdamW) is timed on batches built by the
+package's own samplers and collators:
+
+- ``packed`` (``data.packing=true``): one flat stream of up to budget tokens, whole proteins and windows of the
+  longer ones, each attended alone (``cu_seqlens``); no pad token;
+- ``bucketed`` (``data.toks_per_batch=budget``): rows of similar length, rows × longest ≤ budget;
+- ``padded`` (plain random batches): budget // max_len rows, padded to the longest row.
+
+Reported: real residues per second (residues of the batch, not pad, not <cls>/<eos>), the pad share, and the
+step's peak memory above the process's memory before the step (CPU: the peak resident set, reset through
+``/proc/self/clear_refs``; CUDA: ``torch.cuda.max_memory_allocated``). Ratios packed/padded and packed/bucketed
+are of the same run: the three batchings of a row group run their steps interleaved (packed, bucketed, padded,
+packed, ...; at least ``--steps`` steps and ``--min-seconds`` each, after a warm-up step, each step on a new batch),
+so that the machine's load changes hit all three alike. The machine may be shared: compare ratios, not absolute
+rates. Writes ``results/bench_packing.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from proteinperformer.data.bucketing import LengthBucketBatchSampler, TokenCounts
+from proteinperformer.data.collate import IGNORE_INDEX, CLMCollator, MLMCollator
+from proteinperformer.data.datasets import EpochShuffleSampler, ProteinWindows, SingleSequenceDataset
+from proteinperformer.data.packing import PackedBatchSampler, PackedCollator
+from proteinperformer.data.sequences import TokenizedSequences
+from proteinperformer.files import write_json_atomic
+from proteinperformer.model import ModelConfig, PerformerLM
+from proteinperformer.tokenizer import Alphabet
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_scale import synth_lengths  # noqa: E402  (the synthetic generator of bench_scale.py)
+
+MODELS = {
+    "performer_relu": {"attention": "favor", "kernel": "relu"},
+    "performer_softmax": {"attention": "favor", "kernel": "softmax"},
+    "transformer": {"attention": "exact"},
+}
+NETWORK = {"dim": 64, "depth": 2, "heads": 4, "ff_dim": 256, "num_features": 64, "positions": "rotary"}
+BATCHINGS = ("packed", "bucketed", "padded")
+
+
+# ---- data -------------------------------------------------------------------------------------------------
+def bundled(alphabet: Alphabet) -> TokenizedSequences:
+    return TokenizedSequences.from_fasta(ROOT / "data" / "uniprot_sample20k.fasta.gz", alphabet)
+
+
+def synthetic(alphabet: Alphabet, n: int = 20_000, seed: int = 0) -> TokenizedSequences:
+    """``n`` proteins of bench_scale.py's lengths, random standard residues."""
+    rng = np.random.default_rng(seed)
+    lengths = synth_lengths(rng, n)
+    standard = np.array(alphabet.standard_ids, dtype=np.uint8)
+    tokens = standard[rng.integers(0, len(standard), int(lengths.sum()))]
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return TokenizedSequences(tokens, offsets, [f"SYN{i}" for i in range(n)])
+
+
+def batches(kind: str, seqs: TokenizedSequences, alphabet: Alphabet, task: str, budget: int, max_len: int):
+    """Collated training batches of one batching ``kind``, as the data module builds them."""
+    collator = MLMCollator(alphabet) if task == "mlm" else CLMCollator(alphabet)
+    if kind == "packed":
+        dataset = ProteinWindows(seqs, alphabet, max_len, seed=0)
+        sampler = PackedBatchSampler(seqs.lengths, max_len, budget, batch_size=64, pool_batches=100, seed=0)
+        collator = PackedCollator(collator)
+    else:
+        dataset = SingleSequenceDataset(seqs, alphabet, max_len, seed=0)
+        if kind == "bucketed":
+            sampler = LengthBucketBatchSampler(TokenCounts(seqs.lengths, max_len), 64, 100, seed=0,
+                                               toks_per_batch=budget)
+        else:
+            rows = max(1, budget // max_len)
+            order = iter(EpochShuffleSampler(len(seqs), seed=0))
+            sampler = iter(lambda: [next(order) for _ in range(rows)], None)
+    for keys in sampler:
+        yield collator([dataset[k] for k in keys])
+
+
+def real_residues(batch: dict, alphabet: Alphabet) -> int:
+    """Residues of a batch (not pad, not <cls>/<eos>): MLM's <mask> stands for one."""
+    ids = batch["input_ids"]
+    specials = (ids == alphabet.cls_idx) | (ids == alphabet.eos_idx) | batch["padding_mask"]
+    return int((~specials).sum())
+
+
+# ---- one training step ----------------------------------------------------------------------------------
+def _trim() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def _rss_mib(field: str) -> float:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak(device: str) -> float:
+    """Start a peak-memory measurement; returns the memory in use now (MiB)."""
+    _trim()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # resets VmHWM, the peak resident set, to the current one
+    return _rss_mib("VmRSS:")
+
+
+def peak(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return _rss_mib("VmHWM:")
+
+
+def train_step(model: PerformerLM, optimizer: torch.optim.Optimizer, batch: dict, device: str) -> None:
+    batch = {k: v.to(device) for k, v in batch.items()}
+    out = model(batch["input_ids"], batch["padding_mask"], cu_seqlens=batch.get("cu_seqlens"))["logits"]
+    loss = F.cross_entropy(out.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def measure(model_name: str, task: str, seqs, alphabet, budget: int, max_len: int, steps: int, min_seconds: float,
+            device: str) -> list[dict]:
+    """One row per batching, their steps interleaved (packed, bucketed, padded, packed, ...) so that a change of
+    the machine's load hits all three alike: at least ``steps`` timed steps each and ``min_seconds`` of steps."""
+    runs = {}
+    for kind in BATCHINGS:
+        torch.manual_seed(0)
+        cfg = ModelConfig(**NETWORK, **MODELS[model_name], causal=task == "clm", max_positions=max_len)
+        model = PerformerLM(cfg).to(device).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        stream = batches(kind, seqs, alphabet, task, budget, max_len)
+        train_step(model, optimizer, next(stream), device)  # warm-up (AdamW state, allocator)
+        runs[kind] = {"model": model, "optimizer": optimizer, "stream": stream, "times": [], "peaks": [],
+                      "residues": 0, "tokens": 0}
+    while any(len(r["times"]) < steps or sum(r["times"]) < min_seconds for r in runs.values()):
+        for run in runs.values():
+            if len(run["times"]) >= 50:
+                continue
+            batch = next(run["stream"])
+            before = reset_peak(device)
+            start = time.perf_counter()
+            train_step(run["model"], run["optimizer"], batch, device)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            run["times"].append(time.perf_counter() - start)
+            run["peaks"].append(peak(device) - before)
+            run["residues"] += real_residues(batch, alphabet)
+            run["tokens"] += batch["input_ids"].numel()
+        if all(len(r["times"]) >= 50 for r in runs.values()):
+            break
+    rows = []
+    for kind, run in runs.items():
+        seconds, n = sum(run["times"]), len(run["times"])
+        rows.append({"model": model_name, "task": task, "batching": kind, "budget": budget, "steps": n,
+                     "residues_per_s": run["residues"] / seconds, "step_s_median": statistics.median(run["times"]),
+                     "residues_per_step": run["residues"] / n, "pad_share": 1 - run["residues"] / run["tokens"]
+                     if kind != "packed" else 0.0, "peak_mib": max(run["peaks"])})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budgets", type=int, nargs="+", default=[4096, 16384, 65536])
+    parser.add_argument("--max-len", type=int, default=1024)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--tasks", nargs="+", default=["mlm", "clm"], choices=["mlm", "clm"])
+    parser.add_argument("--data", nargs="+", default=["uniprot", "synthetic"], choices=["uniprot", "synthetic"])
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per row at least (after a warm-up step)")
+    parser.add_argument("--min-seconds", type=float, default=1.5, help="timed seconds per row at least")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true",
+                        help="budgets 4k and 16k, the bundled data, MLM and CLM for the Performer-ReLU, MLM for the "
+                             "others")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_packing.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    alphabet = Alphabet()
+    if args.quick:
+        args.budgets, args.data = [b for b in args.budgets if b <= 16384], ["uniprot"]
+    data = {name: (bundled if name == "uniprot" else synthetic)(alphabet) for name in args.data}
+    grid = [(d, m, t, b) for d in data for m in args.models for t in args.tasks for b in args.budgets
+            if not (args.quick and t == "clm" and m != "performer_relu")]
+    rows, started = [], time.time()
+    print(f"{'data':9} {'model':17} {'task':4} {'budget':>6} {'batching':8} {'res/s':>9} {'pad':>6} {'peak MiB':>8}")
+    for d, m, t, b in grid:
+        for row in measure(m, t, data[d], alphabet, b, args.max_len, args.steps, args.min_seconds, args.device):
+            row = {"data": d, **row}
+            kind = row["batching"]
+            rows.append(row)
+            print(f"{d:9} {m:17} {t:4} {b:>6} {kind:8} {row['residues_per_s']:>9.0f} {row['pad_share']:>6.1%} "
+                  f"{row['peak_mib']:>8.0f}", flush=True)
+    ratios = []
+    for d, m, t, b in grid:
+        rate = {r["batching"]: r["residues_per_s"] for r in rows
+                if (r["data"], r["model"], r["task"], r["budget"]) == (d, m, t, b)}
+        ratios.append({"data": d, "model": m, "task": t, "budget": b, "packed_vs_padded": rate["packed"] /
+                       rate["padded"], "packed_vs_bucketed": rate["packed"] / rate["bucketed"]})
+    print(f"\n{'data':9} {'model':17} {'task':4} {'budget':>6} {'packed/padded':>13} {'packed/bucketed':>15}")
+    for r in ratios:
+        print(f"{r['data']:9} {r['model']:17} {r['task']:4} {r['budget']:>6} {r['packed_vs_padded']:>13.2f} "
+              f"{r['packed_vs_bucketed']:>15.2f}")
+    record = {"config": {"network": NETWORK, "max_len": args.max_len, "steps": args.steps,
+                         "min_seconds": args.min_seconds, "threads": args.threads,
+                         "device": args.device, "quick": args.quick, "cpus": os.cpu_count(),
+                         "torch": torch.__version__, "seconds": round(time.time() - started, 1),
+                         "note": "shared machine: compare the same-run ratios, not absolute rates"},
+              "rows": rows, "ratios": ratios}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.out, record, indent=1)
+    print(f"\n{args.out} ({time.time() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
