@@ -45,9 +45,9 @@ from proteinperformer.analysis.aminoacids import (  # noqa: E402
 from proteinperformer.checkpoints import load_model  # noqa: E402
 from proteinperformer.data.fasta import read_sequences  # noqa: E402
 from proteinperformer.model.precision import inference_autocast  # noqa: E402
+from proteinperformer.options import BLOSUM_METHODS, MATRICES  # noqa: E402
 
-MATRICES = ("BLOSUM62", "BLOSUM45", "BLOSUM80", "PAM250")
-METHODS = ("vig", "weighted")
+METHODS = BLOSUM_METHODS
 
 
 def plot_similarity(sim: np.ndarray, reference: np.ndarray, ref_name: str, r: float, path: Path) -> None:

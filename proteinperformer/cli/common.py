@@ -14,21 +14,22 @@ import argparse
 import sys
 import zlib
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import torch
+from proteinperformer.options import DEVICE_CHOICES, INFERENCE_PRECISIONS
 
-from proteinperformer.data.store import StoreError
-from proteinperformer.model.precision import (
-    DEVICE_CHOICES,
-    INFERENCE_PRECISIONS,
-    check_inference_precision,
-    resolve_device,
-)
+if TYPE_CHECKING:
+    import torch
 
-# ValueError covers CheckpointError, TokenizationError, FastaFormatError, PrecisionError, ProbeDataError and
-# pandas' parser errors; OSError covers missing, unreadable and corrupt (gzip) files.
-ANTICIPATED_ERRORS = (ValueError, OSError, EOFError, zlib.error, StoreError)
+
+def anticipated_errors() -> tuple[type[BaseException], ...]:
+    """The errors that end in one line: ValueError covers CheckpointError, TokenizationError, FastaFormatError,
+    PrecisionError, ProbeDataError and pandas' parser errors; OSError covers missing, unreadable and corrupt (gzip)
+    files; StoreError a bad token store. A function, called in ``except``, so that a command's parser (``--help``)
+    imports nothing heavy: the store module is loaded only when an error is being handled."""
+    from proteinperformer.data.store import StoreError
+
+    return (ValueError, OSError, EOFError, zlib.error, StoreError)
 
 
 def _dashed(arg: str) -> str:
@@ -78,6 +79,8 @@ def add_device_arguments(parser: argparse.ArgumentParser, precision: bool = True
 
 def checked_device(args: argparse.Namespace) -> torch.device:
     """The torch device of ``args.device``, checked on this machine together with ``args.precision`` (if any)."""
+    from proteinperformer.model.precision import check_inference_precision, resolve_device
+
     device = resolve_device(args.device)
     check_inference_precision(getattr(args, "precision", "32"), device)
     return device
@@ -97,7 +100,7 @@ def run_command(run: Callable[[argparse.Namespace], Any], parser: argparse.Argum
     args = parser.parse_args(argv)
     try:
         return run(args)
-    except ANTICIPATED_ERRORS as err:
+    except anticipated_errors() as err:
         if getattr(args, "debug", False):
             raise
         raise SystemExit(f"error: {one_line(err)}") from None

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proteinperformer.cli.common import Parser, add_device_arguments, checked_device, run_command
-from proteinperformer.inference.generate import load_clm, sample, write_fasta
 
 
 def create_parser() -> argparse.ArgumentParser:
@@ -36,6 +35,8 @@ def create_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> Path:
     """Load the checkpoint, sample, write the FASTA; returns its path."""
+    from proteinperformer.inference.generate import load_clm, sample, write_fasta
+
     device = checked_device(args)
     model, alphabet = load_clm(args.checkpoint, device)
     seqs = sample(model, alphabet, args.num_samples, args.max_length, args.prompt, args.temperature,

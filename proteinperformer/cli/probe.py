@@ -11,9 +11,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from proteinperformer.checkpoints import load_model
 from proteinperformer.cli.common import Parser, add_device_arguments, checked_device, run_command
-from proteinperformer.evaluation.probe import probe_files, read_tables
 
 
 def create_parser() -> argparse.ArgumentParser:
@@ -40,6 +38,9 @@ def create_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict:
     """Check the tables, load the checkpoint, run :func:`probe_files`; writes ``args.out`` and its PNG."""
+    from proteinperformer.checkpoints import load_model
+    from proteinperformer.evaluation.probe import probe_files, read_tables
+
     device = checked_device(args)
     read_tables(args.train, args.valid, args.test, args.max_train, args.seed)  # bad data fails before the model
     model = load_model(args.checkpoint, device)

@@ -14,25 +14,14 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pandas as pd
-
-from proteinperformer.checkpoints import load_model
 from proteinperformer.cli.common import Parser, add_device_arguments, checked_device, run_command
-from proteinperformer.data.fasta import read_fasta
-from proteinperformer.data.unigram import fasta_unigram_frequencies, unigram_description
 from proteinperformer.files import resolve_path, write_atomic, write_json_atomic
-from proteinperformer.inference.score import (
-    STRATEGIES,
-    VariantError,
-    blosum_scores,
-    parse_variant,
-    score_variants,
-    spearman,
-    unigram_scores,
-)
-from proteinperformer.tokenizer import Alphabet
+from proteinperformer.options import STRATEGIES
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 BASELINE_COLUMNS = ("blosum62", "unigram")
 
@@ -77,6 +66,8 @@ def create_parser() -> argparse.ArgumentParser:
 
 def wild_type(args: argparse.Namespace) -> str:
     """The wild-type sequence of ``--sequence`` or of the one record of ``--fasta``."""
+    from proteinperformer.data.fasta import read_fasta
+
     if args.sequence is not None:
         return args.sequence.strip().upper().removesuffix("*")
     records = list(read_fasta(args.fasta))
@@ -88,6 +79,10 @@ def wild_type(args: argparse.Namespace) -> str:
 def read_variants(args: argparse.Namespace, sequence: str) -> tuple[pd.DataFrame, list, int]:
     """(the CSV as strings, each row's parsed substitutions or None when skipped, number skipped); a bad row
     raises naming the file and line."""
+    import pandas as pd
+
+    from proteinperformer.inference.score import VariantError, parse_variant
+
     df = pd.read_csv(args.dms_csv, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     df.columns = ["" if str(c).startswith("Unnamed: ") else c for c in df.columns]  # keep an unnamed index header
     if args.mutation_col not in df.columns:
@@ -110,6 +105,14 @@ def read_variants(args: argparse.Namespace, sequence: str) -> tuple[pd.DataFrame
 
 def run(args: argparse.Namespace) -> dict:
     """Score the CSV; returns the ρ record (empty without ``--target-col``)."""
+    import numpy as np
+    import pandas as pd
+
+    from proteinperformer.checkpoints import load_model
+    from proteinperformer.data.unigram import fasta_unigram_frequencies, unigram_description
+    from proteinperformer.inference.score import blosum_scores, score_variants, spearman, unigram_scores
+    from proteinperformer.tokenizer import Alphabet
+
     device = checked_device(args)
     sequence = wild_type(args)
     df, parsed, skipped = read_variants(args, sequence)  # bad rows fail before the model is loaded

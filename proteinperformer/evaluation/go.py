@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from sklearn.linear_model import LogisticRegression
+from scipy.optimize import minimize
+from scipy.special import expit
 from sklearn.metrics import average_precision_score, precision_recall_curve
 from sklearn.preprocessing import StandardScaler
 
@@ -174,21 +175,61 @@ def nearest_neighbour_scores(x_train: sp.spmatrix, y_train: np.ndarray, x_test: 
 
 def one_vs_rest_scores(x_train, y_train: np.ndarray, x_test, C: float = 1.0, seed: int = 0,
                        desc: str = "terms") -> np.ndarray:
-    """One logistic regression per term on standardised features; returns P(term) [N_test, T]. A term with
-    no positive (or no negative) training protein gets the constant 0 (or 1)."""
+    """One logistic regression per term on standardised features, all terms fitted at once
+    (:func:`logistic_regressions`); returns P(term) [N_test, T]. A term with no positive (or no negative)
+    training protein gets the constant 0 (or 1). ``seed`` is kept for the signature: the fit is deterministic."""
     sparse = sp.issparse(x_train)
     scaler = StandardScaler(with_mean=not sparse).fit(x_train)
     a, b = scaler.transform(x_train), scaler.transform(x_test)
-    out = np.zeros((b.shape[0], y_train.shape[1]))
-    for j in track(range(y_train.shape[1]), desc=desc, unit="term", leave=False):
-        yj = y_train[:, j]
-        if yj.all() or not yj.any():
-            out[:, j] = float(yj.all())
-            continue
-        solver = {"solver": "liblinear", "dual": True} if sparse else {"solver": "lbfgs"}
-        clf = LogisticRegression(C=C, max_iter=1000, random_state=seed, **solver).fit(a, yj)
-        out[:, j] = clf.predict_proba(b)[:, 1]
+    y = np.asarray(y_train, dtype=bool)
+    constant = y.all(0) | ~y.any(0)
+    out = np.tile(y.all(0).astype(np.float64), (b.shape[0], 1))
+    if (~constant).any():
+        w, bias = logistic_regressions(a, y[:, ~constant], C, desc=desc)
+        out[:, ~constant] = expit(np.asarray(b @ w) + bias)
     return out
+
+
+def logistic_regressions(x, y: np.ndarray, C: float = 1.0, max_iter: int = 1000, tol: float = 1e-4,
+                         desc: str = "terms") -> tuple[np.ndarray, np.ndarray]:
+    """T L2-regularised logistic regressions sharing the features ``x`` [N, D] (dense or sparse), fitted together:
+    one L-BFGS on the sum of their objectives, Σ_j ½‖w_j‖² + C Σ_i log(1 + exp(-s_ij (x_i·w_j + b_j))) with
+    s = ±1 from bool ``y`` [N, T] (scikit-learn's ``LogisticRegression(C)``, intercept not penalised). The terms
+    share nothing, so the joint minimum is each term's own; one pass over ``x`` per iteration serves all T terms
+    (two matrix products) where T separate fits each pass over it (477 GO terms: minutes instead of a quarter of
+    an hour). When D > N the fit runs on the N coordinates of ``x``'s row space (the optimal w_j lie there: an
+    exact change of variables), so 8,000 3-mer features cost as much as N. Returns (W [D, T], b [T]), float64."""
+    y = np.asarray(y, dtype=np.float64)
+    n, t = y.shape
+    basis = None
+    if x.shape[1] > n:  # w = V β with V [D, r] an orthonormal basis of the row space: x w = (x V) β, ‖w‖ = ‖β‖
+        gram = np.asarray((x @ x.T).todense() if sp.issparse(x) else x @ x.T, dtype=np.float64)  # [N, N]
+        eigval, eigvec = np.linalg.eigh(gram)
+        keep = eigval > eigval.max() * 1e-10
+        scale = np.sqrt(eigval[keep])
+        basis = (eigvec[:, keep], scale)  # V = xᵀ U S⁻¹
+        z = eigvec[:, keep] * scale  # x V = U S: [N, r]
+    else:
+        z = x.toarray() if sp.issparse(x) else np.asarray(x, dtype=np.float64)
+    d = z.shape[1]
+    bar = track(total=max_iter, desc=f"{desc} (L-BFGS, {t} at once)", unit="it", leave=False)
+
+    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        w, b = theta[: d * t].reshape(d, t), theta[d * t :]
+        logits = z @ w + b  # [N, T]
+        loss = np.logaddexp(0.0, logits) - y * logits  # -log p(label) per (protein, term)
+        residual = C * (expit(logits) - y)  # [N, T]
+        grad = np.concatenate([(z.T @ residual + w).ravel(), residual.sum(0)])
+        return float(C * loss.sum() + 0.5 * (w * w).sum()) / n, grad / n
+
+    result = minimize(objective, np.zeros(d * t + t), jac=True, method="L-BFGS-B",
+                      callback=lambda _: bar.update(), options={"maxiter": max_iter, "gtol": tol, "ftol": 0.0})
+    bar.close()
+    w, b = result.x[: d * t].reshape(d, t), result.x[d * t :]
+    if basis is not None:  # back to the features: W = V β = xᵀ U S⁻¹ β
+        u, scale = basis
+        w = np.asarray(x.T @ (u @ (w / scale[:, None])))
+    return w, b
 
 
 def score_go(y_true: np.ndarray, scores: np.ndarray) -> dict:
@@ -235,7 +276,7 @@ def run_go_probe(
         if feats_valid:
             feats_valid["embedding"] = valid_embeddings
     results: dict[str, dict] = {}
-    for name in METHODS:
+    for name in track(METHODS, desc="go_mf methods", unit="method"):
         if name == "embedding" and embeddings is None:
             continue
         C = None

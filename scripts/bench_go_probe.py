@@ -1,0 +1,133 @@
+"""GO-MF probe benchmark: the joint one-vs-rest fit (:func:`proteinperformer.evaluation.go.logistic_regressions`,
+all terms in one L-BFGS) against scikit-learn's one ``LogisticRegression`` per term (what ``pp-probe`` ran
+before: lbfgs on dense features, liblinear in the dual on the sparse 3-mer spectrum), same features, same run.
+
+    python scripts/bench_go_probe.py                                  # 3,000 training proteins (pp-evaluate's size)
+    python scripts/bench_go_probe.py --max-train 500 --methods composition --out /tmp/go.json    # a quick look
+
+Data: ``$PP_SHARED_DATA/probes/go_mf`` (else ``data/probes/go_mf``): ``--max-train`` proteins of train.csv
+(pp-probe's sample: ``read_tables``), scored on valid.csv with the vocabulary of the whole training table (477
+terms). Features: the shipped checkpoint's mean final-layer embeddings (``embedding``, cached in ``--cache``),
+amino-acid composition, the 3-mer spectrum. Prints, per method, seconds and F-max / micro-AUPR of both fits, and
+writes ``results/bench_go_probe.json``. The machine may be shared: compare the ratio, measured in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from proteinperformer.evaluation.go import (
+    _composition,
+    kmer_spectrum,
+    label_matrix,
+    one_vs_rest_scores,
+    score_go,
+    split_terms,
+)
+from proteinperformer.evaluation.probe import read_tables
+from proteinperformer.files import resolve_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def per_term_scores(x_train, y_train: np.ndarray, x_test, C: float = 1.0, seed: int = 0) -> np.ndarray:
+    """The fit before: one scikit-learn LogisticRegression per term (liblinear dual on sparse features)."""
+    sparse = sp.issparse(x_train)
+    scaler = StandardScaler(with_mean=not sparse).fit(x_train)
+    a, b = scaler.transform(x_train), scaler.transform(x_test)
+    out = np.zeros((b.shape[0], y_train.shape[1]))
+    for j in range(y_train.shape[1]):
+        yj = y_train[:, j]
+        if yj.all() or not yj.any():
+            out[:, j] = float(yj.all())
+            continue
+        solver = {"solver": "liblinear", "dual": True} if sparse else {"solver": "lbfgs"}
+        clf = LogisticRegression(C=C, max_iter=1000, random_state=seed, **solver).fit(a, yj)
+        out[:, j] = clf.predict_proba(b)[:, 1]
+    return out
+
+
+def embeddings(train, test, checkpoint: Path, cache: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Mean final-layer embeddings of both tables (cached by table sizes and checkpoint name)."""
+    path = cache / f"go_emb_{checkpoint.stem}_{len(train)}_{len(test)}.npz"
+    if path.is_file():
+        data = np.load(path)
+        return data["train"], data["test"]
+    from proteinperformer import embed, load_model
+
+    model = load_model(checkpoint)
+    out = []
+    for df in (train, test):
+        reps = embed(model, list(zip(df.id, df.sequence, strict=True)), layers=[-1], include=["mean"],
+                     on_long="truncate", progress=True)
+        out.append(np.stack([reps[i]["mean"][-1].numpy() for i in df.id]))
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(path, train=out[0], test=out[1])
+    return out[0], out[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--max-train", type=int, default=3000, help="training proteins (pp-evaluate's default)")
+    parser.add_argument("--methods", nargs="+", default=["embedding", "composition", "kmer3"])
+    parser.add_argument("--checkpoint", type=Path, default=ROOT / "weights" / "pp_mlm_relu_2.7M.ckpt")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/pp_bench_go"), help="embedding cache folder")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_go_probe.json")
+    args = parser.parse_args()
+    shared = resolve_path(os.environ.get("PP_SHARED_DATA", "../shared/data")) / "probes" / "go_mf"
+    folder = shared if (shared / "train.csv").is_file() else ROOT / "data" / "probes" / "go_mf"
+    suffix = "" if (folder / "train.csv").is_file() else ".gz"
+    _, train, test, _, vocabulary = read_tables(folder / f"train.csv{suffix}", folder / f"valid.csv{suffix}",
+                                                max_train=args.max_train, seed=0)
+    y_train = label_matrix([split_terms(v) for v in train.go], vocabulary)
+    y_test = label_matrix([split_terms(v) for v in test.go], vocabulary)
+    keep = y_test.any(1)
+    feats = {}
+    if "embedding" in args.methods:
+        feats["embedding"] = embeddings(train, test, args.checkpoint, args.cache)
+    if "composition" in args.methods:
+        feats["composition"] = (_composition(train.sequence), _composition(test.sequence))
+    if "kmer3" in args.methods:
+        feats["kmer3"] = (kmer_spectrum(train.sequence), kmer_spectrum(test.sequence))
+    rows = []
+    for name, (a, b) in feats.items():
+        row = {"method": name, "n_features": a.shape[1]}
+        for fit, func in (("joint", one_vs_rest_scores), ("per_term", per_term_scores)):
+            start = time.perf_counter()
+            scores = func(a, y_train, b)
+            seconds = time.perf_counter() - start
+            metrics = score_go(y_test[keep], scores[keep])
+            row[fit] = {"seconds": round(seconds, 1), "fmax": round(metrics["fmax"], 4),
+                        "aupr": round(metrics["aupr"], 4), "threshold": metrics["threshold"]}
+            print(f"{name:12s} {fit:9s} {seconds:8.1f} s  F-max {metrics['fmax']:.4f}  AUPR {metrics['aupr']:.4f}",
+                  flush=True)
+        row["speedup"] = round(row["per_term"]["seconds"] / row["joint"]["seconds"], 1)
+        rows.append(row)
+    total = {fit: round(sum(r[fit]["seconds"] for r in rows), 1) for fit in ("joint", "per_term")}
+    print(f"{'method':12s} {'features':>8s} {'per-term s':>10s} {'joint s':>8s} {'speed-up':>8s} "
+          f"{'F-max per-term':>14s} {'F-max joint':>11s}")
+    for r in rows:
+        print(f"{r['method']:12s} {r['n_features']:8d} {r['per_term']['seconds']:10.1f} {r['joint']['seconds']:8.1f} "
+              f"{r['speedup']:7.1f}x {r['per_term']['fmax']:14.4f} {r['joint']['fmax']:11.4f}")
+    print(f"total: per-term {total['per_term']} s, joint {total['joint']} s")
+    report = {"host": platform.node(), "cpus": os.cpu_count(), "load_avg": os.getloadavg(),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "max_train": len(train),
+              "n_test": int(len(test)), "n_evaluated": int(keep.sum()), "n_terms": len(vocabulary),
+              "checkpoint": args.checkpoint.name, "rows": rows, "total_seconds": total}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
