@@ -3,6 +3,7 @@ all terms in one L-BFGS) against scikit-learn's one ``LogisticRegression`` per t
 before: lbfgs on dense features, liblinear in the dual on the sparse 3-mer spectrum), same features, same run.
 
     python scripts/bench_go_probe.py                                  # 3,000 training proteins (pp-evaluate's size)
+    python scripts/bench_go_probe.py --max-train 1000 --max-test 500  # what results/bench_go_probe.json holds
     python scripts/bench_go_probe.py --max-train 500 --methods composition --out /tmp/go.json    # a quick look
 
 Data: ``$PP_SHARED_DATA/probes/go_mf`` (else ``data/probes/go_mf``): ``--max-train`` proteins of train.csv
@@ -57,9 +58,10 @@ def per_term_scores(x_train, y_train: np.ndarray, x_test, C: float = 1.0, seed: 
     return out
 
 
-def embeddings(train, test, checkpoint: Path, cache: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Mean final-layer embeddings of both tables (cached by table sizes and checkpoint name)."""
-    path = cache / f"go_emb_{checkpoint.stem}_{len(train)}_{len(test)}.npz"
+def embeddings(train, test, checkpoint: Path, cache: Path, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean final-layer embeddings of both tables, proteins cropped to ``max_len`` residues (cached by table sizes,
+    crop and checkpoint name)."""
+    path = cache / f"go_emb_{checkpoint.stem}_{len(train)}_{len(test)}_{max_len}.npz"
     if path.is_file():
         data = np.load(path)
         return data["train"], data["test"]
@@ -68,8 +70,8 @@ def embeddings(train, test, checkpoint: Path, cache: Path) -> tuple[np.ndarray, 
     model = load_model(checkpoint)
     out = []
     for df in (train, test):
-        reps = embed(model, list(zip(df.id, df.sequence, strict=True)), layers=[-1], include=["mean"],
-                     on_long="truncate", progress=True)
+        reps = embed(model, [(i, s[:max_len]) for i, s in zip(df.id, df.sequence, strict=True)], layers=[-1],
+                     include=["mean"], on_long="truncate", progress=True)
         out.append(np.stack([reps[i]["mean"][-1].numpy() for i in df.id]))
     cache.mkdir(parents=True, exist_ok=True)
     np.savez(path, train=out[0], test=out[1])
@@ -79,6 +81,8 @@ def embeddings(train, test, checkpoint: Path, cache: Path) -> tuple[np.ndarray, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max-train", type=int, default=3000, help="training proteins (pp-evaluate's default)")
+    parser.add_argument("--max-test", type=int, default=None, help="score this many valid.csv proteins (sampled)")
+    parser.add_argument("--max-len", type=int, default=1000, help="embedding: crop proteins to this many residues")
     parser.add_argument("--methods", nargs="+", default=["embedding", "composition", "kmer3"])
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "weights" / "pp_mlm_relu_2.7M.ckpt")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/pp_bench_go"), help="embedding cache folder")
@@ -89,12 +93,14 @@ def main() -> None:
     suffix = "" if (folder / "train.csv").is_file() else ".gz"
     _, train, test, _, vocabulary = read_tables(folder / f"train.csv{suffix}", folder / f"valid.csv{suffix}",
                                                 max_train=args.max_train, seed=0)
+    if args.max_test is not None and args.max_test < len(test):
+        test = test.sample(n=args.max_test, random_state=0).reset_index(drop=True)
     y_train = label_matrix([split_terms(v) for v in train.go], vocabulary)
     y_test = label_matrix([split_terms(v) for v in test.go], vocabulary)
     keep = y_test.any(1)
     feats = {}
     if "embedding" in args.methods:
-        feats["embedding"] = embeddings(train, test, args.checkpoint, args.cache)
+        feats["embedding"] = embeddings(train, test, args.checkpoint, args.cache, args.max_len)
     if "composition" in args.methods:
         feats["composition"] = (_composition(train.sequence), _composition(test.sequence))
     if "kmer3" in args.methods:
@@ -123,7 +129,8 @@ def main() -> None:
     report = {"host": platform.node(), "cpus": os.cpu_count(), "load_avg": os.getloadavg(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "max_train": len(train),
               "n_test": int(len(test)), "n_evaluated": int(keep.sum()), "n_terms": len(vocabulary),
-              "checkpoint": args.checkpoint.name, "rows": rows, "total_seconds": total}
+              "checkpoint": args.checkpoint.name, "embedding_max_len": args.max_len, "rows": rows,
+              "total_seconds": total}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
