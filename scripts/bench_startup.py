@@ -28,7 +28,8 @@ COMMANDS = {  # pp-* command -> module under proteinperformer/cli
     "pp-probe": "probe", "pp-evaluate": "evaluate", "pp-convert": "convert", "pp-contacts": "contacts",
     "pp-attention-blosum": "attention_blosum", "pp-gpu-check": "gpu_check", "pp-score": "score",
 }
-IMPORTS = ("import proteinperformer", "from proteinperformer import embed", "import proteinperformer.progress")
+IMPORTS = ("import proteinperformer", "from proteinperformer import embed", "import proteinperformer.progress",
+           "import torch")  # the last: the floor of anything that runs a model
 
 
 def cases() -> dict[str, list[str]]:

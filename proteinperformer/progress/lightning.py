@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
 
-from proteinperformer.progress import LOG_EVERY_SECONDS, track
+from proteinperformer.progress.lines import LOG_EVERY_SECONDS, track
 
 # the loggers Lightning's rank_zero_info goes through ("GPU available: ...", "TPU available: ...", the litlogger
 # tip, "`Trainer(limit_val_batches=1)` was configured ...", the model summary)
