@@ -1,6 +1,7 @@
 """GO-MF probe benchmark: the joint one-vs-rest fit (:func:`proteinperformer.evaluation.go.logistic_regressions`,
-all terms in one L-BFGS) against scikit-learn's one ``LogisticRegression`` per term (what ``pp-probe`` ran
-before: lbfgs on dense features, liblinear in the dual on the sparse 3-mer spectrum), same features, same run.
+Newton's method for all terms at once) against scikit-learn's one ``LogisticRegression`` per term (what
+``pp-probe`` ran before on dense features: lbfgs), same features, same run. (The sparse 3-mer spectrum is still
+fitted per term, liblinear in the dual, so ``kmer3`` times the same code twice.)
 
     python scripts/bench_go_probe.py                                  # 3,000 training proteins (pp-evaluate's size)
     python scripts/bench_go_probe.py --max-train 1000 --max-test 500  # what results/bench_go_probe.json holds
@@ -83,7 +84,8 @@ def main() -> None:
     parser.add_argument("--max-train", type=int, default=3000, help="training proteins (pp-evaluate's default)")
     parser.add_argument("--max-test", type=int, default=None, help="score this many valid.csv proteins (sampled)")
     parser.add_argument("--max-len", type=int, default=1000, help="embedding: crop proteins to this many residues")
-    parser.add_argument("--methods", nargs="+", default=["embedding", "composition", "kmer3"])
+    parser.add_argument("--methods", nargs="+", default=["embedding", "composition"],
+                        help="dense feature sets (kmer3 is sparse: fitted per term either way)")
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "weights" / "pp_mlm_relu_2.7M.ckpt")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/pp_bench_go"), help="embedding cache folder")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_go_probe.json")
