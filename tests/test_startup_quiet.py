@@ -1,5 +1,5 @@
 """A new user's first hour: commands answer ``--help`` without importing torch or Lightning, Lightning's banners
-are off unless asked for, long jobs say how long they will take, GO-MF probing fits all terms at once.
+are off unless asked for, long jobs say how long they will take.
 (The timing itself is measured by scripts/bench_startup.py, not asserted here.)"""
 
 from __future__ import annotations
@@ -120,19 +120,3 @@ def test_masked_lm_max_sequences_scores_that_many(tiny_checkpoint, tmp_path) -> 
         assert full[split]["n_sequences"] > 8 and part[split]["n_sequences"] == 8  # whole batches: 2 x 4
         assert 0 < part[split]["n_masked"] < full[split]["n_masked"]
         assert part[split]["unigram"] == full[split]["unigram"]
-
-
-def test_joint_logistic_regressions_equal_scikit_learns_per_term_fits() -> None:
-    from sklearn.linear_model import LogisticRegression
-
-    from proteinperformer.evaluation.go import logistic_regressions
-
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(300, 6))
-    y = (x @ rng.normal(size=(6, 5)) + rng.logistic(size=(300, 5))) > 0
-    y[:, 4] = x[:, 0] > 0  # separable: only the penalty keeps w finite
-    w, b = logistic_regressions(x, y, C=0.5, tol=1e-10)
-    for j in range(y.shape[1]):
-        clf = LogisticRegression(C=0.5, tol=1e-12, max_iter=100_000).fit(x, y[:, j])
-        np.testing.assert_allclose(w[:, j], clf.coef_[0], atol=1e-5)
-        np.testing.assert_allclose(b[j], clf.intercept_[0], atol=1e-5)
