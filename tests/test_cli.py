@@ -155,7 +155,7 @@ def test_progress_in_a_log_file_is_one_line_per_update(monkeypatch) -> None:
 
     log = io.StringIO()
     monkeypatch.setattr(sys, "stderr", log)
-    monkeypatch.setattr(progress, "LOG_EVERY_SECONDS", 0.0)
+    monkeypatch.setattr(progress.lines, "LOG_EVERY_SECONDS", 0.0)
     for _ in progress.track(range(5), desc="work", total=5):
         pass
     text = log.getvalue()

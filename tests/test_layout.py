@@ -19,8 +19,8 @@ from tests.conftest import ROOT
 
 PACKAGE = ROOT / "proteinperformer"
 # Lower layers first; a module may import its own layer or any layer before it, never one after.
-LAYERS = ["tokenizer", "files", "progress", "attention", "model", "checkpoints", "data", "training", "analysis",
-          "inference", "evaluation", "cli"]
+LAYERS = ["options", "tokenizer", "files", "progress", "attention", "model", "checkpoints", "data", "training",
+          "analysis", "inference", "evaluation", "cli"]
 
 
 def _module_name(path: Path) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,19 @@ def test_contacts_vs_structure():
         for k in ("L", "L/2", "L/5", "background"):
             assert 0 <= out["precision"][rng][k] <= 1
         assert out["precision"][rng]["background"] > 0
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")))
+def test_notebooks_are_stored_with_their_outputs(name):
+    """What GitHub shows before anyone runs them (``python scripts/run_notebooks.py`` writes them): every code cell
+    ran in order, the figures are there as PNG, no path of the machine that ran them, a modest size."""
+    path = NOTEBOOKS / name
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), name
+    outputs = [o for c in code for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"], name
+    assert any("image/png" in o.get("data", {}) for o in outputs), f"{name}: no figure stored"
+    text = path.read_text()
+    assert not re.search(r"(/home/|/root/|/tmp/|/work/|[A-Z]:\\\\Users)", text), f"{name}: a machine path"
+    assert path.stat().st_size < 1_000_000, f"{name}: {path.stat().st_size:,} bytes"

@@ -36,12 +36,11 @@ from scipy.spatial.distance import squareform
 
 from proteinperformer.analysis.maps import as_performer, iter_attention_blocks
 from proteinperformer.model import PerformerLM
+from proteinperformer.options import VIG_MIN_EDGES, VIG_THRESHOLD
 from proteinperformer.progress import track
 
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"  # the 20 standard residues, in the order of every 20-axis here
 _INDEX = {aa: i for i, aa in enumerate(AMINO_ACIDS)}
-VIG_THRESHOLD = 0.3  # attention weight of a "high-confidence" edge (Vig et al. 2020)
-VIG_MIN_EDGES = 100  # heads with fewer high-confidence edges are dropped
 
 
 def residue_onehot(sequence: str) -> torch.Tensor:

@@ -45,9 +45,9 @@ from proteinperformer.analysis.aminoacids import (  # noqa: E402
 from proteinperformer.checkpoints import load_model  # noqa: E402
 from proteinperformer.data.fasta import read_sequences  # noqa: E402
 from proteinperformer.model.precision import inference_autocast  # noqa: E402
+from proteinperformer.options import BLOSUM_METHODS, BLOSUM_MIN_RESIDUES, MATRICES  # noqa: E402
 
-MATRICES = ("BLOSUM62", "BLOSUM45", "BLOSUM80", "PAM250")
-METHODS = ("vig", "weighted")
+METHODS = BLOSUM_METHODS
 
 
 def plot_similarity(sim: np.ndarray, reference: np.ndarray, ref_name: str, r: float, path: Path) -> None:
@@ -102,7 +102,7 @@ def analyse(
     return counts, null_counts, methods
 
 
-MIN_RESIDUES = 30  # shorter proteins are skipped (and counted): too few pairs for the per-head statistics
+MIN_RESIDUES = BLOSUM_MIN_RESIDUES  # shorter proteins are skipped (and counted): too few pairs per head
 
 
 def undefined_reason(part: dict, threshold: float, min_edges: int) -> str | None:

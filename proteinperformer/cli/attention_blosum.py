@@ -11,9 +11,10 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from proteinperformer.analysis.aminoacids import VIG_MIN_EDGES, VIG_THRESHOLD
-from proteinperformer.analysis.blosum_report import MATRICES, METHODS, MIN_RESIDUES, run
 from proteinperformer.cli.common import Parser, add_device_arguments, checked_device, run_command, summary
+from proteinperformer.options import BLOSUM_METHODS as METHODS
+from proteinperformer.options import BLOSUM_MIN_RESIDUES as MIN_RESIDUES
+from proteinperformer.options import MATRICES, VIG_MIN_EDGES, VIG_THRESHOLD
 
 
 def create_parser() -> argparse.ArgumentParser:
@@ -38,6 +39,8 @@ def create_parser() -> argparse.ArgumentParser:
 
 def report(a: argparse.Namespace) -> dict:
     """Run the analysis and print r against the first matrix for both methods; returns the JSON."""
+    from proteinperformer.analysis.blosum_report import run
+
     device = checked_device(a)
     res = run(a.checkpoint, a.fasta, a.max_sequences, a.out, a.matrices, a.crop_length, a.seed, a.method, a.threshold,
               a.min_edges, a.precision, device)

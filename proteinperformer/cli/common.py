@@ -23,21 +23,22 @@ import sys
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import torch
+from proteinperformer.options import DEVICE_CHOICES, INFERENCE_PRECISIONS
 
-from proteinperformer.data.store import StoreError
-from proteinperformer.model.precision import (
-    DEVICE_CHOICES,
-    INFERENCE_PRECISIONS,
-    check_inference_precision,
-    resolve_device,
-)
+if TYPE_CHECKING:
+    import torch
 
-# ValueError covers CheckpointError, TokenizationError, FastaFormatError, PrecisionError, ProbeDataError and
-# pandas' parser errors; OSError covers missing, unreadable and corrupt (gzip) files.
-ANTICIPATED_ERRORS = (ValueError, OSError, EOFError, zlib.error, StoreError)
+
+def anticipated_errors() -> tuple[type[BaseException], ...]:
+    """The errors that end in one line: ValueError covers CheckpointError, TokenizationError, FastaFormatError,
+    PrecisionError, ProbeDataError and pandas' parser errors; OSError covers missing, unreadable and corrupt (gzip)
+    files; StoreError a bad token store. A function, called in ``except``, so that a command's parser (``--help``)
+    imports nothing heavy: the store module is loaded only when an error is being handled."""
+    from proteinperformer.data.store import StoreError
+
+    return (ValueError, OSError, EOFError, zlib.error, StoreError)
 
 
 def _dashed(arg: str) -> str:
@@ -161,6 +162,8 @@ def add_attention_arguments(parser: argparse.ArgumentParser, default: str | None
 
 def checked_device(args: argparse.Namespace) -> torch.device:
     """The torch device of ``args.device``, checked on this machine together with ``args.precision`` (if any)."""
+    from proteinperformer.model.precision import check_inference_precision, resolve_device
+
     device = resolve_device(args.device)
     check_inference_precision(getattr(args, "precision", "32"), device)
     return device
@@ -182,10 +185,12 @@ def run_command(run: Callable[[argparse.Namespace], Any], parser: argparse.Argum
     if quiet:
         os.environ["PP_QUIET"] = "1"  # proteinperformer.progress: no bars, no periodic lines
     if getattr(args, "threads", None):
+        import torch
+
         torch.set_num_threads(args.threads)
     try:
         return run(args)
-    except ANTICIPATED_ERRORS as err:
+    except anticipated_errors() as err:
         if getattr(args, "debug", False):
             raise
         raise SystemExit(f"error: {one_line(err)}") from None

@@ -11,7 +11,6 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from proteinperformer.analysis.contacts_report import run
 from proteinperformer.cli.common import Parser, add_device_arguments, checked_device, run_command, summary
 
 
@@ -34,6 +33,8 @@ def create_parser() -> argparse.ArgumentParser:
 
 def report(a: argparse.Namespace) -> dict:
     """Fit and score the contact regression; print long-range P@L against the null; returns the JSON."""
+    from proteinperformer.analysis.contacts_report import run
+
     device = checked_device(a)
     res = run(a.checkpoint, a.structures, a.train_chains, a.out, a.atom, a.max_length, a.seed, a.max_sequences,
               a.precision, device)

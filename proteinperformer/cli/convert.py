@@ -26,7 +26,6 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from proteinperformer.checkpoints import export_slim, load_model, read_torch, save_checkpoint
 from proteinperformer.cli.common import (
     Parser,
     add_attention_arguments,
@@ -35,10 +34,8 @@ from proteinperformer.cli.common import (
     run_command,
     summary,
 )
-from proteinperformer.evaluation.conversion import DEFAULT_NUM_FEATURES, report
 from proteinperformer.files import write_json_atomic
-from proteinperformer.model import convert_attention
-from proteinperformer.model.precision import inference_autocast
+from proteinperformer.options import DEFAULT_NUM_FEATURES
 
 
 def create_parser() -> argparse.ArgumentParser:
@@ -76,6 +73,8 @@ def print_report(r: dict) -> None:
 
 def slim(args: argparse.Namespace) -> None:
     """``--slim``: write the slim copy and print what goes into a model card."""
+    from proteinperformer.checkpoints import export_slim, load_model, read_torch
+
     if args.out is None or args.report is not None:
         raise ValueError("--slim copies SOURCE to --out: give both, and no --report")
     dst = export_slim(args.source, args.out)
@@ -96,6 +95,11 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError("--metrics goes with --slim")
     if args.out is None and args.report is None:
         raise ValueError("give a checkpoint to write (--out), --report FASTA, or both")
+    from proteinperformer.checkpoints import load_model, save_checkpoint
+    from proteinperformer.evaluation.conversion import report
+    from proteinperformer.model import convert_attention
+    from proteinperformer.model.precision import inference_autocast
+
     device = checked_device(args)  # the report's forward passes; the conversion itself copies weights on the CPU
     if args.out is not None:
         model = load_model(args.source, attention=args.attention, num_features=args.num_features, kernel=args.kernel)

@@ -15,7 +15,6 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from proteinperformer.checkpoints import load_model
 from proteinperformer.cli.common import (
     Parser,
     add_attention_arguments,
@@ -23,19 +22,7 @@ from proteinperformer.cli.common import (
     checked_device,
     run_command,
 )
-from proteinperformer.inference.embed import INCLUDE, residue_limit, resolve_contact_head, resolve_layers
-from proteinperformer.inference.embed_files import (
-    DTYPES,
-    FORMATS,
-    LABELS,
-    bundle_path,
-    done_labels,
-    merge_parts,
-    predict_to_dir,
-    prepare_folder,
-    scan_fasta,
-    settings_of,
-)
+from proteinperformer.options import DTYPES, FORMATS, INCLUDE, LABELS
 
 
 def create_parser() -> argparse.ArgumentParser:
@@ -68,6 +55,8 @@ def create_parser() -> argparse.ArgumentParser:
     long.add_argument("--truncate", action="store_true", help="keep the first residues of too-long sequences")
     long.add_argument("--chunk", action="store_true", help="embed too-long sequences in overlapping windows")
     add_device_arguments(parser)
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Lightning's banners (GPU/TPU available), tips and third-party deprecation warnings")
     parser.add_argument("--devices", type=int, default=1,
                         help="number of processes / GPUs (>1 runs DDP; with --device cuda or cpu)")
     add_attention_arguments(parser)
@@ -79,6 +68,17 @@ def create_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Embed every FASTA record not yet in ``args.out``; returns the number of sequences embedded."""
+    from proteinperformer.checkpoints import load_model
+    from proteinperformer.inference.embed import residue_limit, resolve_contact_head, resolve_layers
+    from proteinperformer.inference.embed_files import (
+        bundle_path,
+        done_labels,
+        merge_parts,
+        predict_to_dir,
+        prepare_folder,
+        scan_fasta,
+        settings_of,
+    )
     device = checked_device(args)
     model = load_model(args.checkpoint, attention=args.attention, num_features=args.num_features, kernel=args.kernel)
     layers = list(args.repr_layers)
@@ -97,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
     if scan["todo"]:
         is_global_zero = predict_to_dir(model, args.fasta, args.out, args.format, layers, args.include, on_long,
                                         contact_head, args.precision, device, args.devices, args.toks_per_batch,
-                                        args.label, done, args.dtype, args.block_size)
+                                        args.label, done, args.dtype, args.block_size, total=scan["todo"],
+                                        verbose=args.verbose)
         if not is_global_zero:
             return scan["todo"]
     if args.format != "pt":

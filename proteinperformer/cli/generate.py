@@ -21,8 +21,6 @@ from proteinperformer.cli.common import (
     run_command,
     summary,
 )
-from proteinperformer.inference.generate import load_clm, sample, write_fasta
-from proteinperformer.model import convert_attention
 
 
 def create_parser() -> argparse.ArgumentParser:
@@ -48,6 +46,9 @@ def create_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> Path:
     """Load the checkpoint, sample, write the FASTA; returns its path."""
+    from proteinperformer.inference.generate import load_clm, sample, write_fasta
+    from proteinperformer.model import convert_attention
+
     device = checked_device(args)
     check_output_file(args.out, "samples.fasta")
     model, alphabet = load_clm(args.checkpoint, device)

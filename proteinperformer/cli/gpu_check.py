@@ -30,15 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from omegaconf import OmegaConf
-
-from proteinperformer.attention import benchmark
-from proteinperformer.attention.checks import run_checks
 from proteinperformer.cli.common import Parser, run_command
 from proteinperformer.files import CONFIG_DIR, write_text_atomic
-from proteinperformer.inference.generate import write_fasta
-from proteinperformer.tokenizer import STANDARD_RESIDUES
 
 BENCH_LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 BENCH_METHODS = ["exact", "exact_causal", "favor", "favor_causal"]
@@ -59,6 +52,8 @@ def _run(cmd: list[str], timeout: float) -> tuple[int, str, float]:
 def check_tests(device: str) -> dict:
     """Every FAVOR+ check on ``device``; counts of passed / failed and the checks themselves."""
     start = time.time()
+    from proteinperformer.attention.checks import run_checks
+
     checks = run_checks(device)
     failed = sum(not c["passed"] for c in checks)
     seconds = round(time.time() - start, 1)
@@ -68,6 +63,9 @@ def check_tests(device: str) -> dict:
 def synthetic_fasta(path: Path, n: int, seed: int = 0) -> Path:
     """``n`` random protein-like sequences (M, then uniform standard residues; 50 to 800 long) as FASTA at ``path``:
     the training section measures speed and memory, which do not depend on what the residues are."""
+    from proteinperformer.inference.generate import write_fasta
+    from proteinperformer.tokenizer import STANDARD_RESIDUES
+
     rng = random.Random(seed)
     records = [(f"synthetic_{i}", "M" + "".join(rng.choices(STANDARD_RESIDUES, k=rng.randint(49, 799))))
                for i in range(n)]
@@ -81,6 +79,8 @@ def training_fasta(fasta: Path | None, out: Path, quick: bool) -> tuple[Path, st
         if not fasta.is_file():
             raise ValueError(f"{fasta}: no such FASTA file (--fasta)")
         return fasta.resolve(), "--fasta"
+    from omegaconf import OmegaConf
+
     default = Path(OmegaConf.load(CONFIG_DIR / "data" / "fasta.yaml").fasta_path)
     if default.is_file():
         return default.resolve(), "data.fasta_path (the configured default)"
@@ -137,6 +137,8 @@ def check_training(out: Path, quick: bool, timeout: float, fasta: Path | None = 
 
 def check_bench(device: str, quick: bool) -> dict:
     """The attention benchmark on ``device``, fp32 and bf16 (quick: fp32 at L=256); one run per dtype."""
+    from proteinperformer.attention import benchmark
+
     entries = []
     for dtype in (["fp32"] if quick else ["fp32", "bf16"]):
         start = time.time()
@@ -229,6 +231,8 @@ def create_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict:
     """Run the chosen sections; returns the report (also written to OUT/gpu_check.json and .md)."""
     start = time.time()
+    import torch
+
     cuda = torch.cuda.is_available()
     device = "cpu" if args.quick else "cuda"
     args.out.mkdir(parents=True, exist_ok=True)

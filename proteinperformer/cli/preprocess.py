@@ -11,7 +11,6 @@ import argparse
 from collections.abc import Sequence
 
 from proteinperformer.cli.common import Parser, run_command, summary
-from proteinperformer.data.store.preprocess import preprocess
 
 
 def create_parser() -> argparse.ArgumentParser:
@@ -42,6 +41,8 @@ def create_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict:
     """Build (or finish) the store; print its counts; returns the manifest."""
+    from proteinperformer.data.store.preprocess import preprocess
+
     manifest = preprocess(
         args.inputs, args.out, workers=args.workers, chunk_mb=args.chunk_mb, on_invalid=args.on_invalid,
         min_len=args.min_length, max_len=args.max_length, dedup=args.dedup, on_duplicate_id=args.on_duplicate_id,

@@ -11,7 +11,6 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from proteinperformer.checkpoints import load_model
 from proteinperformer.cli.common import (
     Parser,
     add_attention_arguments,
@@ -20,7 +19,6 @@ from proteinperformer.cli.common import (
     checked_device,
     run_command,
 )
-from proteinperformer.evaluation.probe import probe_files, read_tables
 
 
 def create_parser() -> argparse.ArgumentParser:
@@ -52,6 +50,9 @@ def create_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict:
     """Check the tables, load the checkpoint, run :func:`probe_files`; writes ``args.out`` and its PNG."""
+    from proteinperformer.checkpoints import load_model
+    from proteinperformer.evaluation.probe import probe_files, read_tables
+
     device = checked_device(args)
     check_output_file(args.out, "probe.json")
     read_tables(args.train, args.valid, args.test, args.max_sequences, args.seed)  # bad data fails before the model

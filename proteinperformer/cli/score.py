@@ -14,11 +14,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pandas as pd
-
-from proteinperformer.checkpoints import load_model
 from proteinperformer.cli.common import (
     Parser,
     add_attention_arguments,
@@ -27,19 +24,11 @@ from proteinperformer.cli.common import (
     checked_device,
     run_command,
 )
-from proteinperformer.data.fasta import read_fasta
-from proteinperformer.data.unigram import fasta_unigram_frequencies, unigram_description
 from proteinperformer.files import read_csv, resolve_path, write_atomic, write_json_atomic
-from proteinperformer.inference.score import (
-    STRATEGIES,
-    VariantError,
-    blosum_scores,
-    parse_variant,
-    score_variants,
-    spearman,
-    unigram_scores,
-)
-from proteinperformer.tokenizer import Alphabet
+from proteinperformer.options import STRATEGIES
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 BASELINE_COLUMNS = ("blosum62", "unigram")
 
@@ -79,6 +68,8 @@ def create_parser() -> argparse.ArgumentParser:
 
 def wild_type(args: argparse.Namespace) -> str:
     """The wild-type sequence of ``--sequence`` or of the one record of ``--fasta``."""
+    from proteinperformer.data.fasta import read_fasta
+
     if args.sequence is not None:
         return args.sequence.strip().upper().removesuffix("*")
     records = list(read_fasta(args.fasta))
@@ -90,6 +81,8 @@ def wild_type(args: argparse.Namespace) -> str:
 def read_variants(args: argparse.Namespace, sequence: str) -> tuple[pd.DataFrame, list, int]:
     """(the CSV as strings, each row's parsed substitutions or None when skipped, number skipped); a bad row
     raises naming the file and line."""
+    from proteinperformer.inference.score import VariantError, parse_variant
+
     df = read_csv(args.dms_csv, "CSV of variants", dtype=str, keep_default_na=False, encoding="utf-8-sig")
     df.columns = ["" if str(c).startswith("Unnamed: ") else c for c in df.columns]  # keep an unnamed index header
     if args.mutation_col not in df.columns:
@@ -112,6 +105,14 @@ def read_variants(args: argparse.Namespace, sequence: str) -> tuple[pd.DataFrame
 
 def run(args: argparse.Namespace) -> dict:
     """Score the CSV; returns the ρ record (empty without ``--target-col``)."""
+    import numpy as np
+    import pandas as pd
+
+    from proteinperformer.checkpoints import load_model
+    from proteinperformer.data.unigram import fasta_unigram_frequencies, unigram_description
+    from proteinperformer.inference.score import blosum_scores, score_variants, spearman, unigram_scores
+    from proteinperformer.tokenizer import Alphabet
+
     device = checked_device(args)
     check_output_file(args.out)  # before hours of scoring
     sequence = wild_type(args)

@@ -8,7 +8,8 @@ Relative paths (``data.fasta_path``, ``init_from``, the run folder ``runs/...``)
 
 Bad input (a FASTA error, a bad or unsafe checkpoint in ``init_from=`` / ``ckpt_path=``, a precision this
 machine cannot run) ends in one line ``error: ...`` and exit code 1; set ``PP_DEBUG=1`` for the traceback
-(Hydra owns the command line, so there is no ``--debug`` flag here).
+(Hydra owns the command line, so there is no ``--debug`` flag here). Lightning's banners (GPU/TPU available),
+tips, model table and third-party deprecation warnings are off; ``verbose=true`` shows them.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ import os
 import re
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import hydra
-from omegaconf import DictConfig
-
-from proteinperformer.cli.common import ANTICIPATED_ERRORS, one_line
+from proteinperformer.cli.common import anticipated_errors, one_line
 from proteinperformer.files import CONFIG_DIR
-from proteinperformer.training.train import train
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 
 def check_overrides(overrides: Sequence[str]) -> None:
@@ -71,22 +72,43 @@ def _dotted_keys(node: object, prefix: str = "") -> list[str]:
     return [k for key, value in node.items() for k in [prefix + str(key), *_dotted_keys(value, f"{prefix}{key}.")]]
 
 
-def main() -> None:
-    """Console entry point ``pp-train``: check the overrides, then run Hydra."""
-    check_overrides(sys.argv[1:])
-    _hydra_main()
+def run(cfg: DictConfig) -> float | None:
+    """Train from the composed config; returns validation perplexity for sweeps."""
+    from proteinperformer.training.train import train  # here, not at the top: --help answers without torch
 
-
-@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> float | None:
-    """Hydra entry point; returns validation perplexity for sweeps."""
     try:
         return train(cfg)["val_ppl"]
-    except ANTICIPATED_ERRORS as err:
+    except anticipated_errors() as err:
         if os.environ.get("PP_DEBUG"):
             raise
         # Bad input: the message names the file, line and record; a traceback would only bury it.
         raise SystemExit(f"error: {one_line(err)}") from None
+
+
+def help_text() -> str:
+    """``pp-train --help``: the usage, the config groups and their options (the files under ``conf/``) and
+    ``conf/train.yaml`` with its comments. Read from the files, as Hydra's own help composes every group (seconds)."""
+    groups: dict[str, list[str]] = {}
+    for path in sorted(CONFIG_DIR.rglob("*.yaml")):
+        if path.parent != CONFIG_DIR:
+            groups.setdefault(path.parent.relative_to(CONFIG_DIR).as_posix(), []).append(path.stem)
+    lines = [__doc__.strip(), "", "Config groups (group=option):"]
+    lines += [f"  {group}: {', '.join(options)}" for group, options in groups.items()]
+    lines += ["", "conf/train.yaml (override any key: key=value; add one: +key=value):", "",
+              (CONFIG_DIR / "train.yaml").read_text().rstrip(), "",
+              "The composed config: pp-train [overrides] --cfg job. Hydra's own options: pp-train --hydra-help."]
+    return "\n".join(lines)
+
+
+def main() -> float | None:
+    """Console entry point ``pp-train``: Hydra composes ``conf/train.yaml`` with the command-line overrides."""
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(help_text())
+        return None
+    check_overrides(sys.argv[1:])
+    import hydra
+
+    return hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")(run)()
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ about 10 minutes on 2 CPU cores for the 2.7M-parameter reference checkpoint).
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import time
@@ -44,20 +45,14 @@ from proteinperformer.evaluation.dms import PUBLISHED, TEM1_CSV, tem1_rho
 from proteinperformer.evaluation.probe import probe_files, read_tables
 from proteinperformer.files import resolve_path, save_figure_atomic, write_json_atomic, write_text_atomic
 from proteinperformer.model.precision import check_inference_precision, inference_autocast, resolve_device
+from proteinperformer.options import CARD_BEGIN, CARD_END, PROBES
 from proteinperformer.progress import track
 from proteinperformer.tokenizer import Alphabet
 from proteinperformer.training.scoring import score_batches
 
-SECTIONS = ("mlm", "ss3", "location", "go_mf", "fold_class", "blosum", "contacts", "dms")
-PROBES = {  # task: (train, valid, default --<task>-max-sequences)
-    "ss3": ("data/probes/ss3/train.csv", "data/probes/ss3/valid.csv", None),
-    "location": ("data/probes/deeploc/train.csv", "data/probes/deeploc/valid.csv", None),
-    "go_mf": ("data/probes/go_mf/train.csv.gz", "data/probes/go_mf/valid.csv.gz", 3000),
-    "fold_class": ("data/probes/fold_class/train.csv", "data/probes/fold_class/valid.csv", None),
-}
 BASELINE_NAMES = {"onehot": "one-hot", "composition": "composition", "kmer3": "3-mer spectrum",
                   "naive": "naive (term frequency)", "nn_kmer3": "3-mer nearest neighbours"}
-BEGIN, END = "<!-- pp-evaluate:begin -->", "<!-- pp-evaluate:end -->"
+BEGIN, END = CARD_BEGIN, CARD_END
 # the accession-hash split of conf/data/fasta.yaml, used for checkpoints that do not record their own
 TRAINING_SPLIT = {"valid_frac": 0.05, "test_frac": 0.05, "split_seed": 0}
 
@@ -72,8 +67,10 @@ def masked_lm_scores(
     max_len: int = 256,
     batch_size: int = 16,
     seed: int = 0,
+    max_sequences: int | None = None,
 ) -> dict:
-    """Accuracy and perplexity of the masked residues of the valid and test splits of ``fasta``
+    """Accuracy and perplexity of the masked residues of the valid and test splits of ``fasta`` (of the first
+    ``max_sequences`` of each split, in whole batches, when given: ``n_sequences`` says how many were scored)
     (:func:`~proteinperformer.training.scoring.score_batches` on the data module's evaluation batches: 15% of
     residues, every one replaced by ``<mask>``, fixed per example; sequences cropped to ``max_len`` tokens,
     deterministically), beside the unigram baseline of each split
@@ -86,15 +83,18 @@ def masked_lm_scores(
     alphabet = dm.alphabet
     out = {}
     for split, loader in (("valid", dm.val_dataloader()), ("test", dm.test_dataloader())):
-        scores = score_batches(model, track(loader, desc=f"masked LM ({split})", unit="batch", leave=False),
-                               alphabet)
+        n = len(dm.splits[split]) if max_sequences is None else min(max_sequences, len(dm.splits[split]))
+        batches = itertools.islice(loader, math.ceil(n / batch_size))
+        scores = score_batches(model, track(batches, desc=f"masked LM ({split})", unit="batch", leave=False,
+                                            total=math.ceil(n / batch_size)), alphabet)
         if scores["residues"] == 0:
             raise ValueError(f"{fasta}: the {split} split has no masked residue (valid_frac={valid_frac}, "
                              f"test_frac={test_frac}); use a larger FASTA or larger fractions")
         unigram = unigram_baseline(dm.splits["train"], dm.splits[split], alphabet)
         out[split] = {"model": {"accuracy": scores["accuracy"], "perplexity": scores["perplexity"]},
                       "unigram": {k: unigram[k] for k in ("accuracy", "perplexity", "residues")},
-                      "n_sequences": len(dm.splits[split]), "n_masked": scores["residues"]}
+                      "n_sequences": min(math.ceil(n / batch_size) * batch_size, len(dm.splits[split])),
+                      "n_masked": scores["residues"]}
     out["unigram"] = unigram_description(alphabet, "train-split", "every residue of the split")
     out["unigram_most_frequent"] = unigram["most_frequent"]
     out["n_train_sequences"] = len(dm.splits["train"])
@@ -337,7 +337,8 @@ def evaluate(args: argparse.Namespace) -> dict:
             with inference_autocast(precision, device):
                 card["sections"]["mlm"] = masked_lm_scores(model, fasta, split["valid_frac"], split["test_frac"],
                                                            split["split_seed"],
-                                                           args.max_len, args.batch_size, args.seed)
+                                                           args.max_len, args.batch_size, args.seed,
+                                                           getattr(args, "max_sequences", None))
             print(f"unigram baseline: {card['sections']['mlm']['unigram']}")
             for split in ("valid", "test"):
                 m = card["sections"]["mlm"][split]

@@ -20,9 +20,8 @@ from proteinperformer.checkpoints import load_model
 from proteinperformer.inference.embed import as_records, residue_limit
 from proteinperformer.model import PerformerLM, convert_attention
 from proteinperformer.model.performer import own_kernel
+from proteinperformer.options import DEFAULT_NUM_FEATURES
 from proteinperformer.training.scoring import evaluation_collator, score_batches
-
-DEFAULT_NUM_FEATURES = 256  # see docs/esm2.md "Which defaults, and why" (measured in studies/fig5_small/)
 
 
 @torch.no_grad()

@@ -235,7 +235,7 @@ def run_go_probe(
         if feats_valid:
             feats_valid["embedding"] = valid_embeddings
     results: dict[str, dict] = {}
-    for name in METHODS:
+    for name in track(METHODS, desc="go_mf methods", unit="method"):
         if name == "embedding" and embeddings is None:
             continue
         C = None

@@ -45,6 +45,7 @@ from sklearn.preprocessing import StandardScaler
 from proteinperformer.evaluation.baselines import composition, terminal_onehot, window_composition, window_onehot
 from proteinperformer.evaluation.go import check_go_column, plot_go, run_go_probe, split_terms, term_vocabulary
 from proteinperformer.files import read_csv, save_figure_atomic, write_json_atomic
+from proteinperformer.progress import track
 from proteinperformer.tokenizer import Alphabet, TokenizationError
 
 SS3_CLASSES = ("H", "E", "C")
@@ -213,7 +214,7 @@ def run_probe(
         return {"task": task, "layer": layer, **report, "embedding_throughput": throughput}
     classes = list(SS3_CLASSES) if task == "ss3" else sorted(set(getattr(train, task)))
     results = {}
-    for name in FEATURE_SETS:
+    for name in track(FEATURE_SETS, desc=f"{task} probes", unit="fit"):
         x_train, y_train = data["train"][0][name], data["train"][1]
         best_C = Cs[0]
         if len(Cs) > 1:

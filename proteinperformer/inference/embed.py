@@ -43,10 +43,10 @@ import torch
 from proteinperformer.data.fasta import load_fasta
 from proteinperformer.model import ModelConfig, PerformerLM
 from proteinperformer.model.precision import check_inference_precision, inference_autocast
+from proteinperformer.options import INCLUDE
 from proteinperformer.progress import track
 from proteinperformer.tokenizer import Alphabet
 
-INCLUDE = ("mean", "per_tok", "bos", "contacts")
 ON_LONG = ("error", "truncate", "chunk")
 
 Embeddings = dict[str, dict[str, dict[int, torch.Tensor]]]  # label -> kind -> layer (0..depth) -> tensor

@@ -52,11 +52,9 @@ from proteinperformer.files import write_atomic, write_json_atomic
 from proteinperformer.inference.embed import Layers, SequenceTooLongError, batch_indices, embed_batch
 from proteinperformer.inference.embed_h5 import SHARD_DIR, ShardWriter, iter_h5, link_shards, shard_labels
 from proteinperformer.model import PerformerLM
-from proteinperformer.progress import progress_bar
+from proteinperformer.options import LABELS
+from proteinperformer.progress.lightning import ItemProgressBar, lightning_notices_silenced
 
-FORMATS = ("pt", "h5", "npz")
-LABELS = ("accession", "header")  # accession: UniProt accession / first word; header: the whole line (esm-extract)
-DTYPES = ("float32", "float16")
 # esm-extract's key names, used in every output file.
 FILE_KEYS = {"mean": "mean_representations", "per_tok": "representations", "bos": "bos_representations",
              "contacts": "contacts"}
@@ -451,24 +449,32 @@ def predict_to_dir(
     skip: set[str] = frozenset(),
     dtype: str = "float32",
     block: int = 100_000,
+    total: int | None = None,
+    verbose: bool = False,
 ) -> bool:
     """Embed ``source`` (a FASTA path, streamed, or a list of (label, sequence)) except the labels in ``skip``, with
     ``Trainer.predict`` over ``devices`` processes, writing each batch to ``outdir`` as it finishes
-    (:class:`EmbeddingWriter`); returns True on the global-zero rank (which merges / links the outputs)."""
+    (:class:`EmbeddingWriter`); returns True on the global-zero rank (which merges / links the outputs).
+    ``total``: the number of sequences to embed (for the progress bar; counted from a list source when None).
+    Lightning's banners and third-party deprecation warnings are shown only when ``verbose``."""
     accelerator, lightning_devices = lightning_device(torch.device(device), devices)
-    trainer = pl.Trainer(
-        accelerator=accelerator,
-        devices=lightning_devices,
-        strategy="ddp" if devices > 1 else "auto",
-        precision="32-true",  # EmbeddingTask autocasts itself: Lightning's CPU 16-mixed silently runs bf16
-        logger=False,
-        callbacks=[EmbeddingWriter(outdir, fmt, dtype), progress_bar()],
-        use_distributed_sampler=False,  # FastaBatches shards the batches by rank itself
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    task = EmbeddingTask(model, layers, include, on_long, contact_head, precision, dtype)
-    with warnings.catch_warnings():  # scoped: the caller's warning filters are restored on exit
+    if total is None:
+        total = None if isinstance(source, str | Path) else sum(label not in skip for label, _ in source)
+    bar = ItemProgressBar(total) if total is not None else None
+    with lightning_notices_silenced(verbose), warnings.catch_warnings():  # scoped: filters restored on exit
+        trainer = pl.Trainer(
+            accelerator=accelerator,
+            devices=lightning_devices,
+            strategy="ddp" if devices > 1 else "auto",
+            precision="32-true",  # EmbeddingTask autocasts itself: Lightning's CPU 16-mixed silently runs bf16
+            logger=False,
+            callbacks=[EmbeddingWriter(outdir, fmt, dtype)] + ([bar] if bar else []),
+            enable_progress_bar=bar is not None,
+            use_distributed_sampler=False,  # FastaBatches shards the batches by rank itself
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        )
+        task = EmbeddingTask(model, layers, include, on_long, contact_head, precision, dtype)
         warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")  # batches are lists
         warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__`")
         trainer.predict(task, datamodule=EmbeddingData(source, toks_per_batch, label, skip, block),

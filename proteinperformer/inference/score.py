@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -37,9 +38,9 @@ import torch
 from proteinperformer.inference.embed import residue_limit
 from proteinperformer.model import PerformerLM
 from proteinperformer.model.precision import check_inference_precision, inference_autocast
+from proteinperformer.options import STRATEGIES
 from proteinperformer.tokenizer import STANDARD_RESIDUES
 
-STRATEGIES = ("wt-marginals", "masked-marginals", "pseudo-ll")
 _SUBSTITUTION = re.compile(r"^([A-Za-z])(-?\d+)([A-Za-z])$")
 
 Substitution = tuple[int, str, str]  # (0-based index into the sequence, wild-type letter, mutant letter)
@@ -128,16 +129,27 @@ def _tokens(model: PerformerLM, sequence: str) -> torch.Tensor:
 
 
 def pseudo_log_likelihoods(model: PerformerLM, sequences: Sequence[str], precision: str = "32",
-                           toks_per_batch: int = 4096, progress: bool = False) -> np.ndarray:
-    """Σ_i log p(x_i | x with residue i masked) of each sequence: float64 [N]."""
-    from proteinperformer.progress import track
+                           toks_per_batch: int = 4096, progress: bool = False, unit: str = "sequence") -> np.ndarray:
+    """Σ_i log p(x_i | x with residue i masked) of each sequence: float64 [N]. With ``progress`` the first
+    sequence is timed and the estimate for all of them printed before the rest run (``pseudo-ll: 263 mutants x
+    22.1 s per mutant ~ 1.6 h``), then a bar counts them (``unit``: what a sequence is, singular)."""
+    from proteinperformer.progress import announce, track
+
+    def pll(seq: str) -> float:
+        tokens = _tokens(model, seq)
+        lp = _masked_log_probs(model, tokens, list(range(1, len(seq) + 1)), precision, toks_per_batch)
+        return float(lp[torch.arange(len(seq)), tokens[1 : len(seq) + 1]].sum())
 
     out = np.zeros(len(sequences))
-    for n, seq in enumerate(track(sequences, desc="pseudo-ll", unit="seq", disable=not progress)):
-        tokens = _tokens(model, seq)
-        positions = list(range(1, len(seq) + 1))
-        lp = _masked_log_probs(model, tokens, positions, precision, toks_per_batch)
-        out[n] = float(lp[torch.arange(len(seq)), tokens[1 : len(seq) + 1]].sum())
+    if not len(sequences):
+        return out
+    start = time.perf_counter()
+    out[0] = pll(sequences[0])
+    if progress:
+        announce("pseudo-ll", len(sequences), unit, time.perf_counter() - start)
+    bar = track(sequences[1:], desc="pseudo-ll", unit=unit, initial=1, total=len(sequences), disable=not progress)
+    for n, seq in enumerate(bar, start=1):
+        out[n] = pll(seq)
     return out
 
 
@@ -168,8 +180,8 @@ def score_variants(
     tokens = _tokens(model, sequence)
     if strategy == "pseudo-ll":
         mutants = sorted({mutant_sequence(sequence, s) for s in parsed if s is not None})
-        pll = dict(zip(mutants, pseudo_log_likelihoods(model, mutants, precision, toks_per_batch, progress),
-                       strict=True))
+        plls = pseudo_log_likelihoods(model, mutants, precision, toks_per_batch, progress, unit="mutant")
+        pll = dict(zip(mutants, plls, strict=True))
         for i, subs in enumerate(parsed):
             if subs is not None:
                 scores[i] = pll[mutant_sequence(sequence, subs)]

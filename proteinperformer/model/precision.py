@@ -17,7 +17,8 @@ import functools
 
 import torch
 
-INFERENCE_PRECISIONS = ("32", "bf16", "16")
+from proteinperformer.options import DEVICE_CHOICES, INFERENCE_PRECISIONS  # noqa: F401 (re-exported)
+
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}
 # the Lightning precision plugin that does what an inference precision means
 LIGHTNING_PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
@@ -79,9 +80,6 @@ def check_cuda(devices: int | str | list = 1) -> None:
 def check_cuda_bf16(instead: str) -> None:
     if not torch.cuda.is_bf16_supported(including_emulation=False):
         raise PrecisionError(f"{torch.cuda.get_device_name()} has no bfloat16 support; use {instead}")
-
-
-DEVICE_CHOICES = "auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps"
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:

@@ -10,9 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -27,23 +24,11 @@ from proteinperformer.checkpoints import load_model, read_torch
 from proteinperformer.data.sources import FastaSource
 from proteinperformer.data.unigram import unigram_description
 from proteinperformer.files import resolve_path, write_json_atomic
+from proteinperformer.progress.lightning import lightning_notices_silenced
 from proteinperformer.training.lm import ProteinLM
 from proteinperformer.training.precision import check_trainer
 
 log = logging.getLogger("proteinperformer.training.train")
-
-
-@contextmanager
-def lightning_notices_silenced() -> Iterator[None]:
-    """Within: two Lightning warnings about this package's deliberate choices are not shown (scoped: the caller's
-    warning filters are restored on exit). ``ProteinLM.on_before_batch_transfer`` counts tokens for any data module
-    on purpose, which Lightning flags on every run with a LightningDataModule; and Lightning warns on any mid-epoch
-    resume unless the DataLoader itself is stateful, while here the DataModule's state_dict holds the sampler
-    position (and StepSeedCallback the RNG), so such a resume is exact."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"You have overridden `on_before_batch_transfer` in `Lightning")
-        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
-        yield
 
 
 def _instantiate_all(group: DictConfig | None) -> list:
@@ -102,10 +87,11 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     net = _init_weights_from(cfg)
     datamodule = _instantiate_data(cfg)
     model = _instantiate_model(cfg, net)
-    trainer = pl.Trainer(accelerator=cfg.trainer.get("accelerator", "auto"), devices=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         limit_val_batches=cfg.trainer.get("limit_val_batches"))
-    with lightning_notices_silenced():
+    with lightning_notices_silenced(cfg.get("verbose", False)):
+        trainer = pl.Trainer(accelerator=cfg.trainer.get("accelerator", "auto"), devices=1, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=cfg.get("verbose", False),
+                             limit_val_batches=cfg.trainer.get("limit_val_batches"))
         final = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
     return {"val_acc": final.get("val/acc"), "val_ppl": final.get("val/ppl"),
             "baseline_acc": final.get("val/baseline_acc"), "baseline_ppl": final.get("val/baseline_ppl")}
@@ -118,10 +104,10 @@ def score_checkpoint(ckpt: str | Path, task: str, datamodule, limit_val_batches=
     net = load_model(Path(ckpt))
     model = ProteinLM(task=task, config=net.config.to_dict())
     model.model.load_state_dict(net.state_dict(), strict=True)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=limit_val_batches, limit_test_batches=limit_test_batches or 1.0)
     with lightning_notices_silenced():
+        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False,
+                             limit_val_batches=limit_val_batches, limit_test_batches=limit_test_batches or 1.0)
         val = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
     out = {"val_acc": val["val/acc"], "val_ppl": val["val/ppl"], "baseline_acc": val["val/baseline_acc"],
            "baseline_ppl": val["val/baseline_ppl"]}
@@ -150,7 +136,14 @@ def set_matmul_precision(precision: str | None) -> None:
 
 
 def train(cfg: DictConfig) -> dict:
-    """Fit a model from a composed config; returns the final metrics (also written to metrics.json)."""
+    """Fit a model from a composed config; returns the final metrics (also written to metrics.json). Lightning's
+    banners, tips and third-party deprecation warnings are shown only with ``verbose=true``
+    (:func:`~proteinperformer.progress.lightning.lightning_notices_silenced`)."""
+    with lightning_notices_silenced(cfg.get("verbose", False)):
+        return _fit(cfg)
+
+
+def _fit(cfg: DictConfig) -> dict:
     start = time.time()
     # fail in one line, before any data is read, if this machine cannot run the requested accelerator/precision
     check_trainer(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("precision", "32-true"),
@@ -164,8 +157,9 @@ def train(cfg: DictConfig) -> dict:
     net = _init_weights_from(cfg)
     log.info("data: %s", cfg.data._target_)
     datamodule = _instantiate_data(cfg)
-    log.info("model: %s (%s)", cfg.model._target_, dict(cfg.model.config))
     model = _instantiate_model(cfg, net)
+    log.info("model: %s, %s parameters (%s)", cfg.model._target_, f"{model.model.num_parameters():,}",
+             dict(cfg.model.config))
     callbacks = _instantiate_all(cfg.get("callbacks"))
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress-bar callback then
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
@@ -177,15 +171,13 @@ def train(cfg: DictConfig) -> dict:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     ckpt_path = str(resolve_path(cfg.ckpt_path)) if cfg.get("ckpt_path") else None
-    with lightning_notices_silenced():
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None else ""
     # read before validate(): loading the best checkpoint restores the callbacks' state as it was then
     last = next((c.last_model_path for c in trainer.checkpoint_callbacks if c.last_model_path), "")
-    with lightning_notices_silenced():
-        final = trainer.validate(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0]
+    final = trainer.validate(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0]
     metrics = {
         "val_acc": final.get("val/acc"),
         "val_ppl": final.get("val/ppl"),
@@ -199,8 +191,7 @@ def train(cfg: DictConfig) -> dict:
         "train_seconds": round(time.time() - start, 1),
     }
     if cfg.get("test"):
-        with lightning_notices_silenced():
-            test = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0]
+        test = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0]
         metrics.update({"test_acc": test.get("test/acc"), "test_ppl": test.get("test/ppl")})
     if metrics["val_ppl"] is not None and not math.isfinite(metrics["val_ppl"]):
         log.warning("validation perplexity is %s: training diverged. Lower model.lr or raise model.warmup_steps; "

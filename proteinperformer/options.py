@@ -1,0 +1,42 @@
+"""The vocabularies of the ``pp-*`` options (choices and defaults a ``--help`` shows), in one torch-free module.
+
+A command's parser is built before anything runs, and ``pp-embed --help`` should answer at once: importing torch,
+Lightning or scikit-learn for a list of choices took 5-7 s. So the choice lists live here, imported by the
+modules that act on them (``inference.embed.INCLUDE`` is ``options.INCLUDE``) and by the parsers in ``cli/``.
+This module imports nothing.
+"""
+
+from __future__ import annotations
+
+# devices and precision (model.precision): --device, --precision
+DEVICE_CHOICES = "auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps"
+INFERENCE_PRECISIONS = ("32", "bf16", "16")
+
+# embeddings (inference.embed, inference.embed_files): pp-embed --include, --format, --label, --dtype
+INCLUDE = ("mean", "per_tok", "bos", "contacts")
+FORMATS = ("pt", "h5", "npz")
+LABELS = ("accession", "header")  # accession: UniProt accession / first word; header: the whole line (esm-extract)
+DTYPES = ("float32", "float16")
+
+# variant scoring (inference.score): pp-score --scoring-strategy
+STRATEGIES = ("wt-marginals", "masked-marginals", "pseudo-ll")
+
+# attention vs substitution matrices (analysis.aminoacids, analysis.blosum_report): pp-attention-blosum
+VIG_THRESHOLD = 0.3  # attention weight of a "high-confidence" edge (Vig et al. 2020)
+VIG_MIN_EDGES = 100  # heads with fewer high-confidence edges are dropped
+BLOSUM_MIN_RESIDUES = 30  # pp-attention-blosum skips (and counts) shorter proteins: too few pairs per head
+MATRICES = ("BLOSUM62", "BLOSUM45", "BLOSUM80", "PAM250")
+BLOSUM_METHODS = ("vig", "weighted")
+
+# FAVOR+ conversion (evaluation.conversion): pp-convert --num-features
+DEFAULT_NUM_FEATURES = 256  # see docs/esm2.md "Which defaults, and why" (measured in studies/fig5_small/)
+
+# the model card (evaluation.card): pp-evaluate
+SECTIONS = ("mlm", "ss3", "location", "go_mf", "fold_class", "blosum", "contacts", "dms")
+PROBES = {  # task: (train, valid, default --<task>-max-sequences)
+    "ss3": ("data/probes/ss3/train.csv", "data/probes/ss3/valid.csv", None),
+    "location": ("data/probes/deeploc/train.csv", "data/probes/deeploc/valid.csv", None),
+    "go_mf": ("data/probes/go_mf/train.csv.gz", "data/probes/go_mf/valid.csv.gz", 3000),
+    "fold_class": ("data/probes/fold_class/train.csv", "data/probes/fold_class/valid.csv", None),
+}
+CARD_BEGIN, CARD_END = "<!-- pp-evaluate:begin -->", "<!-- pp-evaluate:end -->"
