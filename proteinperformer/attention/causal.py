@@ -10,8 +10,6 @@ restart at each document's first position, so every document gets exactly what i
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .features import _NEG, SOFTMAX_EPS, FeatureMap, PositiveRandomFeatures
@@ -45,18 +43,6 @@ def _running_max(x: torch.Tensor, doc: torch.Tensor, carry: torch.Tensor, carry_
         x = torch.cat([x[:, :s], torch.where(same, torch.maximum(x[:, s:], x[:, :-s]), x[:, s:])], dim=1)
         s *= 2
     return torch.where(doc == carry_doc, torch.maximum(x, carry.unsqueeze(1)), x)
-
-
-def _doc_cumsum(x: torch.Tensor, doc: torch.Tensor, reverse: bool = False) -> torch.Tensor:
-    """Inclusive sums of x (N, L, e) over positions within each document (doc (L,) nondecreasing), forward or
-    (``reverse``) backward."""
-    cs = x.cumsum(1)
-    if reverse:  # Σ_{j ≥ i} = cs[end] − cs[i] + x[i]
-        end = torch.searchsorted(doc, doc, right=True) - 1
-        return cs.index_select(1, end).sub_(cs).add_(x)
-    start = torch.searchsorted(doc, doc)  # Σ_{j ≤ i} = cs[i] − cs[start − 1]
-    before = cs.index_select(1, (start - 1).clamp_min(0)).mul_((start > 0).to(x.dtype).unsqueeze(-1))
-    return cs.sub_(before)
 
 
 def _decays(g: torch.Tensor, doc: torch.Tensor, g_in: torch.Tensor, doc_in: torch.Tensor):
@@ -122,38 +108,50 @@ def _group_backward(Q, K, V, decays, H, dO, U):
 
 
 class _Groups:
-    """Where the groups of a (N, L, ·) sequence are and what enters each: chunk T, group G, doc (L,) ids."""
+    """The groups of a (N, L, ·) sequence, chunk T, group G, and what enters each: documents doc (L,) and the
+    decay weights of a group (_decays) for a given running max, or for none (the ε floors, maps without one)."""
 
     def __init__(self, L: int, T: int, G: int, doc: torch.Tensor):
         self.T, self.G, self.n_groups = T, G, L // G
         self.doc = doc.view(self.n_groups, G // T, T)  # (ng, n, T)
 
     def __call__(self, x: torch.Tensor, gi: int) -> torch.Tensor:
+        """Group gi of x (N, L, ·) as a (n, N, T, ·) view."""
         return _chunked(x, self.T, self.G, gi)
 
     def doc_before(self, gi: int) -> torch.Tensor:
         """The document of the position before group gi (−1 before the first)."""
         return self.doc[gi - 1, -1, -1] if gi > 0 else self.doc.new_tensor(-1)
 
+    def decays(self, gi: int, g: torch.Tensor, g_in: torch.Tensor):
+        """_decays of group gi for its running max g (n, N, T) and the g before it, g_in (N,)."""
+        return _decays(g, self.doc[gi], g_in, self.doc_before(gi))
 
-def _softmax_features(q, k, Pa, mask):
-    """Positive random features of one group as row softmaxes: q, k (n, N, T, d), mask (n, N, T) or None ->
+    def plain(self, gi: int, N: int, like: torch.Tensor):
+        """_decays of group gi without a stabiliser (g = 0): only the causal and document masks."""
+        n, T = self.doc.shape[1:]
+        return self.decays(gi, like.new_zeros(n, N, T), like.new_zeros(N))
 
-    p_q and its row max (n, N, T, 1): φ(q) = p_q / max p_q + ε, and the row scale max p_q cancels in the ratio;
-    K (n, N, T, m) = p_k and the key's log Σ_f exp(ℓ_f) and max_f ℓ_f (n, N, T), so φ(k) − ε = K·exp(lse − c)
-    for any stabiliser c; with p = softmax_f(ω·x') and ℓ = ω·x' − ‖x'‖²/2 (features.py). A padded key has
-    lse = −inf and max −1e30.
-    """
-    Ps = Pa[:, :-1]
-    pq = torch.softmax(q @ Ps.T, -1)
-    y = k @ Ps.T
+
+def _query_features(q: torch.Tensor, Pa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positive random features of queries as a row softmax: q (n, N, T, d) -> p = softmax_f(ω·q') (n, N, T, m)
+    and its row max: φ(q) = p / max p + ε (features.py), and the row scale max p cancels in the ratio."""
+    p = torch.softmax(q @ Pa[:, :-1].T, -1)
+    return p, p.amax(-1, keepdim=True)
+
+
+def _key_features(k: torch.Tensor, Pa: torch.Tensor, mask: torch.Tensor | None):
+    """Positive random features of keys: k (n, N, T, d), mask (n, N, T) or None -> p = softmax_f(ω·k')
+    (n, N, T, m), the key's log Σ_f exp(ℓ_f) and its largest logit max_f ℓ_f (n, N, T), ℓ = ω·k' − ‖k'‖²/2, so
+    φ(k) − ε = p·exp(lse − c) for any stabiliser c. A padded key has lse = −inf and largest logit −1e30."""
+    y = k @ Pa[:, :-1].T
     top, idx = y.max(-1, keepdim=True)
-    K = torch.softmax(y, -1)
-    top = top.add_((k * k).sum(-1, keepdim=True) * Pa[0, -1]).squeeze(-1)  # the key's largest logit
-    lse = top - K.gather(-1, idx).squeeze(-1).log()
+    p = torch.softmax(y, -1)
+    top = top.add_((k * k).sum(-1, keepdim=True) * Pa[0, -1]).squeeze(-1)
+    lse = top - p.gather(-1, idx).squeeze(-1).log()
     if mask is not None:
         top, lse = top.masked_fill(mask, _NEG), lse.masked_fill(mask, float("-inf"))
-    return pq, pq.amax(-1, keepdim=True), K, lse, top
+    return p, lse, top
 
 
 class _SoftmaxCausal(torch.autograd.Function):
@@ -161,7 +159,9 @@ class _SoftmaxCausal(torch.autograd.Function):
 
     Per key, φ(k_j) − ε relative to the stabiliser c_i = g_i equals p_j·exp(lse_j − g_j)·exp(g_j − g_i): the
     scalar u_j = exp(lse_j − g_j) ≤ m goes into the values and exp(g_j − g_i) is the core's decay. ε floors: φ(q)'s
-    is in Q; φ(k)'s adds ε·(Σ_f Q_if)·Σ_{j≤i} [v_j, 1], a prefix sum of the values.
+    is in Q; φ(k)'s adds ε·(Σ_f Q_if)·Σ_{j≤i} [v_j, 1], the same core with one feature of 1 and no decay.
+    Everything is done group by group: features, core, ε floor and normaliser in the forward pass; recomputed
+    features, normaliser gradient, core gradients and logit gradients in the backward pass.
     """
 
     @staticmethod
@@ -171,58 +171,62 @@ class _SoftmaxCausal(torch.autograd.Function):
         Pa = PositiveRandomFeatures.augmented_projection(P, q.dtype)
         groups = _Groups(L, chunk, group, doc)
         v1 = _values_with_ones(v, mask)  # (N, L, e+1)
-        O = v1.new_empty(v1.shape)
-        g = q.new_empty(N, L)
+        out, den, g = v.new_empty(v.shape), v.new_empty(N, L, 1), q.new_empty(N, L)
         Hs = q.new_empty(groups.n_groups, N, P.shape[0], v1.shape[-1])  # the state entering each group
-        H, g_in = q.new_zeros(Hs.shape[1:]), q.new_full((N,), _NEG)
-        s = q.new_empty(N, L, 1)  # Σ_f Q_if
+        Cs = q.new_empty(groups.n_groups, N, 1, v1.shape[-1])  # the prefix sum of v1 entering each group
+        H, C, g_in = q.new_zeros(Hs.shape[1:]), q.new_zeros(Cs.shape[1:]), q.new_full((N,), _NEG)
+        feats = []  # per group: K and u, kept for the backward pass (queries are recomputed there)
         for gi in range(groups.n_groups):
             mg = None if mask is None else groups(mask, gi)
-            Q, qmax, K, lse, top = _softmax_features(groups(q, gi), groups(k, gi), Pa, mg)
+            Q, qmax = _query_features(groups(q, gi), Pa)
             Q.add_(SOFTMAX_EPS * qmax)  # φ(q)·max p_q
+            K, lse, top = _key_features(groups(k, gi), Pa, mg)
             n, _, T = top.shape
             gg = _running_max(top.transpose(0, 1).reshape(N, -1), doc[gi * group : (gi + 1) * group], g_in,
                               groups.doc_before(gi))
-            groups(g, gi).copy_(gg.view(N, n, T).transpose(0, 1))
             gc = groups(g, gi)
-            V = groups(v1, gi) * torch.exp(lse - gc).unsqueeze(-1)
-            Hs[gi] = H
-            Og, H = _group_forward(Q, K, V, _decays(gc, groups.doc[gi], g_in, groups.doc_before(gi)), H)
-            groups(O, gi).copy_(Og)
-            groups(s, gi).copy_(Q.sum(-1, keepdim=True))
+            gc.copy_(gg.view(N, n, T).transpose(0, 1))
+            v1g, u = groups(v1, gi), torch.exp(lse - gc).unsqueeze(-1)
+            Hs[gi], Cs[gi] = H, C
+            O, H = _group_forward(Q, K, v1g * u, groups.decays(gi, gc, g_in), H)
+            feats += [K, u]
+            ones = Q.new_ones(n, N, T, 1)
+            prefix, C = _group_forward(ones, ones, v1g, groups.plain(gi, N, q), C)  # Σ_{j≤i} v1_j in the document
+            O.addcmul_(Q.sum(-1, keepdim=True), prefix, value=SOFTMAX_EPS)  # the ε floor of φ(k)
+            dg = O[..., -1:].clamp_min(_NO_KEY)
+            groups(den, gi).copy_(dg)
+            torch.div(O[..., :-1], dg, out=groups(out, gi))
             g_in = gg[:, -1]
-        O.addcmul_(s, _doc_cumsum(v1, doc), value=SOFTMAX_EPS)  # the ε floor of φ(k)
-        den = O[..., -1:].clamp_min(_NO_KEY)
-        out = O[..., :-1] / den
-        ctx.save_for_backward(q, k, v1, g, s, Hs, out, den, Pa, mask, doc)
+        ctx.save_for_backward(q, k, v1, g, Hs, Cs, out, den, Pa, mask, doc, *feats)
         ctx.chunk, ctx.group = chunk, group
         return out
 
     @staticmethod
     @_float32_region
     def backward(ctx, grad):
-        q, k, v1, g, s, Hs, out, den, Pa, mask, doc = ctx.saved_tensors
+        q, k, v1, g, Hs, Cs, out, den, Pa, mask, doc, *feats = ctx.saved_tensors
         N, L, _ = q.shape
         groups = _Groups(L, ctx.chunk, ctx.group, doc)
-        dO = _normaliser_backward(grad, out, den)  # (N, L, e+1)
-        dqe = SOFTMAX_EPS * (dO * _doc_cumsum(v1, doc)).sum(-1, keepdim=True)  # via the ε floor of φ(k), per query
-        dq, dk = torch.empty_like(q), torch.empty_like(k)
-        dv1 = _doc_cumsum(dO * s, doc, reverse=True).mul_(SOFTMAX_EPS)  # via the ε floor of φ(k), per value
-        U = Hs.new_zeros(Hs.shape[1:])
+        grad = grad.contiguous()
+        dq, dk, dv1 = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v1)
+        U, Uc = torch.zeros_like(Hs[0]), torch.zeros_like(Cs[0])
         for gi in reversed(range(groups.n_groups)):
-            qg, kg, gc = groups(q, gi), groups(k, gi), groups(g, gi)
-            mg = None if mask is None else groups(mask, gi)
-            p, qmax, K, lse, _ = _softmax_features(qg, kg, Pa, mg)  # recomputed
-            u = torch.exp(lse - gc).unsqueeze(-1)
-            V = groups(v1, gi) * u
+            qg, kg, gc, v1g = groups(q, gi), groups(k, gi), groups(g, gi), groups(v1, gi)
+            dO = _normaliser_backward(groups(grad, gi), groups(out, gi), groups(den, gi))  # (n, N, T, e+1)
+            p, qmax = _query_features(qg, Pa)  # recomputed
+            Q, (K, u) = p + SOFTMAX_EPS * qmax, feats[2 * gi : 2 * gi + 2]
+            n, _, T = gc.shape
             g_in = gc.new_full((N,), _NEG) if gi == 0 else groups(g, gi - 1)[-1, :, -1]
-            decays = _decays(gc, groups.doc[gi], g_in, groups.doc_before(gi))
-            dQ, dK, dV, U = _group_backward(p + SOFTMAX_EPS * qmax, K, V, decays, Hs[gi], groups(dO, gi), U)
-            # d/d logits: φ(q) − ε = p_q up to the row scale, φ(k) − ε = p_k·u (u into V: dK carries it)
-            dQ.add_(groups(dqe, gi)).mul_(p)
-            groups(dq, gi).copy_(PositiveRandomFeatures.augmented_logits_backward(dQ, qg, Pa))
+            dQ, dK, dV, U = _group_backward(Q, K, v1g * u, groups.decays(gi, gc, g_in), Hs[gi], dO, U)
+            # the ε floor of φ(k): o += ε (Σ_f Q_f) prefix, prefix = the plain core on v1 (recomputed)
+            ones, flat = Q.new_ones(n, N, T, 1), groups.plain(gi, N, q)
+            prefix, _ = _group_forward(ones, ones, v1g, flat, Cs[gi])
+            dQ.add_(SOFTMAX_EPS * (dO * prefix).sum(-1, keepdim=True))
+            _, _, dVe, Uc = _group_backward(ones, ones, v1g, flat, Cs[gi], dO * Q.sum(-1, keepdim=True), Uc)
+            # d/d logits: φ(q) − ε = p_q up to the row scale, φ(k) − ε = p_k·u (u is in the core's V: dK carries it)
+            groups(dq, gi).copy_(PositiveRandomFeatures.augmented_logits_backward(dQ.mul_(p), qg, Pa))
             groups(dk, gi).copy_(PositiveRandomFeatures.augmented_logits_backward(dK.mul_(K), kg, Pa))
-            groups(dv1, gi).add_(dV.mul_(u))
+            groups(dv1, gi).copy_(dV.mul_(u).add_(dVe, alpha=SOFTMAX_EPS))
         dv = dv1[..., :-1]
         if mask is not None:
             dv = dv.masked_fill(mask.unsqueeze(-1), 0.0)
@@ -235,13 +239,14 @@ class _CausalLinear(torch.autograd.Function):
     @staticmethod
     @_float32_region
     def forward(ctx, Q, K, V, doc, chunk, group):
+        N = Q.shape[0]
         groups = _Groups(Q.shape[1], chunk, group, doc)
         O = V.new_empty(V.shape)
-        H = Q.new_zeros(Q.shape[0], Q.shape[2], V.shape[2])
+        H = Q.new_zeros(N, Q.shape[2], V.shape[2])
         Hs = []
         for gi in range(groups.n_groups):
             Hs.append(H)
-            Og, H = _group_forward(groups(Q, gi), groups(K, gi), groups(V, gi), _plain_decays(groups, gi, Q), H)
+            Og, H = _group_forward(groups(Q, gi), groups(K, gi), groups(V, gi), groups.plain(gi, N, Q), H)
             groups(O, gi).copy_(Og)
         ctx.save_for_backward(Q, K, V, doc, *Hs)
         ctx.chunk, ctx.group = chunk, group
@@ -251,11 +256,12 @@ class _CausalLinear(torch.autograd.Function):
     @_float32_region
     def backward(ctx, dO):
         Q, K, V, doc, *Hs = ctx.saved_tensors
+        N = Q.shape[0]
         groups = _Groups(Q.shape[1], ctx.chunk, ctx.group, doc)
         dQ, dK, dV = torch.empty_like(Q), torch.empty_like(K), torch.empty_like(V)
         U, dO = torch.zeros_like(Hs[0]), dO.contiguous()
         for gi in reversed(range(groups.n_groups)):
-            grads = _group_backward(groups(Q, gi), groups(K, gi), groups(V, gi), _plain_decays(groups, gi, Q), Hs[gi],
+            grads = _group_backward(groups(Q, gi), groups(K, gi), groups(V, gi), groups.plain(gi, N, Q), Hs[gi],
                                     groups(dO, gi), U)
             for out, gr in zip((dQ, dK, dV), grads[:3], strict=True):
                 groups(out, gi).copy_(gr)
@@ -263,20 +269,20 @@ class _CausalLinear(torch.autograd.Function):
         return dQ, dK, dV, None, None, None
 
 
-def _plain_decays(groups: _Groups, gi: int, like: torch.Tensor):
-    """_decays of group gi for a map without a stabiliser (g = 0): only the causal and document masks."""
-    n, T = groups.doc.shape[1:]
-    g = like.new_zeros(n, like.shape[0], T)
-    return _decays(g, groups.doc[gi], like.new_zeros(like.shape[0]), groups.doc_before(gi))
+CHUNK = 64  # positions per chunk: intra-chunk cost ∝ T·(m + e) per position, GEMM efficiency rises with T
+CPU_GROUP = 512  # positions per group on a CPU: a group's (n, N, T, m) features stay in cache between their uses
 
 
-def _chunk_for(m: int, e: int, group: int) -> int:
-    """Causal chunk length by shape: per position the masked intra-chunk products cost ∝ T·(m + e) and forming the
-    states entering the n = group/T chunks of a group ∝ group·m·e/T², so T ≈ (2·group·m·e/(m + e))^(1/3), rounded to
-    a power of two in [16, 256] (m = 256, e = 65, group 4096: T = 64; measured 3.37 s vs 3.59 s for T = 128 at
-    L = 8192, fwd+bwd, 8 heads, one thread)."""
-    t = (2 * group * m * e / (m + e)) ** (1 / 3)
-    return int(min(256, max(16, 2 ** round(math.log2(t)))))
+def _sizes(L: int, chunk_size: int | None, group_size: int, device: torch.device) -> tuple[int, int]:
+    """(chunk T, group G) for length L: T = chunk_size or CHUNK; G = group_size (at most CPU_GROUP on a CPU, where
+    small groups are faster and smaller; measured at L = 4096, 8 heads, m = 256, one thread: G = 512 0.67 s,
+    1024 0.81 s, 4096 1.05 s of CPU time), whole chunks in equal groups."""
+    T = max(1, min(chunk_size or CHUNK, L))
+    if device.type == "cpu":
+        group_size = min(group_size, CPU_GROUP)
+    n_chunks = -(-L // T)
+    n_groups = -(-n_chunks // max(1, group_size // T))
+    return T, T * -(-n_chunks // n_groups)  # pads fewer than n_groups·T rows
 
 
 def _document_ids(cu_seqlens: torch.Tensor | None, L: int, Lp: int, device) -> torch.Tensor:
@@ -302,14 +308,8 @@ def _favor_causal(q, k, v, P, fmap: FeatureMap, key_padding_mask, chunk_size, gr
     if cu_seqlens is not None and (B != 1 or cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point):
         raise ValueError(f"cu_seqlens needs (1, H, L, d) inputs and 1-d integer offsets, got batch {B} and "
                          f"cu_seqlens {tuple(cu_seqlens.shape)} {cu_seqlens.dtype}")
-    if chunk_size is None:
-        m = fmap.num_features(P, q.shape[-1])
-        chunk_size = _chunk_for(m, v.shape[-1] + 1, group_size)
-    T = max(1, min(chunk_size, L))
-    n_chunks = -(-L // T)
-    n_groups = -(-n_chunks // max(1, group_size // T))
-    group = T * -(-n_chunks // n_groups)  # equal groups of whole chunks; pads fewer than n_groups·T rows
-    pad = n_groups * group - L
+    T, group = _sizes(L, chunk_size, group_size, q.device)
+    pad = -L % group
     if pad:  # right-pad to a whole number of chunks; padded keys come last so they reach no real query
         q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
         mask = key_padding_mask if key_padding_mask is not None else q.new_zeros(B, L, dtype=torch.bool)
