@@ -2,10 +2,10 @@
 
 A naive cumsum materialises L·m·e (performer-pytorch's CPU path: 9.6 GiB at 16k); chunks need O(L·m + m·e).
 Positive random features (kernel "softmax") take a fused autograd Function with the running key stabiliser that
-builds the features group by group, in the forward pass and again in the backward pass, so no (L, m) tensor is
-ever held; every other feature map goes through its ``features`` and the same scan with no stabiliser
-(_CausalLinear). Packed documents (``cu_seqlens``): the prefix sums, the state and the running key stabiliser all
-restart at each document's first position, so every document gets exactly what it would get alone.
+builds the features group by group as row softmaxes (the key features are kept for the backward pass, the query
+features are built again there); every other feature map goes through its ``features`` and the same scan with no
+stabiliser (_CausalLinear). Packed documents (``cu_seqlens``): the prefix sums, the state and the running key
+stabiliser all restart at each document's first position, so every document gets exactly what it would get alone.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .precision import _acc, _float32_region
 # A group of n chunks is computed at once in chunk-major layout (n, N, T, ·), so every product is one batched GEMM
 # over n·N matrices; only the (m, e) state is scanned, chunk by chunk. Every exp(·) weight is ≤ 1. The backward
 # pass recomputes each group from the state that entered it (one (N, m, e) per group is saved) and scans the
-# state's gradient backwards the same way: memory O(L·(d + e) + G·m + m·e) per head.
+# state's gradient backwards the same way: memory O(L·(d + e + m) + G·m + (G/T)·m·e) per head.
 
 
 def _chunked(x: torch.Tensor, T: int, G: int, gi: int) -> torch.Tensor:
@@ -270,16 +270,16 @@ class _CausalLinear(torch.autograd.Function):
 
 
 CHUNK = 64  # positions per chunk: intra-chunk cost ∝ T·(m + e) per position, GEMM efficiency rises with T
-CPU_GROUP = 512  # positions per group on a CPU: a group's (n, N, T, m) features stay in cache between their uses
+CPU_GROUP_ELEMENTS = 1 << 20  # a CPU group's features, N·G·m floats (4 MiB), stay in cache between their uses
 
 
-def _sizes(L: int, chunk_size: int | None, group_size: int, device: torch.device) -> tuple[int, int]:
-    """(chunk T, group G) for length L: T = chunk_size or CHUNK; G = group_size (at most CPU_GROUP on a CPU, where
-    small groups are faster and smaller; measured at L = 4096, 8 heads, m = 256, one thread: G = 512 0.67 s,
-    1024 0.81 s, 4096 1.05 s of CPU time), whole chunks in equal groups."""
+def _sizes(L: int, chunk_size: int | None, group_size: int, N: int, m: int, device: torch.device) -> tuple[int, int]:
+    """(chunk T, group G) for length L: T = chunk_size or CHUNK; G = group_size, on a CPU at most
+    CPU_GROUP_ELEMENTS / (N·m) (small groups are faster and smaller there; measured at L = 4096, N = 8 heads,
+    m = 256, one thread, CPU time: G = 512 0.67 s, 1024 0.81 s, 4096 1.05 s); whole chunks in equal groups."""
     T = max(1, min(chunk_size or CHUNK, L))
     if device.type == "cpu":
-        group_size = min(group_size, CPU_GROUP)
+        group_size = min(group_size, CPU_GROUP_ELEMENTS // max(N * m, 1))
     n_chunks = -(-L // T)
     n_groups = -(-n_chunks // max(1, group_size // T))
     return T, T * -(-n_chunks // n_groups)  # pads fewer than n_groups·T rows
@@ -308,7 +308,7 @@ def _favor_causal(q, k, v, P, fmap: FeatureMap, key_padding_mask, chunk_size, gr
     if cu_seqlens is not None and (B != 1 or cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point):
         raise ValueError(f"cu_seqlens needs (1, H, L, d) inputs and 1-d integer offsets, got batch {B} and "
                          f"cu_seqlens {tuple(cu_seqlens.shape)} {cu_seqlens.dtype}")
-    T, group = _sizes(L, chunk_size, group_size, q.device)
+    T, group = _sizes(L, chunk_size, group_size, B * H, fmap.num_features(P, q.shape[-1]), q.device)
     pad = -L % group
     if pad:  # right-pad to a whole number of chunks; padded keys come last so they reach no real query
         q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))

@@ -78,9 +78,10 @@ def favor_attention(
             "relu" (relu(xPᵀ) + 1e-3); unknown names raise ValueError listing the registered ones.
         causal: position i attends to keys j ≤ i (needs Lq == Lk); computed in chunks, O(L·m + m·d) memory.
         key_padding_mask: (B, Lk) bool, True = padding; padded keys enter neither numerator nor normaliser.
-        chunk_size: causal chunk length T (does not change the result; cost ∝ L·T·m inside chunks); None = chosen
-            by the shapes (see ``causal._chunk_for``).
-        group_size: causal positions processed per batched step (memory/speed knob, result unchanged).
+        chunk_size: causal chunk length T (does not change the result; cost ∝ L·T·m inside chunks); None = 64
+            (``causal.CHUNK``).
+        group_size: causal positions processed per batched step, at most (memory/speed knob, result unchanged; on a
+            CPU the kernel takes fewer, see ``causal._sizes``).
     Returns:
         (B, H, Lq, e) computed in float32; returned in the autocast dtype inside torch.autocast, else in v's dtype.
     """
