@@ -276,7 +276,8 @@ CPU_GROUP_ELEMENTS = 1 << 20  # a CPU group's features, N·G·m floats (4 MiB), 
 def _sizes(L: int, chunk_size: int | None, group_size: int, N: int, m: int, device: torch.device) -> tuple[int, int]:
     """(chunk T, group G) for length L: T = chunk_size or CHUNK; G = group_size, on a CPU at most
     CPU_GROUP_ELEMENTS / (N·m) (small groups are faster and smaller there; measured at L = 4096, N = 8 heads,
-    m = 256, one thread, CPU time: G = 512 0.67 s, 1024 0.81 s, 4096 1.05 s); whole chunks in equal groups."""
+    m = 256, one thread, CPU time on a shared machine: G = 256 0.91 s, 512 0.67 s, 1024 0.81 s); whole chunks in
+    equal groups."""
     T = max(1, min(chunk_size or CHUNK, L))
     if device.type == "cpu":
         group_size = min(group_size, CPU_GROUP_ELEMENTS // max(N * m, 1))
