@@ -15,8 +15,10 @@ Each (method, L) runs in its own subprocess (fresh allocator, clean high-water m
 ru_maxrss (peak resident set) after the runs minus its resident set just before the first call, i.e. the
 extra memory the attention call needs on top of its inputs (inputs, parameters and the interpreter are
 excluded). B=1, 8 heads, head_dim 64, m=256 features, fp32, torch.set_num_threads(all cores, or --threads).
-Each length also times a dense fp32 GEMM in its own subprocess; the FLOP-rate table reports every method against
-the median of those GEMM rates (FLOPs counted as in flops()).
+Each length also times a dense fp32 GEMM (``benchmark.gemm_rates``: --repeats + 2 calls of 2048³ after a warm-up) in
+its own subprocess with exactly the methods' thread count (every worker reports the threads it ran with, and the
+run stops if they differ); the FLOP-rate table reports every method against the median of all GEMM calls of this
+run and prints their min / median / max (FLOPs counted as in flops()).
 
 On CUDA (``--device cuda --dtype fp32|bf16``) each method runs all lengths in one process, longest last; peak
 memory is ``torch.cuda.max_memory_allocated`` per call, and a length that runs out of memory ends that method
@@ -32,19 +34,20 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
-import time
 
 from proteinperformer.attention.benchmark import (
     FEATURES,
+    GEMM_N,
     HEAD_DIM,
     HEADS,
     AttentionFn,
     attention_fn,
+    gemm_rates,
     longest,
     random_qkv,
+    spread,
     time_call,
     time_lengths,
 )
@@ -59,7 +62,6 @@ METHODS = {
 }
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 THREADS = int(os.environ.get("PP_BENCH_THREADS", os.cpu_count()))  # set by --threads for every worker
-GEMM_N = 2048  # the dense reference: an N×N×N fp32 matmul, timed in its own subprocess next to every length
 
 
 def flops(method: str, L: int) -> float:
@@ -77,20 +79,12 @@ def flops(method: str, L: int) -> float:
     return (8 * L * m * (d + 1) + 12 * L * m * (d + 1)) * HEADS
 
 
-def gemm_worker(device: str = "cpu") -> dict:
-    """Dense fp32 GEMM rate (GFLOP/s) on this machine now: median of 5 N×N×N matmuls after a warm-up."""
+def gemm_worker(repeats: int) -> dict:
+    """The dense fp32 GEMM reference on this machine now, with the workers' threads: rates of repeats + 2 calls."""
     import torch
 
     torch.set_num_threads(THREADS)
-    a, b = torch.randn(GEMM_N, GEMM_N, device=device), torch.randn(GEMM_N, GEMM_N, device=device)
-    times = []
-    for _ in range(6):
-        t = time.perf_counter()
-        a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return {"method": "gemm", "gflops": 2 * GEMM_N**3 / statistics.median(times[1:]) / 1e9}
+    return {"method": "gemm", "threads": torch.get_num_threads(), "gflops": gemm_rates(repeats + 2)}
 
 
 def _rss_bytes() -> int:
@@ -124,7 +118,7 @@ def worker(method: str, L: int, repeats: int, budget_s: float) -> dict:
     seconds, n, ok = time_call(fn, q, k, v, repeats, budget_s)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     return {"method": method, "L": L, "seconds": seconds, "repeats": n, "peak_gib": max(peak, 0) / 2**30,
-            "finite": ok}
+            "finite": ok, "threads": torch.get_num_threads()}
 
 
 def run_case(method: str, L: int, repeats: int, budget_s: float) -> dict | None:
@@ -169,7 +163,7 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="q/k/v dtype (cuda; the CPU runs fp32)")
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
-    ap.add_argument("--gemm-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--gemm-worker", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads of every worker, the GEMM reference included (default: all cores). On a "
                          "shared, oversubscribed machine 1 thread avoids timing OpenMP barrier waits")
@@ -177,8 +171,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         os.environ["PP_BENCH_THREADS"] = str(args.threads)  # inherited by the worker subprocesses
-    if args.gemm_worker:
-        print(json.dumps(gemm_worker()))
+    if args.gemm_worker is not None:
+        print(json.dumps(gemm_worker(args.gemm_worker)))
         return
     if args.worker:
         method, L, repeats, budget = args.worker
@@ -201,15 +195,20 @@ def main() -> None:
             print("performer-pytorch is not importable in this interpreter: skipping the peer "
                   "(install it in a separate venv, see the module docstring)", file=sys.stderr)
 
-    results, gemm_rates = [], []
+    results, gemm, gemm_threads = [], [], set()
     if args.device == "cuda":
         for method in methods:
             results.extend(run_cuda_method(method, args.lengths, args.repeats, args.budget, args.dtype))
     else:
         for L in args.lengths:
-            proc = subprocess.run([sys.executable, __file__, "--gemm-worker"], capture_output=True, text=True)
-            gemm_rates.append(json.loads(proc.stdout.strip().splitlines()[-1])["gflops"])
-            print(f"  dense fp32 GEMM {GEMM_N}^3: {gemm_rates[-1]:.1f} GFLOP/s", file=sys.stderr, flush=True)
+            proc = subprocess.run([sys.executable, __file__, "--gemm-worker", str(args.repeats)], capture_output=True,
+                                  text=True, check=True)
+            ref = json.loads(proc.stdout.strip().splitlines()[-1])
+            gemm += ref["gflops"]
+            gemm_threads.add(ref["threads"])
+            sp = spread(ref["gflops"])
+            print(f"  dense fp32 GEMM {GEMM_N}^3, {ref['threads']} threads: {sp['median']:.1f} GFLOP/s "
+                  f"({sp['min']:.1f}-{sp['max']:.1f})", file=sys.stderr, flush=True)
             for method in methods:
                 r = run_case(method, L, args.repeats, args.budget)
                 if r is not None:
@@ -217,6 +216,9 @@ def main() -> None:
                     print(f"  {METHODS[method]:34s} L={L:6d} {r['seconds']:8.3f} s  peak {r['peak_gib']:.2f} GiB "
                           f"(n={r['repeats']})", file=sys.stderr, flush=True)
     longest_l = {**dict.fromkeys(methods), **longest(results)}
+    threads_seen = gemm_threads | {r["threads"] for r in results if "threads" in r}
+    if len(threads_seen) > 1:
+        sys.exit(f"error: the workers ran with different thread counts {sorted(threads_seen)}; rerun with --threads")
 
     by = {(r["method"], r["L"]): r for r in results if not r.get("oom")}
     threads = int(os.environ.get("PP_BENCH_THREADS", os.cpu_count()))
@@ -224,14 +226,14 @@ def main() -> None:
     print(f"\nfwd+bwd median seconds (peak GiB), B=1, H={HEADS}, d={HEAD_DIM}, m={FEATURES}, "
           f"{'fp32' if args.device == 'cpu' else args.dtype}, {where}")
     print_table(methods, args.lengths, by, lambda r: f"{r['seconds']:.3f} ({r['peak_gib']:.2f})")
-    if gemm_rates:
-        gemm = statistics.median(gemm_rates)
+    gemm_spread = spread(gemm) if gemm else None
+    if gemm_spread:
         for r in by.values():
             rate = flops(r["method"], r["L"]) / r["seconds"] / 1e9
-            r["gflops"], r["gemm_share"] = rate, rate / gemm
-        print(f"\nFLOP rate, GFLOP/s (share of the dense fp32 GEMM rate measured in this run: median {gemm:.1f} "
-              f"GFLOP/s over {len(gemm_rates)} measurements, {min(gemm_rates):.1f}-{max(gemm_rates):.1f}); FLOPs as "
-              "counted in flops()")
+            r["gflops"], r["gemm_share"] = rate, rate / gemm_spread["median"]
+        print(f"\nFLOP rate, GFLOP/s (share of the dense fp32 GEMM rate of this run, {GEMM_N}^3 with the same "
+              f"{threads} threads: median {gemm_spread['median']:.1f} GFLOP/s over {len(gemm)} calls, min "
+              f"{gemm_spread['min']:.1f}, max {gemm_spread['max']:.1f}); FLOPs as counted in flops()")
         print_table(methods, args.lengths, by, lambda r: f"{r['gflops']:.1f} ({100 * r['gemm_share']:.0f}%)")
     print("\nratios (time of reference / time of FAVOR+; >1 = FAVOR+ faster)")
     for ours, refs in (("favor", ("exact", "peer")), ("favor_causal", ("exact_causal", "peer_causal"))):
@@ -247,7 +249,8 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump({"config": {"batch": 1, "heads": HEADS, "head_dim": HEAD_DIM, "features": FEATURES,
                                   "dtype": DTYPES[args.dtype], "device": args.device, "threads": threads},
-                       "gemm_gflops": gemm_rates, "longest": longest_l, "results": results}, f, indent=1)
+                       "gemm_gflops": gemm, "gemm": gemm_spread, "longest": longest_l, "results": results}, f,
+                      indent=1)
         print(f"\nwrote {args.out}")
 
 

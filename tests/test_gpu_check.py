@@ -38,8 +38,9 @@ def test_quick_mode_runs_the_mechanics_on_cpu(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     tests = report["sections"]["tests"]
-    assert tests["ok"] and tests["passed"] == len(tests["checks"]) == 24 and tests["failed"] == 0
-    assert {c["name"].split()[0] for c in tests["checks"]} == {"forward/backward", "padding", "prefix", "decoding"}
+    assert tests["ok"] and tests["passed"] == len(tests["checks"]) == 28 and tests["failed"] == 0
+    kinds = {c["name"].split()[0] for c in tests["checks"]}
+    assert kinds == {"forward/backward", "padding", "prefix", "decoding", "packed"}
     bench = report["sections"]["bench"]["runs"][0]
     assert bench["longest"] == {"exact": 256, "favor_causal": 256}
     assert all(r["finite"] and r["seconds"] > 0 for r in bench["results"])

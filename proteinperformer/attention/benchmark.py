@@ -19,6 +19,7 @@ import torch
 from proteinperformer.attention import exact_attention, favor_attention, gaussian_projection
 
 HEADS, HEAD_DIM, FEATURES = 8, 64, 256
+GEMM_N = 2048  # the dense reference: an N×N×N fp32 matmul
 METHODS = ("exact", "exact_causal", "favor", "favor_causal")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -97,6 +98,27 @@ def time_lengths(method: str, lengths: list[int], device: str = "cpu", dtype: st
         results.append({"method": method, "L": L, "dtype": dtype, "seconds": seconds, "repeats": n,
                         "finite": finite, "peak_gib": peak})
     return results
+
+
+def gemm_rates(repeats: int = 5, device: str | torch.device = "cpu", n: int = GEMM_N) -> list[float]:
+    """Dense fp32 GEMM rates (GFLOP/s) of ``repeats`` n×n×n matmuls after a warm-up, one per call, with the threads
+    torch uses now (``torch.get_num_threads()``: set them as for the attention calls this is the reference of)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    cuda = torch.device(device).type == "cuda"
+    rates = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        a @ b
+        if cuda:
+            torch.cuda.synchronize()
+        if i:  # the first call is the warm-up
+            rates.append(2 * n**3 / (time.perf_counter() - start) / 1e9)
+    return rates
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """min / median / max of a list of measurements."""
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
 def longest(results: list[dict]) -> dict[str, int | None]:

@@ -1,13 +1,14 @@
 """Causal FAVOR+ as a chunked scan: out_i = φ(q_i)·S_i / φ(q_i)·z_i with S_i = Σ_{j≤i} φ(k_j)[v_j, 1]ᵀ.
 
 A naive cumsum materialises L·m·e (performer-pytorch's CPU path: 9.6 GiB at 16k); chunks need O(L·m + m·e).
-Positive random features (kernel "softmax") take a fused autograd Function with the running key stabiliser;
-every other feature map goes through its ``features`` and the same scan with no stabiliser (_CausalLinear).
+Positive random features (kernel "softmax") take a fused autograd Function with the running key stabiliser that
+builds the features group by group as row softmaxes (the key features are kept for the backward pass, the query
+features are built again there); every other feature map goes through its ``features`` and the same scan with no
+stabiliser (_CausalLinear). Packed documents (``cu_seqlens``): the prefix sums, the state and the running key
+stabiliser all restart at each document's first position, so every document gets exactly what it would get alone.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -15,262 +16,317 @@ from .features import _NEG, SOFTMAX_EPS, FeatureMap, PositiveRandomFeatures
 from .normaliser import _NO_KEY, _normalise, _normaliser_backward, _values_with_ones
 from .precision import _acc, _float32_region
 
-# causal core: o_i = Σ_{j≤i} (Q_i·K_j) exp(g_j − g_i) V_j with g nondecreasing (the running key max)
+# causal core: o_i = Σ_{j≤i, same document} (Q_i·K_j) exp(g_j − g_i) V_j with g nondecreasing inside a document
+# (the running key max; 0 for maps without a stabiliser).
 #
-# Chunks of T positions: inside a chunk a masked (T, T) quadratic; across chunks a running (m, e) state
-# H = Σ_j K_j exp(g_j − G) V_jᵀ kept relative to G, the g at the end of the previous chunk. All chunks of
-# a group of positions are computed at once (big batched GEMMs); only the (m, e) state is scanned
-# sequentially. Backward recomputes each group from its saved entering state (one (m, e) per group), so
-# nothing of size L·m·e or L·T·(all groups) is stored: memory O(L·m + m·e) per head.
+# Positions are cut in chunks of T; inside a chunk a masked (T, T) quadratic; across chunks a state
+# H = Σ_j K_j exp(g_j − G) V_jᵀ (m, e) kept relative to G, the g at the end of the previous chunk, and carried
+# from chunk to chunk by one multiply-add (rescaled by exp(G_old − G_new) ≤ 1, zeroed where a document starts).
+# A group of n chunks is computed at once in chunk-major layout (n, N, T, ·), so every product is one batched GEMM
+# over n·N matrices; only the (m, e) state is scanned, chunk by chunk. Every exp(·) weight is ≤ 1. The backward
+# pass recomputes each group from the state that entered it (one (N, m, e) per group is saved) and scans the
+# state's gradient backwards the same way: memory O(L·(d + e + m) + G·m + (G/T)·m·e) per head.
 
 
-def _chunk_scales(gc: torch.Tensor, g_prev: torch.Tensor):
-    """gc: (N, n, T) running max per position; g_prev: (N,) the g before the group.
+def _chunked(x: torch.Tensor, T: int, G: int, gi: int) -> torch.Tensor:
+    """Group ``gi`` of x (N, L, ·) in chunk-major layout (n, N, T, ·), n = G/T: a view, no copy."""
+    N = x.shape[0]
+    return x.view(N, -1, G // T, T, *x.shape[2:])[:, gi].transpose(0, 1)
 
-    Returns the intra-chunk decay-and-mask D (N, n, T, T) [i, j] = exp(g_j − g_i)·[j ≤ i], the chunk
-    start/end references G0, G1 (N, n) and the row scales exp(g_j − G1) (key side) and exp(G0 − g_i)
-    (query side), all ≤ 1.
+
+def _running_max(x: torch.Tensor, doc: torch.Tensor, carry: torch.Tensor, carry_doc: torch.Tensor) -> torch.Tensor:
+    """Running max of x (N, G) over positions that restarts where ``doc`` (G,) changes (Hillis–Steele doubling,
+    log2(G) steps), continued from ``carry`` (N,) for positions in document ``carry_doc`` (0-d)."""
+    G, s = x.shape[-1], 1
+    while s < G:
+        same = doc[s:] == doc[:-s]  # documents are contiguous: i and i − s in one document, so is all between
+        x = torch.cat([x[:, :s], torch.where(same, torch.maximum(x[:, s:], x[:, :-s]), x[:, s:])], dim=1)
+        s *= 2
+    return torch.where(doc == carry_doc, torch.maximum(x, carry.unsqueeze(1)), x)
+
+
+def _decays(g: torch.Tensor, doc: torch.Tensor, g_in: torch.Tensor, doc_in: torch.Tensor):
+    """The weights of one group, all ≤ 1 and zero across documents. g (n, N, T): running max; doc (n, T);
+    g_in (N,), doc_in (0-d): g and document of the position before the group.
+
+    Returns D (n, N, T, T) [i, j] = exp(g_j − g_i)·[j ≤ i, same document] (intra-chunk), wq (n, N, T) = exp(G0 − g_i)
+    (queries reading the entering state, relative to G0 = g before the chunk), wk (n, N, T) = exp(g_j − G1) (keys
+    joining the state leaving the chunk, relative to G1 = g at its end) and a (n, N) = exp(G0 − G1) (state carried).
     """
-    T = gc.shape[-1]
-    tril = torch.ones(T, T, dtype=torch.bool, device=gc.device).tril()
-    D = torch.exp((gc.unsqueeze(-2) - gc.unsqueeze(-1)).clamp_max_(0.0)).mul_(tril)
-    G1 = gc[..., -1]
-    G0 = torch.cat([g_prev.unsqueeze(1), G1[:, :-1]], dim=1)
-    return D, G0, G1, torch.exp(gc - G1.unsqueeze(-1)), torch.exp(G0.unsqueeze(-1) - gc)
+    n, N, T = g.shape
+    G1, doc1 = g[..., -1], doc[:, -1]  # (n, N), (n,)
+    G0 = torch.cat([g_in.unsqueeze(0), G1[:-1]])
+    doc0 = torch.cat([doc_in.view(1), doc1[:-1]])
+    see = (doc.unsqueeze(-1) == doc.unsqueeze(-2)).tril_().unsqueeze(1)  # (n, 1, T, T)
+    D = torch.exp((g.unsqueeze(-2) - g.unsqueeze(-1)).clamp_max_(0.0)).mul_(see)
+    wq = torch.exp((G0.unsqueeze(-1) - g).clamp_max_(0.0)).mul_((doc == doc0.unsqueeze(-1)).unsqueeze(1))
+    wk = torch.exp((g - G1.unsqueeze(-1)).clamp_max_(0.0)).mul_((doc == doc1.unsqueeze(-1)).unsqueeze(1))
+    a = torch.exp((G0 - G1).clamp_max_(0.0)).mul_((doc0 == doc1).unsqueeze(-1))
+    return D, wq, wk, a
 
 
-def _chunk_states(K, Vk, G0, G1, H, g_prev):
-    """States entering each chunk of a group, (N, n, m, e), and the state leaving it.
-
-    H_c = Σ_{c' < c} exp(G1[c'] − G0[c]) kv_c' + exp(g_prev − G0[c]) H: the sequential scan over chunks
-    written as one small (n, n) weight matrix (all weights ≤ 1), so it is a single batched GEMM.
-    """
-    N, n = G0.shape
-    kv = K.transpose(-1, -2) @ Vk  # (N, n, m, e): each chunk's keys, relative to its own end G1
-    strict = torch.ones(n, n, dtype=torch.bool, device=K.device).tril(-1)
-    W = torch.exp((G1.unsqueeze(1) - G0.unsqueeze(2)).clamp_max_(0.0)).mul_(strict)  # (N, n, n) [c, c']
-    Hc = W @ kv.view(N, n, -1)  # (N, n, m·e)
-    Hc.baddbmm_(torch.exp(g_prev.unsqueeze(1) - G0).unsqueeze(-1), H.view(N, 1, -1))  # + the incoming state
-    Hc = Hc.view_as(kv)
-    last = G1[:, -1:]  # the state leaving the group is relative to the group's last g
-    H_out = (torch.exp(G1 - last).unsqueeze(1) @ kv.view(N, n, -1)).view_as(H)
-    H_out.add_(torch.exp(g_prev.unsqueeze(1) - last)[..., None] * H)
-    return Hc, H_out
+def _states(kv: torch.Tensor, a: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """The scan: S[0] = H, S[c+1] = a_c S[c] + kv_c; kv (n, N, m, e), a (n, N), H (N, m, e) -> S (n+1, N, m, e)."""
+    S = kv.new_empty(kv.shape[0] + 1, *kv.shape[1:])
+    S[0] = H
+    for c in range(kv.shape[0]):
+        torch.addcmul(kv[c], S[c], a[c, :, None, None], out=S[c + 1])
+    return S
 
 
-def _future_states(qdo, G0, G1, U, g_prev):
-    """Reverse scan of the backward pass: for each chunk c, U_c = Σ over queries in later chunks and later
-    groups of exp(G1[c] − g_i) Q_iᵀ dO_i; qdo (N, n, m, e) holds each chunk's own sum relative to G0.
-    U enters relative to the group's last g and leaves relative to g_prev. All weights ≤ 1."""
-    N, n = G0.shape
-    strict = torch.ones(n, n, dtype=torch.bool, device=qdo.device).triu(1)
-    W = torch.exp((G1.unsqueeze(2) - G0.unsqueeze(1)).clamp_max_(0.0)).mul_(strict)  # (N, n, n) [c, c']
-    last = G1[:, -1:]
-    Uc = W @ qdo.view(N, n, -1)  # (N, n, m·e)
-    Uc.baddbmm_(torch.exp(G1 - last).unsqueeze(-1), U.view(N, 1, -1))
-    Uc = Uc.view_as(qdo)
-    U_out = (torch.exp(g_prev.unsqueeze(1) - G0).unsqueeze(1) @ qdo.view(N, n, -1)).view_as(U)
-    U_out.add_(torch.exp(g_prev.unsqueeze(1) - last)[..., None] * U)
-    return Uc, U_out
+def _group_forward(Q, K, V, decays, H):
+    """One group: Q, K (n, N, T, m), V (n, N, T, e), H (N, m, e) entering -> O (n, N, T, e), H leaving."""
+    D, wq, wk, a = decays
+    O = (Q @ K.transpose(-1, -2)).mul_(D) @ V  # intra-chunk
+    S = _states(K.transpose(-1, -2) @ (V * wk.unsqueeze(-1)), a, H)
+    O.add_((Q @ S[:-1]).mul_(wq.unsqueeze(-1)))  # earlier chunks
+    return O, S[-1]
 
 
-def _to_groups(x: torch.Tensor, G: int) -> torch.Tensor:
-    """(N, L, ...) -> (L/G, N, G, ...) contiguous: a group's chunks then merge with N into one bmm batch."""
-    return x.unflatten(1, (x.shape[1] // G, G)).transpose(0, 1).contiguous()
+def _group_backward(Q, K, V, decays, H, dO, U):
+    """Gradients of _group_forward wrt Q, K, V, given dO (n, N, T, e) and U (N, m, e), the gradient of the state
+    leaving the group; returns dQ, dK (n, N, T, m), dV (n, N, T, e) and the gradient of the entering state."""
+    D, wq, wk, a = decays
+    Vk = V * wk.unsqueeze(-1)
+    S = _states(K.transpose(-1, -2) @ Vk, a, H)  # the forward states, recomputed
+    Sc = (Q @ K.transpose(-1, -2)).mul_(D)
+    dV = Sc.transpose(-1, -2) @ dO
+    dS = (dO @ V.transpose(-1, -2)).mul_(D)
+    dQ, dK = dS @ K, dS.transpose(-1, -2) @ Q
+    del Sc, dS
+    dOq = dO * wq.unsqueeze(-1)
+    dQ.add_(dOq @ S[:-1].transpose(-1, -2))
+    # R[c] = d/dS[c] = a_c R[c+1] + Q_cᵀ dOq_c, backwards from R[n] = U
+    qdo = Q.transpose(-1, -2) @ dOq  # (n, N, m, e)
+    R = torch.empty_like(S)
+    R[-1] = U
+    for c in reversed(range(qdo.shape[0])):
+        torch.addcmul(qdo[c], R[c + 1], a[c, :, None, None], out=R[c])
+    dK.add_(Vk @ R[1:].transpose(-1, -2))
+    dV.add_((K @ R[1:]).mul_(wk.unsqueeze(-1)))
+    return dQ, dK, dV, R[0]
 
 
-def _group_view(x: torch.Tensor, G: int) -> torch.Tensor:
-    """(N, L, ...) -> (L/G, N, G, ...) as a view (no copy; for tensors only read group by group)."""
-    return x.unflatten(1, (x.shape[1] // G, G)).transpose(0, 1)
+class _Groups:
+    """The groups of a (N, L, ·) sequence, chunk T, group G, and what enters each: documents doc (L,) and the
+    decay weights of a group (_decays) for a given running max, or for none (the ε floors, maps without one)."""
+
+    def __init__(self, L: int, T: int, G: int, doc: torch.Tensor):
+        self.T, self.G, self.n_groups = T, G, L // G
+        self.doc = doc.view(self.n_groups, G // T, T)  # (ng, n, T)
+
+    def __call__(self, x: torch.Tensor, gi: int) -> torch.Tensor:
+        """Group gi of x (N, L, ·) as a (n, N, T, ·) view."""
+        return _chunked(x, self.T, self.G, gi)
+
+    def doc_before(self, gi: int) -> torch.Tensor:
+        """The document of the position before group gi (−1 before the first)."""
+        return self.doc[gi - 1, -1, -1] if gi > 0 else self.doc.new_tensor(-1)
+
+    def decays(self, gi: int, g: torch.Tensor, g_in: torch.Tensor):
+        """_decays of group gi for its running max g (n, N, T) and the g before it, g_in (N,)."""
+        return _decays(g, self.doc[gi], g_in, self.doc_before(gi))
+
+    def plain(self, gi: int, N: int, like: torch.Tensor):
+        """_decays of group gi without a stabiliser (g = 0): only the causal and document masks."""
+        n, T = self.doc.shape[1:]
+        return self.decays(gi, like.new_zeros(n, N, T), like.new_zeros(N))
 
 
-def _from_groups(x: torch.Tensor) -> torch.Tensor:
-    """(L/G, N, G, ...) -> (N, L, ...)."""
-    return x.transpose(0, 1).flatten(1, 2)
+def _query_features(q: torch.Tensor, Pa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positive random features of queries as a row softmax: q (n, N, T, d) -> p = softmax_f(ω·q') (n, N, T, m)
+    and its row max: φ(q) = p / max p + ε (features.py), and the row scale max p cancels in the ratio."""
+    p = torch.softmax(q @ Pa[:, :-1].T, -1)
+    return p, p.amax(-1, keepdim=True)
 
 
-def _prefix_sum(x: torch.Tensor) -> torch.Tensor:
-    """Inclusive cumsum over positions in group layout (ng, N, G, e)."""
-    tot = x.sum(2, keepdim=True)  # (ng, N, 1, e)
-    return x.cumsum(2) + (tot.cumsum(0) - tot)
-
-
-def _suffix_sum(x: torch.Tensor) -> torch.Tensor:
-    """Inclusive reverse cumsum over positions in group layout (ng, N, G, e)."""
-    tot = x.sum(2, keepdim=True)
-    return (x - x.cumsum(2)).add_(tot + (tot.sum(0) - tot.cumsum(0)))
-
-
-def _causal_forward(Q, K, V, g, T):
-    """Q, K: (ng, N, G, m); V: (ng, N, G, e); g: (ng, N, G); G % T == 0 (group-major layout).
-
-    Returns O (ng, N, G, e) and the states entering each group (ng, N, m, e) for the backward pass.
-    """
-    ng, N, G, m = Q.shape
-    e, n = V.shape[-1], G // T
-    O = torch.empty_like(V)
-    Hs = Q.new_empty(ng, N, m, e)
-    H = Q.new_zeros(N, m, e)
-    for gi in range(ng):
-        Qc, Kc, Vc, gc = Q[gi].view(N, n, T, m), K[gi].view(N, n, T, m), V[gi].view(N, n, T, e), g[gi].view(N, n, T)
-        g_prev = g[gi - 1, :, -1] if gi > 0 else g.new_full((N,), _NEG)
-        D, G0, G1, wk, wq = _chunk_scales(gc, g_prev)
-        Hs[gi] = H
-        Hc, H = _chunk_states(Kc, Vc * wk.unsqueeze(-1), G0, G1, H, g_prev)
-        Oc = O[gi].view(N, n, T, e)
-        torch.matmul((Qc @ Kc.transpose(-1, -2)).mul_(D), Vc, out=Oc)  # intra-chunk
-        Oc.add_((Qc @ Hc).mul_(wq.unsqueeze(-1)))  # earlier chunks
-    return O, Hs
-
-
-def _causal_backward(Q, K, V, g, Hs, dO, T, finish=None):
-    """Gradients of _causal_forward wrt Q, K, V (g is a constant), group by group from the end.
-
-    Returns (dQ, dK, dV); with ``finish``, each group's dQ, dK (N, G, m) go to ``finish(gi, dQg, dKg)`` as soon as
-    they are complete and only dV is returned, so no (L, m) gradient is ever held whole.
-    """
-    ng, N, G, m = Q.shape
-    e, n = V.shape[-1], G // T
-    dV = torch.empty_like(V)
-    if finish is None:
-        dQ, dK = torch.empty_like(Q), torch.empty_like(K)
-    U = Q.new_zeros(N, m, e)  # Σ over later queries exp(G − g_i) Q_iᵀ dO_i, G = g at the group's end
-    for gi in reversed(range(ng)):
-        Qc, Kc, Vc, gc = Q[gi].view(N, n, T, m), K[gi].view(N, n, T, m), V[gi].view(N, n, T, e), g[gi].view(N, n, T)
-        dOc = dO[gi].view(N, n, T, e)
-        g_prev = g[gi - 1, :, -1] if gi > 0 else g.new_full((N,), _NEG)
-        D, G0, G1, wk, wq = _chunk_scales(gc, g_prev)
-        Vk = Vc * wk.unsqueeze(-1)
-        Hc, _ = _chunk_states(Kc, Vk, G0, G1, Hs[gi], g_prev)
-        dQg, dKg = (dQ[gi], dK[gi]) if finish is None else (torch.empty_like(Q[gi]), torch.empty_like(K[gi]))
-        dQc, dKc, dVc = dQg.view(N, n, T, m), dKg.view(N, n, T, m), dV[gi].view(N, n, T, e)
-        # intra-chunk
-        S = (Qc @ Kc.transpose(-1, -2)).mul_(D)  # (N, n, T, T)
-        torch.matmul(S.transpose(-1, -2), dOc, out=dVc)
-        del S
-        dP = (dOc @ Vc.transpose(-1, -2)).mul_(D)
-        torch.matmul(dP, Kc, out=dQc)
-        torch.matmul(dP.transpose(-1, -2), Qc, out=dKc)
-        del dP
-        # earlier chunks seen by these queries
-        dOq = dOc * wq.unsqueeze(-1)  # (N, n, T, e)
-        dQc.add_(dOq @ Hc.transpose(-1, -2))
-        # later queries seen by these keys
-        Uc, U = _future_states(Qc.transpose(-1, -2) @ dOq, G0, G1, U, g_prev)
-        dKc.add_(Vk @ Uc.transpose(-1, -2))
-        dVc.add_((Kc @ Uc).mul_(wk.unsqueeze(-1)))
-        if finish is not None:
-            finish(gi, dQg, dKg)
-    return dV if finish is not None else (dQ, dK, dV)
+def _key_features(k: torch.Tensor, Pa: torch.Tensor, mask: torch.Tensor | None):
+    """Positive random features of keys: k (n, N, T, d), mask (n, N, T) or None -> p = softmax_f(ω·k')
+    (n, N, T, m), the key's log Σ_f exp(ℓ_f) and its largest logit max_f ℓ_f (n, N, T), ℓ = ω·k' − ‖k'‖²/2, so
+    φ(k) − ε = p·exp(lse − c) for any stabiliser c. A padded key has lse = −inf and largest logit −1e30."""
+    y = k @ Pa[:, :-1].T
+    top, idx = y.max(-1, keepdim=True)
+    p = torch.softmax(y, -1)
+    top = top.add_((k * k).sum(-1, keepdim=True) * Pa[0, -1]).squeeze(-1)
+    lse = top - p.gather(-1, idx).squeeze(-1).log()
+    if mask is not None:
+        top, lse = top.masked_fill(mask, _NEG), lse.masked_fill(mask, float("-inf"))
+    return p, lse, top
 
 
 class _SoftmaxCausal(torch.autograd.Function):
-    """FAVOR+ causal softmax attention on flattened (N, L, ·) inputs, L % group == 0, group % chunk == 0."""
+    """FAVOR+ causal softmax attention on flattened (N, L, ·) inputs, L % group == 0, group % chunk == 0.
+
+    Per key, φ(k_j) − ε relative to the stabiliser c_i = g_i equals p_j·exp(lse_j − g_j)·exp(g_j − g_i): the
+    scalar u_j = exp(lse_j − g_j) ≤ m goes into the values and exp(g_j − g_i) is the core's decay. ε floors: φ(q)'s
+    is in Q; φ(k)'s adds ε·(Σ_f Q_if)·Σ_{j≤i} [v_j, 1], the same core with one feature of 1 and no decay.
+    Everything is done group by group: features, core, ε floor and normaliser in the forward pass; recomputed
+    features, normaliser gradient, core gradients and logit gradients in the backward pass.
+    """
 
     @staticmethod
     @_float32_region
-    def forward(ctx, q, k, v, P, mask, chunk, group):
+    def forward(ctx, q, k, v, P, mask, doc, chunk, group):
+        N, L, _ = q.shape
         Pa = PositiveRandomFeatures.augmented_projection(P, q.dtype)
-        q, k, v = (_group_view(t, group) for t in (q, k, v))  # (ng, N, G, ·) views: q, k are saved, not copied
-        mask = None if mask is None else _to_groups(mask, group)
-        Q = PositiveRandomFeatures.augmented_logits(q, Pa)  # (ng, N, G, m)
-        Q.sub_(Q.amax(-1, keepdim=True)).exp_().add_(SOFTMAX_EPS)  # φ(q) up to m^(-1/2)
-        K = PositiveRandomFeatures.augmented_logits(k, Pa)
-        if mask is not None:
-            K.masked_fill_(mask.unsqueeze(-1), float("-inf"))
-        # running key max over positions (never a future key)
-        g = _to_groups(_from_groups(K.amax(-1)).cummax(-1).values.clamp_min_(_NEG), group)  # (ng, N, G)
-        K.sub_(g.unsqueeze(-1)).exp_()  # ≤ 1
-        V = _values_with_ones(v, mask)  # (ng, N, G, e+1)
-        O, Hs = _causal_forward(Q, K, V, g, chunk)
-        # ε floor of φ(k_j): Σ_{j≤i} ε (Σ_f φ(q_i)_f) v_j
-        O.addcmul_(Q.sum(-1, keepdim=True), _prefix_sum(V), value=SOFTMAX_EPS)
-        den = O[..., -1:].clamp_min(_NO_KEY)
-        out = O[..., :-1] / den
-        ctx.save_for_backward(q, k, Q, K, V, g, Hs, out, den, Pa, mask)
-        ctx.chunk = chunk
-        return _from_groups(out)
+        groups = _Groups(L, chunk, group, doc)
+        v1 = _values_with_ones(v, mask)  # (N, L, e+1)
+        out, den, g = v.new_empty(v.shape), v.new_empty(N, L, 1), q.new_empty(N, L)
+        Hs = q.new_empty(groups.n_groups, N, P.shape[0], v1.shape[-1])  # the state entering each group
+        Cs = q.new_empty(groups.n_groups, N, 1, v1.shape[-1])  # the prefix sum of v1 entering each group
+        H, C, g_in = q.new_zeros(Hs.shape[1:]), q.new_zeros(Cs.shape[1:]), q.new_full((N,), _NEG)
+        feats = []  # per group: K and u, kept for the backward pass (queries are recomputed there)
+        for gi in range(groups.n_groups):
+            mg = None if mask is None else groups(mask, gi)
+            Q, qmax = _query_features(groups(q, gi), Pa)
+            Q.add_(SOFTMAX_EPS * qmax)  # φ(q)·max p_q
+            K, lse, top = _key_features(groups(k, gi), Pa, mg)
+            n, _, T = top.shape
+            gg = _running_max(top.transpose(0, 1).reshape(N, -1), doc[gi * group : (gi + 1) * group], g_in,
+                              groups.doc_before(gi))
+            gc = groups(g, gi)
+            gc.copy_(gg.view(N, n, T).transpose(0, 1))
+            v1g, u = groups(v1, gi), torch.exp(lse - gc).unsqueeze(-1)
+            Hs[gi], Cs[gi] = H, C
+            O, H = _group_forward(Q, K, v1g * u, groups.decays(gi, gc, g_in), H)
+            feats += [K, u]
+            ones = Q.new_ones(n, N, T, 1)
+            prefix, C = _group_forward(ones, ones, v1g, groups.plain(gi, N, q), C)  # Σ_{j≤i} v1_j in the document
+            O.addcmul_(Q.sum(-1, keepdim=True), prefix, value=SOFTMAX_EPS)  # the ε floor of φ(k)
+            dg = O[..., -1:].clamp_min(_NO_KEY)
+            groups(den, gi).copy_(dg)
+            torch.div(O[..., :-1], dg, out=groups(out, gi))
+            g_in = gg[:, -1]
+        ctx.save_for_backward(q, k, v1, g, Hs, Cs, out, den, Pa, mask, doc, *feats)
+        ctx.chunk, ctx.group = chunk, group
+        return out
 
     @staticmethod
     @_float32_region
     def backward(ctx, grad):
-        q, k, Q, K, V, g, Hs, out, den, Pa, mask = ctx.saved_tensors
-        dO = _normaliser_backward(_to_groups(grad, out.shape[2]), out, den)  # (ng, N, G, e+1)
-        C = _prefix_sum(V)  # ε term: o_i += ε s_i C_i with s = Σ_f Q_if and C = prefix sums of V
-        dq, dk = torch.empty_like(q), torch.empty_like(k)
-
-        def finish(gi, dQg, dKg):  # a group's feature gradients -> its input gradients, while they are in cache
-            dQg.add_(SOFTMAX_EPS * (dO[gi] * C[gi]).sum(-1, keepdim=True))
-            dQg.mul_(Q[gi] - SOFTMAX_EPS)  # d/d logits = dQ ⊙ (Q − ε)
-            dq[gi] = PositiveRandomFeatures.augmented_logits_backward(dQg, q[gi], Pa)
-            dk[gi] = PositiveRandomFeatures.augmented_logits_backward(dKg.mul_(K[gi]), k[gi], Pa)
-
-        dV = _causal_backward(Q, K, V, g, Hs, dO, ctx.chunk, finish)
-        C = None  # free the prefix sums before the suffix sums
-        dV.add_(_suffix_sum(dO.mul_(Q.sum(-1, keepdim=True))), alpha=SOFTMAX_EPS)  # dO is not needed after this
-        dv = dV[..., :-1]
+        q, k, v1, g, Hs, Cs, out, den, Pa, mask, doc, *feats = ctx.saved_tensors
+        N, L, _ = q.shape
+        groups = _Groups(L, ctx.chunk, ctx.group, doc)
+        grad = grad.contiguous()
+        dq, dk, dv1 = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v1)
+        U, Uc = torch.zeros_like(Hs[0]), torch.zeros_like(Cs[0])
+        for gi in reversed(range(groups.n_groups)):
+            qg, kg, gc, v1g = groups(q, gi), groups(k, gi), groups(g, gi), groups(v1, gi)
+            dO = _normaliser_backward(groups(grad, gi), groups(out, gi), groups(den, gi))  # (n, N, T, e+1)
+            p, qmax = _query_features(qg, Pa)  # recomputed
+            Q, (K, u) = p + SOFTMAX_EPS * qmax, feats[2 * gi : 2 * gi + 2]
+            n, _, T = gc.shape
+            g_in = gc.new_full((N,), _NEG) if gi == 0 else groups(g, gi - 1)[-1, :, -1]
+            dQ, dK, dV, U = _group_backward(Q, K, v1g * u, groups.decays(gi, gc, g_in), Hs[gi], dO, U)
+            # the ε floor of φ(k): o += ε (Σ_f Q_f) prefix, prefix = the plain core on v1 (recomputed)
+            ones, flat = Q.new_ones(n, N, T, 1), groups.plain(gi, N, q)
+            prefix, _ = _group_forward(ones, ones, v1g, flat, Cs[gi])
+            dQ.add_(SOFTMAX_EPS * (dO * prefix).sum(-1, keepdim=True))
+            _, _, dVe, Uc = _group_backward(ones, ones, v1g, flat, Cs[gi], dO * Q.sum(-1, keepdim=True), Uc)
+            # d/d logits: φ(q) − ε = p_q up to the row scale, φ(k) − ε = p_k·u (u is in the core's V: dK carries it)
+            groups(dq, gi).copy_(PositiveRandomFeatures.augmented_logits_backward(dQ.mul_(p), qg, Pa))
+            groups(dk, gi).copy_(PositiveRandomFeatures.augmented_logits_backward(dK.mul_(K), kg, Pa))
+            groups(dv1, gi).copy_(dV.mul_(u).add_(dVe, alpha=SOFTMAX_EPS))
+        dv = dv1[..., :-1]
         if mask is not None:
             dv = dv.masked_fill(mask.unsqueeze(-1), 0.0)
-        return _from_groups(dq), _from_groups(dk), _from_groups(dv), None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 class _CausalLinear(torch.autograd.Function):
-    """o_i = Σ_{j≤i} (Q_i·K_j) V_j for given features (maps without a stabiliser); (N, L, ·) inputs."""
+    """o_i = Σ_{j≤i, same document} (Q_i·K_j) V_j for given features (maps without a stabiliser); (N, L, ·)."""
 
     @staticmethod
     @_float32_region
-    def forward(ctx, Q, K, V, chunk, group):
-        Q, K, V = (_to_groups(t, group) for t in (Q, K, V))
-        g = Q.new_zeros(Q.shape[:-1])
-        O, Hs = _causal_forward(Q, K, V, g, chunk)
-        ctx.save_for_backward(Q, K, V, g, Hs)
-        ctx.chunk = chunk
-        return _from_groups(O)
+    def forward(ctx, Q, K, V, doc, chunk, group):
+        N = Q.shape[0]
+        groups = _Groups(Q.shape[1], chunk, group, doc)
+        O = V.new_empty(V.shape)
+        H = Q.new_zeros(N, Q.shape[2], V.shape[2])
+        Hs = []
+        for gi in range(groups.n_groups):
+            Hs.append(H)
+            Og, H = _group_forward(groups(Q, gi), groups(K, gi), groups(V, gi), groups.plain(gi, N, Q), H)
+            groups(O, gi).copy_(Og)
+        ctx.save_for_backward(Q, K, V, doc, *Hs)
+        ctx.chunk, ctx.group = chunk, group
+        return O
 
     @staticmethod
     @_float32_region
     def backward(ctx, dO):
-        Q, K, V, g, Hs = ctx.saved_tensors
-        dQ, dK, dV = _causal_backward(Q, K, V, g, Hs, _to_groups(dO, Q.shape[2]), ctx.chunk)
-        return _from_groups(dQ), _from_groups(dK), _from_groups(dV), None, None
+        Q, K, V, doc, *Hs = ctx.saved_tensors
+        N = Q.shape[0]
+        groups = _Groups(Q.shape[1], ctx.chunk, ctx.group, doc)
+        dQ, dK, dV = torch.empty_like(Q), torch.empty_like(K), torch.empty_like(V)
+        U, dO = torch.zeros_like(Hs[0]), dO.contiguous()
+        for gi in reversed(range(groups.n_groups)):
+            grads = _group_backward(groups(Q, gi), groups(K, gi), groups(V, gi), groups.plain(gi, N, Q), Hs[gi],
+                                    groups(dO, gi), U)
+            for out, gr in zip((dQ, dK, dV), grads[:3], strict=True):
+                groups(out, gi).copy_(gr)
+            U = grads[3]
+        return dQ, dK, dV, None, None, None
 
 
-def _chunk_for(m: int, e: int, group: int) -> int:
-    """Causal chunk length by shape: per position the masked intra-chunk products cost ∝ T·(m + e) and forming the
-    states entering the n = group/T chunks of a group ∝ group·m·e/T², so T ≈ (2·group·m·e/(m + e))^(1/3), rounded to
-    a power of two in [16, 256] (m = 256, e = 65, group 4096: T = 64; measured 3.37 s vs 3.59 s for T = 128 at
-    L = 8192, fwd+bwd, 8 heads, one thread)."""
-    t = (2 * group * m * e / (m + e)) ** (1 / 3)
-    return int(min(256, max(16, 2 ** round(math.log2(t)))))
+CHUNK = 64  # positions per chunk: intra-chunk cost ∝ T·(m + e) per position, GEMM efficiency rises with T
+CPU_GROUP_ELEMENTS = 1 << 20  # a CPU group's features, N·G·m floats (4 MiB), stay in cache between their uses
+
+
+def _sizes(L: int, chunk_size: int | None, group_size: int, N: int, m: int, device: torch.device) -> tuple[int, int]:
+    """(chunk T, group G) for length L: T = chunk_size or CHUNK; G = group_size, on a CPU at most
+    CPU_GROUP_ELEMENTS / (N·m) (small groups are faster and smaller there; measured at L = 4096, N = 8 heads,
+    m = 256, one thread, CPU time on a shared machine: G = 256 0.91 s, 512 0.67 s, 1024 0.81 s); whole chunks in
+    equal groups."""
+    T = max(1, min(chunk_size or CHUNK, L))
+    if device.type == "cpu":
+        group_size = min(group_size, CPU_GROUP_ELEMENTS // max(N * m, 1))
+    n_chunks = -(-L // T)
+    n_groups = -(-n_chunks // max(1, group_size // T))
+    return T, T * -(-n_chunks // n_groups)  # pads fewer than n_groups·T rows
+
+
+def _document_ids(cu_seqlens: torch.Tensor | None, L: int, Lp: int, device) -> torch.Tensor:
+    """(Lp,) int64 document id of every position: 0 everywhere without ``cu_seqlens``; the padding after L is one
+    more document."""
+    pos = torch.arange(Lp, device=device)
+    if cu_seqlens is None:
+        return (pos >= L).long()
+    inner = cu_seqlens[1:-1].to(device=device, dtype=torch.long)
+    return torch.searchsorted(inner, pos, right=True) + (pos >= L).long()
 
 
 @_float32_region
-def _favor_causal(q, k, v, P, fmap: FeatureMap, key_padding_mask, chunk_size, group_size) -> torch.Tensor:
-    """(B, H, L, d), (B, H, L, d), (B, H, L, e) -> (B, H, L, e) in the accumulation dtype."""
+def _favor_causal(q, k, v, P, fmap: FeatureMap, key_padding_mask, chunk_size, group_size,
+                  cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, H, L, d), (B, H, L, d), (B, H, L, e) -> (B, H, L, e) in the accumulation dtype.
+
+    cu_seqlens: (n+1,) int offsets 0 = o_0 ≤ … ≤ o_n = L of packed documents (B must be 1): position i attends
+    only to keys j ≤ i of its own document, as if each document were run alone. The offsets are not read on the
+    host (not validated beyond their shape).
+    """
     B, H, L, _ = q.shape
-    if chunk_size is None:
-        m = fmap.num_features(P, q.shape[-1])
-        chunk_size = _chunk_for(m, v.shape[-1] + 1, group_size)
-    T = max(1, min(chunk_size, L))
-    n_chunks = -(-L // T)
-    n_groups = -(-n_chunks // max(1, group_size // T))
-    group = T * -(-n_chunks // n_groups)  # equal groups of whole chunks; pads fewer than n_groups·T rows
-    pad = n_groups * group - L
+    if cu_seqlens is not None and (B != 1 or cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point):
+        raise ValueError(f"cu_seqlens needs (1, H, L, d) inputs and 1-d integer offsets, got batch {B} and "
+                         f"cu_seqlens {tuple(cu_seqlens.shape)} {cu_seqlens.dtype}")
+    T, group = _sizes(L, chunk_size, group_size, B * H, fmap.num_features(P, q.shape[-1]), q.device)
+    pad = -L % group
     if pad:  # right-pad to a whole number of chunks; padded keys come last so they reach no real query
         q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
         mask = key_padding_mask if key_padding_mask is not None else q.new_zeros(B, L, dtype=torch.bool)
         key_padding_mask = torch.nn.functional.pad(mask, (0, pad), value=True)
     Lp, acc = L + pad, _acc(q)
+    doc = _document_ids(cu_seqlens, L, Lp, q.device)
     if isinstance(fmap, PositiveRandomFeatures):  # the fused path
         flat = [t.to(acc).reshape(B * H, Lp, t.shape[3]) for t in (q, k, v)]  # (N, L, ·)
         mask = None if key_padding_mask is None else key_padding_mask.repeat_interleave(H, 0)
-        out = _SoftmaxCausal.apply(*flat, P.to(acc), mask, T, group).view(B, H, Lp, v.shape[3])
+        out = _SoftmaxCausal.apply(*flat, P.to(acc), mask, doc, T, group).view(B, H, Lp, v.shape[3])
         return out[:, :, :L]
     qf, kf = fmap.features(q, P), fmap.features(k, P)  # (B, H, L, m)
     if key_padding_mask is not None:
         kf = kf.masked_fill(key_padding_mask[:, None, :, None], 0.0)
     v1 = _values_with_ones(v.to(_acc(v)), None if key_padding_mask is None else key_padding_mask[:, None])
     m, e = qf.shape[-1], v1.shape[-1]
-    o = _CausalLinear.apply(qf.reshape(B * H, Lp, m), kf.reshape(B * H, Lp, m), v1.reshape(B * H, Lp, e), T, group)
+    o = _CausalLinear.apply(qf.reshape(B * H, Lp, m), kf.reshape(B * H, Lp, m), v1.reshape(B * H, Lp, e), doc, T,
+                            group)
     return _normalise(o.view(B, H, Lp, e)[:, :, :L])
-

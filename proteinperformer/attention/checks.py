@@ -3,7 +3,7 @@
 
 - forward and backward in fp32 / bf16 / fp16 (autocast) against float64 on the CPU, from the same rounded inputs;
 - causal == noncausal on every prefix; padding does not change the real positions; one decoding step at a time
-  (:func:`favor_step`) == the full causal call.
+  (:func:`favor_step`) == the full causal call; causal on packed documents (``cu_seqlens``) == each document alone.
 
 Each check returns a relative error; :func:`run_checks` compares it with its tolerance and never raises, so a
 report can list every check.
@@ -17,6 +17,8 @@ from functools import partial
 import torch
 
 from proteinperformer.attention import favor_attention, favor_step, gaussian_projection
+from proteinperformer.attention.causal import _favor_causal
+from proteinperformer.attention.features import feature_map
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 KERNELS = ("softmax", "relu")
@@ -112,6 +114,20 @@ def decoding_error(kernel: str, dtype: str, device: str) -> float:
     return rel_err(torch.cat(rows, 2), full)
 
 
+def packed_error(kernel: str, dtype: str, device: str) -> float:
+    """Error between causal FAVOR+ on four packed documents (``cu_seqlens``; starts inside and on chunk edges) and
+    each document run alone."""
+    q, k, v, P = (t[:1].to(device) if t.dim() == 4 else t.to(device) for t in inputs(L=200)[:4])
+    offsets = [0, 37, 64, 130, 200]
+    cu = torch.tensor(offsets, dtype=torch.int32, device=device)
+    fmap = feature_map(kernel)
+    with _autocast(device, dtype):
+        packed = _favor_causal(q, k, v, P, fmap, None, 32, 4096, cu_seqlens=cu)
+        alone = [_favor_causal(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], P, fmap, None, 32, 4096)
+                 for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+    return rel_err(packed, torch.cat(alone, 2))
+
+
 def _checks(device: str) -> list[tuple[str, Callable[[], float | tuple[float, ...]], tuple[float, ...]]]:
     """(name, function returning the error or errors, tolerance of each error) of every check, in report order."""
     checks = []
@@ -126,6 +142,7 @@ def _checks(device: str) -> list[tuple[str, Callable[[], float | tuple[float, ..
         for dtype in ("fp32", "bf16"):
             checks.append((f"prefix {kernel} {dtype}", partial(prefix_error, kernel, dtype, device), (TOL[dtype],)))
             checks.append((f"decoding {kernel} {dtype}", partial(decoding_error, kernel, dtype, device), (TOL[dtype],)))
+            checks.append((f"packed {kernel} {dtype}", partial(packed_error, kernel, dtype, device), (TOL[dtype],)))
     return checks
 
 

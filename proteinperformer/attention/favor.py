@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .causal import _favor_causal
-from .documents import check_cu_seqlens, per_document
+from .documents import check_cu_seqlens
 from .features import FeatureMap, feature_map
 from .noncausal import _favor_noncausal
 from .precision import _autocast_dtype
@@ -80,11 +80,12 @@ def favor_attention(
             "relu" (relu(xPᵀ) + 1e-3); unknown names raise ValueError listing the registered ones.
         causal: position i attends to keys j ≤ i (needs Lq == Lk); computed in chunks, O(L·m + m·d) memory.
         key_padding_mask: (B, Lk) bool, True = padding; padded keys enter neither numerator nor normaliser.
-        chunk_size: causal chunk length T (does not change the result; cost ∝ L·T·m inside chunks); None = chosen
-            by the shapes (see ``causal._chunk_for``).
-        group_size: causal positions processed per batched step (memory/speed knob, result unchanged).
+        chunk_size: causal chunk length T (does not change the result; cost ∝ L·T·m inside chunks); None = 64
+            (``causal.CHUNK``).
+        group_size: causal positions processed per batched step, at most (memory/speed knob, result unchanged; on a
+            CPU the kernel takes fewer, see ``causal._sizes``).
         cu_seqlens: (n + 1,) int32 offsets of packed documents (B = 1, Lq = Lk; ``documents.py``): each document
-            attends only to itself, exactly as if run alone.
+            attends only to itself, exactly as if run alone (causal: the running state resets at each start).
     Returns:
         (B, H, Lq, e) computed in float32; returned in the autocast dtype inside torch.autocast, else in v's dtype.
     """
@@ -95,19 +96,8 @@ def favor_attention(
             raise ValueError(f"packed input (cu_seqlens) needs Lq == Lk, got {q.shape[2]} and {k.shape[2]}")
         check_cu_seqlens(cu_seqlens, q.shape[2], q.shape[0])
     out_dtype = _autocast_dtype(q) or v.dtype
-    if causal and cu_seqlens is not None:
-        out = _favor_causal_documents(q, k, v, P, fmap, key_padding_mask, chunk_size, group_size, cu_seqlens)
-    elif causal:
-        out = _favor_causal(q, k, v, P, fmap, key_padding_mask, chunk_size, group_size)
+    if causal:
+        out = _favor_causal(q, k, v, P, fmap, key_padding_mask, chunk_size, group_size, cu_seqlens=cu_seqlens)
     else:
         out = _favor_noncausal(q, k, v, P, fmap, key_padding_mask, cu_seqlens)
     return out.to(out_dtype)
-
-
-def _favor_causal_documents(q, k, v, P, fmap, key_padding_mask, chunk_size, group_size, cu_seqlens):
-    """Causal FAVOR+ of packed documents, one document at a time (the state starts empty in each): exact by
-    construction. (B = 1, H, T, ·) -> (1, H, T, e)."""
-    def one(qd, kd, vd, md):
-        return _favor_causal(qd, kd, vd, P, fmap, md, chunk_size, group_size)
-
-    return per_document(one, cu_seqlens, q, k, v, key_padding_mask, dim=(2, 2, 2, 1))
