@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from proteinperformer.attention import MultiheadSelfAttention, favor_attention
+from proteinperformer.attention import MultiheadSelfAttention
 from proteinperformer.model import PerformerLM
 from proteinperformer.tokenizer import Alphabet
 
@@ -80,11 +80,11 @@ def attention_inputs(model: torch.nn.Module, sequence: str) -> list[torch.Tensor
     return captured
 
 
-def _favor_rows(attn: MultiheadSelfAttention, q, k, rows: slice, col_block: int) -> torch.Tensor:
+def _favor_rows(attn: MultiheadSelfAttention, q, k, rows: slice, col_block: int, heads: list[int]) -> torch.Tensor:
     """Token-level FAVOR attention rows ``rows`` over the residue columns 1..T-2, via V = one-hot positions.
 
-    q, k: [1, h, T, d] (all tokens). Returns [h, n_rows, T - 2] float32. The normaliser φ(q)·Σφ(k) uses all
-    keys (cls/eos included), whatever the width of V, so each full token row sums to 1.
+    q, k: [1, h, T, d] (all tokens) of the layer's ``heads``. Returns [h, n_rows, T - 2] float32. The normaliser
+    φ(q)·Σφ(k) uses all keys (cls/eos included), whatever the width of V, so each full token row sums to 1.
     """
     h, T = q.shape[1], q.shape[2]
     L = T - 2
@@ -98,11 +98,11 @@ def _favor_rows(attn: MultiheadSelfAttention, q, k, rows: slice, col_block: int)
         if attn.causal:  # causal needs Lq == Lk: run on the prefix that ends with the block's last query
             end = rows.stop
             v = onehot[:end].expand(1, h, end, c1 - c0)
-            block = favor_attention(q[:, :, :end], k[:, :, :end], v, attn.projection, attn.kernel, causal=True)
+            block = attn.favor(q[:, :, :end], k[:, :, :end], v, causal=True, heads=heads)
             block = block[0, :, rows.start:]
         else:
             v = onehot.expand(1, h, T, c1 - c0)
-            block = favor_attention(q[:, :, rows], k, v, attn.projection, attn.kernel)[0]
+            block = attn.favor(q[:, :, rows], k, v, causal=False, heads=heads)[0]
         out[:, :, c0:c1] = block.float()
     return out
 
@@ -161,7 +161,7 @@ def iter_attention_blocks(
                 if attn.attention == "exact":
                     values = _exact_rows(attn, qh, kh, token_rows)
                 else:
-                    values = _favor_rows(attn, qh, kh, token_rows, block_size)
+                    values = _favor_rows(attn, qh, kh, token_rows, block_size, hs)
                 if renormalise:
                     values = values / values.sum(-1, keepdim=True).clamp_min(1e-30)
                 yield AttentionBlock(layer, hs, rows, values)

@@ -44,6 +44,10 @@ class MultiheadSelfAttention(nn.Module):
         causal: autoregressive masking.
         dropout: dropout on the attention output (FAVOR+ has no explicit attention matrix to drop from).
         rotary: rotary position embeddings on q and k (ESM-2, RoFormer), applied before any FAVOR+ feature map.
+        transferred: favor only; the layer carries trained feature parameters (``proteinperformer.model.transfer``):
+            a map whose projection is ``learned`` (hedgehog) has it as a parameter, and any other map gets a
+            per-head rescaling Ψ and projection W applied before it, q -> W(Ψq), k -> W(Ψ⁻¹k), so φ sees
+            P·W per head (``feature_scale`` = log Ψ (H, d), ``feature_weight`` = W (H, d, d); identity at first).
     """
 
     def __init__(
@@ -58,13 +62,15 @@ class MultiheadSelfAttention(nn.Module):
         causal: bool = False,
         dropout: float = 0.0,
         rotary: bool = False,
+        transferred: bool = False,
     ):
         super().__init__()
         if dim % heads != 0:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         if attention not in ("favor", "exact"):
             raise ValueError(f"attention must be 'favor' or 'exact', got {attention!r}")
-        needs_projection = feature_map(kernel).needs_projection  # ValueError naming the registered kernels
+        fmap = feature_map(kernel)  # ValueError naming the registered kernels
+        needs_projection = fmap.needs_projection
         if needs_projection and not use_projection:
             raise ValueError(f"the {kernel} kernel needs a projection (use_projection=True)")
         self.heads, self.head_dim = heads, dim // heads
@@ -74,18 +80,46 @@ class MultiheadSelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(dropout)
+        self.transferred = transferred and attention == "favor"
         if attention == "favor" and (needs_projection or use_projection):
-            self.register_buffer("projection", gaussian_projection(num_features, self.head_dim, orthogonal))
+            P = fmap.init_projection(num_features, self.head_dim, heads, orthogonal)
+            if fmap.learned:
+                self.projection = nn.Parameter(P)
+            else:
+                self.register_buffer("projection", P)
         else:
             self.projection = None
+        self.feature_scale = self.feature_weight = None  # log Ψ (H, d), W (H, d, d): see ``transferred``
+        if self.transferred and not fmap.learned:
+            self.feature_scale = nn.Parameter(torch.zeros(heads, self.head_dim))
+            self.feature_weight = nn.Parameter(torch.eye(self.head_dim).repeat(heads, 1, 1))
 
     @torch.no_grad()
     def redraw_projection(self, generator: torch.Generator | None = None) -> None:
         """Resample the projection in place (same shape, device and dtype); no-op without a projection."""
-        if self.projection is None:
-            return
+        if self.projection is None or self.transferred or feature_map(self.kernel).learned:
+            return  # trained features stay
         new = gaussian_projection(self.num_features, self.head_dim, self.orthogonal, generator=generator)
         self.projection.copy_(new)
+
+    def favor(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool | None = None,
+              key_padding_mask: torch.Tensor | None = None, heads: list[int] | None = None) -> torch.Tensor:
+        """FAVOR attention of this layer on split heads, its trained features included: (B, h, Lq, d), (B, h, Lk, d),
+        (B, h, Lk, e) -> (B, h, Lq, e). ``heads``: the layer's heads these h are (default all); ``causal``: default
+        the layer's."""
+        P, causal = self.projection, self.causal if causal is None else causal
+        q, k = self.feature_inputs(q, k, heads)
+        if P is not None and P.dim() == 3:  # one projection per head
+            P = P if heads is None else P[list(heads)]
+        return favor_attention(q, k, v, P, kernel=self.kernel, causal=causal, key_padding_mask=key_padding_mask)
+
+    def feature_inputs(self, q: torch.Tensor, k: torch.Tensor, heads: list[int] | None = None):
+        """What the feature map sees: W(Ψq), W(Ψ⁻¹k) per head for a transferred layer, else q, k unchanged."""
+        if self.feature_weight is None:
+            return q, k
+        idx = slice(None) if heads is None else list(heads)
+        scale, W = self.feature_scale[idx].exp().unsqueeze(1), self.feature_weight[idx].transpose(-1, -2)
+        return (q * scale.to(q.dtype)) @ W.to(q.dtype), (k / scale.to(k.dtype)) @ W.to(k.dtype)
 
     def split_heads(self, x: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, L, D) -> q, k, v each (B, H, L, head_dim); with rotary, q and k are rotated by their positions
@@ -109,8 +143,7 @@ class MultiheadSelfAttention(nn.Module):
         if self.attention == "exact":
             y = exact_attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask)
         else:
-            y = favor_attention(q, k, v, self.projection, kernel=self.kernel, causal=self.causal,
-                                key_padding_mask=key_padding_mask)
+            y = self.favor(q, k, v, key_padding_mask=key_padding_mask)
         return self._merge(y)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> FavorState | KVCache:
@@ -130,6 +163,7 @@ class MultiheadSelfAttention(nn.Module):
             state = KVCache(k=torch.cat([state.k, k], dim=2), v=torch.cat([state.v, v], dim=2))
             y = exact_attention(q, state.k, state.v)  # the cache holds only keys ≤ t
         else:
+            q, k = self.feature_inputs(q, k)
             y, state = favor_step(q, k, v, self.projection, state, kernel=self.kernel)
         return self._merge(y), state
 

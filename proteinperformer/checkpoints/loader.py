@@ -111,9 +111,10 @@ def export_slim(src: str | Path, dst: str | Path) -> Path:
     return save_atomic({k: ckpt[k] for k in keep if k in ckpt}, dst)
 
 
-def save_checkpoint(model: PerformerLM, path: str | Path, source: str | Path) -> Path:
-    """Write ``model`` as a project checkpoint (temp file + rename) that ``load_model`` and ``init_from`` read."""
-    ckpt = {
+def save_checkpoint(model: PerformerLM, path: str | Path, source: str | Path, extra: dict | None = None) -> Path:
+    """Write ``model`` as a project checkpoint (temp file + rename) that ``load_model`` and ``init_from`` read;
+    ``extra``: more plain entries (e.g. ``transfer``: how the attention was transferred)."""
+    ckpt = {**(extra or {}),
         "state_dict": {f"model.{k}": v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "hyper_parameters": {"config": model.config.to_dict(), "task": "clm" if model.config.causal else "mlm"},
         "alphabet": list(model.alphabet.all_toks),

@@ -6,6 +6,13 @@ checkpoint) into a Performer checkpoint, and measure what the swap costs on your
     pp-train init_from=esm2_8M_favor.ckpt data.fasta_path=my.fasta            # fine-tune it (MLM)
     pp-convert iglm/trained_models/IgLM iglm_favor.ckpt --attention favor      # a GPT-2 directory + vocab.txt
     pp-convert --slim runs/tiny/<run>/checkpoints/last.ckpt model.ckpt          # drop the optimiser state
+    pp-convert esm2_t6_8M_UR50D.pt esm2_8M_fit.ckpt --transfer my_proteins.fasta  # attention transfer
+
+``--transfer FASTA`` (attention transfer, :mod:`proteinperformer.model.transfer`) trains only the FAVOR features
+(per head a rescaling Ψ and projection W before the map; ``--kernel hedgehog``: Hedgehog's learned map) to mimic
+each layer's exact attention on these sequences, layer by layer, and leaves every other weight as it was; the
+checkpoint's config says ``transferred``. Finished layers are kept in ``.OUTPUT.transfer/`` beside OUTPUT, so a
+stopped run resumes there.
 
 The checkpoint holds the weights, ``hyper_parameters.config`` and the alphabet; every command that takes a
 checkpoint reads it (:func:`proteinperformer.checkpoints.load_model`). The FAVOR+ kernel is the source's own
@@ -21,14 +28,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 from proteinperformer.checkpoints import export_slim, load_model, read_torch, save_checkpoint
 from proteinperformer.cli.common import Parser, add_device_arguments, checked_device, run_command
+from proteinperformer.data.fasta import load_fasta
 from proteinperformer.evaluation.conversion import DEFAULT_NUM_FEATURES, report
 from proteinperformer.files import write_json_atomic
+from proteinperformer.inference.embed import residue_limit
 from proteinperformer.model import convert_attention
+from proteinperformer.model.transfer import (
+    DEFAULT_KERNEL,
+    DEFAULT_STEPS,
+    TransferError,
+    calibration_batches,
+    transfer_attention,
+    transfer_model,
+)
+from proteinperformer.progress import track
 
 
 def create_parser() -> argparse.ArgumentParser:
@@ -38,13 +59,20 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("output", type=Path, nargs="?", help="project checkpoint to write (.ckpt)")
     parser.add_argument("--attention", choices=("favor", "exact"), default="favor")
     parser.add_argument("--num-features", type=int, default=DEFAULT_NUM_FEATURES, help="random features per head")
-    parser.add_argument("--kernel", choices=("softmax", "relu"), default=None,
-                        help="FAVOR+ kernel (default: the source's own; softmax for ESM-2 and GPT-2)")
+    parser.add_argument("--kernel", choices=("softmax", "relu", "hedgehog"), default=None,
+                        help="FAVOR+ kernel (default: the source's own; softmax for ESM-2 and GPT-2; hedgehog: "
+                             "Hedgehog's learned map, with --transfer)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the FAVOR+ projection draw")
+    parser.add_argument("--transfer", type=Path, metavar="FASTA",
+                        help="attention transfer: train the FAVOR features to mimic exact attention on these sequences")
+    parser.add_argument("--transfer-steps", type=int, default=DEFAULT_STEPS, help="transfer: Adam steps per layer")
+    parser.add_argument("--no-cls", action="store_true",
+                        help="transfer: sequences without a leading <cls> (GPT-2 models such as IgLM)")
     parser.add_argument("--report", type=Path, metavar="FASTA", help="measure FAVOR+ vs exact on these sequences")
     parser.add_argument("--report-json", type=Path, help="also write the report as JSON here")
     parser.add_argument("--draws", type=int, default=3, help="projection draws the report averages over")
-    parser.add_argument("--max-sequences", type=int, default=200, help="report: first N sequences of FASTA")
+    parser.add_argument("--max-sequences", type=int, default=200,
+                        help="report and transfer: first N sequences of FASTA")
     parser.add_argument("--slim", action="store_true",
                         help="copy a pp-train checkpoint SOURCE to OUTPUT without optimiser state (no conversion)")
     parser.add_argument("--metrics", type=Path, help="with --slim: the run's metrics.json, printed with the summary")
@@ -89,7 +117,9 @@ def run(args: argparse.Namespace) -> None:
     if args.output is None and args.report is None:
         raise ValueError("give an OUTPUT checkpoint to write, --report FASTA, or both")
     device = checked_device(args)  # the report's forward passes; the conversion itself copies weights on the CPU
-    if args.output is not None:
+    if args.transfer is not None:
+        transfer(args)
+    elif args.output is not None:
         model = load_model(args.source, attention=args.attention, num_features=args.num_features, kernel=args.kernel)
         if args.attention == "favor":  # a reproducible draw, whatever load_model drew
             model = convert_attention(model, "favor", args.num_features, args.kernel, seed=args.seed)
@@ -103,6 +133,41 @@ def run(args: argparse.Namespace) -> None:
         print_report(r)
         if args.report_json is not None:
             write_json_atomic(args.report_json, r)
+
+
+def transfer(args: argparse.Namespace) -> None:
+    """``--transfer``: the source converted to FAVOR with trained features, written to OUTPUT."""
+    if args.output is None or args.attention != "favor":
+        raise ValueError("--transfer writes a FAVOR checkpoint: give OUTPUT and leave --attention at favor")
+    if args.transfer_steps < 1:
+        raise ValueError(f"--transfer-steps must be at least 1, got {args.transfer_steps}")
+    source = load_model(args.source)
+    if source.config.transferred:
+        raise ValueError(f"{args.source}: already transferred (its config says transferred=true); give the "
+                         "original model as SOURCE, or use this checkpoint as it is")
+    exact = source if source.config.attention == "exact" else convert_attention(source, "exact")
+    try:
+        model = transfer_model(exact, args.num_features, args.kernel or DEFAULT_KERNEL, args.seed)
+    except TransferError as err:
+        raise ValueError(f"{args.source}: {err}") from None
+    records = [(r.id, r.sequence) for r in load_fasta(args.transfer, exact.alphabet)][: args.max_sequences]
+    limit = residue_limit(exact.config)
+    batches = calibration_batches(exact.alphabet, records, cls=not args.no_cls,
+                                  max_len=None if limit is None else limit + 2)
+    resume = args.output.with_name(f".{args.output.name}.transfer")
+    print(f"transfer on {len(records)} sequences of {args.transfer}: {len(model.layers)} layers, "
+          f"{args.transfer_steps} steps each (finished layers kept in {resume})", flush=True)
+    t0 = time.process_time()
+    results = transfer_attention(exact, model, batches, args.transfer_steps, resume_dir=resume, progress=track)
+    seconds = time.process_time() - t0
+    info = {"fasta": str(args.transfer), "sequences": len(records), "steps": args.transfer_steps,
+            "cpu_seconds": seconds, "layers": [asdict(r) for r in results]}
+    save_checkpoint(model, args.output, args.source, extra={"transfer": info})
+    shutil.rmtree(resume, ignore_errors=True)
+    cfg = model.config
+    print(f"wrote {args.output}: {cfg.depth} layers, width {cfg.dim}, favor attention, {cfg.kernel} kernel, "
+          f"{cfg.num_features} features, transferred in {seconds:.1f} CPU-s; attention-output relative error per "
+          f"layer {' '.join(f'{r.error_before:.3f}->{r.error_after:.3f}' for r in results)}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

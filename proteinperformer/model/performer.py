@@ -58,6 +58,9 @@ class ModelConfig:
     token_dropout: bool = False  # ESM-2: zero <mask> embeddings, rescale by (1 - 0.12) / (1 - observed mask ratio)
     contact_head: bool = False  # ESM-2's logistic regression over all attention maps (analysis.contacts.ContactHead)
     activation: str = "gelu"  # MLP: "gelu" (erf, BERT/ESM) or "gelu_new" (tanh approximation, GPT-2 / IgLM)
+    # favor only: the attention's feature parameters were trained to mimic the exact model's attention
+    # (attention transfer, ``model.transfer``; pp-convert --transfer); they are then kept, never redrawn
+    transferred: bool = False
 
     def __post_init__(self) -> None:
         # Every special id the model uses (padding here, <mask> for token dropout) comes from the alphabet: a
@@ -121,6 +124,7 @@ class Block(nn.Module):
             causal=cfg.causal,
             dropout=cfg.dropout,
             rotary=cfg.positions == "rotary",
+            transferred=cfg.transferred,
         )
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg.dim, cfg.ff_dim, cfg.dropout, cfg.activation)
@@ -276,18 +280,31 @@ def convert_attention(
     backward compatibility: the trained q/k/v weights stay and φ(q)·φ(k) estimates their softmax kernel. The
     new projections are drawn from ``seed`` (reproducible), also for a source that has none (exact attention, or
     the ReLU kernel without projection). Arguments left None keep the model's value; the
-    result is on the model's device, in eval mode if the model was.
+    result is on the model's device, in eval mode if the model was. A transferred model
+    (``config.transferred``) asked for its own attention, kernel and features keeps its trained features;
+    any other conversion drops them (``transferred=False``, a fresh draw).
     """
     cfg = replace(model.config, attention=attention or model.config.attention,
                   num_features=num_features or model.config.num_features, kernel=kernel or model.config.kernel)
+    keep = cfg == model.config and cfg.transferred  # the trained features stay only where they still fit
+    cfg = replace(cfg, transferred=keep)
     if cfg.attention == "favor" and feature_map(cfg.kernel).needs_projection:
         cfg = replace(cfg, use_projection=True)  # positive random features need ω; a source without one gets a draw
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         new = PerformerLM(cfg)
     fresh = new.state_dict()
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith("attn.projection")}
-    state.update({k: v for k, v in fresh.items() if k.endswith("attn.projection")})
+    state = {k: v for k, v in model.state_dict().items() if keep or not is_feature_key(k)}
+    state.update({k: v for k, v in fresh.items() if not keep and is_feature_key(k)})
     new.load_state_dict(state, strict=True)
     device = next(model.parameters()).device
     return new.to(device).train(model.training)
+
+
+FEATURE_KEYS = ("attn.projection", "attn.feature_scale", "attn.feature_weight")  # state-dict key endings
+
+
+def is_feature_key(key: str) -> bool:
+    """True for the state-dict keys of the attention's feature map (projection, trained Ψ and W): all that
+    :func:`convert_attention` redraws and attention transfer trains; every other weight is the source's."""
+    return key.endswith(FEATURE_KEYS)

@@ -1,0 +1,187 @@
+"""Conversion that keeps what IgLM knows: FAVOR+ against attention transfer, on held-out antibody chains.
+
+Uses the held-out split of ``fig5_real.py`` (run its ``data`` stage first: ``OUTDIR/data/{train,test}.fasta``)::
+
+    nice -n 10 python studies/fig5_iglm/fig5_real.py runs/fig5_real --stages data
+    OMP_NUM_THREADS=1 nice -n 10 python studies/fig5_iglm/transfer_study.py runs/fig5_real --model IgLM-S \\
+        --features 256 64 --methods favor+ transfer hedgehog
+    python studies/fig5_iglm/transfer_study.py runs/fig5_real --report
+
+For each model, number of features m, method and projection draw: next-residue accuracy, perplexity and the mean
+per-token KL divergence from the exact model's next-token distribution, on the held-out chains (IgLM framing
+``[chain] [species] residues [SEP]``; heavy, light, and the human heavy chains of the issue's target), plus the
+per-layer relative error of the attention output on the exact model's inputs. Methods:
+
+- ``favor+``: ``pp-convert --attention favor`` (positive random features, no training);
+- ``transfer``: attention transfer with the default map (FAVOR+ with a trained per-head Ψ and W,
+  :mod:`proteinperformer.model.transfer`) on ``--calibration`` training-split chains, with its CPU-seconds;
+- ``hedgehog``: the same transfer with Hedgehog's map, softmax(Wx) ⊕ softmax(−Wx).
+
+Each result is cached in ``OUTDIR/transfer/<model>_<method>_m<m>_d<draw>.json`` (the study resumes); ``--report``
+writes ``results/transfer.{json,md,png}`` here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from proteinperformer.data.collate import IGNORE_INDEX
+from proteinperformer.model import PerformerLM, convert_attention
+from proteinperformer.model.transfer import DEFAULT_STEPS, calibration_batches, transfer_attention, transfer_model
+from proteinperformer.training.scoring import evaluation_collator, residue_table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fig5_real import iglm_dir, read_records  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+METHODS = {"favor+": None, "transfer": "softmax", "hedgehog": "hedgehog"}  # method -> kernel trained (None: none)
+GROUPS = ("heavy", "light", "human_heavy")
+
+
+def calibration_records(out: Path, n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """``n`` chains of the training split (random, fixed seed; heavy and light): what the transfer sees."""
+    records = read_records(out / "data" / "train.fasta")
+    pick = sorted(random.Random(seed).sample(range(len(records)), n))
+    return [(records[i][0], records[i][2]) for i in pick]
+
+
+def test_records(out: Path, per_chain: int) -> list[tuple[str, str, str]]:
+    """(id, group, tagged sequence): ``per_chain`` held-out chains per chain type (fig5_real's sample)."""
+    return [(rid, chain, seq) for rid, chain, seq in read_records(out / "data" / "test.fasta", per_chain)]
+
+
+@torch.no_grad()
+def score(model: PerformerLM, exact_logp: list[torch.Tensor], batches, records) -> dict:
+    """Per group: next-residue accuracy, perplexity over residues and [SEP], mean per-token KL(exact ‖ model)."""
+    alphabet = model.alphabet
+    is_residue = residue_table(alphabet, model.config.vocab_size)
+    sums = {g: [0.0, 0, 0, 0, 0.0] for g in GROUPS}  # nll, targets, hits, residues, kl
+    for (rows, idx), lp_exact in zip(batches, exact_logp, strict=True):
+        lp = F.log_softmax(model(rows["input_ids"], rows["padding_mask"])["logits"].double(), -1)
+        labels = rows["labels"]
+        for j, i in enumerate(idx):
+            keep = labels[j] != IGNORE_INDEX
+            y = labels[j][keep]
+            lpj, lej = lp[j][keep], lp_exact[j][keep]
+            groups = [records[i][1]] + (["human_heavy"] if records[i][1] == "heavy" and "[HUMAN]" in records[i][2]
+                                        else [])
+            res = is_residue[y]
+            for g in groups:
+                s = sums[g]
+                s[0] -= float(lpj.gather(-1, y[:, None]).sum())
+                s[1] += len(y)
+                s[2] += int((lpj.argmax(-1)[res] == y[res]).sum())
+                s[3] += int(res.sum())
+                s[4] += float((lej.exp() * (lej - lpj)).sum())
+    return {g: {"acc": s[2] / s[3], "ppl": math.exp(s[0] / s[1]), "kl": s[4] / s[1], "residues": s[3]}
+            for g, s in sums.items() if s[1]}
+
+
+def eval_batches(model: PerformerLM, records, batch: int = 32):
+    """IgLM framing, next-token targets from the first residue to [SEP] (the tags' targets left out)."""
+    a = model.alphabet
+    collate = evaluation_collator(a, causal=True)
+    tokens = [torch.tensor(a.encode(s, i).tolist() + [a.eos_idx]) for i, _, s in records]
+    out = []
+    for s in range(0, len(tokens), batch):
+        rows = collate([{"tokens": t} for t in tokens[s : s + batch]])
+        rows["labels"][:, :1] = IGNORE_INDEX  # the target after [chain] is the species tag
+        out.append((rows, list(range(s, min(s + batch, len(tokens))))))
+    return out
+
+
+@torch.no_grad()
+def layer_errors(exact: PerformerLM, model: PerformerLM, batches) -> list[float]:
+    """Per layer ‖y − y_exact‖ / ‖y_exact‖ of the attention output on the exact model's inputs (real tokens)."""
+    from proteinperformer.model.transfer import _relative_error, _targets, layer_inputs
+
+    plain = [(rows["input_ids"], rows["padding_mask"]) for rows, _ in batches]
+    inputs = layer_inputs(exact, plain)
+    paddings = [p for _, p in plain]
+    return [math.sqrt(float(_relative_error(b.attn, _targets(e.attn, inputs[i], paddings))))
+            for i, (e, b) in enumerate(zip(exact.layers, model.layers, strict=True))]
+
+
+def run_one(out: Path, name: str, method: str, m: int, draw: int, steps: int, calibration: int,
+            per_chain: int) -> dict:
+    path = out / "transfer" / f"{name}_{method}_m{m}_d{draw}_s{steps}_c{calibration}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    torch.manual_seed(0)
+    exact = load_exact(name)
+    records = test_records(out, per_chain)
+    batches = eval_batches(exact, records)
+    with torch.no_grad():
+        exact_logp = [F.log_softmax(exact(r["input_ids"], r["padding_mask"])["logits"].double(), -1)
+                      for r, _ in batches]
+    kernel = METHODS[method]
+    info: dict = {"model": name, "method": method, "num_features": m, "draw": draw, "test_per_chain": per_chain}
+    if kernel is None:
+        model = convert_attention(exact, "favor", m, "softmax", seed=draw).eval()
+    else:
+        model = transfer_model(exact, m, kernel, seed=draw)
+        calib = calibration_batches(exact.alphabet, calibration_records(out, calibration), cls=False)
+        t0 = time.process_time()
+        layers = transfer_attention(exact, model, calib, steps=steps)
+        info.update(steps=steps, calibration_chains=calibration, cpu_seconds=time.process_time() - t0,
+                    calibration_error=[(r.error_before, r.error_after) for r in layers])
+    info["scores"] = score(model, exact_logp, batches, records)
+    info["exact"] = score(exact, exact_logp, batches, records)
+    info["layer_error"] = layer_errors(exact, model, batches[:1])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(info, indent=2) + "\n")
+    s, e = info["scores"]["human_heavy"], info["exact"]["human_heavy"]
+    print(f"{name} {method} m={m} draw {draw}: human heavy {100 * s['acc']:.2f}% / {s['ppl']:.3f} (exact "
+          f"{100 * e['acc']:.2f}% / {e['ppl']:.3f}), KL {s['kl']:.4f}, layer error "
+          f"{[round(x, 3) for x in info['layer_error']]}"
+          + (f", transfer {info['cpu_seconds']:.1f} CPU-s" if "cpu_seconds" in info else ""), flush=True)
+    return info
+
+
+def load_exact(name: str) -> PerformerLM:
+    from proteinperformer.checkpoints import load_model
+
+    return load_model(iglm_dir(name)).eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("outdir", type=Path)
+    parser.add_argument("--model", nargs="+", default=["IgLM-S"], choices=("IgLM-S", "IgLM"))
+    parser.add_argument("--features", type=int, nargs="+", default=[256, 64, 128, 512])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--draws", type=int, nargs="+", default=[0])
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--calibration", type=int, default=15, help="training-split chains the transfer sees")
+    parser.add_argument("--per-chain", type=int, default=60, help="held-out chains scored per chain type")
+    parser.add_argument("--report", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.report:
+        report(args.outdir, HERE / "results")
+        return
+    for name in args.model:
+        for m in args.features:
+            for method in args.methods:
+                for draw in args.draws:
+                    run_one(args.outdir, name, method, m, draw, args.steps, args.calibration, args.per_chain)
+
+
+def report(out: Path, results: Path) -> None:
+    rows = [json.loads(p.read_text()) for p in sorted((out / "transfer").glob("*.json"))]
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "transfer.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"wrote {results / 'transfer.json'} ({len(rows)} runs)")
+
+
+if __name__ == "__main__":
+    main()
