@@ -12,7 +12,9 @@ What is trained (``MultiheadSelfAttention(transferred=True)``): for the positive
 φ(P·W_h·Ψ_h q) and φ(P·W_h·Ψ_h⁻¹ k) (Ψ starts at the calibrated SADERF value (Σ k_l² / Σ q_l²)^(1/4), W at the
 identity: the start is FAVOR+ with rescaled inputs); for Hedgehog's map (kernel "hedgehog"), its per-head
 projection. Loss: ‖y − y_exact‖² / ‖y_exact‖² of the layer's output (after the output projection) over the real
-tokens of the calibration batch, full batch, Adam with a cosine-decayed learning rate.
+tokens of a batch of calibration sequences (one batch of about ``DEFAULT_BATCH_TOKENS`` per step, cycling), Adam
+with a cosine-decayed learning rate. The loss runs through the same FAVOR path the model runs with (what is trained
+is what runs).
 
 Plain torch: :func:`transfer_attention` takes the exact model, the model to train (built by
 :func:`transfer_model`) and token batches; ``pp-convert --transfer FASTA`` reads the sequences and writes the
@@ -38,6 +40,7 @@ from proteinperformer.tokenizer import Alphabet
 
 DEFAULT_STEPS = 500  # per layer; see studies/fig5_iglm/README.md (IgLM-S and IgLM, m = 64 and 256)
 DEFAULT_LR = 1e-2
+DEFAULT_BATCH_TOKENS = 512  # padded tokens per step (about 4 antibody chains): the cost of a step
 DEFAULT_KERNEL = "softmax"  # FAVOR+ features with a trained W and Ψ; "hedgehog" is the alternative (measured)
 
 
@@ -81,7 +84,7 @@ def _with_trainable_features(model: PerformerLM, seed: int) -> PerformerLM:
 
 
 def calibration_batches(alphabet: Alphabet, records: Sequence[tuple[str, str]], cls: bool = True,
-                        max_len: int | None = None, max_tokens: int = 1 << 14,
+                        max_len: int | None = None, max_tokens: int = DEFAULT_BATCH_TOKENS,
                         device: str | torch.device = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(tokens (B, L), padding mask (B, L)) batches of ``<cls> residues <eos>`` rows (``cls=False``: without
     ``<cls>``, the framing of GPT-2 models such as IgLM), cropped to ``max_len`` tokens, sorted by length and
@@ -170,7 +173,8 @@ def calibrate_scale(attn: MultiheadSelfAttention, data: list[_Targets]) -> None:
 
 def transfer_layer(attn: MultiheadSelfAttention, data: list[_Targets], steps: int, lr: float,
                    progress: Callable[..., Iterable] | None = None, label: str = "") -> tuple[float, float]:
-    """Train one layer's feature parameters (Adam, cosine-decayed ``lr``, full batch); (error before, after)."""
+    """Train one layer's feature parameters (Adam, cosine-decayed ``lr``, one batch of ``data`` per step, cycling);
+    (error before, after) on all of ``data``."""
     calibrate_scale(attn, data)
     params = list(feature_parameters(attn).values())
     with torch.no_grad():
@@ -178,14 +182,17 @@ def transfer_layer(attn: MultiheadSelfAttention, data: list[_Targets], steps: in
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
     steps_iter = progress(range(steps), desc=label, leave=False) if progress else range(steps)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist()
+    running = before**2
     for step in steps_iter:
         opt.zero_grad(set_to_none=True)
-        loss = _relative_error(attn, data)
+        loss = _relative_error(attn, [data[order[step % len(data)]]])  # one batch per step, in a fixed shuffle
         loss.backward()
         opt.step()
         sched.step()
-        if hasattr(steps_iter, "set_postfix_str") and step % 20 == 0:
-            steps_iter.set_postfix_str(f"error {before:.3f} -> {math.sqrt(float(loss.detach())):.3f}", refresh=False)
+        running = 0.9 * running + 0.1 * float(loss.detach())
+        if hasattr(steps_iter, "set_postfix_str") and step % 10 == 0:
+            steps_iter.set_postfix_str(f"error {before:.3f} -> {math.sqrt(running):.3f}", refresh=False)
     with torch.no_grad():
         after = math.sqrt(float(_relative_error(attn, data)))
     return before, after
@@ -207,7 +214,7 @@ def transfer_attention(
         exact: the source model (exact attention), in eval mode.
         model: :func:`transfer_model` of it: the same weights, FAVOR attention with trainable features.
         batches: (tokens (B, L), padding mask (B, L), True = padding) on the models' device.
-        steps, lr: Adam steps per layer (full batch) and the starting learning rate (cosine decay to 0).
+        steps, lr: Adam steps per layer (one batch each) and the starting learning rate (cosine decay to 0).
         resume_dir: each finished layer's parameters and errors are saved here (``layer<i>.pt``, atomic) and read
             back by a later call with the same settings, which then trains only the layers left.
         progress: a tqdm-like wrapper for each layer's steps (``proteinperformer.progress.track``), or None.
