@@ -17,7 +17,8 @@ import torch.nn as nn
 from .decoding import FavorState, favor_step
 from .exact import exact_attention
 from .favor import favor_attention
-from .features import feature_map
+from .features import PositiveRandomFeatures, feature_map
+from .oprf import MOMENTS, check_features, feature_parameters, oprf_inputs
 from .projection import gaussian_projection
 from .rotary import apply_rotary
 
@@ -44,6 +45,10 @@ class MultiheadSelfAttention(nn.Module):
         causal: autoregressive masking.
         dropout: dropout on the attention output (FAVOR+ has no explicit attention matrix to drop from).
         rotary: rotary position embeddings on q and k (ESM-2, RoFormer), applied before any FAVOR+ feature map.
+        features: softmax kernel only: "favor+" (positive random features), "oprf" or "oprf-rescaled" (FAVOR++, see
+            ``oprf.py``). Other than "favor+" the layer holds the buffers ``feature_moments`` (H, 3, d) and
+            ``feature_pairs`` (the calibration statistics), ``feature_a`` (H,) and ``feature_psi`` (H, d) (A and Ψ
+            derived from them by :meth:`set_feature_moments`); all zero moments (uncalibrated) mean A = 0, Ψ = 1.
     """
 
     def __init__(
@@ -58,6 +63,7 @@ class MultiheadSelfAttention(nn.Module):
         causal: bool = False,
         dropout: float = 0.0,
         rotary: bool = False,
+        features: str = "favor+",
     ):
         super().__init__()
         if dim % heads != 0:
@@ -71,6 +77,12 @@ class MultiheadSelfAttention(nn.Module):
         self.attention, self.kernel, self.causal = attention, kernel, causal
         self.num_features, self.orthogonal = num_features, orthogonal
         self.rotary = rotary
+        check_features(features)
+        positive = isinstance(feature_map(kernel), PositiveRandomFeatures)
+        if features != "favor+" and attention == "favor" and not positive:
+            raise ValueError(f"features={features!r} are positive random features of the softmax kernel; the {kernel} "
+                             "kernel cannot use them (use features='favor+' or kernel='softmax')")
+        self.features = features
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(dropout)
@@ -78,6 +90,33 @@ class MultiheadSelfAttention(nn.Module):
             self.register_buffer("projection", gaussian_projection(num_features, self.head_dim, orthogonal))
         else:
             self.projection = None
+        if features != "favor+":
+            hd = self.head_dim
+            self.register_buffer("feature_moments", torch.zeros(heads, MOMENTS, hd))
+            self.register_buffer("feature_pairs", torch.zeros(()))
+            self.register_buffer("feature_a", torch.zeros(heads))
+            self.register_buffer("feature_psi", torch.ones(heads, hd))
+
+    @torch.no_grad()
+    def set_feature_moments(self, moments: torch.Tensor, pairs: float | torch.Tensor) -> None:
+        """Store calibration statistics (pair means (H, 3, d), see ``oprf.pair_moment_sums``, over ``pairs`` pairs)
+        and set A and Ψ of this layer's ``features`` from them."""
+        if self.features == "favor+":
+            raise ValueError("a layer with features='favor+' holds no feature statistics")
+        self.feature_moments.copy_(moments)
+        self.feature_pairs.fill_(float(pairs))
+        a, psi = feature_parameters(moments.double().cpu(), self.features)
+        self.feature_a.copy_(a)
+        self.feature_psi.copy_(psi)
+
+    def feature_inputs(
+        self, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """q, k (B, H, L, d) and the projection as the FAVOR+ kernel takes them: unchanged for "favor+", else
+        rewritten by ``oprf.oprf_inputs`` with this layer's A and Ψ (q̃, k̃ (B, H, L, d + 2), P̃ (m, d + 2))."""
+        if self.features == "favor+":
+            return q, k, self.projection
+        return oprf_inputs(q, k, self.projection, self.feature_a, self.feature_psi)
 
     @torch.no_grad()
     def redraw_projection(self, generator: torch.Generator | None = None) -> None:
@@ -109,8 +148,8 @@ class MultiheadSelfAttention(nn.Module):
         if self.attention == "exact":
             y = exact_attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask)
         else:
-            y = favor_attention(q, k, v, self.projection, kernel=self.kernel, causal=self.causal,
-                                key_padding_mask=key_padding_mask)
+            q, k, P = self.feature_inputs(q, k)
+            y = favor_attention(q, k, v, P, kernel=self.kernel, causal=self.causal, key_padding_mask=key_padding_mask)
         return self._merge(y)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> FavorState | KVCache:
@@ -130,7 +169,8 @@ class MultiheadSelfAttention(nn.Module):
             state = KVCache(k=torch.cat([state.k, k], dim=2), v=torch.cat([state.v, v], dim=2))
             y = exact_attention(q, state.k, state.v)  # the cache holds only keys ≤ t
         else:
-            y, state = favor_step(q, k, v, self.projection, state, kernel=self.kernel)
+            q, k, P = self.feature_inputs(q, k)
+            y, state = favor_step(q, k, v, P, state, kernel=self.kernel)
         return self._merge(y), state
 
 

@@ -6,11 +6,17 @@ checkpoint) into a Performer checkpoint, and measure what the swap costs on your
     pp-train init_from=esm2_8M_favor.ckpt data.fasta_path=my.fasta            # fine-tune it (MLM)
     pp-convert iglm/trained_models/IgLM iglm_favor.ckpt --attention favor      # a GPT-2 directory + vocab.txt
     pp-convert --slim runs/tiny/<run>/checkpoints/last.ckpt model.ckpt          # drop the optimiser state
+    pp-convert iglm/trained_models/IgLM-S iglm_oprf.ckpt --features oprf-rescaled --calibrate heavy.fasta  # FAVOR++
 
 The checkpoint holds the weights, ``hyper_parameters.config`` and the alphabet; every command that takes a
 checkpoint reads it (:func:`proteinperformer.checkpoints.load_model`). The FAVOR+ kernel is the source's own
 (softmax for ESM-2 and GPT-2, which were trained with softmax attention) unless ``--kernel`` is given. The report is
 described in :mod:`proteinperformer.evaluation.conversion`.
+
+``--features oprf`` / ``oprf-rescaled`` (FAVOR++, :mod:`proteinperformer.attention.oprf`) need ``--calibrate FASTA``:
+A and Ψ per layer × head are statistics of the exact model's queries and keys on the first ``--max-sequences``
+sequences of FASTA (with the model's tags for a tagged vocabulary, ``[HEAVY][HUMAN]EVQ...``), frozen in the
+checkpoint. Without ``--calibrate`` they are an error (uncalibrated OPRF would be FAVOR+ under another name).
 
 ``--slim SOURCE OUTPUT`` converts nothing: it copies a ``pp-train`` checkpoint with only what loading needs (weights,
 hyper-parameters, alphabet, step counters; no optimiser or callback state), the way shipped checkpoints are made, and
@@ -25,8 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proteinperformer.checkpoints import export_slim, load_model, read_torch, save_checkpoint
-from proteinperformer.cli.common import Parser, add_device_arguments, checked_device, run_command
-from proteinperformer.evaluation.conversion import DEFAULT_NUM_FEATURES, report
+from proteinperformer.cli.common import Parser, add_device_arguments, add_features_option, checked_device, run_command
+from proteinperformer.evaluation.conversion import DEFAULT_NUM_FEATURES, calibrate_on_fasta, report
 from proteinperformer.files import write_json_atomic
 from proteinperformer.model import convert_attention
 
@@ -44,11 +50,15 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report", type=Path, metavar="FASTA", help="measure FAVOR+ vs exact on these sequences")
     parser.add_argument("--report-json", type=Path, help="also write the report as JSON here")
     parser.add_argument("--draws", type=int, default=3, help="projection draws the report averages over")
-    parser.add_argument("--max-sequences", type=int, default=200, help="report: first N sequences of FASTA")
+    parser.add_argument("--calibrate", type=Path, metavar="FASTA",
+                        help="with --features oprf / oprf-rescaled: calibrate A and Ψ on these sequences")
+    parser.add_argument("--max-sequences", type=int, default=200,
+                        help="report and calibration: first N sequences of FASTA")
     parser.add_argument("--slim", action="store_true",
                         help="copy a pp-train checkpoint SOURCE to OUTPUT without optimiser state (no conversion)")
     parser.add_argument("--metrics", type=Path, help="with --slim: the run's metrics.json, printed with the summary")
     add_device_arguments(parser, precision=False)
+    add_features_option(parser)
     return parser
 
 
@@ -88,15 +98,36 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError("--metrics goes with --slim")
     if args.output is None and args.report is None:
         raise ValueError("give an OUTPUT checkpoint to write, --report FASTA, or both")
+    oprf = args.features not in (None, "favor+")
+    if oprf and args.calibrate is None:
+        raise ValueError(f"--features {args.features} needs --calibrate FASTA: A and Ψ are statistics of the model's "
+                         "queries and keys on sequences like those it will see")
+    if args.calibrate is not None and not (oprf and args.output is not None):
+        raise ValueError("--calibrate FASTA goes with an OUTPUT checkpoint and --features oprf or oprf-rescaled")
+    if oprf and args.attention != "favor":
+        raise ValueError(f"--features {args.features} are FAVOR+ features; use --attention favor")
     device = checked_device(args)  # the report's forward passes; the conversion itself copies weights on the CPU
     if args.output is not None:
         model = load_model(args.source, attention=args.attention, num_features=args.num_features, kernel=args.kernel)
+        if not model.layers:
+            raise ValueError(f"{args.source}: the model has no attention layers to convert")
         if args.attention == "favor":  # a reproducible draw, whatever load_model drew
-            model = convert_attention(model, "favor", args.num_features, args.kernel, seed=args.seed)
+            try:
+                model = convert_attention(model, "favor", args.num_features, args.kernel, seed=args.seed,
+                                          features=args.features)
+            except ValueError as err:  # features the kernel cannot use
+                raise ValueError(f"{args.source}: {err}") from None
+        calibrated = ""
+        if oprf:
+            n = calibrate_on_fasta(model, args.calibrate, args.max_sequences, device)
+            model.cpu()
+            a = [f"{float(b.attn.feature_a.mean()):.3f}" for b in model.layers]
+            calibrated = (f", {args.features} features calibrated on {n} sequences of {args.calibrate} (mean A per "
+                          f"layer {' '.join(a)})")
         save_checkpoint(model, args.output, args.source)
         cfg = model.config
         print(f"wrote {args.output}: {cfg.depth} layers, width {cfg.dim}, {cfg.attention} attention, "
-              f"{cfg.kernel} kernel ({model.num_parameters():,} parameters)")
+              f"{cfg.kernel} kernel ({model.num_parameters():,} parameters){calibrated}")
     if args.report is not None:
         r = report(args.source, args.report, args.num_features, args.kernel, args.draws, args.max_sequences,
                    device=device)
