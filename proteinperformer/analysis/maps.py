@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from proteinperformer.attention import MultiheadSelfAttention
+from proteinperformer.attention import MultiheadSelfAttention, favor_attention
 from proteinperformer.model import PerformerLM
 from proteinperformer.tokenizer import Alphabet
 
@@ -88,6 +88,7 @@ def _favor_rows(attn: MultiheadSelfAttention, q, k, rows: slice, col_block: int,
     """
     h, T = q.shape[1], q.shape[2]
     L = T - 2
+    q, k, P = attn.feature_inputs(q, k, heads)  # trained features, FAVOR++ (oprf): what the kernel takes
     out = torch.zeros(h, rows.stop - rows.start, L)
     for c0 in range(0, L, col_block):
         c1 = min(L, c0 + col_block)
@@ -98,11 +99,11 @@ def _favor_rows(attn: MultiheadSelfAttention, q, k, rows: slice, col_block: int,
         if attn.causal:  # causal needs Lq == Lk: run on the prefix that ends with the block's last query
             end = rows.stop
             v = onehot[:end].expand(1, h, end, c1 - c0)
-            block = attn.favor(q[:, :, :end], k[:, :, :end], v, causal=True, heads=heads)
+            block = favor_attention(q[:, :, :end], k[:, :, :end], v, P, attn.kernel, causal=True)
             block = block[0, :, rows.start:]
         else:
             v = onehot.expand(1, h, T, c1 - c0)
-            block = attn.favor(q[:, :, rows], k, v, causal=False, heads=heads)[0]
+            block = favor_attention(q[:, :, rows], k, v, P, attn.kernel)[0]
         out[:, :, c0:c1] = block.float()
     return out
 

@@ -17,7 +17,8 @@ import torch.nn as nn
 from .decoding import FavorState, favor_step
 from .exact import exact_attention
 from .favor import favor_attention
-from .features import feature_map
+from .features import PositiveRandomFeatures, feature_map
+from .oprf import MOMENTS, check_features, feature_parameters, oprf_inputs
 from .projection import gaussian_projection
 from .rotary import apply_rotary
 
@@ -48,6 +49,10 @@ class MultiheadSelfAttention(nn.Module):
             a map whose projection is ``learned`` (hedgehog) has it as a parameter, and any other map gets a
             per-head rescaling Ψ and projection W applied before it, q -> W(Ψq), k -> W(Ψ⁻¹k), so φ sees
             P·W per head (``feature_scale`` = log Ψ (H, d), ``feature_weight`` = W (H, d, d); identity at first).
+        features: softmax kernel only: "favor+" (positive random features), "oprf" or "oprf-rescaled" (FAVOR++, see
+            ``oprf.py``). Other than "favor+" the layer holds the buffers ``feature_moments`` (H, 3, d) and
+            ``feature_pairs`` (the calibration statistics), ``feature_a`` (H,) and ``feature_psi`` (H, d) (A and Ψ
+            derived from them by :meth:`set_feature_moments`); all zero moments (uncalibrated) mean A = 0, Ψ = 1.
     """
 
     def __init__(
@@ -62,6 +67,7 @@ class MultiheadSelfAttention(nn.Module):
         causal: bool = False,
         dropout: float = 0.0,
         rotary: bool = False,
+        features: str = "favor+",
         transferred: bool = False,
     ):
         super().__init__()
@@ -77,6 +83,12 @@ class MultiheadSelfAttention(nn.Module):
         self.attention, self.kernel, self.causal = attention, kernel, causal
         self.num_features, self.orthogonal = num_features, orthogonal
         self.rotary = rotary
+        check_features(features)
+        positive = isinstance(feature_map(kernel), PositiveRandomFeatures)
+        if features != "favor+" and attention == "favor" and not positive:
+            raise ValueError(f"features={features!r} are positive random features of the softmax kernel; the {kernel} "
+                             "kernel cannot use them (use features='favor+' or kernel='softmax')")
+        self.features = features
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(dropout)
@@ -93,6 +105,40 @@ class MultiheadSelfAttention(nn.Module):
         if self.transferred and not fmap.learned:
             self.feature_scale = nn.Parameter(torch.zeros(heads, self.head_dim))
             self.feature_weight = nn.Parameter(torch.eye(self.head_dim).repeat(heads, 1, 1))
+        if features != "favor+":
+            hd = self.head_dim
+            self.register_buffer("feature_moments", torch.zeros(heads, MOMENTS, hd))
+            self.register_buffer("feature_pairs", torch.zeros(()))
+            self.register_buffer("feature_a", torch.zeros(heads))
+            self.register_buffer("feature_psi", torch.ones(heads, hd))
+
+    @torch.no_grad()
+    def set_feature_moments(self, moments: torch.Tensor, pairs: float | torch.Tensor) -> None:
+        """Store calibration statistics (pair means (H, 3, d), see ``oprf.pair_moment_sums``, over ``pairs`` pairs)
+        and set A and Ψ of this layer's ``features`` from them."""
+        if self.features == "favor+":
+            raise ValueError("a layer with features='favor+' holds no feature statistics")
+        self.feature_moments.copy_(moments)
+        self.feature_pairs.fill_(float(pairs))
+        a, psi = feature_parameters(moments.double().cpu(), self.features)
+        self.feature_a.copy_(a)
+        self.feature_psi.copy_(psi)
+
+    def feature_inputs(
+        self, q: torch.Tensor, k: torch.Tensor, heads: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """q, k (B, h, L, d) of the layer's ``heads`` (default all) and the projection as the FAVOR kernel takes
+        them: first a transferred layer's trained W(Ψq), W(Ψ⁻¹k); then unchanged for "favor+", else rewritten by
+        ``oprf.oprf_inputs`` with this layer's A and Ψ (q̃, k̃ (B, h, L, d + 2), P̃ (m, d + 2)); a learned map's
+        per-head projection is cut to ``heads``."""
+        idx = slice(None) if heads is None else list(heads)
+        if self.feature_weight is not None:
+            scale, W = self.feature_scale[idx].exp().unsqueeze(1), self.feature_weight[idx].transpose(-1, -2)
+            q, k = (q * scale.to(q.dtype)) @ W.to(q.dtype), (k / scale.to(k.dtype)) @ W.to(k.dtype)
+        P = self.projection
+        if self.features != "favor+":
+            return oprf_inputs(q, k, P, self.feature_a[idx], self.feature_psi[idx])
+        return q, k, (P[idx] if P is not None and P.dim() == 3 else P)  # a learned map: one projection per head
 
     @torch.no_grad()
     def redraw_projection(self, generator: torch.Generator | None = None) -> None:
@@ -104,22 +150,12 @@ class MultiheadSelfAttention(nn.Module):
 
     def favor(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool | None = None,
               key_padding_mask: torch.Tensor | None = None, heads: list[int] | None = None) -> torch.Tensor:
-        """FAVOR attention of this layer on split heads, its trained features included: (B, h, Lq, d), (B, h, Lk, d),
-        (B, h, Lk, e) -> (B, h, Lq, e). ``heads``: the layer's heads these h are (default all); ``causal``: default
-        the layer's."""
-        P, causal = self.projection, self.causal if causal is None else causal
-        q, k = self.feature_inputs(q, k, heads)
-        if P is not None and P.dim() == 3:  # one projection per head
-            P = P if heads is None else P[list(heads)]
+        """FAVOR attention of this layer on split heads, its feature map included (trained features, FAVOR++):
+        (B, h, Lq, d), (B, h, Lk, d), (B, h, Lk, e) -> (B, h, Lq, e). ``heads``: the layer's heads these h are
+        (default all); ``causal``: default the layer's."""
+        q, k, P = self.feature_inputs(q, k, heads)
+        causal = self.causal if causal is None else causal
         return favor_attention(q, k, v, P, kernel=self.kernel, causal=causal, key_padding_mask=key_padding_mask)
-
-    def feature_inputs(self, q: torch.Tensor, k: torch.Tensor, heads: list[int] | None = None):
-        """What the feature map sees: W(Ψq), W(Ψ⁻¹k) per head for a transferred layer, else q, k unchanged."""
-        if self.feature_weight is None:
-            return q, k
-        idx = slice(None) if heads is None else list(heads)
-        scale, W = self.feature_scale[idx].exp().unsqueeze(1), self.feature_weight[idx].transpose(-1, -2)
-        return (q * scale.to(q.dtype)) @ W.to(q.dtype), (k / scale.to(k.dtype)) @ W.to(k.dtype)
 
     def split_heads(self, x: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, L, D) -> q, k, v each (B, H, L, head_dim); with rotary, q and k are rotated by their positions
@@ -163,8 +199,8 @@ class MultiheadSelfAttention(nn.Module):
             state = KVCache(k=torch.cat([state.k, k], dim=2), v=torch.cat([state.v, v], dim=2))
             y = exact_attention(q, state.k, state.v)  # the cache holds only keys ≤ t
         else:
-            q, k = self.feature_inputs(q, k)
-            y, state = favor_step(q, k, v, self.projection, state, kernel=self.kernel)
+            q, k, P = self.feature_inputs(q, k)
+            y, state = favor_step(q, k, v, P, state, kernel=self.kernel)
         return self._merge(y), state
 
 

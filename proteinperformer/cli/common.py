@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from proteinperformer.attention.oprf import FEATURES
 from proteinperformer.data.store import StoreError
 from proteinperformer.model.precision import (
     DEVICE_CHOICES,
@@ -74,6 +75,13 @@ def add_device_arguments(parser: argparse.ArgumentParser, precision: bool = True
     if precision:
         parser.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="32",
                             help="32, or run the model under autocast in bf16 / 16 (fp16) for speed and memory")
+
+
+def add_features_option(parser: argparse.ArgumentParser) -> None:
+    """``--features``, the same on every command that loads a model: the softmax kernel's feature map."""
+    parser.add_argument("--features", choices=FEATURES, default=None,
+                        help="FAVOR+ feature map: favor+, or FAVOR++ oprf / oprf-rescaled, which need a checkpoint "
+                        "calibrated by pp-convert --calibrate (default: the checkpoint's own)")
 
 
 def checked_device(args: argparse.Namespace) -> torch.device:

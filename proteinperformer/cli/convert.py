@@ -6,18 +6,25 @@ checkpoint) into a Performer checkpoint, and measure what the swap costs on your
     pp-train init_from=esm2_8M_favor.ckpt data.fasta_path=my.fasta            # fine-tune it (MLM)
     pp-convert iglm/trained_models/IgLM iglm_favor.ckpt --attention favor      # a GPT-2 directory + vocab.txt
     pp-convert --slim runs/tiny/<run>/checkpoints/last.ckpt model.ckpt          # drop the optimiser state
+    pp-convert iglm/trained_models/IgLM-S iglm_oprf.ckpt --features oprf-rescaled --calibrate heavy.fasta  # FAVOR++
     pp-convert esm2_t6_8M_UR50D.pt esm2_8M_fit.ckpt --transfer my_proteins.fasta  # attention transfer
 
 ``--transfer FASTA`` (attention transfer, :mod:`proteinperformer.model.transfer`) trains only the FAVOR features
 (per head a rescaling Ψ and projection W before the map; ``--kernel hedgehog``: Hedgehog's learned map) to mimic
 each layer's exact attention on these sequences, layer by layer, and leaves every other weight as it was; the
-checkpoint's config says ``transferred``. Finished layers are kept in ``.OUTPUT.transfer/`` beside OUTPUT, so a
+checkpoint's config says ``transferred``. With ``--features oprf`` / ``oprf-rescaled`` the transfer starts from
+FAVOR++ calibrated on the same sequences. Finished layers are kept in ``.OUTPUT.transfer/`` beside OUTPUT, so a
 stopped run resumes there.
 
 The checkpoint holds the weights, ``hyper_parameters.config`` and the alphabet; every command that takes a
 checkpoint reads it (:func:`proteinperformer.checkpoints.load_model`). The FAVOR+ kernel is the source's own
 (softmax for ESM-2 and GPT-2, which were trained with softmax attention) unless ``--kernel`` is given. The report is
 described in :mod:`proteinperformer.evaluation.conversion`.
+
+``--features oprf`` / ``oprf-rescaled`` (FAVOR++, :mod:`proteinperformer.attention.oprf`) need ``--calibrate FASTA``:
+A and Ψ per layer × head are statistics of the exact model's queries and keys on the first ``--max-sequences``
+sequences of FASTA (with the model's tags for a tagged vocabulary, ``[HEAVY][HUMAN]EVQ...``), frozen in the
+checkpoint. Without ``--calibrate`` they are an error (uncalibrated OPRF would be FAVOR+ under another name).
 
 ``--slim SOURCE OUTPUT`` converts nothing: it copies a ``pp-train`` checkpoint with only what loading needs (weights,
 hyper-parameters, alphabet, step counters; no optimiser or callback state), the way shipped checkpoints are made, and
@@ -35,9 +42,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from proteinperformer.checkpoints import export_slim, load_model, read_torch, save_checkpoint
-from proteinperformer.cli.common import Parser, add_device_arguments, checked_device, run_command
+from proteinperformer.cli.common import Parser, add_device_arguments, add_features_option, checked_device, run_command
 from proteinperformer.data.fasta import load_fasta
-from proteinperformer.evaluation.conversion import DEFAULT_NUM_FEATURES, report
+from proteinperformer.evaluation.conversion import DEFAULT_NUM_FEATURES, calibrate_on_fasta, report
 from proteinperformer.files import write_json_atomic
 from proteinperformer.inference.embed import residue_limit
 from proteinperformer.model import convert_attention
@@ -71,12 +78,16 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report", type=Path, metavar="FASTA", help="measure FAVOR+ vs exact on these sequences")
     parser.add_argument("--report-json", type=Path, help="also write the report as JSON here")
     parser.add_argument("--draws", type=int, default=3, help="projection draws the report averages over")
+    parser.add_argument("--calibrate", type=Path, metavar="FASTA",
+                        help="with --features oprf / oprf-rescaled: calibrate A and Ψ on these sequences (default "
+                             "with --transfer: the transfer's)")
     parser.add_argument("--max-sequences", type=int, default=200,
-                        help="report and transfer: first N sequences of FASTA")
+                        help="report, calibration and transfer: first N sequences of FASTA")
     parser.add_argument("--slim", action="store_true",
                         help="copy a pp-train checkpoint SOURCE to OUTPUT without optimiser state (no conversion)")
     parser.add_argument("--metrics", type=Path, help="with --slim: the run's metrics.json, printed with the summary")
     add_device_arguments(parser, precision=False)
+    add_features_option(parser)
     return parser
 
 
@@ -116,17 +127,38 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError("--metrics goes with --slim")
     if args.output is None and args.report is None:
         raise ValueError("give an OUTPUT checkpoint to write, --report FASTA, or both")
+    oprf = args.features not in (None, "favor+")
+    if oprf and args.calibrate is None and args.transfer is None:
+        raise ValueError(f"--features {args.features} needs --calibrate FASTA: A and Ψ are statistics of the model's "
+                         "queries and keys on sequences like those it will see")
+    if args.calibrate is not None and not (oprf and args.output is not None):
+        raise ValueError("--calibrate FASTA goes with an OUTPUT checkpoint and --features oprf or oprf-rescaled")
+    if oprf and args.attention != "favor":
+        raise ValueError(f"--features {args.features} are FAVOR+ features; use --attention favor")
     device = checked_device(args)  # the report's forward passes; the conversion itself copies weights on the CPU
     if args.transfer is not None:
         transfer(args)
     elif args.output is not None:
         model = load_model(args.source, attention=args.attention, num_features=args.num_features, kernel=args.kernel)
+        if not model.layers:
+            raise ValueError(f"{args.source}: the model has no attention layers to convert")
         if args.attention == "favor":  # a reproducible draw, whatever load_model drew
-            model = convert_attention(model, "favor", args.num_features, args.kernel, seed=args.seed)
+            try:
+                model = convert_attention(model, "favor", args.num_features, args.kernel, seed=args.seed,
+                                          features=args.features)
+            except ValueError as err:  # features the kernel cannot use
+                raise ValueError(f"{args.source}: {err}") from None
+        calibrated = ""
+        if oprf:
+            n = calibrate_on_fasta(model, args.calibrate, args.max_sequences, device)
+            model.cpu()
+            a = [f"{float(b.attn.feature_a.mean()):.3f}" for b in model.layers]
+            calibrated = (f", {args.features} features calibrated on {n} sequences of {args.calibrate} (mean A per "
+                          f"layer {' '.join(a)})")
         save_checkpoint(model, args.output, args.source)
         cfg = model.config
         print(f"wrote {args.output}: {cfg.depth} layers, width {cfg.dim}, {cfg.attention} attention, "
-              f"{cfg.kernel} kernel ({model.num_parameters():,} parameters)")
+              f"{cfg.kernel} kernel ({model.num_parameters():,} parameters){calibrated}")
     if args.report is not None:
         r = report(args.source, args.report, args.num_features, args.kernel, args.draws, args.max_sequences,
                    device=device)
@@ -141,13 +173,16 @@ def transfer(args: argparse.Namespace) -> None:
         raise ValueError("--transfer writes a FAVOR checkpoint: give OUTPUT and leave --attention at favor")
     if args.transfer_steps < 1:
         raise ValueError(f"--transfer-steps must be at least 1, got {args.transfer_steps}")
+    if args.calibrate is not None:
+        raise ValueError("--transfer calibrates FAVOR++ features on its own sequences: leave out --calibrate")
     source = load_model(args.source)
     if source.config.transferred:
         raise ValueError(f"{args.source}: already transferred (its config says transferred=true); give the "
                          "original model as SOURCE, or use this checkpoint as it is")
     exact = source if source.config.attention == "exact" else convert_attention(source, "exact")
     try:
-        model = transfer_model(exact, args.num_features, args.kernel or DEFAULT_KERNEL, args.seed)
+        model = transfer_model(exact, args.num_features, args.kernel or DEFAULT_KERNEL, args.seed,
+                               args.features or "favor+")
     except TransferError as err:
         raise ValueError(f"{args.source}: {err}") from None
     records = [(r.id, r.sequence) for r in load_fasta(args.transfer, exact.alphabet)][: args.max_sequences]
@@ -165,9 +200,9 @@ def transfer(args: argparse.Namespace) -> None:
     save_checkpoint(model, args.output, args.source, extra={"transfer": info})
     shutil.rmtree(resume, ignore_errors=True)
     cfg = model.config
-    print(f"wrote {args.output}: {cfg.depth} layers, width {cfg.dim}, favor attention, {cfg.kernel} kernel, "
-          f"{cfg.num_features} features, transferred in {seconds:.1f} CPU-s; attention-output relative error per "
-          f"layer {' '.join(f'{r.error_before:.3f}->{r.error_after:.3f}' for r in results)}")
+    print(f"wrote {args.output}: {cfg.depth} layers, width {cfg.dim}, favor attention, {cfg.kernel} kernel "
+          f"({cfg.features}), {cfg.num_features} features, transferred in {seconds:.1f} CPU-s; attention-output "
+          f"relative error per layer {' '.join(f'{r.error_before:.3f}->{r.error_after:.3f}' for r in results)}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

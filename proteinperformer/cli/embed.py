@@ -16,7 +16,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proteinperformer.checkpoints import load_model
-from proteinperformer.cli.common import Parser, add_device_arguments, checked_device, run_command
+from proteinperformer.cli.common import (
+    Parser,
+    add_device_arguments,
+    add_features_option,
+    checked_device,
+    run_command,
+)
 from proteinperformer.inference.embed import INCLUDE, residue_limit, resolve_contact_head, resolve_layers
 from proteinperformer.inference.embed_files import (
     DTYPES,
@@ -68,13 +74,15 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-features", type=int, default=None, help="FAVOR+ random features per head (256)")
     parser.add_argument("--kernel", choices=("softmax", "relu"), default=None,
                         help="FAVOR+ kernel when swapping (default softmax for ESM-2, else the checkpoint's)")
+    add_features_option(parser)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     """Embed every FASTA record not yet in ``args.outdir``; returns the number of sequences embedded."""
     device = checked_device(args)
-    model = load_model(args.checkpoint, attention=args.attention, num_features=args.num_features, kernel=args.kernel)
+    model = load_model(args.checkpoint, attention=args.attention, num_features=args.num_features, kernel=args.kernel,
+                       features=args.features)
     layers = list(args.repr_layers)
     resolve_layers(layers, model.config.depth)
     contact_head = resolve_contact_head(model, args.contact_head) if "contacts" in args.include else None

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from proteinperformer.cli.common import Parser, add_device_arguments, run_command
+from proteinperformer.cli.common import Parser, add_device_arguments, add_features_option, run_command
 from proteinperformer.evaluation.card import BEGIN, END, PROBES, SECTIONS, evaluate
 
 
@@ -49,6 +49,7 @@ def create_parser() -> argparse.ArgumentParser:
     p.add_argument("--contact-max-len", type=int, default=512, help="skip longer chains")
     p.add_argument("--seed", type=int, default=0)
     add_device_arguments(p, precision=False)
+    add_features_option(p)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; use 1 when other jobs share the cores, where "
                    "two threads per core run several times slower)")

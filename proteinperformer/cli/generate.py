@@ -12,7 +12,13 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from proteinperformer.cli.common import Parser, add_device_arguments, checked_device, run_command
+from proteinperformer.cli.common import (
+    Parser,
+    add_device_arguments,
+    add_features_option,
+    checked_device,
+    run_command,
+)
 from proteinperformer.inference.generate import load_clm, sample, write_fasta
 
 
@@ -31,13 +37,14 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1 = off)")
     parser.add_argument("--seed", type=int, default=0)
     add_device_arguments(parser)
+    add_features_option(parser)
     return parser
 
 
 def run(args: argparse.Namespace) -> Path:
     """Load the checkpoint, sample, write the FASTA; returns its path."""
     device = checked_device(args)
-    model, alphabet = load_clm(args.checkpoint, device)
+    model, alphabet = load_clm(args.checkpoint, device, features=args.features)
     seqs = sample(model, alphabet, args.num_samples, args.max_length, args.prompt, args.temperature,
                   args.top_k, args.top_p, args.seed, args.precision,
                   start_with_cls=not args.no_cls)

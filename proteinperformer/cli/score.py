@@ -19,7 +19,13 @@ import numpy as np
 import pandas as pd
 
 from proteinperformer.checkpoints import load_model
-from proteinperformer.cli.common import Parser, add_device_arguments, checked_device, run_command
+from proteinperformer.cli.common import (
+    Parser,
+    add_device_arguments,
+    add_features_option,
+    checked_device,
+    run_command,
+)
 from proteinperformer.data.fasta import read_fasta
 from proteinperformer.data.unigram import fasta_unigram_frequencies, unigram_description
 from proteinperformer.files import resolve_path, write_atomic, write_json_atomic
@@ -72,6 +78,7 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-features", type=int, default=None, help="FAVOR+ random features per head (256)")
     parser.add_argument("--kernel", choices=("softmax", "relu"), default=None,
                         help="FAVOR+ kernel when swapping (default softmax for ESM-2, else the checkpoint's)")
+    add_features_option(parser)
     return parser
 
 
@@ -118,7 +125,7 @@ def run(args: argparse.Namespace) -> dict:
     freqs = None if args.no_baselines else fasta_unigram_frequencies(resolve_path(args.unigram_fasta),
                                                                      unigram_alphabet)
     model = load_model(args.model, device, attention=args.attention, num_features=args.num_features,
-                       kernel=args.kernel)
+                       kernel=args.kernel, features=args.features)
     variants = [None if s is None else ":".join(f"{wt}{idx + 1}{mt}" for idx, wt, mt in s) for s in parsed]
     scores = score_variants(model, sequence, variants, 1, args.scoring_strategy, args.precision,
                             args.toks_per_batch, progress=True)

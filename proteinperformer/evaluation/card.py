@@ -302,7 +302,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         if task not in skip:
             read_tables(train, valid, max_train=getattr(args, f"{task}_max_train"), seed=args.seed)
     device = resolve_device(args.device)
-    model = load_model(args.checkpoint, device)
+    model = load_model(args.checkpoint, device, features=getattr(args, "features", None))
     record = training_record(args.checkpoint)
     card = {
         "checkpoint": str(args.checkpoint),

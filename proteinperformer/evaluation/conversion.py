@@ -17,11 +17,39 @@ from pathlib import Path
 import torch
 
 from proteinperformer.checkpoints import load_model
+from proteinperformer.data.fasta import read_fasta
 from proteinperformer.inference.embed import as_records, residue_limit
-from proteinperformer.model import PerformerLM, convert_attention
+from proteinperformer.model import PerformerLM, calibrate_features, convert_attention
 from proteinperformer.training.scoring import evaluation_collator, score_batches
 
 DEFAULT_NUM_FEATURES = 256  # see docs/esm2.md "Which defaults, and why" (measured in studies/fig5_small/)
+CALIBRATION_BATCH = 8  # sequences per forward pass of the calibration (length-sorted, padding masked)
+
+
+def calibrate_on_fasta(model: PerformerLM, fasta: str | Path, max_sequences: int = 200,
+                       device: str | torch.device = "cpu") -> int:
+    """:func:`~proteinperformer.model.calibrate_features` on the first ``max_sequences`` sequences of ``fasta``.
+
+    Sequences are read with the model's alphabet (tagged vocabularies such as IgLM's take their tags in the
+    sequence, ``[HEAVY][HUMAN]EVQ...``), framed as the model's batch converter frames them and cropped to the
+    model's length limit. Returns the number of sequences used. ValueError naming the file (and line) for letters
+    the alphabet lacks or a file without sequences.
+    """
+    records = []
+    for record in read_fasta(fasta, model.alphabet):
+        if len(records) == max_sequences:
+            break
+        records.append((record.id, record.sequence))
+    if not records:
+        raise ValueError(f"{fasta}: no sequences to calibrate on; give a FASTA of sequences like those the model "
+                         "will see")
+    limit = residue_limit(model.config)
+    converter = model.alphabet.get_batch_converter(None if limit is None else limit + 2)
+    records.sort(key=lambda r: len(r[1]))
+    batches = [converter(records[i : i + CALIBRATION_BATCH])[2] for i in range(0, len(records), CALIBRATION_BATCH)]
+    model.to(device)
+    calibrate_features(model, batches)
+    return len(records)
 
 
 @torch.no_grad()

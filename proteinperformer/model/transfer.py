@@ -35,6 +35,7 @@ import torch
 
 from proteinperformer.attention import MultiheadSelfAttention
 from proteinperformer.files import write_atomic
+from proteinperformer.model.calibration import calibrate_features
 from proteinperformer.model.performer import PerformerLM, convert_attention
 from proteinperformer.tokenizer import Alphabet
 
@@ -60,14 +61,16 @@ class TransferError(ValueError):
     """A model or input that attention transfer cannot use; the message says what to do."""
 
 
-def transfer_model(exact: PerformerLM, num_features: int, kernel: str = DEFAULT_KERNEL, seed: int = 0) -> PerformerLM:
+def transfer_model(exact: PerformerLM, num_features: int, kernel: str = DEFAULT_KERNEL, seed: int = 0,
+                   features: str = "favor+") -> PerformerLM:
     """``exact``'s network with FAVOR attention whose feature parameters can be trained (``config.transferred``):
-    every other weight is copied, the projections are drawn from ``seed``."""
+    every other weight is copied, the projections are drawn from ``seed``; ``features`` "oprf" / "oprf-rescaled"
+    (FAVOR++) are calibrated by :func:`transfer_attention` before it trains."""
     if exact.config.depth == 0:
         raise TransferError("the model has no attention layers to transfer")
     if exact.config.transferred:
         raise TransferError("the model is already transferred; transfer the original (exact) model instead")
-    draw = convert_attention(exact, "favor", num_features, kernel, seed=seed)  # what pp-convert writes untrained
+    draw = convert_attention(exact, "favor", num_features, kernel, seed=seed, features=features)  # pp-convert's
     return _with_trainable_features(draw, seed)
 
 
@@ -164,7 +167,7 @@ def _relative_error(attn: MultiheadSelfAttention, data: list[_Targets]) -> torch
 def calibrate_scale(attn: MultiheadSelfAttention, data: list[_Targets]) -> None:
     """SADERF's per-dimension rescaling as the start of Ψ: log Ψ_l = ¼ log(Σ k_l² / Σ q_l²) per head, over the real
     tokens (it leaves every qᵀk unchanged and balances the norms the features see)."""
-    if attn.feature_scale is None:
+    if attn.feature_scale is None or attn.features != "favor+":  # FAVOR++ has its own calibrated Ψ
         return
     q2 = sum((t.q.pow(2) * t.real.unsqueeze(1)).sum((0, 2)) for t in data)  # (H, d)
     k2 = sum((t.k.pow(2) * t.real.unsqueeze(1)).sum((0, 2)) for t in data)
@@ -239,6 +242,8 @@ def transfer_attention(
             for old in folder.glob("layer*.pt"):
                 old.unlink()
             write_atomic(settings, lambda tmp: tmp.write_text(json.dumps({"key": key})))
+    if model.config.features != "favor+":  # FAVOR++: A and Ψ from these sequences, the start of the training
+        calibrate_features(model, [tokens for tokens, _ in batches])
     inputs = layer_inputs(exact, batches)
     paddings = [padding for _, padding in batches]
     results = []
