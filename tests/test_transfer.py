@@ -2,6 +2,7 @@
 sequences falls, the checkpoint loads in every tool and decodes as it runs, a stopped run resumes; bad input gives
 one line."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,7 @@ def test_transfer_trains_only_the_features_and_lowers_the_held_out_error(esm_fil
 
 def test_the_transferred_checkpoint_loads_in_every_tool(esm_file, transferred, tmp_path):
     from proteinperformer.cli.embed import main as pp_embed
+    from proteinperformer.cli.evaluate import main as pp_evaluate
     from proteinperformer.cli.score import main as pp_score
     from proteinperformer.inference.embed_files import read_embeddings
 
@@ -76,6 +78,10 @@ def test_the_transferred_checkpoint_loads_in_every_tool(esm_file, transferred, t
     csv.write_text("mutant,score\nM1A,0.1\nV2L,0.3\nL3K,-0.2\n")
     pp_score([str(transferred), str(csv), str(tmp_path / "out.csv"), "--sequence", HELD_OUT[0], "--no-baselines"])
     assert len((tmp_path / "out.csv").read_text().splitlines()) == 4
+    blosum = write_fasta(tmp_path / "b.fasta", CALIBRATION[:3])  # pp-evaluate's attention maps use the trained map
+    pp_evaluate([str(transferred), "--out", str(tmp_path / "card"), "--skip", "mlm", "ss3", "location", "go_mf",
+                 "fold_class", "contacts", "dms", "--blosum-fasta", str(blosum), "--blosum-n-seqs", "3"])
+    assert "blosum" in json.loads((tmp_path / "card" / "card.json").read_text())["sections"]
 
 
 def test_gpt2_transfer_decodes_as_it_runs_and_hedgehog_trains_its_projection(tmp_path):
@@ -142,3 +148,23 @@ def test_bad_transfer_input_is_one_line(esm_file, transferred, tmp_path, capsys)
         text = str(err.value)
         assert text.startswith("error: ") and message in text and "\n" not in text, text
         assert not out.exists()
+
+
+def test_transfer_from_favor_plus_plus_calibrates_first_and_keeps_the_calibration(tmp_path):
+    from proteinperformer.model import is_calibrated
+
+    torch.manual_seed(0)
+    exact = PerformerLM(ModelConfig(dim=32, depth=1, heads=2, ff_dim=64, attention="exact", kernel="softmax",
+                                    causal=True)).eval()
+    with torch.no_grad():
+        exact.layers[0].attn.qkv.weight.mul_(30)  # sharp attention
+    batches = calibration_batches(exact.alphabet, [("a", CALIBRATION[0]), ("b", CALIBRATION[1])])
+    model = transfer_model(exact, 16, features="oprf-rescaled")
+    [result] = transfer_attention(exact, model, batches, steps=40, log=None)
+    assert is_calibrated(model) and result.error_after < 0.8 * result.error_before
+    path = save_checkpoint(model, tmp_path / "m.ckpt", "x")
+    again = load_model(path)
+    assert again.config.features == "oprf-rescaled" and again.config.transferred
+    tokens = batches[0][0]
+    with torch.no_grad():
+        assert torch.equal(again(tokens)["logits"], model(tokens)["logits"])

@@ -15,7 +15,9 @@ per-layer relative error of the attention output on the exact model's inputs. Me
 - ``favor+``: ``pp-convert --attention favor`` (positive random features, no training);
 - ``transfer``: attention transfer with the default map (FAVOR+ with a trained per-head Ψ and W,
   :mod:`proteinperformer.model.transfer`) on ``--calibration`` training-split chains, with its CPU-seconds;
-- ``hedgehog``: the same transfer with Hedgehog's map, softmax(Wx) ⊕ softmax(−Wx).
+- ``hedgehog``: the same transfer with Hedgehog's map, softmax(Wx) ⊕ softmax(−Wx);
+- ``oprf``, ``oprf-rescaled``: FAVOR++ (``pp-convert --features ... --calibrate``), A and Ψ calibrated on the same
+  chains, no training; ``transfer-oprf``: attention transfer started from ``oprf-rescaled``.
 
 Each result is cached in ``OUTDIR/transfer/<model>_<method>_m<m>_d<draw>.json`` (the study resumes); ``--report``
 writes ``results/transfer.{json,md,png}`` here.
@@ -35,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from proteinperformer.data.collate import IGNORE_INDEX
-from proteinperformer.model import PerformerLM, convert_attention
+from proteinperformer.model import PerformerLM, calibrate_features, convert_attention
 from proteinperformer.model.transfer import DEFAULT_STEPS, calibration_batches, transfer_attention, transfer_model
 from proteinperformer.training.scoring import evaluation_collator, residue_table
 
@@ -43,7 +45,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fig5_real import iglm_dir, read_records  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-METHODS = {"favor+": None, "transfer": "softmax", "hedgehog": "hedgehog"}  # method -> kernel trained (None: none)
+# method -> (kernel, features, trained): FAVOR+ / FAVOR++ (calibrated, no training) / attention transfer
+METHODS = {"favor+": ("softmax", "favor+", False), "oprf": ("softmax", "oprf", False),
+           "oprf-rescaled": ("softmax", "oprf-rescaled", False), "transfer": ("softmax", "favor+", True),
+           "transfer-oprf": ("softmax", "oprf-rescaled", True), "hedgehog": ("hedgehog", "favor+", True)}
 GROUPS = ("heavy", "light", "human_heavy")
 
 
@@ -123,14 +128,17 @@ def run_one(out: Path, name: str, method: str, m: int, draw: int, steps: int, ca
     with torch.no_grad():
         exact_logp = [F.log_softmax(exact(r["input_ids"], r["padding_mask"])["logits"].double(), -1)
                       for r, _ in batches]
-    kernel = METHODS[method]
+    kernel, features, trained = METHODS[method]
     info: dict = {"model": name, "method": method, "num_features": m, "draw": draw, "test_per_chain": per_chain}
-    if kernel is None:
-        model = convert_attention(exact, "favor", m, "softmax", seed=draw).eval()
+    calib = calibration_batches(exact.alphabet, calibration_records(out, calibration), cls=False)
+    t0 = time.process_time()
+    if not trained:
+        model = convert_attention(exact, "favor", m, kernel, seed=draw, features=features).eval()
+        if features != "favor+":
+            calibrate_features(model, [tokens for tokens, _ in calib])
+            info.update(calibration_chains=calibration, cpu_seconds=time.process_time() - t0)
     else:
-        model = transfer_model(exact, m, kernel, seed=draw)
-        calib = calibration_batches(exact.alphabet, calibration_records(out, calibration), cls=False)
-        t0 = time.process_time()
+        model = transfer_model(exact, m, kernel, seed=draw, features=features)
         layers = transfer_attention(exact, model, calib, steps=steps)
         info.update(steps=steps, calibration_chains=calibration, cpu_seconds=time.process_time() - t0,
                     calibration_error=[(r.error_before, r.error_after) for r in layers])
@@ -176,11 +184,72 @@ def main() -> None:
                     run_one(args.outdir, name, method, m, draw, args.steps, args.calibration, args.per_chain)
 
 
+def _mean(rows: list[dict], get) -> tuple[float, float | None]:
+    vals = [get(r) for r in rows]
+    mean = sum(vals) / len(vals)
+    return mean, (max(vals) - min(vals)) / 2 if len(vals) > 1 else None
+
+
 def report(out: Path, results: Path) -> None:
-    rows = [json.loads(p.read_text()) for p in sorted((out / "transfer").glob("*.json"))]
+    """``results/transfer.{json,md,png}``: every run, a table (mean ± half-range over draws) and accuracy vs m."""
+    runs = [json.loads(p.read_text()) for p in sorted((out / "transfer").glob("*.json"))]
     results.mkdir(parents=True, exist_ok=True)
-    (results / "transfer.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"wrote {results / 'transfer.json'} ({len(rows)} runs)")
+    (results / "transfer.json").write_text(json.dumps(runs, indent=2) + "\n")
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["model"], list(METHODS).index(r["method"]), r["num_features"], r.get("steps")),
+                          []).append(r)
+    head = ("| model | method | m | draws | human heavy acc. | ppl | KL | heavy acc. | light acc. | light ppl | "
+            "attention error per layer | CPU-s |")
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    done_exact = set()
+    for (model, mi, m, steps), rows in sorted(groups.items()):
+        if model not in done_exact:
+            e = rows[0]["exact"]
+            lines.append(f"| {model} | exact | – | – | {100 * e['human_heavy']['acc']:.2f}% | "
+                         f"{e['human_heavy']['ppl']:.3f} | 0 | {100 * e['heavy']['acc']:.2f}% | "
+                         f"{100 * e['light']['acc']:.2f}% | {e['light']['ppl']:.3f} | 0 | – |")
+            done_exact.add(model)
+        cells = []
+        for group, key, scale, fmt in (("human_heavy", "acc", 100, "{:.2f}%"), ("human_heavy", "ppl", 1, "{:.3f}"),
+                                       ("human_heavy", "kl", 1, "{:.4f}"), ("heavy", "acc", 100, "{:.2f}%"),
+                                       ("light", "acc", 100, "{:.2f}%"), ("light", "ppl", 1, "{:.3f}")):
+            mean, spread = _mean(rows, lambda r, g=group, k=key, s=scale: s * r["scores"][g][k])
+            cells.append(fmt.format(mean) + ("" if spread is None else f" ± {fmt.format(spread).rstrip('%')}"))
+        err = [sum(r["layer_error"][i] for r in rows) / len(rows) for i in range(len(rows[0]["layer_error"]))]
+        cpu = _mean(rows, lambda r: r.get("cpu_seconds", 0.0))[0]
+        method = list(METHODS)[mi] + (f" ({steps} steps)" if steps and METHODS[list(METHODS)[mi]][2] else "")
+        lines.append(f"| {model} | {method} | {m} | {len(rows)} | {' | '.join(cells)} | "
+                     f"{' / '.join(f'{x:.3f}' for x in err)} | {cpu:.1f} |")
+    (results / "transfer.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in runs})
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        mine = [r for r in runs if r["model"] == model]
+        ax.axhline(100 * mine[0]["exact"]["human_heavy"]["acc"], color="k", ls="--", label="exact attention")
+        for method in METHODS:
+            ms = sorted({r["num_features"] for r in mine if r["method"] == method})
+            if not ms:
+                continue
+            acc = [_mean([r for r in mine if r["method"] == method and r["num_features"] == m],
+                         lambda r: 100 * r["scores"]["human_heavy"]["acc"])[0] for m in ms]
+            ax.plot(ms, acc, "o-", label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("features per head m")
+        ax.set_title(f"{model}: held-out human heavy chains")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("next-residue accuracy (%)")
+    axes[0][0].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(results / "transfer.png", dpi=120)
+    print(f"wrote {results / 'transfer.png'}")
 
 
 if __name__ == "__main__":
