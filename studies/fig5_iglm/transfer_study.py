@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import random
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,12 +38,13 @@ import torch
 import torch.nn.functional as F
 
 from proteinperformer.data.collate import IGNORE_INDEX
+from proteinperformer.data.fasta import read_fasta
 from proteinperformer.model import PerformerLM, calibrate_features, convert_attention
 from proteinperformer.model.transfer import DEFAULT_STEPS, calibration_batches, transfer_attention, transfer_model
 from proteinperformer.training.scoring import evaluation_collator, residue_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fig5_real import iglm_dir, read_records  # noqa: E402
+from fig5_real import PROMPT, encode, iglm_dir, per_sequence, read_records  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # method -> (kernel, features, trained): FAVOR+ / FAVOR++ (calibrated, no training) / attention transfer
@@ -155,6 +157,45 @@ def run_one(out: Path, name: str, method: str, m: int, draw: int, steps: int, ca
     return info
 
 
+def generation(out: Path, name: str, m: int, calibration: int, num_samples: int = 100) -> dict:
+    """The CLI route end to end: ``pp-convert <name> --transfer <calibration chains> --no-cls`` (its CPU-seconds),
+    then ``pp-generate`` samples (prompt PROMPT) of exact IgLM, exact ``name`` and the transferred model, each scored
+    by the exact IgLM (13M) in IgLM's framing."""
+    path = out / "transfer" / f"generation_{name}_m{m}_c{calibration}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    fasta = out / f"calibration{calibration}.fasta"
+    fasta.write_text("".join(f">{i}\n{s}\n" for i, s in calibration_records(out, calibration)))
+    ckpt = out / f"{name}_transfer_m{m}.ckpt"
+    convert = [sys.executable, "-m", "proteinperformer.cli.convert", str(iglm_dir(name)), str(ckpt), "--transfer",
+               str(fasta), "--num-features", str(m), "--no-cls"]
+    result: dict = {"convert_command": " ".join(convert[1:])}
+    t0 = time.time()
+    done = subprocess.run(convert, check=True, capture_output=True, text=True)
+    result["convert_output"] = done.stdout.strip().splitlines()[-1]
+    result["convert_wall_seconds"] = time.time() - t0
+    result["transfer"] = torch.load(ckpt, weights_only=True)["transfer"]
+    judge = load_exact("IgLM")
+    for label, source in (("IgLM exact", iglm_dir("IgLM")), (f"{name} exact", iglm_dir(name)),
+                          (f"{name} FAVOR+ m={m} transferred", ckpt)):
+        samples = out / "generation" / f"{label.replace(' ', '_').replace('=', '')}.fasta"
+        samples.parent.mkdir(parents=True, exist_ok=True)
+        if not samples.exists():
+            subprocess.run([sys.executable, "-m", "proteinperformer.cli.generate", str(source), str(samples),
+                            "--num-samples", str(num_samples), "--max-length", "150", "--prompt", PROMPT, "--seed",
+                            "0", "--no-cls"], check=True)
+        seqs = [r.sequence for r in read_fasta(samples)]
+        recs = [(f"s{i}", "heavy", "[HEAVY][HUMAN]" + s) for i, s in enumerate(seqs)]
+        rows = per_sequence(judge, encode(judge, recs, False), False)
+        ppl = sorted(math.exp(r["nll"] / r["n"]) for r in rows)
+        result[label] = {"samples": len(seqs), "exact_iglm_ppl_mean": sum(ppl) / len(ppl),
+                         "exact_iglm_ppl_median": ppl[len(ppl) // 2],
+                         "length_median": sorted(map(len, seqs))[len(seqs) // 2]}
+        print(label, result[label], flush=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def load_exact(name: str) -> PerformerLM:
     from proteinperformer.checkpoints import load_model
 
@@ -171,11 +212,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--calibration", type=int, default=15, help="training-split chains the transfer sees")
     parser.add_argument("--per-chain", type=int, default=60, help="held-out chains scored per chain type")
+    parser.add_argument("--generate", action="store_true",
+                        help="pp-convert --transfer + pp-generate of each --model at the first --features")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.report:
         report(args.outdir, HERE / "results")
+        return
+    if args.generate:
+        for name in args.model:
+            generation(args.outdir, name, args.features[0], args.calibration)
         return
     for name in args.model:
         for m in args.features:
@@ -192,9 +239,11 @@ def _mean(rows: list[dict], get) -> tuple[float, float | None]:
 
 def report(out: Path, results: Path) -> None:
     """``results/transfer.{json,md,png}``: every run, a table (mean ± half-range over draws) and accuracy vs m."""
-    runs = [json.loads(p.read_text()) for p in sorted((out / "transfer").glob("*.json"))]
+    runs = [json.loads(p.read_text()) for p in sorted((out / "transfer").glob("*.json"))
+            if not p.name.startswith("generation_")]
+    generated = {p.stem: json.loads(p.read_text()) for p in sorted((out / "transfer").glob("generation_*.json"))}
     results.mkdir(parents=True, exist_ok=True)
-    (results / "transfer.json").write_text(json.dumps(runs, indent=2) + "\n")
+    (results / "transfer.json").write_text(json.dumps({"runs": runs, "generation": generated}, indent=2) + "\n")
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault((r["model"], list(METHODS).index(r["method"]), r["num_features"], r.get("steps")),
@@ -221,6 +270,14 @@ def report(out: Path, results: Path) -> None:
         method = list(METHODS)[mi] + (f" ({steps} steps)" if steps and METHODS[list(METHODS)[mi]][2] else "")
         lines.append(f"| {model} | {method} | {m} | {len(rows)} | {' | '.join(cells)} | "
                      f"{' / '.join(f'{x:.3f}' for x in err)} | {cpu:.1f} |")
+    for g in generated.values():
+        lines += ["", f"`{g['convert_command']}`: {g['transfer']['cpu_seconds']:.1f} CPU-s", "",
+                  "| samples (prompt [HEAVY][HUMAN]EVQ) | n | exact IgLM ppl, mean | median | length median |",
+                  "|---|---:|---:|---:|---:|"]
+        for label, row in g.items():
+            if isinstance(row, dict) and "exact_iglm_ppl_mean" in row:
+                lines.append(f"| {label} | {row['samples']} | {row['exact_iglm_ppl_mean']:.3f} | "
+                             f"{row['exact_iglm_ppl_median']:.3f} | {row['length_median']} |")
     (results / "transfer.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
