@@ -27,7 +27,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -48,7 +48,7 @@ DEFAULT_KERNEL = "softmax"  # FAVOR+ features with a trained W and Ψ; "hedgehog
 @dataclass
 class LayerResult:
     """One layer's transfer: the relative error ‖y − y_exact‖ / ‖y_exact‖ of its attention output on the
-    calibration tokens before and after, and the seconds it took (0 when read back from a resumed run)."""
+    calibration tokens before and after, and the CPU-seconds it took (``resumed``: read back from a stopped run)."""
 
     layer: int
     error_before: float
@@ -115,19 +115,21 @@ def feature_parameters(attn: MultiheadSelfAttention) -> dict[str, torch.nn.Param
                                                                         "feature_weight")}
 
 
-@torch.no_grad()
-def layer_inputs(exact: PerformerLM, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[list[torch.Tensor]]:
-    """Teacher forcing: the input of every attention layer of ``exact`` on each batch, [layer][batch] (B, L, D)."""
-    inputs: list[list[torch.Tensor]] = [[] for _ in exact.layers]
-    hooks = [block.attn.register_forward_hook(lambda _m, args, _o, i=i: inputs[i].append(args[0]))
-             for i, block in enumerate(exact.layers)]
-    try:
-        for tokens, padding in batches:
-            exact(tokens, padding)
-    finally:
-        for h in hooks:
-            h.remove()
-    return inputs
+def layer_inputs(exact: PerformerLM, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                 ) -> Iterator[list[torch.Tensor]]:
+    """Teacher forcing: the input of each attention layer of ``exact`` on every batch, one layer at a time
+    ([batch] (B, L, D) per layer), so memory holds one layer's inputs and hidden states, whatever the depth."""
+    with torch.no_grad():
+        hidden = [exact.embed(tokens, padding) for tokens, padding in batches]
+    for block in exact.layers:
+        captured: list[torch.Tensor] = []
+        hook = block.attn.register_forward_hook(lambda _m, args, _o, out=captured: out.append(args[0]))
+        try:
+            with torch.no_grad():
+                hidden = [block(h, padding) for h, (_, padding) in zip(hidden, batches, strict=True)]
+        finally:
+            hook.remove()
+        yield captured
 
 
 @dataclass
@@ -244,12 +246,12 @@ def transfer_attention(
             write_atomic(settings, lambda tmp: tmp.write_text(json.dumps({"key": key})))
     if model.config.features != "favor+":  # FAVOR++: A and Ψ from these sequences, the start of the training
         calibrate_features(model, [tokens for tokens, _ in batches])
-    inputs = layer_inputs(exact, batches)
     paddings = [padding for _, padding in batches]
     results = []
     depth = len(model.layers)
     try:
-        for i, (e_block, block) in enumerate(zip(exact.layers, model.layers, strict=True)):
+        for i, (e_block, block, inputs) in enumerate(zip(exact.layers, model.layers, layer_inputs(exact, batches),
+                                                         strict=True)):
             params = feature_parameters(block.attn)
             saved = None if folder is None else folder / f"layer{i}.pt"
             if saved is not None and saved.is_file():
@@ -262,7 +264,7 @@ def transfer_attention(
                 t0 = time.process_time()
                 for p in params.values():
                     p.requires_grad_(True)
-                data = _targets(e_block.attn, inputs[i], paddings)
+                data = _targets(e_block.attn, inputs, paddings)
                 before, after = transfer_layer(block.attn, data, steps, lr, progress, f"layer {i + 1}/{depth}")
                 for p in params.values():
                     p.requires_grad_(False)

@@ -112,10 +112,9 @@ def layer_errors(exact: PerformerLM, model: PerformerLM, batches) -> list[float]
     from proteinperformer.model.transfer import _relative_error, _targets, layer_inputs
 
     plain = [(rows["input_ids"], rows["padding_mask"]) for rows, _ in batches]
-    inputs = layer_inputs(exact, plain)
     paddings = [p for _, p in plain]
-    return [math.sqrt(float(_relative_error(b.attn, _targets(e.attn, inputs[i], paddings))))
-            for i, (e, b) in enumerate(zip(exact.layers, model.layers, strict=True))]
+    return [math.sqrt(float(_relative_error(b.attn, _targets(e.attn, inputs, paddings))))
+            for e, b, inputs in zip(exact.layers, model.layers, layer_inputs(exact, plain), strict=True)]
 
 
 def run_one(out: Path, name: str, method: str, m: int, draw: int, steps: int, calibration: int,
