@@ -36,15 +36,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from fig5_real import PROMPT, encode, iglm_dir, per_sequence, read_records  # this folder: the script's sys.path[0]
 
 from proteinperformer.data.collate import IGNORE_INDEX
 from proteinperformer.data.fasta import read_fasta
 from proteinperformer.model import PerformerLM, calibrate_features, convert_attention
 from proteinperformer.model.transfer import DEFAULT_STEPS, calibration_batches, transfer_attention, transfer_model
 from proteinperformer.training.scoring import evaluation_collator, residue_table
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fig5_real import PROMPT, encode, iglm_dir, per_sequence, read_records  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # method -> (kernel, features, trained): FAVOR+ / FAVOR++ (calibrated, no training) / attention transfer
