@@ -128,10 +128,18 @@ def run_one(out: Path, name: str, method: str, m: int, draw: int, steps: int, ca
         exact_logp = [F.log_softmax(exact(r["input_ids"], r["padding_mask"])["logits"].double(), -1)
                       for r, _ in batches]
     kernel, features, trained = METHODS[method]
+    cli = out / f"{name}_transfer_m{m}.ckpt"  # what generation() wrote with pp-convert --transfer: the same run
     info: dict = {"model": name, "method": method, "num_features": m, "draw": draw, "test_per_chain": per_chain}
     calib = calibration_batches(exact.alphabet, calibration_records(out, calibration), cls=False)
     t0 = time.process_time()
-    if not trained:
+    if method == "transfer" and draw == 0 and steps == DEFAULT_STEPS and cli.exists():
+        from proteinperformer.checkpoints import load_model, read_torch
+
+        model, done = load_model(cli), read_torch(cli)["transfer"]
+        assert done["sequences"] == calibration and done["steps"] == steps, done
+        info.update(steps=steps, calibration_chains=calibration, cpu_seconds=done["cpu_seconds"], checkpoint=str(cli),
+                    calibration_error=[(r["error_before"], r["error_after"]) for r in done["layers"]])
+    elif not trained:
         model = convert_attention(exact, "favor", m, kernel, seed=draw, features=features).eval()
         if features != "favor+":
             calibrate_features(model, [tokens for tokens, _ in calib])
@@ -166,15 +174,14 @@ def generation(out: Path, name: str, m: int, calibration: int, num_samples: int 
     ckpt = out / f"{name}_transfer_m{m}.ckpt"
     convert = [sys.executable, "-m", "proteinperformer.cli.convert", str(iglm_dir(name)), str(ckpt), "--transfer",
                str(fasta), "--num-features", str(m), "--no-cls"]
-    result: dict = {"convert_command": " ".join(convert[1:])}
-    t0 = time.time()
-    done = subprocess.run(convert, check=True, capture_output=True, text=True)
-    result["convert_output"] = done.stdout.strip().splitlines()[-1]
-    result["convert_wall_seconds"] = time.time() - t0
+    result: dict = {"convert_command": "pp-convert " + " ".join(convert[3:])}
+    if not ckpt.exists():
+        subprocess.run(convert, check=True)
     result["transfer"] = torch.load(ckpt, weights_only=True)["transfer"]
     judge = load_exact("IgLM")
-    for label, source in (("IgLM exact", iglm_dir("IgLM")), (f"{name} exact", iglm_dir(name)),
-                          (f"{name} FAVOR+ m={m} transferred", ckpt)):
+    sources = {"IgLM exact": iglm_dir("IgLM"), f"{name} exact": iglm_dir(name),
+               f"{name} FAVOR+ m={m} transferred": ckpt}
+    for label, source in sources.items():
         samples = out / "generation" / f"{label.replace(' ', '_').replace('=', '')}.fasta"
         samples.parent.mkdir(parents=True, exist_ok=True)
         if not samples.exists():
