@@ -13,7 +13,7 @@ from proteinperformer.cli import convert
 from proteinperformer.evaluation.conversion import attention_errors
 from proteinperformer.model import ModelConfig, PerformerLM, convert_attention, is_feature_key
 from proteinperformer.model.transfer import calibration_batches, transfer_attention, transfer_model
-from tests.test_esm_import import write_fair_esm
+from tests.test_esm_import import hf_dir, write_fair_esm  # noqa: F401 (hf_dir: a fixture)
 from tests.test_gpt2_import import write_gpt2
 
 CALIBRATION = ["MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEKAVQVKVKALPDAQFEVVHSLAKWKRQTLGQHDFSAGEGLYTHMKALRPDEDRLSPLHSVYVDQWDWERVMGDGERQFSTLKSTVEAIWAGIKATEAAVSEEFGLAPFLPDQIHFVHSQELLSRYPDLDAKGRERAIAKDLGAVFLVGIGGKLSDGHRHDVRAPDYDDWSTPSELGHAGLNGDILVWNPVLEDAFELSSMGIRVDADTLKHQLALTGDEDRLELEWHQALLRGEMPQTIGGGIGQSRLTMLLLQLPHIGQVQAGVWPAACRKRRHERHLFPELHADFPWARGQAYLASMGGGADAKPLAEREQLWNEAVRQGRPRMEGTVLASLKSDSHRDGAGSA"[i:i + 60] for i in range(0, 300, 50)]  # noqa: E501
@@ -168,3 +168,41 @@ def test_transfer_from_favor_plus_plus_calibrates_first_and_keeps_the_calibratio
     tokens = batches[0][0]
     with torch.no_grad():
         assert torch.equal(again(tokens)["logits"], model(tokens)["logits"])
+
+
+def test_hedgehog_map_paths_equal_its_definition():
+    """Hedgehog's map with one projection per head: noncausal, causal and decoding paths equal the plain quadratic
+    definition (float64), and each half of φ is a softmax over its m/2 features."""
+    from proteinperformer.attention import favor_attention, favor_step
+    from proteinperformer.attention.features import feature_map
+    from proteinperformer.attention.reference import favor_reference
+
+    g = torch.Generator().manual_seed(0)
+    B, H, L, d, m = 2, 3, 7, 8, 10
+    q, k, v = (torch.randn(B, H, L, d, generator=g, dtype=torch.float64) for _ in range(3))
+    P = feature_map("hedgehog").init_projection(m, d, H, generator=g).double()
+    assert P.shape == (H, m // 2, d)
+    phi = feature_map("hedgehog").features(q, P) - feature_map("hedgehog").eps
+    torch.testing.assert_close(phi[..., : m // 2].sum(-1), torch.ones(B, H, L, dtype=torch.float64))
+    mask = torch.zeros(B, L, dtype=torch.bool)
+    mask[1, 5:] = True
+    for causal in (False, True):
+        want = favor_reference(q, k, v, P, "hedgehog", causal=causal, key_padding_mask=mask)
+        got = favor_attention(q, k, v, P, "hedgehog", causal=causal, key_padding_mask=mask)
+        torch.testing.assert_close(got[0], want[0])
+        torch.testing.assert_close(got[1, :, :5], want[1, :, :5])
+    state, rows = None, []
+    for t in range(L):
+        y, state = favor_step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], P, state, "hedgehog")
+        rows.append(y)
+    torch.testing.assert_close(torch.cat(rows, 2), favor_reference(q, k, v, P, "hedgehog", causal=True))
+
+
+def test_hugging_face_esm_goes_through_the_same_route(hf_dir, tmp_path):  # noqa: F811 (the fixture)
+    path, _ = hf_dir
+    out = tmp_path / "hf_fit.ckpt"
+    convert.main([str(path), str(out), "--transfer", str(write_fasta(tmp_path / "c.fasta", CALIBRATION[:3])),
+                  "--transfer-steps", "5", "--num-features", "16"])
+    model, exact = load_model(out), load_model(path)
+    assert model.config.transferred and model.config.alphabet == "esm"
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in exact.state_dict().items() if not is_feature_key(k))
