@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from proteinperformer.attention import exact_attention, favor_attention
+from proteinperformer.attention import exact_attention, favor_attention, redraw_projections
 from proteinperformer.attention.oprf import (
     feature_parameters,
     oprf_features,
@@ -214,6 +214,22 @@ def test_a_calibrated_checkpoint_keeps_its_statistics_and_old_checkpoints_load_i
     assert loaded.config.features == "favor+" and loaded.state_dict().keys() == old.state_dict().keys()
     with torch.no_grad():
         assert torch.equal(loaded(tokens)["logits"], old(tokens)["logits"])
+
+
+def test_training_from_scratch_updates_the_statistics_at_redraws_only() -> None:
+    """A batch's own statistics never change its own output: they wait for the next redraw."""
+    model = tiny(features="oprf").train()
+    tokens = torch.randint(4, 24, (3, 25), generator=torch.Generator().manual_seed(8))
+    before = model(tokens)["logits"]
+    attn = model.layers[0].attn
+    assert float(attn.pending_pairs) == 3 * 25 * 26 / 2 and float(attn.feature_pairs) == 0
+    assert torch.equal(model(tokens)["logits"], before)  # statistics pending, A still 0
+    assert redraw_projections(model, seed=0, step=1) == 2
+    assert (attn.feature_a < 0).all() and float(attn.pending_pairs) == 0 and "pending_moments" not in model.state_dict()
+    a = attn.feature_a.clone()
+    model(tokens)
+    redraw_projections(model, seed=0, step=2)
+    assert torch.allclose(attn.feature_a, a, rtol=1e-5)  # the same batch again: the running average stays
 
 
 # ----------------------------------------------------------------------------- pp-convert --features --calibrate
