@@ -4,6 +4,7 @@ the one-line errors of pp-convert --features / --calibrate."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -259,6 +260,10 @@ def test_convert_calibrates_and_every_loader_uses_the_frozen_statistics(exact_ck
     model = load_model(out)
     assert model.config.features == "oprf" and (model.layers[0].attn.feature_a < 0).all()
     assert float(model.layers[0].attn.feature_pairs) == 35 * 36 / 2 + 38 * 39 / 2  # causal pairs of <cls>…<eos>
+    convert.main([str(exact_ckpt), "--report", str(fasta), "--features", "oprf-rescaled", "--calibrate", str(fasta),
+                  "--draws", "1", "--report-json", str(tmp_path / "r.json")])
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["features"] == "oprf-rescaled" and r["calibration"] == str(fasta) and len(r["layer_rel_error_mean"]) == 2
     plain = load_model(out, features="favor+")
     assert plain.config.features == "favor+" and torch.equal(plain.layers[0].attn.projection,
                                                              model.layers[0].attn.projection)

@@ -99,9 +99,9 @@ class MultiheadSelfAttention(nn.Module):
             self.register_buffer("feature_pairs", torch.zeros(()))
             self.register_buffer("feature_a", torch.zeros(heads))
             self.register_buffer("feature_psi", torch.ones(heads, hd))
-            self.register_buffer("pending_moments", torch.zeros(heads, MOMENTS, hd, dtype=torch.float64),
+            self.register_buffer("pending_moments", torch.zeros(heads, MOMENTS, hd),
                                  persistent=False)  # training: sums since the last fold (not in checkpoints)
-            self.register_buffer("pending_pairs", torch.zeros((), dtype=torch.float64), persistent=False)
+            self.register_buffer("pending_pairs", torch.zeros(()), persistent=False)
 
     @torch.no_grad()
     def set_feature_moments(self, moments: torch.Tensor, pairs: float | torch.Tensor) -> None:
@@ -111,7 +111,7 @@ class MultiheadSelfAttention(nn.Module):
             raise ValueError("a layer with features='favor+' holds no feature statistics")
         self.feature_moments.copy_(moments)
         self.feature_pairs.fill_(float(pairs))
-        a, psi = feature_parameters(moments.double().cpu(), self.features)
+        a, psi = feature_parameters(moments.cpu().double(), self.features)
         self.feature_a.copy_(a)
         self.feature_psi.copy_(psi)
 
@@ -172,8 +172,8 @@ class MultiheadSelfAttention(nn.Module):
             if self.training and self.features != "favor+":
                 with torch.no_grad():
                     sums, pairs = pair_moment_sums(q.detach(), k.detach(), self.causal, key_padding_mask)
-                    self.pending_moments += sums
-                    self.pending_pairs += pairs
+                    self.pending_moments += sums.to(self.pending_moments.dtype)
+                    self.pending_pairs += pairs.to(self.pending_pairs.dtype)
             q, k, P = self.feature_inputs(q, k)
             y = favor_attention(q, k, v, P, kernel=self.kernel, causal=self.causal, key_padding_mask=key_padding_mask)
         return self._merge(y)
