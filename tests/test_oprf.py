@@ -285,3 +285,23 @@ def test_convert_refuses_bad_calibration_input(exact_ckpt: Path, tmp_path: Path,
     assert not Path(out).exists()
     with pytest.raises(ValueError, match="calibrate"):  # a tool asked for FAVOR++ on an uncalibrated model
         load_model(exact_ckpt, attention="favor", features="oprf")
+
+
+def test_a_tagged_gpt2_model_calibrates_on_tagged_sequences_and_generates(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from proteinperformer.cli import generate
+    from tests.test_gpt2_import import SEQS, write_gpt2
+
+    write_gpt2(tmp_path / "iglm")
+    fasta = tmp_path / "tagged.fasta"
+    fasta.write_text("".join(f">s{i}\n{s}\n" for i, s in enumerate(SEQS)))
+    out = tmp_path / "iglm_oprf.ckpt"
+    convert.main([str(tmp_path / "iglm"), str(out), "--features", "oprf-rescaled", "--calibrate", str(fasta),
+                  "--num-features", "32"])
+    model = load_model(out)
+    lengths = [len(model.alphabet.encode(s)) + 2 for s in SEQS]  # tags are one token each; <cls> … <eos>
+    assert float(model.layers[0].attn.feature_pairs) == sum(n * (n + 1) / 2 for n in lengths)
+    samples = tmp_path / "samples.fasta"
+    generate.main([str(out), str(samples), "--prompt", "[HEAVY][HUMAN]EVQ", "--no-cls", "--num-samples", "2",
+                   "--max-length", "12", "--features", "oprf"])
+    assert samples.read_text().count(">") == 2
