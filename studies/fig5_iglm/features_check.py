@@ -25,9 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fig5_real import encode, iglm_dir, per_sequence, read_records, summarise  # noqa: E402
 
+import proteinperformer.evaluation.conversion as conversion  # noqa: E402
 from proteinperformer.attention.oprf import FEATURES  # noqa: E402
 from proteinperformer.checkpoints import load_model  # noqa: E402
-from proteinperformer.evaluation.conversion import attention_errors, calibrate_on_fasta  # noqa: E402
+from proteinperformer.evaluation.conversion import attention_errors  # noqa: E402
 from proteinperformer.model import convert_attention  # noqa: E402
 
 
@@ -61,7 +62,7 @@ def main() -> None:
             t0 = time.time()
             model = convert_attention(exact, "favor", args.num_features, "softmax", seed=draw, features=features)
             if features != "favor+":
-                calibrate_on_fasta(model, cal_fasta, args.calibration)
+                conversion.calibrate_on_fasta(model, cal_fasta, args.calibration)
             seconds = time.time() - t0
             score = summarise(per_sequence(model, tokens, False), chains)["heavy"]
             err = torch.zeros(exact.config.depth, 2, dtype=torch.float64)
