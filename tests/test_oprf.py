@@ -4,13 +4,14 @@ the one-line errors of pp-convert --features / --calibrate."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from proteinperformer.attention import exact_attention, favor_attention
+from proteinperformer.attention import exact_attention, favor_attention, redraw_projections
 from proteinperformer.attention.oprf import (
     feature_parameters,
     oprf_features,
@@ -216,6 +217,22 @@ def test_a_calibrated_checkpoint_keeps_its_statistics_and_old_checkpoints_load_i
         assert torch.equal(loaded(tokens)["logits"], old(tokens)["logits"])
 
 
+def test_training_from_scratch_updates_the_statistics_at_redraws_only() -> None:
+    """A batch's own statistics never change its own output: they wait for the next redraw."""
+    model = tiny(features="oprf").train()
+    tokens = torch.randint(4, 24, (3, 25), generator=torch.Generator().manual_seed(8))
+    before = model(tokens)["logits"]
+    attn = model.layers[0].attn
+    assert float(attn.pending_pairs) == 3 * 25 * 26 / 2 and float(attn.feature_pairs) == 0
+    assert torch.equal(model(tokens)["logits"], before)  # statistics pending, A still 0
+    assert redraw_projections(model, seed=0, step=1) == 2
+    assert (attn.feature_a < 0).all() and float(attn.pending_pairs) == 0 and "pending_moments" not in model.state_dict()
+    a = attn.feature_a.clone()
+    model(tokens)
+    redraw_projections(model, seed=0, step=2)
+    assert torch.allclose(attn.feature_a, a, rtol=1e-5)  # the same batch again: the running average stays
+
+
 # ----------------------------------------------------------------------------- pp-convert --features --calibrate
 
 FASTA = ">a\nMKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ\n>b\nMSEQNNTEMTFQIQRIYTKDISFEAPNAPHVFQKDW\n"
@@ -243,6 +260,10 @@ def test_convert_calibrates_and_every_loader_uses_the_frozen_statistics(exact_ck
     model = load_model(out)
     assert model.config.features == "oprf" and (model.layers[0].attn.feature_a < 0).all()
     assert float(model.layers[0].attn.feature_pairs) == 35 * 36 / 2 + 38 * 39 / 2  # causal pairs of <cls>…<eos>
+    convert.main([str(exact_ckpt), "--report", str(fasta), "--features", "oprf-rescaled", "--calibrate", str(fasta),
+                  "--draws", "1", "--report-json", str(tmp_path / "r.json")])
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["features"] == "oprf-rescaled" and r["calibration"] == str(fasta) and len(r["layer_rel_error_mean"]) == 2
     plain = load_model(out, features="favor+")
     assert plain.config.features == "favor+" and torch.equal(plain.layers[0].attn.projection,
                                                              model.layers[0].attn.projection)
@@ -264,3 +285,23 @@ def test_convert_refuses_bad_calibration_input(exact_ckpt: Path, tmp_path: Path,
     assert not Path(out).exists()
     with pytest.raises(ValueError, match="calibrate"):  # a tool asked for FAVOR++ on an uncalibrated model
         load_model(exact_ckpt, attention="favor", features="oprf")
+
+
+def test_a_tagged_gpt2_model_calibrates_on_tagged_sequences_and_generates(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from proteinperformer.cli import generate
+    from tests.test_gpt2_import import SEQS, write_gpt2
+
+    write_gpt2(tmp_path / "iglm")
+    fasta = tmp_path / "tagged.fasta"
+    fasta.write_text("".join(f">s{i}\n{s}\n" for i, s in enumerate(SEQS)))
+    out = tmp_path / "iglm_oprf.ckpt"
+    convert.main([str(tmp_path / "iglm"), str(out), "--features", "oprf-rescaled", "--calibrate", str(fasta),
+                  "--num-features", "32"])
+    model = load_model(out)
+    lengths = [len(model.alphabet.encode(s)) + 2 for s in SEQS]  # tags are one token each; <cls> … <eos>
+    assert float(model.layers[0].attn.feature_pairs) == sum(n * (n + 1) / 2 for n in lengths)
+    samples = tmp_path / "samples.fasta"
+    generate.main([str(out), str(samples), "--prompt", "[HEAVY][HUMAN]EVQ", "--no-cls", "--num-samples", "2",
+                   "--max-length", "12", "--features", "oprf"])
+    assert samples.read_text().count(">") == 2

@@ -18,7 +18,7 @@ from .decoding import FavorState, favor_step
 from .exact import exact_attention
 from .favor import favor_attention
 from .features import PositiveRandomFeatures, feature_map
-from .oprf import MOMENTS, check_features, feature_parameters, oprf_inputs
+from .oprf import MOMENTS, check_features, feature_parameters, oprf_inputs, pair_moment_sums
 from .projection import gaussian_projection
 from .rotary import apply_rotary
 
@@ -53,6 +53,9 @@ class MultiheadSelfAttention(nn.Module):
             ``oprf.py``). Other than "favor+" the layer holds the buffers ``feature_moments`` (H, 3, d) and
             ``feature_pairs`` (the calibration statistics), ``feature_a`` (H,) and ``feature_psi`` (H, d) (A and Ψ
             derived from them by :meth:`set_feature_moments`); all zero moments (uncalibrated) mean A = 0, Ψ = 1.
+            In training, each forward pass adds its batch's moments to a pending sum that
+            :meth:`fold_feature_statistics` (called at every feature redraw) folds into the running statistics:
+            a batch's statistics only reach later batches, never its own sequences.
     """
 
     def __init__(
@@ -111,6 +114,9 @@ class MultiheadSelfAttention(nn.Module):
             self.register_buffer("feature_pairs", torch.zeros(()))
             self.register_buffer("feature_a", torch.zeros(heads))
             self.register_buffer("feature_psi", torch.ones(heads, hd))
+            self.register_buffer("pending_moments", torch.zeros(heads, MOMENTS, hd),
+                                 persistent=False)  # training: sums since the last fold (not in checkpoints)
+            self.register_buffer("pending_pairs", torch.zeros(()), persistent=False)
 
     @torch.no_grad()
     def set_feature_moments(self, moments: torch.Tensor, pairs: float | torch.Tensor) -> None:
@@ -120,9 +126,24 @@ class MultiheadSelfAttention(nn.Module):
             raise ValueError("a layer with features='favor+' holds no feature statistics")
         self.feature_moments.copy_(moments)
         self.feature_pairs.fill_(float(pairs))
-        a, psi = feature_parameters(moments.double().cpu(), self.features)
+        a, psi = feature_parameters(moments.cpu().double(), self.features)
         self.feature_a.copy_(a)
         self.feature_psi.copy_(psi)
+
+    @torch.no_grad()
+    def fold_feature_statistics(self, momentum: float = 0.5) -> bool:
+        """Fold the pending training moments into the running statistics (the first fold replaces zero statistics;
+        later ones keep ``momentum`` of the old), set A and Ψ, clear the pending sums; False if nothing pending."""
+        if self.features == "favor+" or float(self.pending_pairs) == 0:
+            return False
+        new = self.pending_moments / self.pending_pairs
+        old = self.feature_moments.to(new.dtype)
+        keep = momentum if float(self.feature_pairs) > 0 else 0.0
+        self.set_feature_moments((keep * old + (1 - keep) * new).to(self.feature_moments.dtype),
+                                 self.feature_pairs + self.pending_pairs)
+        self.pending_moments.zero_()
+        self.pending_pairs.zero_()
+        return True
 
     def feature_inputs(
         self, q: torch.Tensor, k: torch.Tensor, heads: list[int] | None = None
@@ -179,6 +200,11 @@ class MultiheadSelfAttention(nn.Module):
         if self.attention == "exact":
             y = exact_attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask)
         else:
+            if self.training and self.features != "favor+":
+                with torch.no_grad():
+                    sums, pairs = pair_moment_sums(q.detach(), k.detach(), self.causal, key_padding_mask)
+                    self.pending_moments += sums.to(self.pending_moments.dtype)
+                    self.pending_pairs += pairs.to(self.pending_pairs.dtype)
             y = self.favor(q, k, v, key_padding_mask=key_padding_mask)
         return self._merge(y)
 

@@ -73,16 +73,18 @@ def pair_moment_sums(q: torch.Tensor, k: torch.Tensor, causal: bool,
     """Sums over the query–key pairs attention sees of x_l², y_l², x_l y_l, and the number of pairs.
 
     q, k: (B, H, L, d); key_padding_mask (B, L) bool, True = padding (padded tokens are neither queries nor keys);
-    causal: pairs j ≤ i only. Returns (sums (H, 3, d) float64, pairs () float64), summed over the batch. Pairs are
+    causal: pairs j ≤ i only. Returns (sums (H, 3, d), pairs ()) in float32 (float64 for float64 inputs), summed
+    over the batch. Pairs are
     within one sequence: the moments of a causal model come from whole calibration sequences, never from the
     sequence being predicted.
     """
     d = q.shape[-1]
-    x, y = q.double() * d**-0.25, k.double() * d**-0.25  # (B, H, L, d)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    x, y = q.to(acc) * d**-0.25, k.to(acc) * d**-0.25  # (B, H, L, d)
     B, _, L, _ = q.shape
-    valid = torch.ones(B, L, dtype=torch.float64, device=q.device)
+    valid = torch.ones(B, L, dtype=acc, device=q.device)
     if key_padding_mask is not None:
-        valid = (~key_padding_mask).double()
+        valid = (~key_padding_mask).to(acc)
     w = valid[:, None, :, None]  # (B, 1, L, 1)
     if causal:
         keys_seen = valid.cumsum(1)[:, None, :, None]  # keys j ≤ i per query i

@@ -93,8 +93,10 @@ def create_parser() -> argparse.ArgumentParser:
 
 def print_report(r: dict) -> None:
     """The report of :func:`~proteinperformer.evaluation.conversion.report`, as ``pp-convert --report`` prints it."""
-    print(f"{r['source']}: FAVOR+ ({r['kernel']} kernel, {r['num_features']} features, {r['draws']} draws) vs "
-          f"exact attention on {r['sequences']} sequences of {r['fasta']}")
+    features = r.get("features", "favor+")
+    calibrated = f" calibrated on {r['calibration']}" if r.get("calibration") else ""
+    print(f"{r['source']}: FAVOR+ ({r['kernel']} kernel, {r['num_features']} features, feature map {features}"
+          f"{calibrated}, {r['draws']} draws) vs exact attention on {r['sequences']} sequences of {r['fasta']}")
     print("layer  relative error of the attention output (mean ± std over draws)")
     for i, (m, s) in enumerate(zip(r["layer_rel_error_mean"], r["layer_rel_error_std"], strict=True), start=1):
         print(f"{i:>5}  {m:.4f} ± {s:.4f}")
@@ -131,8 +133,8 @@ def run(args: argparse.Namespace) -> None:
     if oprf and args.calibrate is None and args.transfer is None:
         raise ValueError(f"--features {args.features} needs --calibrate FASTA: A and Ψ are statistics of the model's "
                          "queries and keys on sequences like those it will see")
-    if args.calibrate is not None and not (oprf and args.output is not None):
-        raise ValueError("--calibrate FASTA goes with an OUTPUT checkpoint and --features oprf or oprf-rescaled")
+    if args.calibrate is not None and not oprf:
+        raise ValueError("--calibrate FASTA goes with --features oprf or oprf-rescaled")
     if oprf and args.attention != "favor":
         raise ValueError(f"--features {args.features} are FAVOR+ features; use --attention favor")
     device = checked_device(args)  # the report's forward passes; the conversion itself copies weights on the CPU
@@ -161,7 +163,7 @@ def run(args: argparse.Namespace) -> None:
               f"{cfg.kernel} kernel ({model.num_parameters():,} parameters){calibrated}")
     if args.report is not None:
         r = report(args.source, args.report, args.num_features, args.kernel, args.draws, args.max_sequences,
-                   device=device)
+                   device=device, features=args.features, calibrate=args.calibrate)
         print_report(r)
         if args.report_json is not None:
             write_json_atomic(args.report_json, r)

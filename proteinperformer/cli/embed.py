@@ -16,13 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proteinperformer.checkpoints import load_model
-from proteinperformer.cli.common import (
-    Parser,
-    add_device_arguments,
-    add_features_option,
-    checked_device,
-    run_command,
-)
+from proteinperformer.cli.common import Parser, add_device_arguments, add_features_option, checked_device, run_command
 from proteinperformer.inference.embed import INCLUDE, residue_limit, resolve_contact_head, resolve_layers
 from proteinperformer.inference.embed_files import (
     DTYPES,

@@ -12,13 +12,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from proteinperformer.cli.common import (
-    Parser,
-    add_device_arguments,
-    add_features_option,
-    checked_device,
-    run_command,
-)
+from proteinperformer.cli.common import Parser, add_device_arguments, add_features_option, checked_device, run_command
 from proteinperformer.inference.generate import load_clm, sample, write_fasta
 
 

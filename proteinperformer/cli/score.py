@@ -19,13 +19,7 @@ import numpy as np
 import pandas as pd
 
 from proteinperformer.checkpoints import load_model
-from proteinperformer.cli.common import (
-    Parser,
-    add_device_arguments,
-    add_features_option,
-    checked_device,
-    run_command,
-)
+from proteinperformer.cli.common import Parser, add_device_arguments, add_features_option, checked_device, run_command
 from proteinperformer.data.fasta import read_fasta
 from proteinperformer.data.unigram import fasta_unigram_frequencies, unigram_description
 from proteinperformer.files import resolve_path, write_atomic, write_json_atomic

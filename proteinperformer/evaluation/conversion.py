@@ -71,11 +71,13 @@ def attention_errors(exact: PerformerLM, favor: PerformerLM, tokens: torch.Tenso
 
 def report(source: str | Path, fasta: str | Path, num_features: int = DEFAULT_NUM_FEATURES, kernel: str | None = None,
            draws: int = 3, max_sequences: int = 200, max_residues: int = 1022,
-           device: str | torch.device = "cpu") -> dict:
+           device: str | torch.device = "cpu", features: str | None = None,
+           calibrate: str | Path | None = None) -> dict:
     """What FAVOR+ changes on the sequences of ``fasta``: per-layer attention error and exact vs FAVOR+ MLM.
 
     Sequences are cropped to ``max_residues`` or the exact model's limit; the models run on ``device``. ``kernel``
-    None keeps the source's own. Returns a dict (see ``pp-convert``).
+    None keeps the source's own. ``features`` "oprf" / "oprf-rescaled" (FAVOR++) calibrates each draw on the first
+    ``max_sequences`` sequences of ``calibrate`` (:func:`calibrate_on_fasta`). Returns a dict (see ``pp-convert``).
     """
     exact = load_model(source, device, attention="exact")
     kernel = kernel or exact.config.kernel  # the source's own kernel unless one is asked for
@@ -95,7 +97,9 @@ def report(source: str | Path, fasta: str | Path, num_features: int = DEFAULT_NU
     err = torch.zeros(draws, depth, 2, dtype=torch.float64)
     favor_scores = []
     for d in range(draws):
-        favor = convert_attention(exact, "favor", num_features, kernel, seed=d).eval()
+        favor = convert_attention(exact, "favor", num_features, kernel, seed=d, features=features).eval()
+        if favor.config.features != "favor+":
+            calibrate_on_fasta(favor, calibrate, max_sequences, device)
         for t in tokens:
             err[d] += torch.tensor(attention_errors(exact, favor, t), dtype=torch.float64)
         scores = score_batches(favor, batches, exact.alphabet)
@@ -104,6 +108,7 @@ def report(source: str | Path, fasta: str | Path, num_features: int = DEFAULT_NU
     return {
         "source": str(source), "fasta": str(fasta), "sequences": len(records),
         "masked_residues": exact_scores["residues"], "num_features": num_features, "kernel": kernel, "draws": draws,
+        "features": features or "favor+", "calibration": None if calibrate is None else str(calibrate),
         "objective": "next-residue" if causal else "masked-residue",
         "layer_rel_error_mean": rel.mean(0).tolist(), "layer_rel_error_std": rel.std(0).tolist() if draws > 1
         else [0.0] * depth,

@@ -43,7 +43,8 @@ def calibrate_features(model: PerformerLM, batches: Iterable[torch.Tensor]) -> N
             x, mask = args[0], args[1] if len(args) > 1 else None
             q, k, _ = attn.split_heads(x)
             s, n = pair_moment_sums(q, k, attn.causal, mask)
-            sums[i] = s.cpu() if sums[i] is None else sums[i] + s.cpu()
+            s = s.cpu().double()  # float64 across batches
+            sums[i] = s if sums[i] is None else sums[i] + s
             pairs[i] += float(n)
         return hook
 
