@@ -253,7 +253,7 @@ def report(out: Path, results: Path) -> None:
         groups.setdefault((r["model"], list(METHODS).index(r["method"]), r["num_features"], r.get("steps")),
                           []).append(r)
     head = ("| model | method | m | draws | human heavy acc. | ppl | KL | heavy acc. | light acc. | light ppl | "
-            "attention error per layer | CPU-s |")
+            "attention error per layer | CPU-s (calibration, transfer) |")
     lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     done_exact = set()
     for (model, mi, m, steps), rows in sorted(groups.items()):
@@ -270,10 +270,10 @@ def report(out: Path, results: Path) -> None:
             mean, spread = _mean(rows, lambda r, g=group, k=key, s=scale: s * r["scores"][g][k])
             cells.append(fmt.format(mean) + ("" if spread is None else f" ± {fmt.format(spread).rstrip('%')}"))
         err = [sum(r["layer_error"][i] for r in rows) / len(rows) for i in range(len(rows[0]["layer_error"]))]
-        cpu = _mean(rows, lambda r: r.get("cpu_seconds", 0.0))[0]
+        cpu = f"{_mean(rows, lambda r: r['cpu_seconds'])[0]:.1f}" if "cpu_seconds" in rows[0] else "–"
         method = list(METHODS)[mi] + (f" ({steps} steps)" if steps and METHODS[list(METHODS)[mi]][2] else "")
         lines.append(f"| {model} | {method} | {m} | {len(rows)} | {' | '.join(cells)} | "
-                     f"{' / '.join(f'{x:.3f}' for x in err)} | {cpu:.1f} |")
+                     f"{' / '.join(f'{x:.3f}' for x in err)} | {cpu} |")
     for g in generated.values():
         lines += ["", f"`{g['convert_command']}`: {g['transfer']['cpu_seconds']:.1f} CPU-s", "",
                   "| samples (prompt [HEAVY][HUMAN]EVQ) | n | exact IgLM ppl, mean | median | length median |",
@@ -293,7 +293,7 @@ def report(out: Path, results: Path) -> None:
     models = sorted({r["model"] for r in runs})
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
-        mine = [r for r in runs if r["model"] == model]
+        mine = [r for r in runs if r["model"] == model and r.get("steps") in (None, DEFAULT_STEPS)]
         ax.axhline(100 * mine[0]["exact"]["human_heavy"]["acc"], color="k", ls="--", label="exact attention")
         for method in METHODS:
             ms = sorted({r["num_features"] for r in mine if r["method"] == method})
@@ -304,10 +304,10 @@ def report(out: Path, results: Path) -> None:
             ax.plot(ms, acc, "o-", label=method)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("features per head m")
-        ax.set_title(f"{model}: held-out human heavy chains")
+        ax.set_title(f"{model}: held-out human heavy chains ({DEFAULT_STEPS} transfer steps)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("next-residue accuracy (%)")
-    axes[0][0].legend(fontsize=8, loc="lower right")
+    axes[0][0].legend(fontsize=8, loc="center right")
     fig.tight_layout()
     fig.savefig(results / "transfer.png", dpi=120)
     print(f"wrote {results / 'transfer.png'}")
