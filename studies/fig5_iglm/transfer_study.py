@@ -162,10 +162,12 @@ def run_one(out: Path, name: str, method: str, m: int, draw: int, steps: int, ca
     return info
 
 
-def generation(out: Path, name: str, m: int, calibration: int, num_samples: int = 100) -> dict:
+def generation(out: Path, name: str, m: int, calibration: int, num_samples: int = 100,
+               exact_samples: bool = True) -> dict:
     """The CLI route end to end: ``pp-convert <name> --transfer <calibration chains> --no-cls`` (its CPU-seconds),
     then ``pp-generate`` samples (prompt PROMPT) of exact IgLM, exact ``name`` and the transferred model, each scored
-    by the exact IgLM (13M) in IgLM's framing."""
+    by the exact IgLM (13M) in IgLM's framing (``exact_samples=False``: only the transferred model's; the exact
+    models' samples of ``fig5_real.py --stages generation`` are the same command)."""
     path = out / "transfer" / f"generation_{name}_m{m}_c{calibration}.json"
     if path.exists():
         return json.loads(path.read_text())
@@ -179,8 +181,8 @@ def generation(out: Path, name: str, m: int, calibration: int, num_samples: int 
         subprocess.run(convert, check=True)
     result["transfer"] = torch.load(ckpt, weights_only=True)["transfer"]
     judge = load_exact("IgLM")
-    sources = {"IgLM exact": iglm_dir("IgLM"), f"{name} exact": iglm_dir(name),
-               f"{name} FAVOR+ m={m} transferred": ckpt}
+    sources = {"IgLM exact": iglm_dir("IgLM"), f"{name} exact": iglm_dir(name)} if exact_samples else {}
+    sources[f"{name} FAVOR+ m={m} transferred"] = ckpt
     for label, source in sources.items():
         samples = out / "generation" / f"{label.replace(' ', '_').replace('=', '')}.fasta"
         samples.parent.mkdir(parents=True, exist_ok=True)
@@ -218,6 +220,8 @@ def main() -> None:
     parser.add_argument("--per-chain", type=int, default=60, help="held-out chains scored per chain type")
     parser.add_argument("--generate", action="store_true",
                         help="pp-convert --transfer + pp-generate of each --model at the first --features")
+    parser.add_argument("--converted-only", action="store_true",
+                        help="with --generate: sample only the transferred model (fig5_real.py sampled the exact ones)")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -226,7 +230,7 @@ def main() -> None:
         return
     if args.generate:
         for name in args.model:
-            generation(args.outdir, name, args.features[0], args.calibration)
+            generation(args.outdir, name, args.features[0], args.calibration, exact_samples=not args.converted_only)
         return
     for name in args.model:
         for m in args.features:
