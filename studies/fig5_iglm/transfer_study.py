@@ -279,7 +279,8 @@ def report(out: Path, results: Path) -> None:
         lines.append(f"| {model} | {method} | {m} | {len(rows)} | {' | '.join(cells)} | "
                      f"{' / '.join(f'{x:.3f}' for x in err)} | {cpu} |")
     for g in generated.values():
-        lines += ["", f"`{g['convert_command']}`: {g['transfer']['cpu_seconds']:.1f} CPU-s", "",
+        command = g["convert_command"].replace(str(iglm_dir().parent), "$IGLM")
+        lines += ["", f"`{command}`: {g['transfer']['cpu_seconds']:.1f} CPU-s", "",
                   "| samples (prompt [HEAVY][HUMAN]EVQ) | n | exact IgLM ppl, mean | median | length median |",
                   "|---|---:|---:|---:|---:|"]
         for label, row in g.items():
