@@ -80,14 +80,15 @@ def attention_inputs(model: torch.nn.Module, sequence: str) -> list[torch.Tensor
     return captured
 
 
-def _favor_rows(attn: MultiheadSelfAttention, q, k, rows: slice, col_block: int) -> torch.Tensor:
+def _favor_rows(attn: MultiheadSelfAttention, q, k, rows: slice, col_block: int, heads: list[int]) -> torch.Tensor:
     """Token-level FAVOR attention rows ``rows`` over the residue columns 1..T-2, via V = one-hot positions.
 
-    q, k: [1, h, T, d] (all tokens). Returns [h, n_rows, T - 2] float32. The normaliser φ(q)·Σφ(k) uses all
-    keys (cls/eos included), whatever the width of V, so each full token row sums to 1.
+    q, k: [1, h, T, d] (all tokens) of the layer's ``heads``. Returns [h, n_rows, T - 2] float32. The normaliser
+    φ(q)·Σφ(k) uses all keys (cls/eos included), whatever the width of V, so each full token row sums to 1.
     """
     h, T = q.shape[1], q.shape[2]
     L = T - 2
+    q, k, P = attn.feature_inputs(q, k, heads)  # trained features, FAVOR++ (oprf): what the kernel takes
     out = torch.zeros(h, rows.stop - rows.start, L)
     for c0 in range(0, L, col_block):
         c1 = min(L, c0 + col_block)
@@ -98,11 +99,11 @@ def _favor_rows(attn: MultiheadSelfAttention, q, k, rows: slice, col_block: int)
         if attn.causal:  # causal needs Lq == Lk: run on the prefix that ends with the block's last query
             end = rows.stop
             v = onehot[:end].expand(1, h, end, c1 - c0)
-            block = favor_attention(q[:, :, :end], k[:, :, :end], v, attn.projection, attn.kernel, causal=True)
+            block = favor_attention(q[:, :, :end], k[:, :, :end], v, P, attn.kernel, causal=True)
             block = block[0, :, rows.start:]
         else:
             v = onehot.expand(1, h, T, c1 - c0)
-            block = favor_attention(q[:, :, rows], k, v, attn.projection, attn.kernel)[0]
+            block = favor_attention(q[:, :, rows], k, v, P, attn.kernel)[0]
         out[:, :, c0:c1] = block.float()
     return out
 
@@ -161,7 +162,7 @@ def iter_attention_blocks(
                 if attn.attention == "exact":
                     values = _exact_rows(attn, qh, kh, token_rows)
                 else:
-                    values = _favor_rows(attn, qh, kh, token_rows, block_size)
+                    values = _favor_rows(attn, qh, kh, token_rows, block_size, hs)
                 if renormalise:
                     values = values / values.sum(-1, keepdim=True).clamp_min(1e-30)
                 yield AttentionBlock(layer, hs, rows, values)

@@ -45,8 +45,9 @@ def _check_inputs(q, k, v, P, fmap: FeatureMap, causal, key_padding_mask) -> Non
     if P is None:
         if fmap.needs_projection:
             raise ValueError(f"kernel={fmap.name!r} needs a projection matrix P")
-    elif P.dim() != 2 or P.shape[1] != q.shape[-1]:
-        raise ValueError(f"projection must be [num_features, {q.shape[-1]}], got {tuple(P.shape)}")
+    elif P.shape[-1] != q.shape[-1] or not (P.dim() == 2 or (fmap.learned and P.dim() == 3 and len(P) == q.shape[1])):
+        per_head = f" or, for a learned map, [{q.shape[1]} heads, num_features, {q.shape[-1]}]" if fmap.learned else ""
+        raise ValueError(f"projection must be [num_features, {q.shape[-1]}]{per_head}, got {tuple(P.shape)}")
     if key_padding_mask is not None:
         if key_padding_mask.dtype != torch.bool:
             raise ValueError(f"key_padding_mask must be bool (True = padding), got {key_padding_mask.dtype}")

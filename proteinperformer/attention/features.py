@@ -28,6 +28,7 @@ from typing import ClassVar
 import torch
 
 from .precision import _acc
+from .projection import gaussian_projection
 
 SOFTMAX_EPS = 1e-6  # reference value; performer-pytorch's 1e-4 collapses sharp attention towards the mean
 RELU_EPS = 1e-3
@@ -44,10 +45,16 @@ class FeatureMap(ABC):
     name: ClassVar[str]
     eps: ClassVar[float]  # the positive floor added to every feature
     needs_projection: ClassVar[bool] = False  # True: P (m, d) is required; False: P may be None
+    learned: ClassVar[bool] = False  # True: P is a trained parameter (one per head), never redrawn
 
     def num_features(self, P: torch.Tensor | None, head_dim: int) -> int:
         """m, the length of φ(x): the projection's rows, or head_dim without a projection."""
-        return head_dim if P is None else P.shape[0]
+        return head_dim if P is None else P.shape[-2]
+
+    def init_projection(self, num_features: int, head_dim: int, heads: int, orthogonal: bool = True,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+        """The projection a new layer starts with: a random draw (m, d) shared by the layer's heads."""
+        return gaussian_projection(num_features, head_dim, orthogonal, generator=generator)
 
     @abstractmethod
     def features(self, x: torch.Tensor, P: torch.Tensor | None) -> torch.Tensor:
@@ -133,6 +140,39 @@ class PositiveRandomFeatures(FeatureMap):
         """Gradient of augmented_logits wrt x: (N, L, m) -> (N, L, d)."""
         dxa = dlogits @ Pa  # (N, L, d+1)
         return dxa[..., :-1] + 2 * x * dxa[..., -1:]
+
+
+@register
+class HedgehogFeatures(FeatureMap):
+    """Hedgehog's learned map (Zhang et al., ICLR 2024): φ(x) = [softmax(W x'), softmax(−W x')] + ε, x' = d^(-1/4) x.
+
+    W (H, m/2, d) is one trained matrix per head (``learned``), fitted so that φ(q)·φ(k) mimics the trained
+    softmax attention (``proteinperformer.model.transfer``); it starts as a random FAVOR+ draw. The softmaxes keep
+    every feature in [0, 1], so no stabiliser is needed and the plain linear-attention paths serve all uses. It
+    estimates no kernel: untrained, it is only a starting point.
+    """
+
+    name = "hedgehog"
+    eps = RELU_EPS
+    needs_projection = True
+    learned = True
+
+    def num_features(self, P: torch.Tensor | None, head_dim: int) -> int:
+        return 2 * P.shape[-2]
+
+    def init_projection(self, num_features: int, head_dim: int, heads: int, orthogonal: bool = True,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+        """(H, m/2, d): an independent random draw per head (m must be even)."""
+        if num_features % 2:
+            raise ValueError(f"the hedgehog map needs an even number of features, got {num_features}")
+        half = num_features // 2
+        return gaussian_projection(heads * half, head_dim, orthogonal, generator=generator).view(heads, half, head_dim)
+
+    def features(self, x: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+        """(B, H, L, d) with P (H, m/2, d) -> (B, H, L, m); (..., L, d) with a shared P (m/2, d) too."""
+        x = x.to(_acc(x)) * x.shape[-1] ** -0.25
+        z = x @ P.to(x.dtype).transpose(-1, -2)  # (B, H, L, m/2)
+        return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], dim=-1) + self.eps
 
 
 def positive_random_features(x: torch.Tensor, P: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,8 @@ import torch.nn as nn
 from .decoding import FavorState, favor_step
 from .exact import exact_attention
 from .favor import favor_attention
-from .features import feature_map
+from .features import PositiveRandomFeatures, feature_map
+from .oprf import MOMENTS, check_features, feature_parameters, oprf_inputs, pair_moment_sums
 from .projection import gaussian_projection
 from .rotary import apply_rotary
 
@@ -44,6 +45,17 @@ class MultiheadSelfAttention(nn.Module):
         causal: autoregressive masking.
         dropout: dropout on the attention output (FAVOR+ has no explicit attention matrix to drop from).
         rotary: rotary position embeddings on q and k (ESM-2, RoFormer), applied before any FAVOR+ feature map.
+        transferred: favor only; the layer carries trained feature parameters (``proteinperformer.model.transfer``):
+            a map whose projection is ``learned`` (hedgehog) has it as a parameter, and any other map gets a
+            per-head rescaling Ψ and projection W applied before it, q -> W(Ψq), k -> W(Ψ⁻¹k), so φ sees
+            P·W per head (``feature_scale`` = log Ψ (H, d), ``feature_weight`` = W (H, d, d); identity at first).
+        features: softmax kernel only: "favor+" (positive random features), "oprf" or "oprf-rescaled" (FAVOR++, see
+            ``oprf.py``). Other than "favor+" the layer holds the buffers ``feature_moments`` (H, 3, d) and
+            ``feature_pairs`` (the calibration statistics), ``feature_a`` (H,) and ``feature_psi`` (H, d) (A and Ψ
+            derived from them by :meth:`set_feature_moments`); all zero moments (uncalibrated) mean A = 0, Ψ = 1.
+            In training, each forward pass adds its batch's moments to a pending sum that
+            :meth:`fold_feature_statistics` (called at every feature redraw) folds into the running statistics:
+            a batch's statistics only reach later batches, never its own sequences.
     """
 
     def __init__(
@@ -58,34 +70,115 @@ class MultiheadSelfAttention(nn.Module):
         causal: bool = False,
         dropout: float = 0.0,
         rotary: bool = False,
+        features: str = "favor+",
+        transferred: bool = False,
     ):
         super().__init__()
         if dim % heads != 0:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         if attention not in ("favor", "exact"):
             raise ValueError(f"attention must be 'favor' or 'exact', got {attention!r}")
-        needs_projection = feature_map(kernel).needs_projection  # ValueError naming the registered kernels
+        fmap = feature_map(kernel)  # ValueError naming the registered kernels
+        needs_projection = fmap.needs_projection
         if needs_projection and not use_projection:
             raise ValueError(f"the {kernel} kernel needs a projection (use_projection=True)")
         self.heads, self.head_dim = heads, dim // heads
         self.attention, self.kernel, self.causal = attention, kernel, causal
         self.num_features, self.orthogonal = num_features, orthogonal
         self.rotary = rotary
+        check_features(features)
+        positive = isinstance(feature_map(kernel), PositiveRandomFeatures)
+        if features != "favor+" and attention == "favor" and not positive:
+            raise ValueError(f"features={features!r} are positive random features of the softmax kernel; the {kernel} "
+                             "kernel cannot use them (use features='favor+' or kernel='softmax')")
+        self.features = features
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(dropout)
+        self.transferred = transferred and attention == "favor"
         if attention == "favor" and (needs_projection or use_projection):
-            self.register_buffer("projection", gaussian_projection(num_features, self.head_dim, orthogonal))
+            P = fmap.init_projection(num_features, self.head_dim, heads, orthogonal)
+            if fmap.learned:
+                self.projection = nn.Parameter(P)
+            else:
+                self.register_buffer("projection", P)
         else:
             self.projection = None
+        self.feature_scale = self.feature_weight = None  # log Ψ (H, d), W (H, d, d): see ``transferred``
+        if self.transferred and not fmap.learned:
+            self.feature_scale = nn.Parameter(torch.zeros(heads, self.head_dim))
+            self.feature_weight = nn.Parameter(torch.eye(self.head_dim).repeat(heads, 1, 1))
+        if features != "favor+":
+            hd = self.head_dim
+            self.register_buffer("feature_moments", torch.zeros(heads, MOMENTS, hd))
+            self.register_buffer("feature_pairs", torch.zeros(()))
+            self.register_buffer("feature_a", torch.zeros(heads))
+            self.register_buffer("feature_psi", torch.ones(heads, hd))
+            self.register_buffer("pending_moments", torch.zeros(heads, MOMENTS, hd),
+                                 persistent=False)  # training: sums since the last fold (not in checkpoints)
+            self.register_buffer("pending_pairs", torch.zeros(()), persistent=False)
+
+    @torch.no_grad()
+    def set_feature_moments(self, moments: torch.Tensor, pairs: float | torch.Tensor) -> None:
+        """Store calibration statistics (pair means (H, 3, d), see ``oprf.pair_moment_sums``, over ``pairs`` pairs)
+        and set A and Ψ of this layer's ``features`` from them."""
+        if self.features == "favor+":
+            raise ValueError("a layer with features='favor+' holds no feature statistics")
+        self.feature_moments.copy_(moments)
+        self.feature_pairs.fill_(float(pairs))
+        a, psi = feature_parameters(moments.cpu().double(), self.features)
+        self.feature_a.copy_(a)
+        self.feature_psi.copy_(psi)
+
+    @torch.no_grad()
+    def fold_feature_statistics(self, momentum: float = 0.5) -> bool:
+        """Fold the pending training moments into the running statistics (the first fold replaces zero statistics;
+        later ones keep ``momentum`` of the old), set A and Ψ, clear the pending sums; False if nothing pending."""
+        if self.features == "favor+" or float(self.pending_pairs) == 0:
+            return False
+        new = self.pending_moments / self.pending_pairs
+        old = self.feature_moments.to(new.dtype)
+        keep = momentum if float(self.feature_pairs) > 0 else 0.0
+        self.set_feature_moments((keep * old + (1 - keep) * new).to(self.feature_moments.dtype),
+                                 self.feature_pairs + self.pending_pairs)
+        self.pending_moments.zero_()
+        self.pending_pairs.zero_()
+        return True
+
+    def feature_inputs(
+        self, q: torch.Tensor, k: torch.Tensor, heads: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """q, k (B, h, L, d) of the layer's ``heads`` (default all) and the projection as the FAVOR kernel takes
+        them: first a transferred layer's trained W(Ψq), W(Ψ⁻¹k); then unchanged for "favor+", else rewritten by
+        ``oprf.oprf_inputs`` with this layer's A and Ψ (q̃, k̃ (B, h, L, d + 2), P̃ (m, d + 2)); a learned map's
+        per-head projection is cut to ``heads``."""
+        idx = slice(None) if heads is None else list(heads)
+        if self.feature_weight is not None:
+            scale, W = self.feature_scale[idx].exp().unsqueeze(1), self.feature_weight[idx].transpose(-1, -2)
+            q, k = (q * scale.to(q.dtype)) @ W.to(q.dtype), (k / scale.to(k.dtype)) @ W.to(k.dtype)
+        P = self.projection
+        if self.features != "favor+":
+            return oprf_inputs(q, k, P, self.feature_a[idx], self.feature_psi[idx])
+        return q, k, (P[idx] if P is not None and P.dim() == 3 else P)  # a learned map: one projection per head
 
     @torch.no_grad()
     def redraw_projection(self, generator: torch.Generator | None = None) -> None:
         """Resample the projection in place (same shape, device and dtype); no-op without a projection."""
-        if self.projection is None:
-            return
+        if self.projection is None or self.transferred or feature_map(self.kernel).learned:
+            return  # trained features stay
         new = gaussian_projection(self.num_features, self.head_dim, self.orthogonal, generator=generator)
         self.projection.copy_(new)
+
+    def favor(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool | None = None,
+              key_padding_mask: torch.Tensor | None = None, heads: list[int] | None = None,
+              cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """FAVOR attention of this layer on split heads, its feature map included (trained features, FAVOR++):
+        (B, h, Lq, d), (B, h, Lk, d), (B, h, Lk, e) -> (B, h, Lq, e). ``heads``: the layer's heads these h are
+        (default all); ``causal``: default the layer's; ``cu_seqlens``: packed documents (``favor_attention``)."""
+        q, k, P = self.feature_inputs(q, k, heads)
+        causal = self.causal if causal is None else causal
+        return favor_attention(q, k, v, P, kernel=self.kernel, causal=causal, key_padding_mask=key_padding_mask,
+                               cu_seqlens=cu_seqlens)
 
     def split_heads(
         self, x: torch.Tensor, start: int = 0, positions: torch.Tensor | None = None
@@ -122,8 +215,12 @@ class MultiheadSelfAttention(nn.Module):
             y = exact_attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
                                 cu_seqlens=cu_seqlens)
         else:
-            y = favor_attention(q, k, v, self.projection, kernel=self.kernel, causal=self.causal,
-                                key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens)
+            if self.training and self.features != "favor+":
+                with torch.no_grad():  # FAVOR++ from scratch: folded into A and Ψ at the next redraw
+                    sums, pairs = pair_moment_sums(q.detach(), k.detach(), self.causal, key_padding_mask)
+                    self.pending_moments += sums.to(self.pending_moments.dtype)
+                    self.pending_pairs += pairs.to(self.pending_pairs.dtype)
+            y = self.favor(q, k, v, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens)
         return self._merge(y)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> FavorState | KVCache:
@@ -143,7 +240,8 @@ class MultiheadSelfAttention(nn.Module):
             state = KVCache(k=torch.cat([state.k, k], dim=2), v=torch.cat([state.v, v], dim=2))
             y = exact_attention(q, state.k, state.v)  # the cache holds only keys ≤ t
         else:
-            y, state = favor_step(q, k, v, self.projection, state, kernel=self.kernel)
+            q, k, P = self.feature_inputs(q, k)
+            y, state = favor_step(q, k, v, P, state, kernel=self.kernel)
         return self._merge(y), state
 
 

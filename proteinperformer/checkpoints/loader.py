@@ -16,7 +16,7 @@ import torch
 from proteinperformer.checkpoints.esm import load_esm
 from proteinperformer.checkpoints.files import CheckpointError, read_torch, save_atomic
 from proteinperformer.checkpoints.gpt2 import is_gpt2_directory, load_gpt2
-from proteinperformer.model import ModelConfig, PerformerLM, convert_attention
+from proteinperformer.model import ModelConfig, PerformerLM, convert_attention, is_calibrated
 from proteinperformer.tokenizer import Alphabet
 
 __all__ = ["CheckpointError", "export_slim", "load_model", "save_checkpoint"]
@@ -28,6 +28,7 @@ def load_model(
     attention: str | None = None,
     num_features: int | None = None,
     kernel: str | None = None,
+    features: str | None = None,
 ) -> PerformerLM:
     """Load a model from any file a command takes: a ``pp-train`` / ``pp-convert`` checkpoint, a fair-esm ESM-2 ``.pt``
     (``esm2_t6_8M_UR50D.pt`` ..., with ``-contact-regression.pt`` beside it when present), a Hugging Face
@@ -37,29 +38,55 @@ def load_model(
     ``attention``: None keeps the file's attention (ESM-2 / GPT-2 files: exact softmax), "exact" or "favor" swaps
     it (weights kept; FAVOR+ draws ``num_features`` random features per head, default 256, with ``kernel``,
     default "softmax" for ESM-2 / GPT-2 and the checkpoint's kernel otherwise; see :func:`convert_attention`).
+    ``features``: None keeps the file's ("favor+" unless it was calibrated by ``pp-convert --features``);
+    "favor+", "oprf" or "oprf-rescaled" switches the softmax kernel's feature map, which for FAVOR++ needs the
+    calibration statistics the checkpoint carries (``pp-convert ... --features oprf --calibrate FASTA``). A
+    calibrated checkpoint loads with its frozen A and Ψ.
     Checks strictly: every tensor must be used and every weight filled with the right shape, the alphabet
     must be one this package knows; anything else raises :class:`CheckpointError` naming the file.
     Returns the model in eval mode on ``device``; ``model.alphabet`` is the tokenizer that goes with it.
     """
     path = Path(path)
+    return _with_features(_load(path, attention, num_features, kernel), path, features).to(device).eval()
+
+
+def _load(path: Path, attention: str | None, num_features: int | None, kernel: str | None) -> PerformerLM:
     hf_file = path.suffix in (".safetensors", ".bin", ".json") and (path.parent / "config.json").is_file()
     if (path.is_dir() or hf_file) and is_gpt2_directory(path if path.is_dir() else path.parent):
-        model = load_gpt2(path if path.is_dir() else path.parent, attention=attention or "exact",
-                          num_features=num_features or 256, kernel=kernel or "softmax")
-        return model.to(device).eval()
-    if path.is_dir() or hf_file:
-        model = load_esm(path if path.is_dir() else path.parent, attention=attention or "exact",
+        return load_gpt2(path if path.is_dir() else path.parent, attention=attention or "exact",
                          num_features=num_features or 256, kernel=kernel or "softmax")
-        return model.to(device).eval()
+    if path.is_dir() or hf_file:
+        return load_esm(path if path.is_dir() else path.parent, attention=attention or "exact",
+                        num_features=num_features or 256, kernel=kernel or "softmax")
     ckpt = read_torch(path)
     if isinstance(ckpt, dict) and "state_dict" not in ckpt and ({"cfg", "args"} & set(ckpt)):
-        model = load_esm(path, data=ckpt, attention=attention or "exact", num_features=num_features or 256,
-                         kernel=kernel or "softmax")
-        return model.to(device).eval()
+        return load_esm(path, data=ckpt, attention=attention or "exact", num_features=num_features or 256,
+                        kernel=kernel or "softmax")
     model = _load_project_checkpoint(path, ckpt)
     if attention is not None or num_features is not None or kernel is not None:
-        model = convert_attention(model, attention, num_features, kernel)
-    return model.to(device).eval()
+        try:
+            model = convert_attention(model, attention, num_features, kernel)
+        except ValueError as err:  # e.g. a FAVOR++ checkpoint asked for the relu kernel
+            raise CheckpointError(f"{path}: {err}") from None
+    return model
+
+
+def _with_features(model: PerformerLM, path: Path, features: str | None) -> PerformerLM:
+    """``model`` with the feature map ``features`` (None: as it is); CheckpointError if it cannot have it."""
+    if features is None or features == model.config.features:
+        return model
+    if model.config.attention != "favor":
+        raise CheckpointError(f"{path}: features {features!r} apply to FAVOR+ attention, and this model has "
+                              f"{model.config.attention} attention; add --attention favor")
+    try:
+        model = convert_attention(model, features=features)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    if features != "favor+" and not is_calibrated(model):
+        raise CheckpointError(f"{path}: features {features!r} need A and Ψ calibrated on sequences, and this model "
+                              f"has none; write a calibrated checkpoint with pp-convert {path} OUT --attention favor "
+                              f"--features {features} --calibrate FASTA, and load that")
+    return model
 
 
 def _load_project_checkpoint(path: Path, ckpt: object) -> PerformerLM:
@@ -111,9 +138,10 @@ def export_slim(src: str | Path, dst: str | Path) -> Path:
     return save_atomic({k: ckpt[k] for k in keep if k in ckpt}, dst)
 
 
-def save_checkpoint(model: PerformerLM, path: str | Path, source: str | Path) -> Path:
-    """Write ``model`` as a project checkpoint (temp file + rename) that ``load_model`` and ``init_from`` read."""
-    ckpt = {
+def save_checkpoint(model: PerformerLM, path: str | Path, source: str | Path, extra: dict | None = None) -> Path:
+    """Write ``model`` as a project checkpoint (temp file + rename) that ``load_model`` and ``init_from`` read;
+    ``extra``: more plain entries (e.g. ``transfer``: how the attention was transferred)."""
+    ckpt = {**(extra or {}),
         "state_dict": {f"model.{k}": v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "hyper_parameters": {"config": model.config.to_dict(), "task": "clm" if model.config.causal else "mlm"},
         "alphabet": list(model.alphabet.all_toks),

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from proteinperformer.options import DEVICE_CHOICES, INFERENCE_PRECISIONS
+from proteinperformer.options import DEVICE_CHOICES, FEATURES, INFERENCE_PRECISIONS, KERNELS
 
 if TYPE_CHECKING:
     import torch
@@ -149,15 +149,19 @@ def add_device_arguments(parser: argparse.ArgumentParser, precision: bool = True
 
 
 def add_attention_arguments(parser: argparse.ArgumentParser, default: str | None = None) -> None:
-    """``--attention``, ``--num-features``, ``--kernel``: swap a model's attention at load time (weights kept), the
-    same on every command that runs a model for its outputs (``default`` None keeps the file's attention)."""
+    """``--attention``, ``--num-features``, ``--kernel``, ``--features``: swap a model's attention at load time
+    (weights kept), the same on every command that runs a model for its outputs (``default`` None keeps the
+    file's attention)."""
     parser.add_argument("--attention", choices=("exact", "favor"), default=default,
                         help="exact softmax, or favor = FAVOR+ (linear memory, no length cap, e.g. an ESM-2 file on "
                         "a 35,000-residue protein)" + ("" if default else "; default: as in the file"))
     parser.add_argument("--num-features", type=int, default=None, help="FAVOR+ random features per head (256)")
-    parser.add_argument("--kernel", choices=("softmax", "relu"), default=None,
+    parser.add_argument("--kernel", choices=KERNELS, default=None,
                         help="FAVOR+ kernel (default: softmax for a file trained with exact attention, else the "
-                        "checkpoint's own)")
+                        "checkpoint's own; hedgehog: Hedgehog's learned map, made by pp-convert --transfer)")
+    parser.add_argument("--features", choices=FEATURES, default=None,
+                        help="FAVOR+ feature map of the softmax kernel: favor+, or FAVOR++ oprf / oprf-rescaled, "
+                        "which need a checkpoint calibrated by pp-convert --calibrate (default: the checkpoint's own)")
 
 
 def checked_device(args: argparse.Namespace) -> torch.device:

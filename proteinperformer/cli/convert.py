@@ -6,12 +6,26 @@ checkpoint) into a Performer checkpoint, and measure what the swap costs on your
     pp-train init_from=esm2_8M_favor.ckpt data.fasta_path=my.fasta            # fine-tune it (MLM)
     pp-convert iglm/trained_models/IgLM --out iglm_favor.ckpt --attention favor  # a GPT-2 directory + vocab.txt
     pp-convert --slim runs/tiny/<run>/checkpoints/last.ckpt --out model.ckpt    # drop the optimiser state
+    pp-convert iglm/trained_models/IgLM-S --out iglm_oprf.ckpt --features oprf-rescaled --calibrate heavy.fasta
+    pp-convert esm2_t6_8M_UR50D.pt --out esm2_8M_fit.ckpt --transfer my_proteins.fasta  # attention transfer
+
+``--transfer FASTA`` (attention transfer, :mod:`proteinperformer.model.transfer`) trains only the FAVOR features
+(per head a rescaling Ψ and projection W before the map; ``--kernel hedgehog``: Hedgehog's learned map) to mimic
+each layer's exact attention on these sequences, layer by layer, and leaves every other weight as it was; the
+checkpoint's config says ``transferred``. With ``--features oprf`` / ``oprf-rescaled`` the transfer starts from
+FAVOR++ calibrated on the same sequences. Finished layers are kept in ``.OUT.transfer/`` beside ``--out``, so a
+stopped run resumes there.
 
 The checkpoint holds the weights, ``hyper_parameters.config`` and the alphabet; every command that takes a
 checkpoint reads it (:func:`proteinperformer.checkpoints.load_model`). The FAVOR+ kernel is the source's own
 (softmax for ESM-2, GPT-2 and any exact-attention checkpoint, whose attention is softmax; the checkpoint's own for a
 FAVOR+ one) unless ``--kernel`` is given. The report is
 described in :mod:`proteinperformer.evaluation.conversion`.
+
+``--features oprf`` / ``oprf-rescaled`` (FAVOR++, :mod:`proteinperformer.attention.oprf`) need ``--calibrate FASTA``:
+A and Ψ per layer × head are statistics of the exact model's queries and keys on the first ``--max-sequences``
+sequences of FASTA (with the model's tags for a tagged vocabulary, ``[HEAVY][HUMAN]EVQ...``), frozen in the
+checkpoint. Without ``--calibrate`` they are an error (uncalibrated OPRF would be FAVOR+ under another name).
 
 ``--slim SOURCE --out OUTPUT`` converts nothing: it copies a ``pp-train`` checkpoint with only what loading needs
 (weights, hyper-parameters, alphabet, step counters; no optimiser or callback state), the way shipped checkpoints are
@@ -23,7 +37,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 from proteinperformer.cli.common import (
@@ -35,7 +52,7 @@ from proteinperformer.cli.common import (
     summary,
 )
 from proteinperformer.files import write_json_atomic
-from proteinperformer.options import DEFAULT_NUM_FEATURES
+from proteinperformer.options import DEFAULT_NUM_FEATURES, TRANSFER_STEPS
 
 
 def create_parser() -> argparse.ArgumentParser:
@@ -46,10 +63,19 @@ def create_parser() -> argparse.ArgumentParser:
     add_attention_arguments(parser, default="favor")
     parser.set_defaults(num_features=DEFAULT_NUM_FEATURES)
     parser.add_argument("--seed", type=int, default=0, help="seed of the FAVOR+ projection draw")
+    parser.add_argument("--transfer", type=Path, metavar="FASTA",
+                        help="attention transfer: train the FAVOR features to mimic exact attention on these sequences")
+    parser.add_argument("--transfer-steps", type=int, default=TRANSFER_STEPS, help="transfer: Adam steps per layer")
+    parser.add_argument("--no-cls", action="store_true",
+                        help="transfer: sequences without a leading <cls> (GPT-2 models such as IgLM)")
     parser.add_argument("--report", type=Path, metavar="FASTA", help="measure FAVOR+ vs exact on these sequences")
     parser.add_argument("--report-json", type=Path, help="also write the report as JSON here")
     parser.add_argument("--draws", type=int, default=3, help="projection draws the report averages over")
-    parser.add_argument("--max-sequences", type=int, default=200, help="report: first N sequences of FASTA")
+    parser.add_argument("--calibrate", type=Path, metavar="FASTA",
+                        help="with --features oprf / oprf-rescaled: calibrate A and Ψ on these sequences (default "
+                             "with --transfer: the transfer's)")
+    parser.add_argument("--max-sequences", type=int, default=200,
+                        help="report, calibration and transfer: first N sequences of FASTA")
     parser.add_argument("--slim", action="store_true",
                         help="copy a pp-train checkpoint SOURCE to --out without optimiser state (no conversion)")
     parser.add_argument("--metrics", type=Path, help="with --slim: the run's metrics.json, printed with the summary")
@@ -59,8 +85,10 @@ def create_parser() -> argparse.ArgumentParser:
 
 def print_report(r: dict) -> None:
     """The report of :func:`~proteinperformer.evaluation.conversion.report`, as ``pp-convert --report`` prints it."""
-    print(f"{r['source']}: FAVOR+ ({r['kernel']} kernel, {r['num_features']} features, {r['draws']} draws) vs "
-          f"exact attention on {r['sequences']} sequences of {r['fasta']}")
+    features = r.get("features", "favor+")
+    calibrated = f" calibrated on {r['calibration']}" if r.get("calibration") else ""
+    print(f"{r['source']}: FAVOR+ ({r['kernel']} kernel, {r['num_features']} features, feature map {features}"
+          f"{calibrated}, {r['draws']} draws) vs exact attention on {r['sequences']} sequences of {r['fasta']}")
     print("layer  relative error of the attention output (mean ± std over draws)")
     for i, (m, s) in enumerate(zip(r["layer_rel_error_mean"], r["layer_rel_error_std"], strict=True), start=1):
         print(f"{i:>5}  {m:.4f} ± {s:.4f}")
@@ -95,28 +123,102 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError("--metrics goes with --slim")
     if args.out is None and args.report is None:
         raise ValueError("give a checkpoint to write (--out), --report FASTA, or both")
+    oprf = args.features not in (None, "favor+")
+    if oprf and args.calibrate is None and args.transfer is None:
+        raise ValueError(f"--features {args.features} needs --calibrate FASTA: A and Ψ are statistics of the model's "
+                         "queries and keys on sequences like those it will see")
+    if args.calibrate is not None and not oprf:
+        raise ValueError("--calibrate FASTA goes with --features oprf or oprf-rescaled")
+    if oprf and args.attention != "favor":
+        raise ValueError(f"--features {args.features} are FAVOR+ features; use --attention favor")
     from proteinperformer.checkpoints import load_model, save_checkpoint
-    from proteinperformer.evaluation.conversion import report
+    from proteinperformer.evaluation.conversion import calibrate_on_fasta, report
     from proteinperformer.model import convert_attention
     from proteinperformer.model.precision import inference_autocast
 
     device = checked_device(args)  # the report's forward passes; the conversion itself copies weights on the CPU
-    if args.out is not None:
+    if args.transfer is not None:
+        transfer(args)
+    elif args.out is not None:
         model = load_model(args.source, attention=args.attention, num_features=args.num_features, kernel=args.kernel)
+        if not model.layers:
+            raise ValueError(f"{args.source}: the model has no attention layers to convert")
         if args.attention == "favor":  # a reproducible draw, whatever load_model drew
-            model = convert_attention(model, "favor", args.num_features, args.kernel, seed=args.seed)
+            try:
+                model = convert_attention(model, "favor", args.num_features, args.kernel, seed=args.seed,
+                                          features=args.features)
+            except ValueError as err:  # features the kernel cannot use
+                raise ValueError(f"{args.source}: {err}") from None
+        calibrated = ""
+        if oprf:
+            n = calibrate_on_fasta(model, args.calibrate, args.max_sequences, device)
+            model.cpu()
+            a = [f"{float(b.attn.feature_a.mean()):.3f}" for b in model.layers]
+            calibrated = (f", {args.features} features calibrated on {n} sequences of {args.calibrate} (mean A per "
+                          f"layer {' '.join(a)})")
         save_checkpoint(model, args.out, args.source)
         cfg = model.config
         print(f"wrote {args.out}: {cfg.depth} layers, width {cfg.dim}, {cfg.attention} attention, "
-              f"{cfg.kernel} kernel ({model.num_parameters():,} parameters)")
+              f"{cfg.kernel} kernel ({model.num_parameters():,} parameters){calibrated}")
     if args.report is not None:
         with inference_autocast(args.precision, device):
             r = report(args.source, args.report, args.num_features, args.kernel, args.draws, args.max_sequences,
-                       device=device)
+                       device=device, features=args.features, calibrate=args.calibrate)
         r["precision"] = args.precision
         print_report(r)
         if args.report_json is not None:
             write_json_atomic(args.report_json, r)
+
+
+def transfer(args: argparse.Namespace) -> None:
+    """``--transfer``: the source converted to FAVOR with trained features, written to ``--out``."""
+    from proteinperformer.checkpoints import load_model, save_checkpoint
+    from proteinperformer.data.fasta import load_fasta
+    from proteinperformer.inference.embed import residue_limit
+    from proteinperformer.model import convert_attention
+    from proteinperformer.model.transfer import (
+        DEFAULT_KERNEL,
+        TransferError,
+        calibration_batches,
+        transfer_attention,
+        transfer_model,
+    )
+    from proteinperformer.progress import track
+
+    if args.out is None or args.attention != "favor":
+        raise ValueError("--transfer writes a FAVOR checkpoint: give --out and leave --attention at favor")
+    if args.transfer_steps < 1:
+        raise ValueError(f"--transfer-steps must be at least 1, got {args.transfer_steps}")
+    if args.calibrate is not None:
+        raise ValueError("--transfer calibrates FAVOR++ features on its own sequences: leave out --calibrate")
+    source = load_model(args.source)
+    if source.config.transferred:
+        raise ValueError(f"{args.source}: already transferred (its config says transferred=true); give the "
+                         "original model as SOURCE, or use this checkpoint as it is")
+    exact = source if source.config.attention == "exact" else convert_attention(source, "exact")
+    try:
+        model = transfer_model(exact, args.num_features, args.kernel or DEFAULT_KERNEL, args.seed,
+                               args.features or "favor+")
+    except TransferError as err:
+        raise ValueError(f"{args.source}: {err}") from None
+    records = [(r.id, r.sequence) for r in load_fasta(args.transfer, exact.alphabet)][: args.max_sequences]
+    limit = residue_limit(exact.config)
+    batches = calibration_batches(exact.alphabet, records, cls=not args.no_cls,
+                                  max_len=None if limit is None else limit + 2)
+    resume = args.out.with_name(f".{args.out.name}.transfer")
+    print(f"transfer on {len(records)} sequences of {args.transfer}: {len(model.layers)} layers, "
+          f"{args.transfer_steps} steps each (finished layers kept in {resume})", flush=True)
+    t0 = time.process_time()
+    results = transfer_attention(exact, model, batches, args.transfer_steps, resume_dir=resume, progress=track)
+    seconds = time.process_time() - t0
+    info = {"fasta": str(args.transfer), "sequences": len(records), "steps": args.transfer_steps,
+            "cpu_seconds": seconds, "layers": [asdict(r) for r in results]}
+    save_checkpoint(model, args.out, args.source, extra={"transfer": info})
+    shutil.rmtree(resume, ignore_errors=True)
+    cfg = model.config
+    print(f"wrote {args.out}: {cfg.depth} layers, width {cfg.dim}, favor attention, {cfg.kernel} kernel "
+          f"({cfg.features}), {cfg.num_features} features, transferred in {seconds:.1f} CPU-s; attention-output "
+          f"relative error per layer {' '.join(f'{r.error_before:.3f}->{r.error_after:.3f}' for r in results)}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
         settings_of,
     )
     device = checked_device(args)
-    model = load_model(args.checkpoint, attention=args.attention, num_features=args.num_features, kernel=args.kernel)
+    model = load_model(args.checkpoint, attention=args.attention, num_features=args.num_features, kernel=args.kernel,
+                       features=args.features)
     layers = list(args.repr_layers)
     resolve_layers(layers, model.config.depth)
     contact_head = resolve_contact_head(model, args.contact_head) if "contacts" in args.include else None

@@ -71,6 +71,7 @@ def create_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict:
     """Evaluate the checkpoint and write its card."""
     from proteinperformer.evaluation.card import evaluate
+
     return evaluate(args)
 
 

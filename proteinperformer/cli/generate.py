@@ -51,9 +51,10 @@ def run(args: argparse.Namespace) -> Path:
 
     device = checked_device(args)
     check_output_file(args.out, "samples.fasta")
-    model, alphabet = load_clm(args.checkpoint, device)
+    model, alphabet = load_clm(args.checkpoint, device, features=args.features)
     if args.attention or args.num_features or args.kernel:
-        model = convert_attention(model, args.attention, args.num_features, args.kernel, seed=args.seed).eval()
+        model = convert_attention(model, args.attention, args.num_features, args.kernel, seed=args.seed,
+                                  features=args.features).eval()
     seqs = sample(model, alphabet, args.num_samples, args.max_length, args.prompt, args.temperature,
                   args.top_k, args.top_p, args.seed, args.precision,
                   start_with_cls=not args.no_cls)

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> dict:
     check_output_file(args.out, "probe.json")
     read_tables(args.train, args.valid, args.test, args.max_sequences, args.seed)  # bad data fails before the model
     model = load_model(args.checkpoint, device, attention=args.attention, num_features=args.num_features,
-                       kernel=args.kernel)
+                       kernel=args.kernel, features=args.features)
     report = probe_files(model, args.train, args.valid, args.out, args.test, args.max_sequences, args.repr_layers,
                          args.C, args.seed, args.toks_per_batch, args.precision, checkpoint=str(args.checkpoint))
     return report

@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> dict:
     freqs = None if args.no_baselines else fasta_unigram_frequencies(resolve_path(args.unigram_fasta),
                                                                      unigram_alphabet)
     model = load_model(args.model, device, attention=args.attention, num_features=args.num_features,
-                       kernel=args.kernel)
+                       kernel=args.kernel, features=args.features)
     variants = [None if s is None else ":".join(f"{wt}{idx + 1}{mt}" for idx, wt, mt in s) for s in parsed]
     scores = score_variants(model, sequence, variants, 1, args.scoring_strategy, args.precision,
                             args.toks_per_batch, progress=True)

@@ -305,7 +305,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     precision = getattr(args, "precision", "32")
     check_inference_precision(precision, device)
     model = load_model(args.checkpoint, device, attention=getattr(args, "attention", None),
-                       num_features=getattr(args, "num_features", None), kernel=getattr(args, "kernel", None))
+                       num_features=getattr(args, "num_features", None), kernel=getattr(args, "kernel", None),
+                       features=getattr(args, "features", None))
     record = training_record(args.checkpoint)
     card = {
         "checkpoint": str(args.checkpoint),

@@ -17,11 +17,40 @@ from pathlib import Path
 import torch
 
 from proteinperformer.checkpoints import load_model
+from proteinperformer.data.fasta import read_fasta
 from proteinperformer.inference.embed import as_records, residue_limit
-from proteinperformer.model import PerformerLM, convert_attention
+from proteinperformer.model import PerformerLM, calibrate_features, convert_attention
 from proteinperformer.model.performer import own_kernel
 from proteinperformer.options import DEFAULT_NUM_FEATURES
 from proteinperformer.training.scoring import evaluation_collator, score_batches
+
+CALIBRATION_BATCH = 8  # sequences per forward pass of the calibration (length-sorted, padding masked)
+
+
+def calibrate_on_fasta(model: PerformerLM, fasta: str | Path, max_sequences: int = 200,
+                       device: str | torch.device = "cpu") -> int:
+    """:func:`~proteinperformer.model.calibrate_features` on the first ``max_sequences`` sequences of ``fasta``.
+
+    Sequences are read with the model's alphabet (tagged vocabularies such as IgLM's take their tags in the
+    sequence, ``[HEAVY][HUMAN]EVQ...``), framed as the model's batch converter frames them and cropped to the
+    model's length limit. Returns the number of sequences used. ValueError naming the file (and line) for letters
+    the alphabet lacks or a file without sequences.
+    """
+    records = []
+    for record in read_fasta(fasta, model.alphabet):
+        if len(records) == max_sequences:
+            break
+        records.append((record.id, record.sequence))
+    if not records:
+        raise ValueError(f"{fasta}: no sequences to calibrate on; give a FASTA of sequences like those the model "
+                         "will see")
+    limit = residue_limit(model.config)
+    converter = model.alphabet.get_batch_converter(None if limit is None else limit + 2)
+    records.sort(key=lambda r: len(r[1]))
+    batches = [converter(records[i : i + CALIBRATION_BATCH])[2] for i in range(0, len(records), CALIBRATION_BATCH)]
+    model.to(device)
+    calibrate_features(model, batches)
+    return len(records)
 
 
 @torch.no_grad()
@@ -43,11 +72,13 @@ def attention_errors(exact: PerformerLM, favor: PerformerLM, tokens: torch.Tenso
 
 def report(source: str | Path, fasta: str | Path, num_features: int = DEFAULT_NUM_FEATURES, kernel: str | None = None,
            draws: int = 3, max_sequences: int = 200, max_residues: int = 1022,
-           device: str | torch.device = "cpu") -> dict:
+           device: str | torch.device = "cpu", features: str | None = None,
+           calibrate: str | Path | None = None) -> dict:
     """What FAVOR+ changes on the sequences of ``fasta``: per-layer attention error and exact vs FAVOR+ MLM.
 
     Sequences are cropped to ``max_residues`` or the exact model's limit; the models run on ``device``. ``kernel``
-    None keeps the source's own. Returns a dict (see ``pp-convert``).
+    None keeps the source's own. ``features`` "oprf" / "oprf-rescaled" (FAVOR++) calibrates each draw on the first
+    ``max_sequences`` sequences of ``calibrate`` (:func:`calibrate_on_fasta`). Returns a dict (see ``pp-convert``).
     """
     exact = load_model(source, device)
     kernel = kernel or own_kernel(exact.config)  # the source's own kernel (softmax if exact) unless one is asked for
@@ -68,7 +99,9 @@ def report(source: str | Path, fasta: str | Path, num_features: int = DEFAULT_NU
     err = torch.zeros(draws, depth, 2, dtype=torch.float64)
     favor_scores = []
     for d in range(draws):
-        favor = convert_attention(exact, "favor", num_features, kernel, seed=d).eval()
+        favor = convert_attention(exact, "favor", num_features, kernel, seed=d, features=features).eval()
+        if favor.config.features != "favor+":
+            calibrate_on_fasta(favor, calibrate, max_sequences, device)
         for t in tokens:
             err[d] += torch.tensor(attention_errors(exact, favor, t), dtype=torch.float64)
         scores = score_batches(favor, batches, exact.alphabet)
@@ -77,6 +110,7 @@ def report(source: str | Path, fasta: str | Path, num_features: int = DEFAULT_NU
     return {
         "source": str(source), "fasta": str(fasta), "sequences": len(records),
         "masked_residues": exact_scores["residues"], "num_features": num_features, "kernel": kernel, "draws": draws,
+        "features": features or "favor+", "calibration": None if calibrate is None else str(calibrate),
         "objective": "next-residue" if causal else "masked-residue",
         "layer_rel_error_mean": rel.mean(0).tolist(), "layer_rel_error_std": rel.std(0).tolist() if draws > 1
         else [0.0] * depth,

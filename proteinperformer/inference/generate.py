@@ -23,13 +23,14 @@ from proteinperformer.model.precision import inference_autocast
 from proteinperformer.tokenizer import Alphabet
 
 
-def load_clm(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[PerformerLM, Alphabet]:
+def load_clm(checkpoint: str | Path, device: str | torch.device = "cpu",
+             features: str | None = None) -> tuple[PerformerLM, Alphabet]:
     """The network and alphabet of a CLM checkpoint (read by :func:`~proteinperformer.checkpoints.load_model`,
-    strictly and without running code), in eval mode on ``device``.
+    strictly and without running code), in eval mode on ``device``; ``features`` as load_model's.
 
     Raises ValueError for a masked-LM (bidirectional) checkpoint, which cannot generate left to right.
     """
-    model = load_model(checkpoint, device=device)
+    model = load_model(checkpoint, device=device, features=features)
     if not model.config.causal:
         raise ValueError(
             f"{checkpoint}: a masked-LM (bidirectional) checkpoint; sampling needs an autoregressive one: "

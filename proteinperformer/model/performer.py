@@ -30,6 +30,7 @@ from proteinperformer.attention.features import feature_map
 from proteinperformer.tokenizer import Alphabet
 
 POSITIONS = ("learned", "sinusoidal", "rotary")
+FEATURE_BUFFERS = ("attn.feature_moments", "attn.feature_pairs", "attn.feature_a", "attn.feature_psi")
 TOKEN_DROPOUT_TRAIN_RATIO = 0.15 * 0.8  # ESM-2's masking rate x <mask> share, hard-coded in esm2.py
 
 
@@ -46,6 +47,9 @@ class ModelConfig:
     max_positions: int = 1024  # size of the learned position table = longest input such a model accepts
     attention: str = "favor"  # "favor" (Performer) or "exact" (Transformer baseline, torch SDPA)
     kernel: str = "relu"  # FAVOR+ kernel: "relu" (paper's best protein model) or "softmax"
+    # softmax kernel: "favor+" (positive random features), "oprf" / "oprf-rescaled" (FAVOR++, calibrated A and Ψ per
+    # layer × head, see attention/oprf.py and model/calibration.py); configs saved before it existed mean "favor+"
+    features: str = "favor+"
     num_features: int = 256  # m random features per head (reference default)
     orthogonal: bool = True  # orthogonal random features (lower variance than iid)
     use_projection: bool = True  # relu kernel only: False = relu(x) + 1e-3 with no projection (reference)
@@ -59,6 +63,9 @@ class ModelConfig:
     token_dropout: bool = False  # ESM-2: zero <mask> embeddings, rescale by (1 - 0.12) / (1 - observed mask ratio)
     contact_head: bool = False  # ESM-2's logistic regression over all attention maps (analysis.contacts.ContactHead)
     activation: str = "gelu"  # MLP: "gelu" (erf, BERT/ESM) or "gelu_new" (tanh approximation, GPT-2 / IgLM)
+    # favor only: the attention's feature parameters were trained to mimic the exact model's attention
+    # (attention transfer, ``model.transfer``; pp-convert --transfer); they are then kept, never redrawn
+    transferred: bool = False
 
     def __post_init__(self) -> None:
         # Every special id the model uses (padding here, <mask> for token dropout) comes from the alphabet: a
@@ -122,6 +129,8 @@ class Block(nn.Module):
             causal=cfg.causal,
             dropout=cfg.dropout,
             rotary=cfg.positions == "rotary",
+            features=cfg.features,
+            transferred=cfg.transferred,
         )
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg.dim, cfg.ff_dim, cfg.dropout, cfg.activation)
@@ -318,26 +327,47 @@ def convert_attention(
     num_features: int | None = None,
     kernel: str | None = None,
     seed: int = 0,
+    features: str | None = None,
 ) -> PerformerLM:
     """The same network with another attention: every weight is copied, only the FAVOR+ projections are new.
 
     Swapping exact softmax attention for FAVOR+ (``attention="favor"``, kernel "softmax") is the Performer's
     backward compatibility: the trained q/k/v weights stay and φ(q)·φ(k) estimates their softmax kernel. The
     new projections are drawn from ``seed`` (reproducible), also for a source that has none (exact attention, or
-    the ReLU kernel without projection). Arguments left None keep the model's value, except the kernel of a model
-    with exact attention, which is softmax (:func:`own_kernel`); the result is on the model's device, in eval mode
-    if the model was.
+    the ReLU kernel without projection). ``features`` ("favor+", "oprf", "oprf-rescaled") switches the softmax
+    kernel's feature map: calibration statistics the model holds are kept and give the new map's A and Ψ (a
+    model without them gets zero statistics, i.e. FAVOR+, until ``calibrate_features``). Arguments left None keep
+    the model's value, except the kernel of a model with exact attention, which is softmax (:func:`own_kernel`);
+    the result is on the model's device, in eval mode if the model was. A transferred model
+    (``config.transferred``) asked for its own attention, kernel, features and feature count keeps its trained
+    features; any other conversion drops them (``transferred=False``, a fresh draw).
     """
     cfg = replace(model.config, attention=attention or model.config.attention,
-                  num_features=num_features or model.config.num_features, kernel=kernel or own_kernel(model.config))
+                  num_features=num_features or model.config.num_features, kernel=kernel or own_kernel(model.config),
+                  features=features or model.config.features)
+    keep = cfg == model.config and cfg.transferred  # the trained features stay only where they still fit
+    cfg = replace(cfg, transferred=keep)
     if cfg.attention == "favor" and feature_map(cfg.kernel).needs_projection:
         cfg = replace(cfg, use_projection=True)  # positive random features need ω; a source without one gets a draw
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         new = PerformerLM(cfg)
     fresh = new.state_dict()
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith("attn.projection")}
-    state.update({k: v for k, v in fresh.items() if k.endswith("attn.projection")})
+    state = {k: v for k, v in model.state_dict().items() if keep or not is_feature_key(k)}
+    state.update({k: v for k, v in fresh.items() if not keep and is_feature_key(k)})
     new.load_state_dict(state, strict=True)
+    for old_block, new_block in zip(model.layers, new.layers, strict=True):
+        if not keep and new_block.attn.features != "favor+" and old_block.attn.features != "favor+":
+            new_block.attn.set_feature_moments(old_block.attn.feature_moments, old_block.attn.feature_pairs)
     device = next(model.parameters()).device
     return new.to(device).train(model.training)
+
+
+FEATURE_KEYS = ("attn.projection", "attn.feature_scale", "attn.feature_weight", *FEATURE_BUFFERS)  # key endings
+
+
+def is_feature_key(key: str) -> bool:
+    """True for the state-dict keys of the attention's feature map (projection, FAVOR++ statistics, trained Ψ and
+    W): all that :func:`convert_attention` draws or calibrates and attention transfer trains; every other weight is
+    the source's."""
+    return key.endswith(FEATURE_KEYS)

@@ -40,6 +40,9 @@ class FeatureRedrawCallback(pl.Callback):
         step = trainer.global_step
         # with gradient accumulation several batches share a global_step: redraw once per step
         if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            for name, buf in pl_module.named_buffers():  # FAVOR++ statistics: every rank folds the same sums
+                if name.endswith(("pending_moments", "pending_pairs")):
+                    buf.copy_(trainer.strategy.reduce(buf, reduce_op="sum"))
             redraw_projections(pl_module, self.seed, step)
             self._last_step = step
 

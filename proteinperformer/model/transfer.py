@@ -1,0 +1,291 @@
+"""Attention transfer: train only the FAVOR feature parameters so that each layer mimics its exact softmax attention.
+
+A pretrained Transformer converted to FAVOR+ keeps its weights, but trained queries and keys are long and their
+attention sharp, where positive random features have exponentially large variance: the attention output is then
+wrong by about its own size (studies/fig5_iglm). Hedgehog (Zhang et al., ICLR 2024) and LoLCATs (Zhang et al.
+2024) fit the feature map instead: with every other weight frozen, each layer's feature parameters are trained to
+reproduce that layer's exact attention output, given the exact model's input to the layer (teacher forcing).
+Layers are then independent, so they are trained one after another from one exact forward pass.
+
+What is trained (``MultiheadSelfAttention(transferred=True)``): for the positive random features of FAVOR+
+(kernel "softmax"), a per-head rescaling Ψ and projection W applied before the map, so head h's features are
+φ(P·W_h·Ψ_h q) and φ(P·W_h·Ψ_h⁻¹ k) (Ψ starts at the calibrated SADERF value (Σ k_l² / Σ q_l²)^(1/4), W at the
+identity: the start is FAVOR+ with rescaled inputs); for Hedgehog's map (kernel "hedgehog"), its per-head
+projection. Loss: ‖y − y_exact‖² / ‖y_exact‖² of the layer's output (after the output projection) over the real
+tokens of a batch of calibration sequences (one batch of about ``DEFAULT_BATCH_TOKENS`` per step, cycling), Adam
+with a cosine-decayed learning rate. The loss runs through the same FAVOR path the model runs with (what is trained
+is what runs).
+
+Plain torch: :func:`transfer_attention` takes the exact model, the model to train (built by
+:func:`transfer_model`) and token batches; ``pp-convert --transfer FASTA`` reads the sequences and writes the
+checkpoint (:mod:`proteinperformer.cli.convert`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from proteinperformer.attention import MultiheadSelfAttention
+from proteinperformer.files import write_atomic
+from proteinperformer.model.calibration import calibrate_features
+from proteinperformer.model.performer import PerformerLM, convert_attention
+from proteinperformer.options import TRANSFER_STEPS as DEFAULT_STEPS  # noqa: E402  (500 per layer, see options)
+from proteinperformer.tokenizer import Alphabet
+
+DEFAULT_LR = 1e-2
+DEFAULT_BATCH_TOKENS = 512  # padded tokens per step (about 4 antibody chains): the cost of a step
+DEFAULT_KERNEL = "softmax"  # FAVOR+ features with a trained W and Ψ; "hedgehog" is the alternative (measured)
+
+
+@dataclass
+class LayerResult:
+    """One layer's transfer: the relative error ‖y − y_exact‖ / ‖y_exact‖ of its attention output on the
+    calibration tokens before and after, and the CPU-seconds it took (``resumed``: read back from a stopped run)."""
+
+    layer: int
+    error_before: float
+    error_after: float
+    seconds: float
+    resumed: bool = False
+
+
+class TransferError(ValueError):
+    """A model or input that attention transfer cannot use; the message says what to do."""
+
+
+def transfer_model(exact: PerformerLM, num_features: int, kernel: str = DEFAULT_KERNEL, seed: int = 0,
+                   features: str = "favor+") -> PerformerLM:
+    """``exact``'s network with FAVOR attention whose feature parameters can be trained (``config.transferred``):
+    every other weight is copied, the projections are drawn from ``seed``; ``features`` "oprf" / "oprf-rescaled"
+    (FAVOR++) are calibrated by :func:`transfer_attention` before it trains."""
+    if exact.config.depth == 0:
+        raise TransferError("the model has no attention layers to transfer")
+    if exact.config.transferred:
+        raise TransferError("the model is already transferred; transfer the original (exact) model instead")
+    draw = convert_attention(exact, "favor", num_features, kernel, seed=seed, features=features)  # pp-convert's
+    return _with_trainable_features(draw, seed)
+
+
+def _with_trainable_features(model: PerformerLM, seed: int) -> PerformerLM:
+    """The same model with ``transferred=True`` (the trained parameters at their start: Ψ = 1, W = I)."""
+    cfg = replace(model.config, transferred=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        new = PerformerLM(cfg)
+    state = new.state_dict()
+    state.update(model.state_dict())  # the source's weights and draw; the trained parameters keep their start
+    new.load_state_dict(state, strict=True)
+    return new.to(next(model.parameters()).device).eval()
+
+
+def calibration_batches(alphabet: Alphabet, records: Sequence[tuple[str, str]], cls: bool = True,
+                        max_len: int | None = None, max_tokens: int = DEFAULT_BATCH_TOKENS,
+                        device: str | torch.device = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(tokens (B, L), padding mask (B, L)) batches of ``<cls> residues <eos>`` rows (``cls=False``: without
+    ``<cls>``, the framing of GPT-2 models such as IgLM), cropped to ``max_len`` tokens, sorted by length and
+    packed to about ``max_tokens`` padded tokens each. Raises TransferError for no records."""
+    if not records:
+        raise TransferError("no sequences to transfer on; give a FASTA file with at least one record")
+    converter = alphabet.get_batch_converter(max_len)
+    rows = [converter([r])[2][0, 0 if cls else 1 :] for r in records]
+    rows.sort(key=len)
+    batches, start = [], 0
+    while start < len(rows):
+        end = start + 1
+        while end < len(rows) and (end + 1 - start) * len(rows[end]) <= max_tokens:
+            end += 1
+        tokens = torch.nn.utils.rnn.pad_sequence(rows[start:end], batch_first=True,
+                                                 padding_value=alphabet.padding_idx)
+        batches.append((tokens.to(device), (tokens == alphabet.padding_idx).to(device)))
+        start = end
+    return batches
+
+
+def feature_parameters(attn: MultiheadSelfAttention) -> dict[str, torch.nn.Parameter]:
+    """The trained parameters of one attention layer: the learned projection, log Ψ and W (whichever it has)."""
+    return {name: p for name, p in attn.named_parameters() if name in ("projection", "feature_scale",
+                                                                        "feature_weight")}
+
+
+def layer_inputs(exact: PerformerLM, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                 ) -> Iterator[list[torch.Tensor]]:
+    """Teacher forcing: the input of each attention layer of ``exact`` on every batch, one layer at a time
+    ([batch] (B, L, D) per layer), so memory holds one layer's inputs and hidden states, whatever the depth."""
+    with torch.no_grad():
+        hidden = [exact.embed(tokens, padding) for tokens, padding in batches]
+    for block in exact.layers:
+        captured: list[torch.Tensor] = []
+        hook = block.attn.register_forward_hook(lambda _m, args, _o, out=captured: out.append(args[0]))
+        try:
+            with torch.no_grad():
+                hidden = [block(h, padding) for h, (_, padding) in zip(hidden, batches, strict=True)]
+        finally:
+            hook.remove()
+        yield captured
+
+
+@dataclass
+class _Targets:
+    """A layer's fixed data on one batch: its split heads q, k, v (B, H, L, d), the exact output (B, L, D), the key
+    padding mask (B, L) and the real tokens' weights (B, L, 1)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    y: torch.Tensor
+    padding: torch.Tensor
+    real: torch.Tensor
+
+
+@torch.no_grad()
+def _targets(exact_attn: MultiheadSelfAttention, xs: list[torch.Tensor], paddings: list[torch.Tensor],
+             ) -> list[_Targets]:
+    out = []
+    for x, padding in zip(xs, paddings, strict=True):
+        q, k, v = exact_attn.split_heads(x)
+        out.append(_Targets(q, k, v, exact_attn(x, padding), padding, (~padding).unsqueeze(-1).to(x.dtype)))
+    return out
+
+
+def _relative_error(attn: MultiheadSelfAttention, data: list[_Targets]) -> torch.Tensor:
+    """‖y − y_exact‖² / ‖y_exact‖² over the real tokens of every batch (a 0-d tensor with gradient)."""
+    err = norm = 0.0
+    for t in data:
+        y = attn._merge(attn.favor(t.q, t.k, t.v, key_padding_mask=t.padding))
+        err = err + ((y - t.y).pow(2) * t.real).sum()
+        norm = norm + (t.y.pow(2) * t.real).sum()
+    return err / norm
+
+
+@torch.no_grad()
+def calibrate_scale(attn: MultiheadSelfAttention, data: list[_Targets]) -> None:
+    """SADERF's per-dimension rescaling as the start of Ψ: log Ψ_l = ¼ log(Σ k_l² / Σ q_l²) per head, over the real
+    tokens (it leaves every qᵀk unchanged and balances the norms the features see)."""
+    if attn.feature_scale is None or attn.features != "favor+":  # FAVOR++ has its own calibrated Ψ
+        return
+    q2 = sum((t.q.pow(2) * t.real.unsqueeze(1)).sum((0, 2)) for t in data)  # (H, d)
+    k2 = sum((t.k.pow(2) * t.real.unsqueeze(1)).sum((0, 2)) for t in data)
+    attn.feature_scale.copy_(0.25 * (k2.clamp_min(1e-12) / q2.clamp_min(1e-12)).log())
+
+
+def transfer_layer(attn: MultiheadSelfAttention, data: list[_Targets], steps: int, lr: float,
+                   progress: Callable[..., Iterable] | None = None, label: str = "") -> tuple[float, float]:
+    """Train one layer's feature parameters (Adam, cosine-decayed ``lr``, one batch of ``data`` per step, cycling);
+    (error before, after) on all of ``data``."""
+    calibrate_scale(attn, data)
+    params = list(feature_parameters(attn).values())
+    with torch.no_grad():
+        before = math.sqrt(float(_relative_error(attn, data)))
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
+    steps_iter = progress(range(steps), desc=label, leave=False) if progress else range(steps)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist()
+    running = before**2
+    for step in steps_iter:
+        opt.zero_grad(set_to_none=True)
+        loss = _relative_error(attn, [data[order[step % len(data)]]])  # one batch per step, in a fixed shuffle
+        loss.backward()
+        opt.step()
+        sched.step()
+        running = 0.9 * running + 0.1 * float(loss.detach())
+        if hasattr(steps_iter, "set_postfix_str") and step % 10 == 0:
+            steps_iter.set_postfix_str(f"error {before:.3f} -> {math.sqrt(running):.3f}", refresh=False)
+    with torch.no_grad():
+        after = math.sqrt(float(_relative_error(attn, data)))
+    return before, after
+
+
+def transfer_attention(
+    exact: PerformerLM,
+    model: PerformerLM,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    steps: int = DEFAULT_STEPS,
+    lr: float = DEFAULT_LR,
+    resume_dir: str | Path | None = None,
+    progress: Callable[..., Iterable] | None = None,
+    log: Callable[[str], None] | None = print,
+) -> list[LayerResult]:
+    """Fit ``model``'s feature parameters, layer by layer, to ``exact``'s attention on ``batches`` (in place).
+
+    Args:
+        exact: the source model (exact attention), in eval mode.
+        model: :func:`transfer_model` of it: the same weights, FAVOR attention with trainable features.
+        batches: (tokens (B, L), padding mask (B, L), True = padding) on the models' device.
+        steps, lr: Adam steps per layer (one batch each) and the starting learning rate (cosine decay to 0).
+        resume_dir: each finished layer's parameters and errors are saved here (``layer<i>.pt``, atomic) and read
+            back by a later call with the same settings, which then trains only the layers left.
+        progress: a tqdm-like wrapper for each layer's steps (``proteinperformer.progress.track``), or None.
+        log: where each layer's line ``layer i/n: attention-output relative error a -> b (s)`` goes, or None.
+    Returns:
+        one :class:`LayerResult` per layer. Only the feature parameters of ``model`` change (each layer's
+        ``projection`` of a learned map, ``feature_scale``, ``feature_weight``); ``config.transferred`` is True.
+    """
+    if not model.config.transferred:
+        raise TransferError("the model to train has no trainable features; build it with transfer_model()")
+    exact.eval()
+    model.eval()  # no dropout; the feature parameters still get gradients
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    folder = None if resume_dir is None else Path(resume_dir)
+    key = _fingerprint(exact, model, batches, steps, lr)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        settings = folder / "settings.json"
+        if not settings.is_file() or json.loads(settings.read_text()).get("key") != key:  # another run's: start over
+            for old in folder.glob("layer*.pt"):
+                old.unlink()
+            write_atomic(settings, lambda tmp: tmp.write_text(json.dumps({"key": key})))
+    if model.config.features != "favor+":  # FAVOR++: A and Ψ from these sequences, the start of the training
+        calibrate_features(model, [tokens for tokens, _ in batches])
+    paddings = [padding for _, padding in batches]
+    results = []
+    depth = len(model.layers)
+    try:
+        for i, (e_block, block, inputs) in enumerate(zip(exact.layers, model.layers, layer_inputs(exact, batches),
+                                                         strict=True)):
+            params = feature_parameters(block.attn)
+            saved = None if folder is None else folder / f"layer{i}.pt"
+            if saved is not None and saved.is_file():
+                done = torch.load(saved, map_location="cpu", weights_only=True)
+                with torch.no_grad():
+                    for name, p in params.items():
+                        p.copy_(done["parameters"][name])
+                result = LayerResult(i, done["error_before"], done["error_after"], done["seconds"], resumed=True)
+            else:
+                t0 = time.process_time()
+                for p in params.values():
+                    p.requires_grad_(True)
+                data = _targets(e_block.attn, inputs, paddings)
+                before, after = transfer_layer(block.attn, data, steps, lr, progress, f"layer {i + 1}/{depth}")
+                for p in params.values():
+                    p.requires_grad_(False)
+                result = LayerResult(i, before, after, time.process_time() - t0)
+                if saved is not None:
+                    state = {"parameters": {n: p.detach().cpu().clone() for n, p in params.items()}, **asdict(result)}
+                    write_atomic(saved, lambda tmp, state=state: torch.save(state, tmp))
+            results.append(result)
+            if log is not None:
+                how = "resumed" if result.resumed else f"{result.seconds:.1f} CPU-s"
+                log(f"layer {i + 1}/{depth}: attention-output relative error {result.error_before:.3f} -> "
+                    f"{result.error_after:.3f} ({how})")
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return results
+
+
+def _fingerprint(exact: PerformerLM, model: PerformerLM, batches, steps: int, lr: float) -> str:
+    """What a resumed run shares with the one it continues: config, checksums of weights, draw and data, settings."""
+    h = hashlib.sha256(json.dumps([model.config.to_dict(), steps, lr], sort_keys=True, default=str).encode())
+    for t in [*exact.state_dict().values(), *model.state_dict().values(), *(x for b in batches for x in b)]:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,307 @@
+"""FAVOR++ (optimal positive random features, OPRF) and per-dimension rescaling: statistics in float64 against the
+plain definition, the rewrite of q, k, P that feeds the FAVOR+ kernel in every path, calibration, checkpoints and
+the one-line errors of pp-convert --features / --calibrate."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from proteinperformer.attention import exact_attention, favor_attention, redraw_projections
+from proteinperformer.attention.oprf import (
+    feature_parameters,
+    oprf_features,
+    oprf_inputs,
+    optimal_a,
+    pair_moment_sums,
+)
+from proteinperformer.attention.projection import gaussian_projection
+from proteinperformer.attention.reference import favor_weights
+from proteinperformer.checkpoints import load_model, read_torch, save_checkpoint
+from proteinperformer.cli import convert
+from proteinperformer.model import ModelConfig, PerformerLM, calibrate_features, convert_attention
+
+D64 = torch.float64
+
+
+def definition(x: torch.Tensor, P: torch.Tensor, a: float) -> torch.Tensor:
+    """f(ω, x) = (1 − 4A)^(d/4) exp(A‖ω‖² + √(1 − 4A) ωᵀx − ‖x‖²/2), written out: (d,), (m, d) -> (m,)."""
+    d = x.shape[0]
+    out = torch.empty(P.shape[0], dtype=D64)
+    for j, w in enumerate(P):
+        out[j] = (1 - 4 * a) ** (d / 4) * math.exp(a * float(w @ w) + math.sqrt(1 - 4 * a) * float(w @ x)
+                                                   - float(x @ x) / 2)
+    return out
+
+
+def test_oprf_features_are_the_definition_and_unbiased() -> None:
+    g = torch.Generator().manual_seed(0)
+    d, m = 6, 200_000
+    x, y = torch.randn(2, d, generator=g, dtype=D64) * 0.6
+    P = torch.randn(m, d, generator=g, dtype=D64)
+    a = -0.2
+    fx, fy = oprf_features(x, P, a), oprf_features(y, P, a)
+    assert torch.allclose(fx[:50] * m**0.5, definition(x, P[:50], a), rtol=1e-12)
+    prod = fx * fy * m  # one unbiased sample of exp(xᵀy) per feature
+    mean, se = prod.mean(), prod.std() / m**0.5
+    assert abs(mean - math.exp(float(x @ y))) < 4 * se
+    assert se < 0.02 * mean  # the test can tell a biased map apart
+
+
+def test_optimal_a_lowers_the_variance_for_large_norms() -> None:
+    g = torch.Generator().manual_seed(1)
+    d, m = 8, 100_000
+    x = torch.randn(d, generator=g, dtype=D64)
+    x = x / x.norm() * 1.6
+    y = 0.8 * x + 0.3 * torch.randn(d, generator=g, dtype=D64)  # large norms, aligned: sharp attention
+    P = torch.randn(m, d, generator=g, dtype=D64)
+    a = float(optimal_a(torch.tensor(float((x + y) @ (x + y))), d))
+    assert a < -0.05
+    var = {A: (oprf_features(x, P, A) * oprf_features(y, P, A) * m).var() for A in (0.0, a)}
+    assert var[a] < 0.5 * var[0.0]
+
+
+def test_a_zero_is_favor_plus_and_psi_one_changes_nothing() -> None:
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 7, 8, generator=g, dtype=D64) for _ in range(3))
+    P = gaussian_projection(16, 8, generator=g).double()
+    qt, kt, Pt = oprf_inputs(q, k, P, torch.zeros(3, dtype=D64), torch.ones(3, 8, dtype=D64))
+    for causal in (False, True):
+        want = favor_attention(q, k, v, P, causal=causal)
+        assert torch.allclose(favor_attention(qt, kt, v, Pt, causal=causal), want, rtol=1e-10, atol=1e-12)
+
+
+def test_the_rewritten_inputs_give_the_oprf_definition() -> None:
+    """favor_weights on (q̃, k̃, P̃) equals attention weights built from f(ω, Ψx) f(ω, Ψ⁻¹y) of the definition."""
+    g = torch.Generator().manual_seed(3)
+    H, L, d, m = 2, 5, 4, 12
+    q, k = (torch.randn(1, H, L, d, generator=g, dtype=D64) * 1.5 for _ in range(2))
+    P = torch.randn(m, d, generator=g, dtype=D64)
+    a = torch.tensor([-0.3, -0.05], dtype=D64)
+    psi = torch.rand(H, d, generator=g, dtype=D64) + 0.5
+    w = favor_weights(*oprf_inputs(q, k, P, a, psi), causal=True)
+    for h in range(H):
+        x, y = q[0, h] * psi[h] * d**-0.25, k[0, h] / psi[h] * d**-0.25
+        fx = torch.stack([definition(xi, P, float(a[h])) for xi in x])
+        fy = torch.stack([definition(yi, P, float(a[h])) for yi in y])
+        want = (fx @ fy.T).tril()
+        want = want / want.sum(-1, keepdim=True)
+        assert (w[0, h] - want).abs().max() < 1e-4  # the kernel adds an ε = 1e-6 floor to every feature
+
+
+def test_rescaling_keeps_the_exact_attention_and_large_m_approaches_it() -> None:
+    """Ψ leaves qᵀk unchanged: with many features the rescaled FAVOR++ output approaches exact attention even for a
+    far-from-one Ψ (applying Ψ to both q and k, or not at all to k, would change the attention)."""
+    g = torch.Generator().manual_seed(4)
+    H, L, d = 2, 9, 4
+    q, k = (torch.randn(1, H, L, d, generator=g, dtype=D64) * 0.7 for _ in range(2))
+    v = torch.randn(1, H, L, 3, generator=g, dtype=D64)
+    psi = torch.tensor([[1.6, 0.6, 1.0, 1.3], [0.7, 0.8, 1.4, 1.0]], dtype=D64)
+    exact = exact_attention(q, k, v)
+    assert torch.allclose(exact_attention(q * psi[:, None], k / psi[:, None], v), exact)
+    P = gaussian_projection(8192, d, generator=g).double()
+    a = torch.full((H,), -0.1, dtype=D64)
+    qt, kt, Pt = oprf_inputs(q, k, P, a, psi)
+    assert (favor_attention(qt, kt, v, Pt) - exact).norm() / exact.norm() < 0.1  # measured 0.063 (A = 0: 0.18)
+    qt, kt, Pt = oprf_inputs(q, k * psi[:, None] ** 2, P, a, psi)  # Ψ on both q and k: another attention
+    assert (favor_attention(qt, kt, v, Pt) - exact).norm() / exact.norm() > 0.3  # measured 0.59
+
+
+def test_pair_moments_count_the_pairs_attention_sees() -> None:
+    g = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(2, 3, 6, 4, generator=g, dtype=D64) for _ in range(2))
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[1, 4:] = True
+    for causal in (False, True):
+        sums, pairs = pair_moment_sums(q, k, causal, mask)
+        want, n = torch.zeros(3, 3, 4, dtype=D64), 0
+        for b in range(2):
+            for i in range(6):
+                for j in range(6):
+                    if mask[b, i] or mask[b, j] or (causal and j > i):
+                        continue
+                    x, y = q[b, :, i] * 4**-0.25, k[b, :, j] * 4**-0.25
+                    want += torch.stack([x * x, y * y, x * y], 1)
+                    n += 1
+        assert float(pairs) == n and torch.allclose(sums, want)
+
+
+def tiny(causal: bool = True, features: str = "oprf-rescaled", kernel: str = "softmax", depth: int = 2) -> PerformerLM:
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=32, depth=depth, heads=2, ff_dim=64, attention="exact", kernel=kernel, causal=causal,
+                      num_features=32, max_positions=64)
+    exact = PerformerLM(cfg)
+    for p in exact.parameters():  # larger q/k than the 0.02 init: sharp attention, A* clearly below 0
+        p.data.mul_(8.0) if p.dim() == 2 else None
+    return convert_attention(exact, "favor", features=features).eval() if features else exact.eval()
+
+
+def calibrated(causal: bool = True) -> PerformerLM:
+    model = tiny(causal)
+    calibrate_features(model, [torch.randint(4, 24, (4, 30), generator=torch.Generator().manual_seed(6))])
+    return model
+
+
+def test_calibration_sets_a_and_psi_per_layer_and_head() -> None:
+    model = calibrated()
+    for block in model.layers:
+        attn = block.attn
+        assert attn.feature_a.shape == (2,) and (attn.feature_a < -1e-3).all()
+        a, psi = feature_parameters(attn.feature_moments.double(), "oprf-rescaled")
+        assert torch.allclose(attn.feature_a, a.float()) and not torch.allclose(psi, torch.ones_like(psi))
+    oprf = convert_attention(model, features="oprf")  # the statistics are kept; A computed without Ψ
+    assert torch.equal(oprf.layers[0].attn.feature_psi, torch.ones(2, 16))
+    assert torch.equal(oprf.layers[0].attn.feature_moments, model.layers[0].attn.feature_moments)
+
+
+def test_module_paths_agree_noncausal_causal_decoding_autocast_compile() -> None:
+    model = calibrated(causal=True)
+    attn = model.layers[1].attn
+    x = torch.randn(2, 11, 32, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        full = attn(x)
+        state, steps = attn.init_state(2), []
+        for t in range(11):
+            y, state = attn.step(x[:, t : t + 1], state)
+            steps.append(y)
+        assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+        attn.causal = False  # the same weights and statistics, bidirectional: its last row sees what causal's does
+        assert torch.allclose(attn(x)[:, -1], full[:, -1], atol=1e-5)
+        attn.causal = True
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = attn(x)
+        assert low.dtype == torch.bfloat16 and (low.float() - full).abs().max() < 0.05 * full.abs().max()
+    compiled = torch.compile(attn, backend="aot_eager", fullgraph=False)
+    y = compiled(x)
+    y.sum().backward()
+    assert torch.allclose(y, full, atol=1e-5) and torch.isfinite(attn.qkv.weight.grad).all()
+
+
+def test_attention_maps_use_the_features() -> None:
+    from proteinperformer.analysis.maps import attention_maps
+
+    model = calibrated(causal=False)
+    maps = attention_maps(model, "MKTAYIAKQRQISFVK")
+    favor_plus = attention_maps(convert_attention(model, features="favor+"), "MKTAYIAKQRQISFVK")
+    assert not torch.allclose(maps[0], favor_plus[0])
+    tokens = model.alphabet.get_batch_converter()([("a", "MKTAYIAKQRQISFVK")])[2]
+    layer = model.layers[0].attn
+    h = model.embed(tokens)
+    q, k, _ = layer.split_heads(model.layers[0].norm1(h))
+    with torch.no_grad():
+        want = favor_weights(*layer.feature_inputs(q, k))[0, :, 1:-1, 1:-1]
+    assert torch.allclose(maps[0], want.float(), atol=1e-5)
+
+
+def test_a_calibrated_checkpoint_keeps_its_statistics_and_old_checkpoints_load_identically(tmp_path: Path) -> None:
+    model = calibrated()
+    save_checkpoint(model, tmp_path / "c.ckpt", "test")
+    back = load_model(tmp_path / "c.ckpt")
+    for name, t in model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], t), name
+    tokens = torch.randint(4, 24, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(back(tokens)["logits"], model(tokens)["logits"])
+    old = convert_attention(model, features="favor+")  # a checkpoint from before the features field
+    save_checkpoint(old, tmp_path / "old.ckpt", "test")
+    ckpt = read_torch(tmp_path / "old.ckpt")
+    del ckpt["hyper_parameters"]["config"]["features"]
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    loaded = load_model(tmp_path / "old.ckpt")
+    assert loaded.config.features == "favor+" and loaded.state_dict().keys() == old.state_dict().keys()
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens)["logits"], old(tokens)["logits"])
+
+
+def test_training_from_scratch_updates_the_statistics_at_redraws_only() -> None:
+    """A batch's own statistics never change its own output: they wait for the next redraw."""
+    model = tiny(features="oprf").train()
+    tokens = torch.randint(4, 24, (3, 25), generator=torch.Generator().manual_seed(8))
+    before = model(tokens)["logits"]
+    attn = model.layers[0].attn
+    assert float(attn.pending_pairs) == 3 * 25 * 26 / 2 and float(attn.feature_pairs) == 0
+    assert torch.equal(model(tokens)["logits"], before)  # statistics pending, A still 0
+    assert redraw_projections(model, seed=0, step=1) == 2
+    assert (attn.feature_a < 0).all() and float(attn.pending_pairs) == 0 and "pending_moments" not in model.state_dict()
+    a = attn.feature_a.clone()
+    model(tokens)
+    redraw_projections(model, seed=0, step=2)
+    assert torch.allclose(attn.feature_a, a, rtol=1e-5)  # the same batch again: the running average stays
+
+
+# ----------------------------------------------------------------------------- pp-convert --features --calibrate
+
+FASTA = ">a\nMKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ\n>b\nMSEQNNTEMTFQIQRIYTKDISFEAPNAPHVFQKDW\n"
+
+
+@pytest.fixture
+def exact_ckpt(tmp_path: Path) -> Path:
+    return save_checkpoint(tiny(features=""), tmp_path / "exact.ckpt", "test")
+
+
+def error_of(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        convert.main(argv)
+    assert exc.value.code not in (0, None)
+    text = str(exc.value.code) if isinstance(exc.value.code, str) else capsys.readouterr().err
+    assert text.startswith("error: ") and len(text.strip().splitlines()) == 1
+    return text
+
+
+def test_convert_calibrates_and_every_loader_uses_the_frozen_statistics(exact_ckpt: Path, tmp_path: Path) -> None:
+    fasta = tmp_path / "cal.fasta"
+    fasta.write_text(FASTA)
+    out = tmp_path / "oprf.ckpt"
+    convert.main([str(exact_ckpt), str(out), "--features", "oprf", "--calibrate", str(fasta)])
+    model = load_model(out)
+    assert model.config.features == "oprf" and (model.layers[0].attn.feature_a < 0).all()
+    assert float(model.layers[0].attn.feature_pairs) == 35 * 36 / 2 + 38 * 39 / 2  # causal pairs of <cls>…<eos>
+    convert.main([str(exact_ckpt), "--report", str(fasta), "--features", "oprf-rescaled", "--calibrate", str(fasta),
+                  "--draws", "1", "--report-json", str(tmp_path / "r.json")])
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["features"] == "oprf-rescaled" and r["calibration"] == str(fasta) and len(r["layer_rel_error_mean"]) == 2
+    plain = load_model(out, features="favor+")
+    assert plain.config.features == "favor+" and torch.equal(plain.layers[0].attn.projection,
+                                                             model.layers[0].attn.projection)
+
+
+def test_convert_refuses_bad_calibration_input(exact_ckpt: Path, tmp_path: Path, capsys) -> None:
+    bad, empty = tmp_path / "bad.fasta", tmp_path / "empty.fasta"
+    bad.write_text(">a\nMKTAJYIAK\n")
+    empty.write_text("")
+    out = str(tmp_path / "o.ckpt")
+    base = [str(exact_ckpt), out, "--features", "oprf"]
+    assert "bad.fasta" in error_of(base + ["--calibrate", str(bad)], capsys)
+    assert "empty.fasta" in error_of(base + ["--calibrate", str(empty)], capsys)
+    assert "--calibrate" in error_of(base, capsys)  # no calibration: refused, not silently FAVOR+
+    relu = save_checkpoint(tiny(features="", kernel="relu"), tmp_path / "relu.ckpt", "test")
+    assert "relu" in error_of([str(relu), out, "--features", "oprf", "--calibrate", str(bad)], capsys)
+    flat = save_checkpoint(tiny(features="", depth=0), tmp_path / "flat.ckpt", "test")
+    assert "no attention layers" in error_of([str(flat), out, "--features", "oprf", "--calibrate", str(bad)], capsys)
+    assert not Path(out).exists()
+    with pytest.raises(ValueError, match="calibrate"):  # a tool asked for FAVOR++ on an uncalibrated model
+        load_model(exact_ckpt, attention="favor", features="oprf")
+
+
+def test_a_tagged_gpt2_model_calibrates_on_tagged_sequences_and_generates(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from proteinperformer.cli import generate
+    from tests.test_gpt2_import import SEQS, write_gpt2
+
+    write_gpt2(tmp_path / "iglm")
+    fasta = tmp_path / "tagged.fasta"
+    fasta.write_text("".join(f">s{i}\n{s}\n" for i, s in enumerate(SEQS)))
+    out = tmp_path / "iglm_oprf.ckpt"
+    convert.main([str(tmp_path / "iglm"), str(out), "--features", "oprf-rescaled", "--calibrate", str(fasta),
+                  "--num-features", "32"])
+    model = load_model(out)
+    lengths = [len(model.alphabet.encode(s)) + 2 for s in SEQS]  # tags are one token each; <cls> … <eos>
+    assert float(model.layers[0].attn.feature_pairs) == sum(n * (n + 1) / 2 for n in lengths)
+    samples = tmp_path / "samples.fasta"
+    generate.main([str(out), str(samples), "--prompt", "[HEAVY][HUMAN]EVQ", "--no-cls", "--num-samples", "2",
+                   "--max-length", "12", "--features", "oprf"])
+    assert samples.read_text().count(">") == 2
