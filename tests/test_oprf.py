@@ -279,7 +279,9 @@ def test_convert_refuses_bad_calibration_input(exact_ckpt: Path, tmp_path: Path,
     assert "empty.fasta" in error_of(base + ["--calibrate", str(empty)], capsys)
     assert "--calibrate" in error_of(base, capsys)  # no calibration: refused, not silently FAVOR+
     relu = save_checkpoint(tiny(features="", kernel="relu"), tmp_path / "relu.ckpt", "test")
-    assert "relu" in error_of([str(relu), out, "--features", "oprf", "--calibrate", str(bad)], capsys)
+    # an exact source converts to softmax by default (own_kernel); asking for relu with FAVOR++ is refused
+    assert "relu" in error_of([str(relu), out, "--kernel", "relu", "--features", "oprf", "--calibrate", str(bad)],
+                              capsys)
     flat = save_checkpoint(tiny(features="", depth=0), tmp_path / "flat.ckpt", "test")
     assert "no attention layers" in error_of([str(flat), out, "--features", "oprf", "--calibrate", str(bad)], capsys)
     assert not Path(out).exists()

@@ -275,7 +275,7 @@ def test_pp_embed_on_missing_gpu_is_one_line(tiny_checkpoint: Path, tmp_path: Pa
     fasta.write_text(">p1\nMKTAYIAKQ\n")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, "-m", "proteinperformer.cli.embed", str(tiny_checkpoint), str(fasta),
-                           str(tmp_path / "out"), "--device", "cuda", "--precision", "16"], cwd=ROOT, env=env,
+                           "--out", str(tmp_path / "out"), "--device", "cuda", "--precision", "16"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and proc.stderr.strip().startswith("error: a GPU was requested")
 
