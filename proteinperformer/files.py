@@ -17,6 +17,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -64,11 +65,24 @@ def _write_failure(err: BaseException) -> int | None:
     text = str(err).lower()
     if isinstance(err, OSError) and re.search(r"\d+ requested and \d+ written", text):  # numpy's short write
         return errno.ENOSPC
+    if "unexpected pos" in text:  # torch.save's zip writer after a short write (it keeps no errno)
+        return errno.ENOSPC
     for code, words in ((errno.ENOSPC, "no space left"), (errno.EDQUOT, "quota exceeded"),
                         (errno.EACCES, "permission denied"), (errno.EROFS, "read-only file system")):
         if words in text:
             return code
     return None
+
+
+def write_failure_message(err: BaseException, path: str | Path | None = None) -> str | None:
+    """``<reason> while writing PATH; <advice>`` for a full-disk / refused-write ``err`` (``path`` defaults to the
+    error's own file name), else None: also for writers outside this package (Lightning's loggers)."""
+    code = _write_failure(err)
+    path = path if path is not None else getattr(err, "filename", None)
+    if code is None or path is None:
+        return None
+    advice = "free space" if code in (errno.ENOSPC, errno.EDQUOT) else "choose a writable place"
+    return f"{WRITE_FAILURES[code]} while writing {path}; {advice} and rerun the same command"
 
 
 @contextmanager
@@ -79,12 +93,23 @@ def writing(path: str | Path) -> Iterator[None]:
     try:
         yield
     except (OSError, RuntimeError) as err:  # h5py and torch.save report a full disk as RuntimeError
-        code = _write_failure(err)
-        if code is None:
+        message = write_failure_message(err, path)
+        if message is None:
             raise
-        advice = "free space" if code in (errno.ENOSPC, errno.EDQUOT) else "choose a writable place"
-        raise WriteError(f"{WRITE_FAILURES[code]} while writing {path}; {advice} and rerun the same command",
-                         code) from err
+        raise WriteError(message, _write_failure(err)) from err
+
+
+def require_free_space(path: str | Path, nbytes: int) -> None:
+    """Raise the full-disk :class:`WriteError` for ``path`` unless its file system has ``nbytes`` free. For writers
+    that cannot fail safely mid-write: HDF5 crashes the process at exit (segmentation fault) once a write has hit
+    a full disk, so the HDF5 writer checks before each write instead."""
+    folder = Path(path).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < nbytes:
+        raise WriteError(f"{WRITE_FAILURES[errno.ENOSPC]} while writing {path} ({nbytes / 2**20:,.1f} MiB needed, "
+                         f"{free / 2**20:,.1f} MiB free); free space and rerun the same command", errno.ENOSPC)
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], Any]) -> Path:

@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 import torch
 
 from proteinperformer.data.store import StoreError
+from proteinperformer.files import write_failure_message
 from proteinperformer.model.precision import (
     DEVICE_CHOICES,
     INFERENCE_PRECISIONS,
@@ -86,6 +87,7 @@ def checked_device(args: argparse.Namespace) -> torch.device:
 def one_line(err: BaseException) -> str:
     """The message of ``err`` on one line (tracebacks and multi-line library messages are for --debug)."""
     text = " ".join(str(err).split()) or type(err).__name__
+    text = write_failure_message(err) or text  # a full disk / refused write in a library's writer: one wording
     if isinstance(err, FileNotFoundError) and err.filename:  # "[Errno 2] No such file or directory: 'x'"
         text = f"{err.filename}: no such file or directory"
     return text

@@ -209,8 +209,10 @@ class DivergenceStop(pl.Callback):
         step = trainer.global_step
         if not self._logging_step(trainer, step):
             return
+        # Under DDP only the all-reduced gradient norm decides (the same on every rank, so all ranks stop at the same
+        # step; a rank's own loss could stop it alone and hang the others): a NaN loss on any rank makes it NaN.
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if loss is not None and not math.isfinite(float(loss)):
+        if trainer.world_size == 1 and loss is not None and not math.isfinite(float(loss)):
             self._fail(trainer, pl_module, f"the loss is {float(loss)} at step {step}")
         norm, self._grad_norm = self._grad_norm, None
         if norm is not None and not math.isfinite(float(norm)):

@@ -155,7 +155,8 @@ def preprocess(
         return finished
     # a bad clusters file fails now, before any parsing (unknown members are found by finalize)
     cluster_table = ClusterTable.read(clusters_path) if clusters_path is not None else None
-    _check_config(out, config, overwrite)
+    with writing(out):  # a read-only or full place: one line naming the store
+        _check_config(out, config, overwrite)
     shard_root = out / "shards"
     total = sum(p.stat().st_size for p in paths)
     summaries: dict[str, dict] = {}
