@@ -290,18 +290,24 @@ def test_embed_on_a_full_disk(small_disk: Path, sample_fasta: Path, fmt: str) ->
         assert "representations" in torch.load(done, weights_only=True)
 
 
-def test_convert_and_checkpoints_on_a_full_disk(small_disk: Path, tmp_path: Path) -> None:
+def test_convert_on_a_full_disk(small_disk: Path) -> None:
     message = _one_line_error(convert_cli.main, [str(WEIGHTS), str(small_disk / "conv.ckpt")])
     assert f"no space left on device while writing {small_disk / 'conv.ckpt'}" in message
     assert not list(small_disk.iterdir())
+
+
+def test_checkpoints_on_a_full_disk(small_disk: Path, tmp_path: Path) -> None:
     run = small_disk / "run"
     free = shutil.disk_usage(small_disk).free
     (small_disk / "filler").write_bytes(b"\0" * (free - 64 * 1024))  # leave 64 KiB: a checkpoint needs more
     cfg = tiny_config(run, [*FAST, f"logger.csv.save_dir={tmp_path}"])  # the logger's own failure: test_one_line
-    with pytest.raises(OSError, match=r"no space left on device while writing .*step4.ckpt; nothing was written "
-                                      r"under that name; free space and resume with ckpt_path="):
+    with pytest.raises(OSError, match=r"no space left on device while writing .*\.ckpt; nothing was written under "
+                                      r"that name; free space and") as err:
         train(cfg)
-    assert not (run / "checkpoints").exists() or not list((run / "checkpoints").iterdir())
+    failed = Path(str(err.value).split(" while writing ")[1].split(";")[0])
+    assert not failed.exists() and not list(failed.parent.glob(".*.tmp"))
+    for kept in failed.parent.glob("*.ckpt"):  # whatever was written before is whole, and named in the message
+        assert torch.load(kept, weights_only=True)["global_step"] == 4 and f"ckpt_path={kept}" in str(err.value)
 
 
 def test_one_line_names_a_library_writers_full_disk() -> None:

@@ -136,8 +136,11 @@ def set_matmul_precision(precision: str | None) -> None:
 
 
 def _last_checkpoint(trainer: pl.Trainer) -> str:
-    """The newest ``last.ckpt`` any checkpoint callback wrote (or restored), "" when none."""
-    return next((c.last_model_path for c in trainer.checkpoint_callbacks if c.last_model_path), "")
+    """The ``last.ckpt`` a checkpoint callback wrote (or restored), else the newest periodic checkpoint (when
+    ``last.ckpt`` itself could not be written); only files on disk; "" when none."""
+    callbacks = trainer.checkpoint_callbacks
+    candidates = [c.last_model_path for c in callbacks] + [c.best_model_path for c in callbacks if c.monitor == "step"]
+    return next((p for p in candidates if p and Path(p).is_file()), "")
 
 
 def _fit(trainer: pl.Trainer, model: ProteinLM, datamodule, ckpt_path: str | None) -> None:
@@ -153,8 +156,9 @@ def _fit(trainer: pl.Trainer, model: ProteinLM, datamodule, ckpt_path: str | Non
                          f"resume with ckpt_path={last or 'PATH'}") from None
     except WriteError as err:
         last = _last_checkpoint(trainer)
-        raise WriteError(f"{str(err).split(';')[0]}; nothing was written under that name; free space and resume "
-                         f"with ckpt_path={last or 'PATH'}", err.errno) from err
+        then = f"resume with ckpt_path={last}" if last else "rerun the same command"
+        raise WriteError(f"{str(err).split(';')[0]}; nothing was written under that name; free space and {then}",
+                         err.errno) from err
 
 
 def train(cfg: DictConfig) -> dict:
