@@ -167,7 +167,8 @@ class DivergenceStop(pl.Callback):
     ``trainer.log_every_n_steps``, when Lightning reads the logged values anyway), so there is no extra device
     sync per step; the first non-finite value seen raises :class:`TrainingDiverged` naming the step and what to
     try. Every checkpoint save first checks that the weights are finite (one sync per save): a diverged model
-    is never written, so ``last.ckpt`` and every kept checkpoint stay the last good state.
+    is never written, so ``last.ckpt`` and every kept checkpoint stay the last good state. Under ``16-mixed`` the
+    gradient norm is not checked: the GradScaler skips steps with inf gradients itself (the loss still is).
 
     Args:
         max_skipped_steps: 0 (default) stops at the first non-finite value. N > 0 checks the gradient norm at
@@ -187,6 +188,8 @@ class DivergenceStop(pl.Callback):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         step = trainer.global_step + 1  # the step this update makes
+        if str(trainer.precision) == "16-mixed":  # fp16's GradScaler skips steps with inf gradients by design
+            return
         if not (self.max_skipped_steps > 0 or self._logging_step(trainer, step)):
             return
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
