@@ -66,11 +66,23 @@ def _default_config() -> DictConfig:
         return compose("train")
 
 
+def _hydra_overrides() -> list[str]:
+    """The ``key=value`` overrides of this pp-train command line ([] outside Hydra's app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
 def command_line_settings(cfg: DictConfig) -> dict[str, Any]:
-    """Dotted key -> value of every setting of ``cfg`` that differs from the default ``train.yaml``."""
+    """Dotted key -> value of every setting of ``cfg`` that differs from the default ``train.yaml``, and of every
+    ``key=value`` given on the pp-train command line (also one that equals the default)."""
     given = _flat(OmegaConf.to_container(cfg, resolve=False))
     default = _flat(OmegaConf.to_container(_default_config(), resolve=False))
-    return {k: v for k, v in given.items() if k not in default or default[k] != v}
+    settings = {k: v for k, v in given.items() if k not in default or default[k] != v}
+    for override in _hydra_overrides():
+        key = override.split("=", 1)[0].lstrip("+~")
+        settings.update({k: v for k, v in given.items() if k == key or k.startswith(key + ".")})
+    return settings
 
 
 def _set(cfg: DictConfig, key: str, value: Any) -> None:
