@@ -229,15 +229,16 @@ def test_sigkilled_preprocessing_reruns_to_the_same_store(tmp_path: Path, sample
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "proteinperformer.cli.preprocess",
                              *_store_args(sample_fasta, store)], env=env)
-    deadline = time.time() + 60
+    deadline = time.time() + 600  # (the child's imports can take long on a loaded machine)
     while time.time() < deadline and len(list((store / "shards").glob("0*"))) < 3 and proc.poll() is None:
         time.sleep(0.02)
     proc.kill()
     proc.wait()
-    assert not (store / "manifest.json").exists(), "killed before the end: the test needs a slower kill point"
+    finished = len(list((store / "shards").glob("0*")))
+    assert finished >= 1 and not (store / "manifest.json").exists(), "the kill must fall inside the parsing"
     preprocess_cli.main(_store_args(sample_fasta, store))
     manifest = json.loads((store / "manifest.json").read_text())
-    assert manifest["run"]["shards_reused"] >= 3
+    assert manifest["run"]["shards_reused"] == finished  # every finished shard reused, the rest redone
     assert _checksums(store) == _checksums(reference)
 
 
