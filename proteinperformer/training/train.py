@@ -166,12 +166,12 @@ def train(cfg: DictConfig) -> dict:
 
     With ``ckpt_path`` the run's saved settings are restored first (:mod:`proteinperformer.training.resume`)."""
     start = time.time()
+    if cfg.get("ckpt_path"):  # a resume checkpoint is read without running code, and fails in one line
+        cfg = resumed_config(cfg, read_torch(resolve_path(cfg.ckpt_path)))  # first: its trainer settings are checked
     # fail in one line, before any data is read, if this machine cannot run the requested accelerator/precision
     check_trainer(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("precision", "32-true"),
                   cfg.trainer.get("devices", 1))
     set_matmul_precision(cfg.trainer.get("matmul_precision"))
-    if cfg.get("ckpt_path"):  # a resume checkpoint is read without running code, and fails in one line
-        cfg = resumed_config(cfg, read_torch(resolve_path(cfg.ckpt_path)))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # quiet: a bad init_from then fails in one line
     log.info("seed %d", cfg.seed)
     output_dir = Path(cfg.output_dir)
