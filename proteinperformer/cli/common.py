@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from proteinperformer.files import write_failure_message
 from proteinperformer.options import DEVICE_CHOICES, FEATURES, INFERENCE_PRECISIONS, KERNELS
 
 if TYPE_CHECKING:
@@ -176,6 +177,7 @@ def checked_device(args: argparse.Namespace) -> torch.device:
 def one_line(err: BaseException) -> str:
     """The message of ``err`` on one line (tracebacks and multi-line library messages are for --debug)."""
     text = " ".join(str(err).split()) or type(err).__name__
+    text = write_failure_message(err) or text  # a full disk / refused write in a library's writer: one wording
     if isinstance(err, FileNotFoundError) and err.filename:  # "[Errno 2] No such file or directory: 'x'"
         text = f"{err.filename}: no such file or directory"
     return text

@@ -1,6 +1,7 @@
 """``pp-preprocess``: stream FASTA files (plain or .gz) into a sharded token store for training.
 
     pp-preprocess uniref50.fasta.gz --out stores/uniref50 --workers 8
+    pp-preprocess --verify stores/uniref50     # recompute every checksum (exit 1 naming each damaged file)
 
 The pipeline, the store layout and resuming are described in :mod:`proteinperformer.data.store.preprocess`.
 """
@@ -8,6 +9,8 @@ The pipeline, the store layout and resuming are described in :mod:`proteinperfor
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 from collections.abc import Sequence
 
 from proteinperformer.cli.common import Parser, run_command, summary
@@ -15,8 +18,10 @@ from proteinperformer.cli.common import Parser, run_command, summary
 
 def create_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="pp-preprocess", description=summary(__doc__))
-    parser.add_argument("inputs", nargs="+", help="FASTA files (.fasta / .fasta.gz)")
-    parser.add_out("output store directory", required=True)
+    parser.add_argument("inputs", nargs="*", help="FASTA files (.fasta / .fasta.gz)")
+    parser.add_out("output store directory (required unless --verify)")
+    parser.add_argument("--verify", metavar="STORE", default=None,
+                        help="check a finished store: recompute every checksum, name each damaged or missing file")
     parser.add_argument("--workers", type=int, default=1, help="parse processes (1 = in this process)")
     parser.add_argument("--chunk-mb", type=float, default=32, help="FASTA megabytes per shard")
     parser.add_argument("--on-invalid", choices=("error", "skip"), default="error",
@@ -39,10 +44,32 @@ def create_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Build (or finish) the store; print its counts; returns the manifest."""
-    from proteinperformer.data.store.preprocess import preprocess
+def verify(store: str, progress: bool) -> dict:
+    """``--verify``: print the damaged files and exit 1, or print the rate and return the manifest."""
+    from proteinperformer.data.store import StoreError, TokenStore
 
+    start = time.perf_counter()
+    opened = TokenStore(store, check_sizes=False)  # refuses a store without a manifest
+    problems = opened.damaged_files(progress=progress)
+    size = sum(p.stat().st_size for p, _ in opened.checksummed_files() if p.exists())
+    if problems:
+        for line in problems:
+            print(f"damaged: {line}", file=sys.stderr)
+        raise StoreError(f"{store}: {len(problems)} damaged or missing file(s) (listed above); copy the store again "
+                         "or rerun pp-preprocess with the same arguments")
+    seconds = time.perf_counter() - start
+    print(f"{store}: intact ({len(opened.checksummed_files())} files, {size / 1e6:,.1f} MB, "
+          f"{size / 1e6 / max(seconds, 1e-9):,.0f} MB/s)")
+    return opened.manifest
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Build (or finish) the store, or verify one; print its counts; returns the manifest."""
+    if args.verify:
+        return verify(args.verify, progress=not args.quiet)
+    if not args.inputs or not args.out:
+        raise ValueError("give FASTA files and --out STORE (or --verify STORE)")
+    from proteinperformer.data.store.preprocess import preprocess
     manifest = preprocess(
         args.inputs, args.out, workers=args.workers, chunk_mb=args.chunk_mb, on_invalid=args.on_invalid,
         min_len=args.min_length, max_len=args.max_length, dedup=args.dedup, on_duplicate_id=args.on_duplicate_id,

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from proteinperformer.files import write_atomic
+from proteinperformer.files import require_free_space, write_atomic
 
 SHARD_DIR = "shards"
 KINDS = {"mean_representations": "mean", "bos_representations": "bos", "representations": "per_tok"}
@@ -109,6 +109,10 @@ class ShardWriter:
         proteins with ``lengths`` residues (the stored per-residue rows when there are any)."""
         if not records:
             return
+        # HDF5 cannot survive a write onto a full disk (the process segfaults at exit): check first, with room for
+        # one new ~1 MiB chunk per dataset and the file's metadata
+        arrays = sum(t.numel() * self.dtype.itemsize for r in records for k in KINDS for t in r.get(k, {}).values())
+        require_free_space(self.path, arrays + (2 + sum(len(records[0].get(k, {})) for k in KINDS)) * 2**20)
         if self.file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.file = _h5py().File(self.path, "w")
@@ -166,6 +170,8 @@ def link_shards(outdir: Path) -> int:
     lengths = np.concatenate([ln for _, _, ln, _ in shards]) if shards else np.zeros(0, np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     contact_offsets = np.concatenate([[0], np.cumsum(lengths**2)]).astype(np.int64)
+    # labels, offsets and the virtual datasets' mappings (HDF5 must not meet a full disk: see ShardWriter.write)
+    require_free_space(outdir / "embeddings.h5", 2**20 + total * (64 + 16 * (len(names) + 2)))
 
     def write(tmp: Path) -> None:
         with h5py.File(tmp, "w", libver="latest") as out:

@@ -1,6 +1,6 @@
 """Training callbacks: FAVOR+ feature redraw, throughput (non-pad tokens/s, peak GPU memory), per-batch RNG
-seeding, and a periodic ModelCheckpoint whose ``last.ckpt`` is always the state at the end of training (the
-progress display is :func:`proteinperformer.progress.progress_bar`).
+seeding, a periodic ModelCheckpoint whose ``last.ckpt`` is always the state at the end of training (also after a
+SIGTERM), and the divergence stop (the progress display is :func:`proteinperformer.progress.progress_bar`).
 
 They are Lightning callbacks, configured in ``conf/callbacks/default.yaml`` next to Lightning's own
 (ModelCheckpoint, LearningRateMonitor, progress bar).
@@ -8,6 +8,7 @@ They are Lightning callbacks, configured in ``conf/callbacks/default.yaml`` next
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytorch_lightning as pl
@@ -133,7 +134,8 @@ class PeriodicCheckpoint(ModelCheckpoint):
     ``last.ckpt`` at the previous save, and resuming from it repeated up to N steps of work. Here the batch
     that ends training also saves ``last.ckpt``, from ``on_train_batch_end`` like the periodic saves: a
     checkpoint written later (``on_train_end``) records the epoch as finished, and a resumed run would start
-    a new epoch instead of continuing this one. Arguments are ModelCheckpoint's.
+    a new epoch instead of continuing this one. A SIGTERM (Lightning stops after the current batch) saves
+    ``last.ckpt`` the same way, so a preempted run resumes from it. Arguments are ModelCheckpoint's.
     """
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
@@ -141,7 +143,9 @@ class PeriodicCheckpoint(ModelCheckpoint):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         # Timer (max_time) sets should_stop in its on_train_batch_end, which Lightning runs before any
         # ModelCheckpoint's; max_steps is reached when this step is the last one.
-        if trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step:
+        # A SIGTERM (SLURM preemption, kill) is noted by Lightning's signal handler, which ends training after
+        # this batch: save here, at the point where periodic saves resume exactly.
+        if trainer.should_stop or trainer.received_sigterm or 0 <= trainer.max_steps <= trainer.global_step:
             self._save_last_if_new(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -153,3 +157,89 @@ class PeriodicCheckpoint(ModelCheckpoint):
         if self.save_last and not trainer.fast_dev_run and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             self._last_global_step_saved = trainer.global_step
+
+
+class TrainingDiverged(ValueError):
+    """The loss or the gradient norm is not finite (one line: the step and what to try)."""
+
+
+class DivergenceStop(pl.Callback):
+    """Stop training at the first non-finite loss or gradient norm, and never save non-finite weights.
+
+    The loss and the gradient norm are read on the host only at logging steps (every
+    ``trainer.log_every_n_steps``, when Lightning reads the logged values anyway), so there is no extra device
+    sync per step; the first non-finite value seen raises :class:`TrainingDiverged` naming the step and what to
+    try. Every checkpoint save first checks that the weights are finite (one sync per save): a diverged model
+    is never written, so ``last.ckpt`` and every kept checkpoint stay the last good state. Under ``16-mixed`` the
+    gradient norm is not checked: the GradScaler skips steps with inf gradients itself (the loss still is).
+
+    Args:
+        max_skipped_steps: 0 (default) stops at the first non-finite value. N > 0 checks the gradient norm at
+            every step (one host read per step) and skips up to N steps whose gradients are not finite (no
+            optimizer update: their gradients are dropped), then stops; for bf16/fp16 runs with rare overflows.
+    """
+
+    def __init__(self, max_skipped_steps: int = 0) -> None:
+        super().__init__()
+        self.max_skipped_steps = max_skipped_steps
+        self.skipped = 0
+        self._grad_norm: torch.Tensor | None = None
+
+    @staticmethod
+    def _logging_step(trainer: pl.Trainer, step: int) -> bool:
+        return trainer.log_every_n_steps > 0 and step % trainer.log_every_n_steps == 0
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        step = trainer.global_step + 1  # the step this update makes
+        if str(trainer.precision) == "16-mixed":  # fp16's GradScaler skips steps with inf gradients by design
+            return
+        if not (self.max_skipped_steps > 0 or self._logging_step(trainer, step)):
+            return
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        if self.max_skipped_steps <= 0:
+            self._grad_norm = norm  # read at this step's on_train_batch_end (a logging step)
+            return
+        if not bool(torch.isfinite(norm)):  # the per-step host read that skipping needs
+            self.skipped += 1
+            if self.skipped > self.max_skipped_steps:
+                self._fail(trainer, pl_module, f"the gradient norm is {float(norm)} at step {step} "
+                           f"({self.skipped - 1} non-finite steps skipped before)")
+            for p in pl_module.parameters():  # AdamW leaves a parameter without a gradient untouched
+                p.grad = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if not self._logging_step(trainer, step):
+            return
+        # Under DDP only the all-reduced gradient norm decides (the same on every rank, so all ranks stop at the same
+        # step; a rank's own loss could stop it alone and hang the others): a NaN loss on any rank makes it NaN.
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if trainer.world_size == 1 and loss is not None and not math.isfinite(float(loss)):
+            self._fail(trainer, pl_module, f"the loss is {float(loss)} at step {step}")
+        norm, self._grad_norm = self._grad_norm, None
+        if norm is not None and not math.isfinite(float(norm)):
+            self._fail(trainer, pl_module, f"the gradient norm is {float(norm)} at step {step}")
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        weights = [t for t in checkpoint.get("state_dict", {}).values() if torch.is_tensor(t) and t.is_floating_point()]
+        if weights and not bool(torch.stack([torch.isfinite(t).all() for t in weights]).all()):
+            self._fail(trainer, pl_module, f"the weights are not finite at step {trainer.global_step} (found when "
+                       "saving a checkpoint, which was not written)")
+
+    def _fail(self, trainer: pl.Trainer, pl_module: pl.LightningModule, what: str) -> None:
+        kept = next((c.last_model_path for c in trainer.checkpoint_callbacks if c.last_model_path), "")
+        hp = pl_module.hparams
+        precision = str(trainer.precision)
+        then = (f"kept: {kept}; resume from it with ckpt_path={kept} and the change" if kept
+                else "no checkpoint was saved yet; rerun with the change")
+        raise TrainingDiverged(
+            f"training diverged: {what} (checked every trainer.log_every_n_steps={trainer.log_every_n_steps} "
+            f"steps); {then}. Try a lower model.lr (now {hp.get('lr')}), a smaller trainer.gradient_clip_val "
+            f"(now {trainer.gradient_clip_val})"
+            + (f", trainer.precision=32-true instead of {precision}" if precision != "32-true" else "")
+            + ", or callbacks.divergence.max_skipped_steps=N to skip up to N non-finite steps"
+        )

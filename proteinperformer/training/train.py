@@ -19,14 +19,17 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from proteinperformer.checkpoints import load_model, read_torch
 from proteinperformer.data.sources import FastaSource
 from proteinperformer.data.unigram import unigram_description
-from proteinperformer.files import resolve_path, write_json_atomic
+from proteinperformer.files import WriteError, resolve_path, write_json_atomic
 from proteinperformer.progress.lightning import lightning_notices_silenced
+from proteinperformer.training.checkpoint_io import AtomicCheckpointIO
 from proteinperformer.training.lm import ProteinLM
 from proteinperformer.training.precision import check_trainer
+from proteinperformer.training.resume import resumed_config, save_run_config
 
 log = logging.getLogger("proteinperformer.training.train")
 
@@ -135,26 +138,54 @@ def set_matmul_precision(precision: str | None) -> None:
     torch.set_float32_matmul_precision(precision)
 
 
+def _last_checkpoint(trainer: pl.Trainer) -> str:
+    """The ``last.ckpt`` a checkpoint callback wrote (or restored), else the newest periodic checkpoint (when
+    ``last.ckpt`` itself could not be written); only files on disk; "" when none."""
+    callbacks = trainer.checkpoint_callbacks
+    candidates = [c.last_model_path for c in callbacks] + [c.best_model_path for c in callbacks if c.monitor == "step"]
+    return next((p for p in candidates if p and Path(p).is_file()), "")
+
+
+def _fit(trainer: pl.Trainer, model: ProteinLM, datamodule, ckpt_path: str | None) -> None:
+    """``trainer.fit``; a SIGTERM (preemption) ends in one line naming the saved ``last.ckpt`` (PeriodicCheckpoint
+    saved it after the last finished batch), a full disk in one line naming the file and the checkpoint to resume
+    from."""
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        last = _last_checkpoint(trainer)
+        raise SystemExit(f"stopped by SIGTERM at step {trainer.global_step}; saved {last or 'no checkpoint'}; "
+                         f"resume with ckpt_path={last or 'PATH'}") from None
+    except WriteError as err:
+        last = _last_checkpoint(trainer)
+        then = f"resume with ckpt_path={last}" if last else "rerun the same command"
+        raise WriteError(f"{str(err).split(';')[0]}; nothing was written under that name; free space and {then}",
+                         err.errno) from err
+
+
 def train(cfg: DictConfig) -> dict:
     """Fit a model from a composed config; returns the final metrics (also written to metrics.json). Lightning's
     banners, tips and third-party deprecation warnings are shown only with ``verbose=true``
-    (:func:`~proteinperformer.progress.lightning.lightning_notices_silenced`)."""
+    (:func:`~proteinperformer.progress.lightning.lightning_notices_silenced`).
+
+    With ``ckpt_path`` the run's saved settings are restored first (:mod:`proteinperformer.training.resume`)."""
     with lightning_notices_silenced(cfg.get("verbose", False)):
-        return _fit(cfg)
+        return _train(cfg)
 
 
-def _fit(cfg: DictConfig) -> dict:
+def _train(cfg: DictConfig) -> dict:
     start = time.time()
+    if cfg.get("ckpt_path"):  # a resume checkpoint is read without running code, and fails in one line
+        cfg = resumed_config(cfg, read_torch(resolve_path(cfg.ckpt_path)))  # first: its trainer settings are checked
     # fail in one line, before any data is read, if this machine cannot run the requested accelerator/precision
     check_trainer(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("precision", "32-true"),
                   cfg.trainer.get("devices", 1))
     set_matmul_precision(cfg.trainer.get("matmul_precision"))
-    if cfg.get("ckpt_path"):  # a resume checkpoint is read without running code, and fails in one line
-        read_torch(resolve_path(cfg.ckpt_path))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # quiet: a bad init_from then fails in one line
     log.info("seed %d", cfg.seed)
     output_dir = Path(cfg.output_dir)
     net = _init_weights_from(cfg)
+    save_run_config(cfg, output_dir)  # what a resume from this run's checkpoints restores
     log.info("data: %s", cfg.data._target_)
     datamodule = _instantiate_data(cfg)
     model = _instantiate_model(cfg, net)
@@ -166,17 +197,21 @@ def _fit(cfg: DictConfig) -> dict:
     loggers = _instantiate_all(cfg.get("logger"))
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)  # resolved here: ${output_dir} is at the root
     trainer_cfg.pop("matmul_precision", None)  # torch's setting (set above), not a Trainer argument
-    trainer: pl.Trainer = hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
+    trainer: pl.Trainer = hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False,
+                                                  plugins=[AtomicCheckpointIO()])
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     ckpt_path = str(resolve_path(cfg.ckpt_path)) if cfg.get("ckpt_path") else None
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    _fit(trainer, model, datamodule, ckpt_path)
 
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None else ""
+    if best and not Path(best).is_file():  # a resumed run's "best" may be one top-k deleted since: validate now
+        log.info("best checkpoint %s no longer exists; validating the final weights", best)
+        best = ""
     # read before validate(): loading the best checkpoint restores the callbacks' state as it was then
-    last = next((c.last_model_path for c in trainer.checkpoint_callbacks if c.last_model_path), "")
+    last = _last_checkpoint(trainer)
     final = trainer.validate(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0]
     metrics = {
         "val_acc": final.get("val/acc"),

@@ -19,6 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from proteinperformer.data.fasta import Block, parse_block
+from proteinperformer.data.store.reader import StoreError, check_shard_sizes
+from proteinperformer.files import writing
 
 
 def prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
@@ -79,6 +81,15 @@ def process_block(block: Block, file_index: int, shard_root: str, on_invalid: st
     name = shard_name(file_index, block.index)
     final = Path(shard_root) / name
     tmp = Path(shard_root) / f".{name}.tmp-{os.getpid()}"
+    try:
+        with writing(final):  # a full disk or a refused write: one line naming the shard
+            return _write_shard(parsed, block, file_index, name, tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the shard is redone by the next run
+        raise
+
+
+def _write_shard(parsed, block: Block, file_index: int, name: str, tmp: Path, final: Path) -> dict:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -118,5 +129,14 @@ def process_block(block: Block, file_index: int, shard_root: str, on_invalid: st
 
 
 def load_shard_summary(shard_root: Path, name: str) -> dict | None:
+    """The summary of a finished shard, or None when it is missing or damaged (truncated files: then it is
+    rebuilt)."""
     path = shard_root / name / "shard.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    try:
+        check_shard_sizes(shard_root.parent, [summary])
+    except StoreError:
+        return None
+    return summary

@@ -46,8 +46,8 @@ from proteinperformer.data.fasta import FastaFormatError, iter_blocks, open_fast
 from proteinperformer.data.store.build import load_shard_summary, prefetch, process_block, shard_name
 from proteinperformer.data.store.clusters import ClusterTable, file_digest
 from proteinperformer.data.store.finalize import finalize, read_holdout
-from proteinperformer.data.store.reader import STORE_VERSION, StoreError
-from proteinperformer.files import write_text_atomic
+from proteinperformer.data.store.reader import STORE_VERSION, StoreError, check_shard_sizes
+from proteinperformer.files import write_text_atomic, writing
 from proteinperformer.progress import track
 
 SHARD_VERSION = 1  # layout of shards/ (config.json): shards of this version are reused across store versions
@@ -73,7 +73,8 @@ def finished_store(out: Path, config: dict, requested: dict) -> dict | None:
     try:
         manifest = json.loads((out / "manifest.json").read_text())
         same_inputs = json.loads((out / "config.json").read_text()) == config
-    except (OSError, ValueError):
+        check_shard_sizes(out, manifest["shards"])  # a damaged shard: resume, which rebuilds it
+    except (OSError, ValueError, KeyError, StoreError):
         return None
     if same_inputs and manifest.get("version") == STORE_VERSION and manifest.get("finalize_args") == requested:
         manifest["run"] = {**manifest.get("run", {}), "finalize_skipped": True}
@@ -154,7 +155,8 @@ def preprocess(
         return finished
     # a bad clusters file fails now, before any parsing (unknown members are found by finalize)
     cluster_table = ClusterTable.read(clusters_path) if clusters_path is not None else None
-    _check_config(out, config, overwrite)
+    with writing(out):  # a read-only or full place: one line naming the store
+        _check_config(out, config, overwrite)
     shard_root = out / "shards"
     total = sum(p.stat().st_size for p in paths)
     summaries: dict[str, dict] = {}
@@ -203,21 +205,22 @@ def preprocess(
         bar.close()
     ordered = [summaries[k] for k in sorted(summaries)]  # (a file without records failed in iter_blocks)
     parse_seconds = time.perf_counter() - t0
-    manifest = finalize(
-        out,
-        ordered,
-        min_len=min_len,
-        max_len=max_len,
-        dedup=dedup,
-        on_duplicate_id=on_duplicate_id,
-        holdout=holdout_set,
-        valid_frac=valid_frac,
-        test_frac=test_frac,
-        split_seed=split_seed,
-        pool=pool,
-        finalize_args=requested,
-        clusters=cluster_table,
-    )
+    with writing(out):
+        manifest = finalize(
+            out,
+            ordered,
+            min_len=min_len,
+            max_len=max_len,
+            dedup=dedup,
+            on_duplicate_id=on_duplicate_id,
+            holdout=holdout_set,
+            valid_frac=valid_frac,
+            test_frac=test_frac,
+            split_seed=split_seed,
+            pool=pool,
+            finalize_args=requested,
+            clusters=cluster_table,
+        )
     if pool is not None:
         pool.shutdown()
     manifest["run"] = {

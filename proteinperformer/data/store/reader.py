@@ -39,6 +39,36 @@ class StoreError(RuntimeError):
     """A token store is missing, incomplete, inconsistent or was started with other arguments."""
 
 
+DAMAGED_ADVICE = ("check the store with pp-preprocess --verify STORE; copy it again or rerun pp-preprocess with the "
+                  "same arguments (it rebuilds what is missing)")
+
+
+def npy_nbytes(path: Path) -> tuple[tuple[int, ...], int]:
+    """(shape, expected file size) of a ``.npy`` file from its header alone (one small read)."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+        return shape, f.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+
+
+def check_shard_sizes(root: Path, shards: Sequence[dict]) -> None:
+    """Raise :class:`StoreError` naming the first shard file whose size or shape does not match the manifest
+    (truncated or half-copied): two header reads per shard, no data read."""
+    for shard in shards:
+        folder = root / "shards" / shard["name"]
+        for fname, want in (("tokens.npy", (shard["residues"],)), ("offsets.npy", (shard["sequences"] + 1,))):
+            path = folder / fname
+            try:
+                shape, size = npy_nbytes(path)
+                actual = path.stat().st_size
+            except (OSError, ValueError) as err:
+                raise StoreError(f"{path}: missing or unreadable ({err}); {DAMAGED_ADVICE}") from err
+            if tuple(shape) != want or actual != size:
+                raise StoreError(f"{path}: {actual:,} bytes, the manifest needs {size:,} (shape {want}): the file is "
+                                 f"truncated or damaged; {DAMAGED_ADVICE}")
+
+
 class ShardReader:
     """Sequences of a list of shards addressed by global row id (shard order, then position in shard).
 
@@ -63,6 +93,9 @@ class ShardReader:
         self.starts = np.asarray(starts, dtype=np.int64)  # len(names) + 1 cumulative row counts
         self.offsets_path = None if offsets_path is None else Path(offsets_path)
         self.max_open = max_open
+        from proteinperformer.tokenizer import Alphabet
+
+        self.n_tokens = len(Alphabet().all_toks)
         self._offsets: np.ndarray | None = None
         self._open: OrderedDict[int, tuple[np.ndarray, np.ndarray | None]] = OrderedDict()
 
@@ -81,9 +114,11 @@ class ShardReader:
             self._open.move_to_end(s)
             return self._open[s]
         folder = self.root / "shards" / self.names[s]
-        # a plain ndarray view of the memmap: slicing it is cheaper than slicing np.memmap
-        tokens = np.load(folder / "tokens.npy", mmap_mode="r").view(np.ndarray)
-        local = np.load(folder / "offsets.npy", mmap_mode="r") if self.offsets_path is None else None
+        try:  # a plain ndarray view of the memmap: slicing it is cheaper than slicing np.memmap
+            tokens = np.load(folder / "tokens.npy", mmap_mode="r").view(np.ndarray)
+            local = np.load(folder / "offsets.npy", mmap_mode="r") if self.offsets_path is None else None
+        except (OSError, ValueError) as err:
+            raise StoreError(f"{folder}: shard unreadable ({err}); {DAMAGED_ADVICE}") from err
         self._open[s] = (tokens, local)
         while len(self._open) > self.max_open:  # dropping the last reference unmaps and closes the file
             self._open.popitem(last=False)
@@ -99,7 +134,14 @@ class ShardReader:
             j = r - int(self.starts[s])
             return tokens[int(local[j]) : int(local[j + 1])]
         base = int(self.offsets[self.starts[s]])
-        return tokens[int(self.offsets[r]) - base : int(self.offsets[r + 1]) - base]
+        lo, hi = int(self.offsets[r]) - base, int(self.offsets[r + 1]) - base
+        seq = tokens[lo:hi]
+        # a damaged shard is an error naming it, never a silent garbage batch: the row must lie inside the file
+        # and hold token ids of the alphabet (one pass over a few hundred bytes)
+        if len(seq) != hi - lo or hi < lo or (len(seq) and int(seq.max()) >= self.n_tokens):
+            raise StoreError(f"{self.root / 'shards' / self.names[s] / 'tokens.npy'}: row {r} is damaged (out of "
+                             f"the file or not token ids); {DAMAGED_ADVICE}")
+        return seq
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_offsets": None, "_open": OrderedDict()}
@@ -108,7 +150,7 @@ class ShardReader:
 class TokenStore:
     """A finished token store: its manifest, shards and per-split indices (see the module docstring)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, check_sizes: bool = True) -> None:
         self.path = Path(path)
         manifest_path = self.path / "manifest.json"
         if not self.path.is_dir():
@@ -130,6 +172,8 @@ class TokenStore:
         if self.manifest["alphabet"] != Alphabet().all_toks:
             raise StoreError(f"{self.path}: written with another alphabet; re-run pp-preprocess")
         shards = self.manifest["shards"]
+        if check_sizes:  # a truncated or half-copied shard is refused at once, by name (no data read)
+            check_shard_sizes(self.path, shards)
         starts = np.zeros(len(shards) + 1, dtype=np.int64)
         np.cumsum([s["sequences"] for s in shards], out=starts[1:])
         self.shards = ShardReader(self.path, [s["name"] for s in shards], starts, self.path / "index" / "offsets.npy")
@@ -174,25 +218,50 @@ class TokenStore:
             parts.append(pd.concat([meta, extra], axis=1).assign(shard=name))
         return pd.concat(parts, ignore_index=True)
 
+    def checksummed_files(self) -> list[tuple[Path, str]]:
+        """(path, CRC-32 hex the manifest records) of every shard and index file."""
+        files = [(self.path / "shards" / shard["name"] / fname, expected)
+                 for shard in self.manifest["shards"] for fname, expected in shard["checksums"].items()]
+        return files + [(self.path / "index" / fname, expected)
+                        for fname, expected in self.manifest["index_checksums"].items()]
+
     def verify(self) -> None:
-        """Recompute the CRC-32 of every shard and index file and compare with the manifest."""
-        for shard in self.manifest["shards"]:
-            for fname, expected in shard["checksums"].items():
-                got = _file_crc(self.path / "shards" / shard["name"] / fname)
-                if got != expected:
-                    raise StoreError(f"{self.path}/shards/{shard['name']}/{fname}: checksum {got} != {expected}")
-        for fname, expected in self.manifest["index_checksums"].items():
-            got = _file_crc(self.path / "index" / fname)
-            if got != expected:
-                raise StoreError(f"{self.path}/index/{fname}: checksum {got} != {expected}")
+        """Raise :class:`StoreError` naming every damaged or missing file (:meth:`damaged_files`)."""
+        problems = self.damaged_files()
+        if problems:
+            raise StoreError(f"{len(problems)} damaged file(s): " + "; ".join(problems))
+
+    def damaged_files(self, progress: bool = False) -> list[str]:
+        """Recompute the CRC-32 of every shard and index file; returns one line per damaged or missing file
+        (empty: the store is intact). ``progress``: a bar in bytes."""
+        from proteinperformer.progress import track
+
+        files = self.checksummed_files()
+        sizes = [p.stat().st_size if p.exists() else 0 for p, _ in files]
+        problems = []
+        with track(total=sum(sizes), unit="B", unit_scale=True, desc="verify", disable=not progress) as bar:
+            for (path, expected), size in zip(files, sizes, strict=True):
+                try:
+                    got = _file_crc(path)
+                except (OSError, ValueError) as err:
+                    problems.append(f"{path}: missing or unreadable ({' '.join(str(err).split())})")
+                else:
+                    if got != expected:
+                        problems.append(f"{path}: checksum {got}, the manifest says {expected} (damaged)")
+                bar.update(size)
+        return problems
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_accessions": None}
 
 
-def _file_crc(path: Path) -> str:
-    array = np.load(path, mmap_mode="r")
-    return f"{zlib.crc32(memoryview(np.ascontiguousarray(array)).cast('B')):08x}"
+def _file_crc(path: Path, block: int = 1 << 24) -> str:
+    """CRC-32 of a ``.npy`` file's array bytes (as finalize records it), read in 16 MiB blocks."""
+    flat = np.load(path, mmap_mode="r").reshape(-1).view(np.uint8)
+    crc = 0
+    for lo in range(0, len(flat), block):
+        crc = zlib.crc32(memoryview(np.ascontiguousarray(flat[lo : lo + block])), crc)
+    return f"{crc:08x}"
 
 
 class StoreSequences:
