@@ -318,3 +318,19 @@ def test_one_line_names_a_library_writers_full_disk() -> None:
     err = OSError(28, "No space left on device", "runs/x/csv/metrics.csv")
     assert one_line(err) == ("no space left on device while writing runs/x/csv/metrics.csv; free space and rerun the "
                              "same command")
+
+
+def test_score_on_a_full_disk(small_disk: Path, tmp_path: Path) -> None:
+    """pp-score writes its CSV through the same atomic writer: one line, and no scored CSV that looks complete."""
+    from proteinperformer.checkpoints import save_checkpoint
+    from proteinperformer.cli import score as score_cli
+    from tests.test_score import WT, _dms, tiny_model
+
+    ckpt = save_checkpoint(tiny_model(), tmp_path / "m.ckpt", "test")
+    free = shutil.disk_usage(small_disk).free
+    (small_disk / "filler").write_bytes(b"\0" * free)  # nothing left
+    out = small_disk / "scored.csv"
+    message = _one_line_error(score_cli.main, [str(ckpt), str(_dms(tmp_path)), "--out", str(out), "--sequence", WT,
+                                               "--offset-idx", "24", "--no-baselines", "--device", "cpu"])
+    assert f"no space left on device while writing {out}" in message
+    assert not out.exists() and not list(small_disk.glob(".*.tmp*"))
