@@ -48,3 +48,15 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_run")
     metrics = train(tiny_config(out, ["model.config.positions=sinusoidal"]))
     return Path(metrics["best_checkpoint"] or metrics["last_checkpoint"])
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo(request):
+    """Each compiling test starts from an empty torch.compile cache: after another test compiled the same FAVOR+
+    code with other shapes, dynamo marks them dynamic, and tracing the causal kernel's backward symbolically takes
+    many minutes (sympy)."""
+    if "compile" in request.node.name:
+        import torch._dynamo
+
+        torch._dynamo.reset()
+    yield
