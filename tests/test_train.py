@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from proteinperformer.training.callbacks import TrainingDiverged
 from proteinperformer.training.train import train
 from tests.conftest import ROOT, tiny_config
 
@@ -116,15 +116,17 @@ class Diverge(pl.Callback):
                 p.fill_(float("nan"))
 
 
-def test_diverged_run_reports_nan_perplexity(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """NaN validation used to log nothing, and ModelCheckpoint(monitor='val/ppl') crashed with "could not find
-    the monitored key"; now the run finishes, reports val_ppl = nan and says it diverged."""
+def test_diverged_weights_stop_the_run_in_one_line(tmp_path: Path) -> None:
+    """Weights turned NaN (as an fp16 overflow would): the run used to finish and report val_ppl = nan; now it stops
+    in one line naming the step (issue 33), and no checkpoint with non-finite weights is written."""
     overrides = ["trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=1",
                  f"+callbacks.diverge._target_={__name__}.Diverge"]
-    with caplog.at_level("WARNING", logger="proteinperformer.training.train"):
-        metrics = train(tiny_config(tmp_path, overrides))
-    assert math.isnan(metrics["val_ppl"]) and metrics["global_step"] == 3
-    assert "training diverged" in caplog.text
+    with pytest.raises(TrainingDiverged, match="training diverged: the weights are not finite at step 3") as err:
+        train(tiny_config(tmp_path, overrides))
+    assert "\n" not in str(err.value) and "model.lr" in str(err.value)
+    for ckpt in tmp_path.rglob("*.ckpt"):
+        state = torch.load(ckpt, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
 
 
 @pytest.mark.parametrize("task", ["mlm", "clm"])
