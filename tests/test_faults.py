@@ -29,22 +29,12 @@ from proteinperformer.training.callbacks import TrainingDiverged
 from proteinperformer.training.resume import ResumeMismatch
 from proteinperformer.training.train import train
 from tests.conftest import ROOT, SAMPLE_FASTA, tiny_config
+from tests.test_resume import LossRecorder
 
 WEIGHTS = ROOT / "weights" / "pp_mlm_relu_2.7M.ckpt"
 FAST = ["data.max_sequences=150", "trainer.max_steps=12", "trainer.val_check_interval=6",
         "trainer.limit_val_batches=2", "trainer.log_every_n_steps=3",
         "callbacks.periodic_checkpoint.every_n_train_steps=4", "model.config.dropout=0.1"]
-
-
-class LossRecorder(pl.Callback):
-    """Append ``{"step", "loss"}`` per optimizer step to a JSON-lines file."""
-
-    def __init__(self, path: str) -> None:
-        self.path = Path(path)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": trainer.global_step, "loss": float(outputs["loss"])}) + "\n")
 
 
 class PoisonWeights(pl.Callback):

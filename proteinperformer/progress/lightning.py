@@ -54,17 +54,10 @@ def lightning_notices_silenced(verbose: bool = False) -> Iterator[None]:
                 logger.setLevel(level)
 
 
-class LogLineProgressBar(ProgressBar):
-    """Training progress for log files (SLURM, nohup): one plain line every ``every_seconds`` and after each
-    validation, ``step 1200/4000 (30%) epoch 0 | train/loss 2.812 val/ppl 16.93 | 0:05:12 elapsed``. A tqdm bar
-    there would append one carriage-return refresh after another to a single ever-growing line."""
+class _SwitchableBar(ProgressBar):
+    """The on/off switch Lightning asks of a progress bar (``enable``/``disable``/``is_enabled``)."""
 
-    def __init__(self, every_seconds: float = LOG_EVERY_SECONDS) -> None:
-        super().__init__()
-        self.every_seconds = every_seconds
-        self._enabled = True
-        self._start = self._last = time.monotonic()
-        self._last_step = -1
+    _enabled = True
 
     @property
     def is_enabled(self) -> bool:
@@ -75,6 +68,19 @@ class LogLineProgressBar(ProgressBar):
 
     def enable(self) -> None:
         self._enabled = True
+
+
+class LogLineProgressBar(_SwitchableBar):
+    """Training progress for log files (SLURM, nohup): one plain line every ``every_seconds`` and after each
+    validation, ``step 1200/4000 (30%) epoch 0 | train/loss 2.812 val/ppl 16.93 | 0:05:12 elapsed``. A tqdm bar
+    there would append one carriage-return refresh after another to a single ever-growing line."""
+
+    def __init__(self, every_seconds: float = LOG_EVERY_SECONDS) -> None:
+        super().__init__()
+        self.every_seconds = every_seconds
+        self._enabled = True
+        self._start = self._last = time.monotonic()
+        self._last_step = -1
 
     def _line(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
         total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
@@ -106,7 +112,7 @@ class LogLineProgressBar(ProgressBar):
             self._emit(trainer, pl_module)
 
 
-class ItemProgressBar(ProgressBar):
+class ItemProgressBar(_SwitchableBar):
     """``Trainer.predict`` progress counted in items of each batch (``len(batch)``: sequences) against a total
     known before it starts: :func:`~proteinperformer.progress.track` on global rank zero, so a bar on a terminal
     and a line every ``LOG_EVERY_SECONDS`` in a log (``embedding: 40%|... 4000/10000 [01:10<01:45, 57 seq/s]``).
@@ -118,16 +124,6 @@ class ItemProgressBar(ProgressBar):
         self.total, self.desc, self.unit = total, desc, unit
         self._enabled = True
         self._bar = None
-
-    @property
-    def is_enabled(self) -> bool:
-        return self._enabled
-
-    def disable(self) -> None:
-        self._enabled = False
-
-    def enable(self) -> None:
-        self._enabled = True
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._enabled and trainer.is_global_zero:
