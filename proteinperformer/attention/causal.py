@@ -74,6 +74,31 @@ def _states(kv: torch.Tensor, a: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     return S
 
 
+def _document_prefix(x: torch.Tensor, doc: torch.Tensor, doc_in: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """Σ_{j≤i, same document} x_j over one group in natural layout: x (N, G, e), doc (G,), doc_in (0-d) the
+    document before the group, C (N, 1, e) that document's sum so far -> (N, G, e). A segmented cumsum: the
+    group's cumsum minus its value where i's document starts (cumsums stay group-local, G positions)."""
+    N, G, e = x.shape
+    pos = torch.arange(G, device=x.device)
+    start = torch.where(doc != torch.cat([doc_in.view(1), doc[:-1]]), pos, 0).cummax(0).values  # (G,)
+    cs = torch.cat([x.new_zeros(N, 1, e), x.cumsum(1)], dim=1)  # (N, G+1, e): cs[p] = Σ_{j<p} x_j
+    carried = (doc == doc_in).unsqueeze(-1).to(x.dtype)  # positions continuing the document before the group
+    return (cs[:, 1:] - cs[:, start]).addcmul_(carried, C)
+
+
+def _document_prefix_backward(dp: torch.Tensor, doc: torch.Tensor, doc_in: torch.Tensor, U: torch.Tensor):
+    """Gradients of _document_prefix wrt x and C, given dp (N, G, e) and U (N, 1, e), the gradient of the group's
+    last prefix (the C of the next group): Σ_{i≥j, same document} dp_i, a reversed segmented cumsum."""
+    N, G, e = dp.shape
+    pos = torch.arange(G, device=dp.device)
+    dp = torch.cat([dp[:, :-1], dp[:, -1:] + U], dim=1)
+    end = torch.where(doc[:-1] != doc[1:], pos[:-1] + 1, G)  # (G-1,) one past i's document's last position
+    end = torch.cat([end, pos.new_full((1,), G)]).flip(0).cummin(0).values.flip(0)
+    rs = torch.cat([dp.flip(1).cumsum(1).flip(1), dp.new_zeros(N, 1, e)], dim=1)  # rs[p] = Σ_{i≥p} dp_i
+    dx = rs[:, :-1] - rs[:, end]
+    return dx, dx[:, :1] * (doc[0] == doc_in).to(dx.dtype)
+
+
 def _group_forward(Q, K, V, decays, H):
     """One group: Q, K (n, N, T, m), V (n, N, T, e), H (N, m, e) entering -> O (n, N, T, e), H leaving."""
     D, wq, wk, a = decays
@@ -118,6 +143,15 @@ class _Groups:
     def __call__(self, x: torch.Tensor, gi: int) -> torch.Tensor:
         """Group gi of x (N, L, ·) as a (n, N, T, ·) view."""
         return _chunked(x, self.T, self.G, gi)
+
+    def natural(self, x: torch.Tensor, gi: int) -> torch.Tensor:
+        """Group gi of x (N, L, ·) in natural layout (N, G, ·): a view."""
+        return x[:, gi * self.G : (gi + 1) * self.G]
+
+    @staticmethod
+    def chunk_major(x: torch.Tensor, n: int) -> torch.Tensor:
+        """(N, G, ·) -> its chunk-major view (n, N, G/n, ·)."""
+        return x.view(x.shape[0], n, -1, *x.shape[2:]).transpose(0, 1)
 
     def doc_before(self, gi: int) -> torch.Tensor:
         """The document of the position before group gi (−1 before the first)."""
@@ -190,9 +224,9 @@ class _SoftmaxCausal(torch.autograd.Function):
             Hs[gi], Cs[gi] = H, C
             O, H = _group_forward(Q, K, v1g * u, groups.decays(gi, gc, g_in), H)
             feats += [K, u]
-            ones = Q.new_ones(n, N, T, 1)
-            prefix, C = _group_forward(ones, ones, v1g, groups.plain(gi, N, q), C)  # Σ_{j≤i} v1_j in the document
-            O.addcmul_(Q.sum(-1, keepdim=True), prefix, value=SOFTMAX_EPS)  # the ε floor of φ(k)
+            prefix = _document_prefix(groups.natural(v1, gi), groups.doc[gi].flatten(), groups.doc_before(gi), C)
+            C = prefix[:, -1:]  # Σ_{j≤i} v1_j in the document, (N, G, e+1)
+            O.addcmul_(Q.sum(-1, keepdim=True), groups.chunk_major(prefix, n), value=SOFTMAX_EPS)  # ε floor of φ(k)
             dg = O[..., -1:].clamp_min(_NO_KEY)
             groups(den, gi).copy_(dg)
             torch.div(O[..., :-1], dg, out=groups(out, gi))
@@ -218,15 +252,17 @@ class _SoftmaxCausal(torch.autograd.Function):
             n, _, T = gc.shape
             g_in = gc.new_full((N,), _NEG) if gi == 0 else groups(g, gi - 1)[-1, :, -1]
             dQ, dK, dV, U = _group_backward(Q, K, v1g * u, groups.decays(gi, gc, g_in), Hs[gi], dO, U)
-            # the ε floor of φ(k): o += ε (Σ_f Q_f) prefix, prefix = the plain core on v1 (recomputed)
-            ones, flat = Q.new_ones(n, N, T, 1), groups.plain(gi, N, q)
-            prefix, _ = _group_forward(ones, ones, v1g, flat, Cs[gi])
+            # the ε floor of φ(k): o += ε (Σ_f Q_f) prefix, prefix = the document's prefix sum of v1 (recomputed)
+            docg, doc_in = groups.doc[gi].flatten(), groups.doc_before(gi)
+            prefix = groups.chunk_major(_document_prefix(groups.natural(v1, gi), docg, doc_in, Cs[gi]), n)
             dQ.add_(SOFTMAX_EPS * (dO * prefix).sum(-1, keepdim=True))
-            _, _, dVe, Uc = _group_backward(ones, ones, v1g, flat, Cs[gi], dO * Q.sum(-1, keepdim=True), Uc)
+            dp = (dO * Q.sum(-1, keepdim=True)).transpose(0, 1).reshape(N, -1, dO.shape[-1])
+            dVe, Uc = _document_prefix_backward(dp, docg, doc_in, Uc)
             # d/d logits: φ(q) − ε = p_q up to the row scale, φ(k) − ε = p_k·u (u is in the core's V: dK carries it)
             groups(dq, gi).copy_(PositiveRandomFeatures.augmented_logits_backward(dQ.mul_(p), qg, Pa))
             groups(dk, gi).copy_(PositiveRandomFeatures.augmented_logits_backward(dK.mul_(K), kg, Pa))
-            groups(dv1, gi).copy_(dV.mul_(u).add_(dVe, alpha=SOFTMAX_EPS))
+            groups(dv1, gi).copy_(dV.mul_(u))
+            groups.natural(dv1, gi).add_(dVe, alpha=SOFTMAX_EPS)
         dv = dv1[..., :-1]
         if mask is not None:
             dv = dv.masked_fill(mask.unsqueeze(-1), 0.0)
