@@ -99,36 +99,51 @@ def _document_prefix_backward(dp: torch.Tensor, doc: torch.Tensor, doc_in: torch
     return dx, dx[:, :1] * (doc[0] == doc_in).to(dx.dtype)
 
 
+def _mm(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b for (n, N, r, s) @ (n, N, s, t) as one bmm over n·N matrices (a copy only where a's or b's leading dims
+    do not fold); acc (n, N, r, t) contiguous: the product is added into it in place (baddbmm), which is returned."""
+    a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+    if acc is None:
+        return torch.bmm(a3, b3).view(*a.shape[:-1], b.shape[-1])
+    acc.view(-1, *acc.shape[-2:]).baddbmm_(a3, b3)
+    return acc
+
+
 def _group_forward(Q, K, V, decays, H):
-    """One group: Q, K (n, N, T, m), V (n, N, T, e), H (N, m, e) entering -> O (n, N, T, e), H leaving."""
+    """One group: Q, K (n, N, T, m), V (n, N, T, e), H (N, m, e) entering -> O (n, N, T, e), H leaving and the
+    masked intra-chunk scores A = (Q Kᵀ)∘D (n, N, T, T), which _group_backward can take instead of recomputing."""
     D, wq, wk, a = decays
-    O = (Q @ K.transpose(-1, -2)).mul_(D) @ V  # intra-chunk
-    S = _states(K.transpose(-1, -2) @ (V * wk.unsqueeze(-1)), a, H)
-    O.add_((Q @ S[:-1]).mul_(wq.unsqueeze(-1)))  # earlier chunks
-    return O, S[-1]
+    A = _mm(Q, K.mT).mul_(D)
+    O = _mm(A, V)  # intra-chunk
+    S = _states(_mm(K.mT, V * wk.unsqueeze(-1)), a, H)
+    O.add_(_mm(Q, S[:-1]).mul_(wq.unsqueeze(-1)))  # earlier chunks
+    return O, S[-1], A
 
 
-def _group_backward(Q, K, V, decays, H, dO, U):
-    """Gradients of _group_forward wrt Q, K, V, given dO (n, N, T, e) and U (N, m, e), the gradient of the state
-    leaving the group; returns dQ, dK (n, N, T, m), dV (n, N, T, e) and the gradient of the entering state."""
+def _group_backward(Q, K, V, decays, H, dO, U, A=None):
+    """Gradients of _group_forward wrt Q, K, V, given dO (n, N, T, e), U (N, m, e), the gradient of the state
+    leaving the group, and A, the forward's masked scores (None: recomputed); returns dQ, dK (n, N, T, m),
+    dV (n, N, T, e) and the gradient of the entering state."""
     D, wq, wk, a = decays
+    dO = dO.contiguous()
     Vk = V * wk.unsqueeze(-1)
-    S = _states(K.transpose(-1, -2) @ Vk, a, H)  # the forward states, recomputed
-    Sc = (Q @ K.transpose(-1, -2)).mul_(D)
-    dV = Sc.transpose(-1, -2) @ dO
-    dS = (dO @ V.transpose(-1, -2)).mul_(D)
-    dQ, dK = dS @ K, dS.transpose(-1, -2) @ Q
-    del Sc, dS
+    S = _states(_mm(K.mT, Vk), a, H)  # the forward states, recomputed
+    if A is None:
+        A = _mm(Q, K.mT).mul_(D)
+    dV = _mm(A.mT, dO)
+    dS = _mm(dO, V.mT).mul_(D)
+    dQ, dK = _mm(dS, K), _mm(dS.mT, Q)
+    del A, dS
     dOq = dO * wq.unsqueeze(-1)
-    dQ.add_(dOq @ S[:-1].transpose(-1, -2))
+    _mm(dOq, S[:-1].mT, acc=dQ)
     # R[c] = d/dS[c] = a_c R[c+1] + Q_cᵀ dOq_c, backwards from R[n] = U
-    qdo = Q.transpose(-1, -2) @ dOq  # (n, N, m, e)
+    qdo = _mm(Q.mT, dOq)  # (n, N, m, e)
     R = torch.empty_like(S)
     R[-1] = U
     for c in reversed(range(qdo.shape[0])):
         torch.addcmul(qdo[c], R[c + 1], a[c, :, None, None], out=R[c])
-    dK.add_(Vk @ R[1:].transpose(-1, -2))
-    dV.add_((K @ R[1:]).mul_(wk.unsqueeze(-1)))
+    _mm(Vk, R[1:].mT, acc=dK)
+    dV.add_(_mm(K, R[1:]).mul_(wk.unsqueeze(-1)))
     return dQ, dK, dV, R[0]
 
 
@@ -209,7 +224,7 @@ class _SoftmaxCausal(torch.autograd.Function):
         Hs = q.new_empty(groups.n_groups, N, P.shape[0], v1.shape[-1])  # the state entering each group
         Cs = q.new_empty(groups.n_groups, N, 1, v1.shape[-1])  # the prefix sum of v1 entering each group
         H, C, g_in = q.new_zeros(Hs.shape[1:]), q.new_zeros(Cs.shape[1:]), q.new_full((N,), _NEG)
-        feats = []  # per group: K and u, kept for the backward pass (queries are recomputed there)
+        feats = []  # per group: K, u and the masked scores A, kept for the backward pass (queries are recomputed there)
         for gi in range(groups.n_groups):
             mg = None if mask is None else groups(mask, gi)
             Q, qmax = _query_features(groups(q, gi), Pa)
@@ -222,8 +237,8 @@ class _SoftmaxCausal(torch.autograd.Function):
             gc.copy_(gg.view(N, n, T).transpose(0, 1))
             v1g, u = groups(v1, gi), torch.exp(lse - gc).unsqueeze(-1)
             Hs[gi], Cs[gi] = H, C
-            O, H = _group_forward(Q, K, v1g * u, groups.decays(gi, gc, g_in), H)
-            feats += [K, u]
+            O, H, A = _group_forward(Q, K, v1g * u, groups.decays(gi, gc, g_in), H)
+            feats += [K, u, A]
             prefix = _document_prefix(groups.natural(v1, gi), groups.doc[gi].flatten(), groups.doc_before(gi), C)
             C = prefix[:, -1:]  # Σ_{j≤i} v1_j in the document, (N, G, e+1)
             O.addcmul_(Q.sum(-1, keepdim=True), groups.chunk_major(prefix, n), value=SOFTMAX_EPS)  # ε floor of φ(k)
@@ -248,10 +263,10 @@ class _SoftmaxCausal(torch.autograd.Function):
             qg, kg, gc, v1g = groups(q, gi), groups(k, gi), groups(g, gi), groups(v1, gi)
             dO = _normaliser_backward(groups(grad, gi), groups(out, gi), groups(den, gi))  # (n, N, T, e+1)
             p, qmax = _query_features(qg, Pa)  # recomputed
-            Q, (K, u) = p + SOFTMAX_EPS * qmax, feats[2 * gi : 2 * gi + 2]
+            Q, (K, u, A) = p + SOFTMAX_EPS * qmax, feats[3 * gi : 3 * gi + 3]
             n, _, T = gc.shape
             g_in = gc.new_full((N,), _NEG) if gi == 0 else groups(g, gi - 1)[-1, :, -1]
-            dQ, dK, dV, U = _group_backward(Q, K, v1g * u, groups.decays(gi, gc, g_in), Hs[gi], dO, U)
+            dQ, dK, dV, U = _group_backward(Q, K, v1g * u, groups.decays(gi, gc, g_in), Hs[gi], dO, U, A)
             # the ε floor of φ(k): o += ε (Σ_f Q_f) prefix, prefix = the document's prefix sum of v1 (recomputed)
             docg, doc_in = groups.doc[gi].flatten(), groups.doc_before(gi)
             prefix = groups.chunk_major(_document_prefix(groups.natural(v1, gi), docg, doc_in, Cs[gi]), n)
@@ -282,7 +297,7 @@ class _CausalLinear(torch.autograd.Function):
         Hs = []
         for gi in range(groups.n_groups):
             Hs.append(H)
-            Og, H = _group_forward(groups(Q, gi), groups(K, gi), groups(V, gi), groups.plain(gi, N, Q), H)
+            Og, H, _ = _group_forward(groups(Q, gi), groups(K, gi), groups(V, gi), groups.plain(gi, N, Q), H)
             groups(O, gi).copy_(Og)
         ctx.save_for_backward(Q, K, V, doc, *Hs)
         ctx.chunk, ctx.group = chunk, group
