@@ -4,13 +4,14 @@ A naive cumsum materialises L·m·e (performer-pytorch's CPU path: 9.6 GiB at 16
 Positive random features (kernel "softmax") take a fused autograd Function with the running key stabiliser that
 builds the features group by group as row softmaxes (the key features are kept for the backward pass, the query
 features are built again there); every other feature map goes through its ``features`` and the same scan with no
-stabiliser (_CausalLinear). Packed documents (``cu_seqlens``): the prefix sums, the state and the running key
+stabiliser (_linear_causal_forward). Packed documents (``cu_seqlens``): the prefix sums, the state and the running key
 stabiliser all restart at each document's first position, so every document gets exactly what it would get alone.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from .features import _NEG, SOFTMAX_EPS, FeatureMap, PositiveRandomFeatures
 from .normaliser import _NO_KEY, _normalise, _normaliser_backward, _values_with_ones
@@ -99,21 +100,26 @@ def _document_prefix_backward(dp: torch.Tensor, doc: torch.Tensor, doc_in: torch
     return dx, dx[:, :1] * (doc[0] == doc_in).to(dx.dtype)
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
+def _mm(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None = None, out: torch.Tensor | None = None):
     """a @ b for (n, N, r, s) @ (n, N, s, t) as one bmm over n·N matrices (a copy only where a's or b's leading dims
-    do not fold); acc (n, N, r, t) contiguous: the product is added into it in place (baddbmm), which is returned."""
+    do not fold); acc (n, N, r, t) contiguous: the product is added into it in place (baddbmm), which is returned;
+    out (n, N, r, t) contiguous: the product is written there."""
     a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+    if out is not None:
+        torch.bmm(a3, b3, out=out.view(-1, *out.shape[-2:]))
+        return out
     if acc is None:
         return torch.bmm(a3, b3).view(*a.shape[:-1], b.shape[-1])
     acc.view(-1, *acc.shape[-2:]).baddbmm_(a3, b3)
     return acc
 
 
-def _group_forward(Q, K, V, decays, H):
+def _group_forward(Q, K, V, decays, H, A_out=None):
     """One group: Q, K (n, N, T, m), V (n, N, T, e), H (N, m, e) entering -> O (n, N, T, e), H leaving and the
-    masked intra-chunk scores A = (Q Kᵀ)∘D (n, N, T, T), which _group_backward can take instead of recomputing."""
+    masked intra-chunk scores A = (Q Kᵀ)∘D (n, N, T, T), which _group_backward can take instead of recomputing
+    (written into A_out when given)."""
     D, wq, wk, a = decays
-    A = _mm(Q, K.mT).mul_(D)
+    A = _mm(Q, K.mT, out=A_out).mul_(D)
     O = _mm(A, V)  # intra-chunk
     S = _states(_mm(K.mT, V * wk.unsqueeze(-1)), a, H)
     O.add_(_mm(Q, S[:-1]).mul_(wq.unsqueeze(-1)))  # earlier chunks
@@ -189,13 +195,14 @@ def _query_features(q: torch.Tensor, Pa: torch.Tensor) -> tuple[torch.Tensor, to
     return p, p.amax(-1, keepdim=True)
 
 
-def _key_features(k: torch.Tensor, Pa: torch.Tensor, mask: torch.Tensor | None):
+def _key_features(k: torch.Tensor, Pa: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor | None = None):
     """Positive random features of keys: k (n, N, T, d), mask (n, N, T) or None -> p = softmax_f(ω·k')
     (n, N, T, m), the key's log Σ_f exp(ℓ_f) and its largest logit max_f ℓ_f (n, N, T), ℓ = ω·k' − ‖k'‖²/2, so
-    φ(k) − ε = p·exp(lse − c) for any stabiliser c. A padded key has lse = −inf and largest logit −1e30."""
+    φ(k) − ε = p·exp(lse − c) for any stabiliser c. A padded key has lse = −inf and largest logit −1e30. out: where
+    p is written (n, N, T, m), or None."""
     y = k @ Pa[:, :-1].T
     top, idx = y.max(-1, keepdim=True)
-    p = torch.softmax(y, -1)
+    p = torch.softmax(y, -1) if out is None else torch.ops.aten._softmax.out(y, -1, False, out=out)
     top = top.add_((k * k).sum(-1, keepdim=True) * Pa[0, -1]).squeeze(-1)
     lse = top - p.gather(-1, idx).squeeze(-1).log()
     if mask is not None:
@@ -203,121 +210,196 @@ def _key_features(k: torch.Tensor, Pa: torch.Tensor, mask: torch.Tensor | None):
     return p, lse, top
 
 
-class _SoftmaxCausal(torch.autograd.Function):
+def _softmax_causal_forward(q: Tensor, k: Tensor, v: Tensor, P: Tensor, mask: Tensor | None, doc: Tensor, chunk: int,
+                            group: int) -> tuple[Tensor, ...]:
     """FAVOR+ causal softmax attention on flattened (N, L, ·) inputs, L % group == 0, group % chunk == 0.
 
     Per key, φ(k_j) − ε relative to the stabiliser c_i = g_i equals p_j·exp(lse_j − g_j)·exp(g_j − g_i): the
     scalar u_j = exp(lse_j − g_j) ≤ m goes into the values and exp(g_j − g_i) is the core's decay. ε floors: φ(q)'s
-    is in Q; φ(k)'s adds ε·(Σ_f Q_if)·Σ_{j≤i} [v_j, 1], the same core with one feature of 1 and no decay.
-    Everything is done group by group: features, core, ε floor and normaliser in the forward pass; recomputed
-    features, normaliser gradient, core gradients and logit gradients in the backward pass.
+    is in Q; φ(k)'s adds ε·(Σ_f Q_if)·Σ_{j≤i} [v_j, 1], a per-document prefix sum (_document_prefix).
+    Everything is done group by group: features, core, ε floor and normaliser here; recomputed query features,
+    normaliser gradient, core gradients and logit gradients in _softmax_causal_backward.
+
+    Returns out (N, L, e) and what the backward pass needs: v1 (N, L, e+1), the running max g (N, L), the states
+    entering each group Hs (ng, N, m, e+1) and prefix sums Cs (ng, N, 1, e+1), the clamped normaliser den (N, L, 1),
+    and per group in chunk-major layout the key features Ks (ng, n, N, T, m), their scales Us (ng, n, N, T) and the
+    masked intra-chunk scores As (ng, n, N, T, T).
     """
-
-    @staticmethod
-    @_float32_region
-    def forward(ctx, q, k, v, P, mask, doc, chunk, group):
-        N, L, _ = q.shape
-        Pa = PositiveRandomFeatures.augmented_projection(P, q.dtype)
-        groups = _Groups(L, chunk, group, doc)
-        v1 = _values_with_ones(v, mask)  # (N, L, e+1)
-        out, den, g = v.new_empty(v.shape), v.new_empty(N, L, 1), q.new_empty(N, L)
-        Hs = q.new_empty(groups.n_groups, N, P.shape[0], v1.shape[-1])  # the state entering each group
-        Cs = q.new_empty(groups.n_groups, N, 1, v1.shape[-1])  # the prefix sum of v1 entering each group
-        H, C, g_in = q.new_zeros(Hs.shape[1:]), q.new_zeros(Cs.shape[1:]), q.new_full((N,), _NEG)
-        feats = []  # per group: K, u and the masked scores A, kept for the backward pass (queries are recomputed there)
-        for gi in range(groups.n_groups):
-            mg = None if mask is None else groups(mask, gi)
-            Q, qmax = _query_features(groups(q, gi), Pa)
-            Q.add_(SOFTMAX_EPS * qmax)  # φ(q)·max p_q
-            K, lse, top = _key_features(groups(k, gi), Pa, mg)
-            n, _, T = top.shape
-            gg = _running_max(top.transpose(0, 1).reshape(N, -1), doc[gi * group : (gi + 1) * group], g_in,
-                              groups.doc_before(gi))
-            gc = groups(g, gi)
-            gc.copy_(gg.view(N, n, T).transpose(0, 1))
-            v1g, u = groups(v1, gi), torch.exp(lse - gc).unsqueeze(-1)
-            Hs[gi], Cs[gi] = H, C
-            O, H, A = _group_forward(Q, K, v1g * u, groups.decays(gi, gc, g_in), H)
-            feats += [K, u, A]
-            prefix = _document_prefix(groups.natural(v1, gi), groups.doc[gi].flatten(), groups.doc_before(gi), C)
-            C = prefix[:, -1:]  # Σ_{j≤i} v1_j in the document, (N, G, e+1)
-            O.addcmul_(Q.sum(-1, keepdim=True), groups.chunk_major(prefix, n), value=SOFTMAX_EPS)  # ε floor of φ(k)
-            dg = O[..., -1:].clamp_min(_NO_KEY)
-            groups(den, gi).copy_(dg)
-            torch.div(O[..., :-1], dg, out=groups(out, gi))
-            g_in = gg[:, -1]
-        ctx.save_for_backward(q, k, v1, g, Hs, Cs, out, den, Pa, mask, doc, *feats)
-        ctx.chunk, ctx.group = chunk, group
-        return out
-
-    @staticmethod
-    @_float32_region
-    def backward(ctx, grad):
-        q, k, v1, g, Hs, Cs, out, den, Pa, mask, doc, *feats = ctx.saved_tensors
-        N, L, _ = q.shape
-        groups = _Groups(L, ctx.chunk, ctx.group, doc)
-        grad = grad.contiguous()
-        dq, dk, dv1 = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v1)
-        U, Uc = torch.zeros_like(Hs[0]), torch.zeros_like(Cs[0])
-        for gi in reversed(range(groups.n_groups)):
-            qg, kg, gc, v1g = groups(q, gi), groups(k, gi), groups(g, gi), groups(v1, gi)
-            dO = _normaliser_backward(groups(grad, gi), groups(out, gi), groups(den, gi))  # (n, N, T, e+1)
-            p, qmax = _query_features(qg, Pa)  # recomputed
-            Q, (K, u, A) = p + SOFTMAX_EPS * qmax, feats[3 * gi : 3 * gi + 3]
-            n, _, T = gc.shape
-            g_in = gc.new_full((N,), _NEG) if gi == 0 else groups(g, gi - 1)[-1, :, -1]
-            dQ, dK, dV, U = _group_backward(Q, K, v1g * u, groups.decays(gi, gc, g_in), Hs[gi], dO, U, A)
-            # the ε floor of φ(k): o += ε (Σ_f Q_f) prefix, prefix = the document's prefix sum of v1 (recomputed)
-            docg, doc_in = groups.doc[gi].flatten(), groups.doc_before(gi)
-            prefix = groups.chunk_major(_document_prefix(groups.natural(v1, gi), docg, doc_in, Cs[gi]), n)
-            dQ.add_(SOFTMAX_EPS * (dO * prefix).sum(-1, keepdim=True))
-            dp = (dO * Q.sum(-1, keepdim=True)).transpose(0, 1).reshape(N, -1, dO.shape[-1])
-            dVe, Uc = _document_prefix_backward(dp, docg, doc_in, Uc)
-            # d/d logits: φ(q) − ε = p_q up to the row scale, φ(k) − ε = p_k·u (u is in the core's V: dK carries it)
-            groups(dq, gi).copy_(PositiveRandomFeatures.augmented_logits_backward(dQ.mul_(p), qg, Pa))
-            groups(dk, gi).copy_(PositiveRandomFeatures.augmented_logits_backward(dK.mul_(K), kg, Pa))
-            groups(dv1, gi).copy_(dV.mul_(u))
-            groups.natural(dv1, gi).add_(dVe, alpha=SOFTMAX_EPS)
-        dv = dv1[..., :-1]
-        if mask is not None:
-            dv = dv.masked_fill(mask.unsqueeze(-1), 0.0)
-        return dq, dk, dv, None, None, None, None, None
+    N, L, _ = q.shape
+    Pa = PositiveRandomFeatures.augmented_projection(P, q.dtype)
+    groups = _Groups(L, chunk, group, doc)
+    ng, n, T, m = groups.n_groups, group // chunk, chunk, P.shape[0]
+    v1 = _values_with_ones(v, mask)  # (N, L, e+1)
+    out, den, g = v.new_empty(v.shape), v.new_empty(N, L, 1), q.new_empty(N, L)
+    Hs = q.new_empty(ng, N, m, v1.shape[-1])  # the state entering each group
+    Cs = q.new_empty(ng, N, 1, v1.shape[-1])  # the prefix sum of v1 entering each group
+    Ks, Us, As = q.new_empty(ng, n, N, T, m), q.new_empty(ng, n, N, T), q.new_empty(ng, n, N, T, T)
+    H, C, g_in = q.new_zeros(Hs.shape[1:]), q.new_zeros(Cs.shape[1:]), q.new_full((N,), _NEG)
+    for gi in range(ng):
+        mg = None if mask is None else groups(mask, gi)
+        Q, qmax = _query_features(groups(q, gi), Pa)
+        Q.add_(SOFTMAX_EPS * qmax)  # φ(q)·max p_q
+        K, lse, top = _key_features(groups(k, gi), Pa, mg, out=Ks[gi])
+        gg = _running_max(top.transpose(0, 1).reshape(N, -1), doc[gi * group : (gi + 1) * group], g_in,
+                          groups.doc_before(gi))
+        gc = groups(g, gi)
+        gc.copy_(gg.view(N, n, T).transpose(0, 1))
+        v1g, u = groups(v1, gi), torch.exp(lse - gc, out=Us[gi]).unsqueeze(-1)
+        Hs[gi], Cs[gi] = H, C
+        O, H, _ = _group_forward(Q, K, v1g * u, groups.decays(gi, gc, g_in), H, A_out=As[gi])
+        prefix = _document_prefix(groups.natural(v1, gi), groups.doc[gi].flatten(), groups.doc_before(gi), C)
+        C = prefix[:, -1:]  # Σ_{j≤i} v1_j in the document, (N, G, e+1)
+        O.addcmul_(Q.sum(-1, keepdim=True), groups.chunk_major(prefix, n), value=SOFTMAX_EPS)  # ε floor of φ(k)
+        dg = O[..., -1:].clamp_min(_NO_KEY)
+        groups(den, gi).copy_(dg)
+        torch.div(O[..., :-1], dg, out=groups(out, gi))
+        g_in = gg[:, -1]
+    return out, v1, g, Hs, Cs, den, Ks, Us, As
 
 
-class _CausalLinear(torch.autograd.Function):
-    """o_i = Σ_{j≤i, same document} (Q_i·K_j) V_j for given features (maps without a stabiliser); (N, L, ·)."""
+def _softmax_causal_backward(grad: Tensor, q: Tensor, k: Tensor, P: Tensor, mask: Tensor | None, doc: Tensor,
+                             out: Tensor, v1: Tensor, g: Tensor, Hs: Tensor, Cs: Tensor, den: Tensor, Ks: Tensor,
+                             Us: Tensor, As: Tensor, chunk: int, group: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients dq, dk (N, L, d) and dv (N, L, e) of _softmax_causal_forward's out, given grad (N, L, e) and what
+    the forward pass returned."""
+    N, L, _ = q.shape
+    Pa = PositiveRandomFeatures.augmented_projection(P, q.dtype)
+    groups = _Groups(L, chunk, group, doc)
+    grad = grad.contiguous()
+    dq, dk, dv1 = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v1)
+    U, Uc = torch.zeros_like(Hs[0]), torch.zeros_like(Cs[0])
+    for gi in reversed(range(groups.n_groups)):
+        qg, kg, gc, v1g = groups(q, gi), groups(k, gi), groups(g, gi), groups(v1, gi)
+        dO = _normaliser_backward(groups(grad, gi), groups(out, gi), groups(den, gi))  # (n, N, T, e+1)
+        p, qmax = _query_features(qg, Pa)  # recomputed
+        Q, K, u, A = p + SOFTMAX_EPS * qmax, Ks[gi], Us[gi].unsqueeze(-1), As[gi]
+        g_in = gc.new_full((N,), _NEG) if gi == 0 else groups(g, gi - 1)[-1, :, -1]
+        dQ, dK, dV, U = _group_backward(Q, K, v1g * u, groups.decays(gi, gc, g_in), Hs[gi], dO, U, A)
+        # the ε floor of φ(k): o += ε (Σ_f Q_f) prefix, prefix = the document's prefix sum of v1 (recomputed)
+        docg, doc_in = groups.doc[gi].flatten(), groups.doc_before(gi)
+        prefix = groups.chunk_major(_document_prefix(groups.natural(v1, gi), docg, doc_in, Cs[gi]), dO.shape[0])
+        dQ.add_(SOFTMAX_EPS * (dO * prefix).sum(-1, keepdim=True))
+        dp = (dO * Q.sum(-1, keepdim=True)).transpose(0, 1).reshape(N, -1, dO.shape[-1])
+        dVe, Uc = _document_prefix_backward(dp, docg, doc_in, Uc)
+        # d/d logits: φ(q) − ε = p_q up to the row scale, φ(k) − ε = p_k·u (u is in the core's V: dK carries it)
+        groups(dq, gi).copy_(PositiveRandomFeatures.augmented_logits_backward(dQ.mul_(p), qg, Pa))
+        groups(dk, gi).copy_(PositiveRandomFeatures.augmented_logits_backward(dK.mul_(K), kg, Pa))
+        groups(dv1, gi).copy_(dV.mul_(u))
+        groups.natural(dv1, gi).add_(dVe, alpha=SOFTMAX_EPS)
+    dv = dv1[..., :-1]
+    if mask is not None:
+        dv = dv.masked_fill(mask.unsqueeze(-1), 0.0)
+    return dq, dk, dv.contiguous()
 
-    @staticmethod
-    @_float32_region
-    def forward(ctx, Q, K, V, doc, chunk, group):
-        N = Q.shape[0]
-        groups = _Groups(Q.shape[1], chunk, group, doc)
-        O = V.new_empty(V.shape)
-        H = Q.new_zeros(N, Q.shape[2], V.shape[2])
-        Hs = []
-        for gi in range(groups.n_groups):
-            Hs.append(H)
-            Og, H, _ = _group_forward(groups(Q, gi), groups(K, gi), groups(V, gi), groups.plain(gi, N, Q), H)
-            groups(O, gi).copy_(Og)
-        ctx.save_for_backward(Q, K, V, doc, *Hs)
-        ctx.chunk, ctx.group = chunk, group
-        return O
 
-    @staticmethod
-    @_float32_region
-    def backward(ctx, dO):
-        Q, K, V, doc, *Hs = ctx.saved_tensors
-        N = Q.shape[0]
-        groups = _Groups(Q.shape[1], ctx.chunk, ctx.group, doc)
-        dQ, dK, dV = torch.empty_like(Q), torch.empty_like(K), torch.empty_like(V)
-        U, dO = torch.zeros_like(Hs[0]), dO.contiguous()
-        for gi in reversed(range(groups.n_groups)):
-            grads = _group_backward(groups(Q, gi), groups(K, gi), groups(V, gi), groups.plain(gi, N, Q), Hs[gi],
-                                    groups(dO, gi), U)
-            for out, gr in zip((dQ, dK, dV), grads[:3], strict=True):
-                groups(out, gi).copy_(gr)
-            U = grads[3]
-        return dQ, dK, dV, None, None, None
+def _linear_causal_forward(Q: Tensor, K: Tensor, V: Tensor, doc: Tensor, chunk: int,
+                           group: int) -> tuple[Tensor, Tensor]:
+    """o_i = Σ_{j≤i, same document} (Q_i·K_j) V_j for given features (maps without a stabiliser); (N, L, ·).
+    Returns O (N, L, e) and the states entering each group Hs (ng, N, m, e)."""
+    N = Q.shape[0]
+    groups = _Groups(Q.shape[1], chunk, group, doc)
+    O = V.new_empty(V.shape)
+    Hs = Q.new_empty(groups.n_groups, N, Q.shape[2], V.shape[2])
+    H = Q.new_zeros(Hs.shape[1:])
+    for gi in range(groups.n_groups):
+        Hs[gi] = H
+        Og, H, _ = _group_forward(groups(Q, gi), groups(K, gi), groups(V, gi), groups.plain(gi, N, Q), H)
+        groups(O, gi).copy_(Og)
+    return O, Hs
+
+
+def _linear_causal_backward(dO: Tensor, Q: Tensor, K: Tensor, V: Tensor, doc: Tensor, Hs: Tensor, chunk: int,
+                            group: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients dQ, dK (N, L, m) and dV (N, L, e) of _linear_causal_forward's O, given dO (N, L, e)."""
+    N = Q.shape[0]
+    groups = _Groups(Q.shape[1], chunk, group, doc)
+    dQ, dK, dV = torch.empty_like(Q), torch.empty_like(K), torch.empty_like(V)
+    U, dO = torch.zeros_like(Hs[0]), dO.contiguous()
+    for gi in reversed(range(groups.n_groups)):
+        grads = _group_backward(groups(Q, gi), groups(K, gi), groups(V, gi), groups.plain(gi, N, Q), Hs[gi],
+                                groups(dO, gi), U)
+        for out, gr in zip((dQ, dK, dV), grads[:3], strict=True):
+            groups(out, gi).copy_(gr)
+        U = grads[3]
+    return dQ, dK, dV
+
+
+# The two kernels are torch.library custom ops: torch.compile (dynamo, AOTAutograd, inductor) sees each as one opaque
+# node with the shapes of its fake implementation, whatever the length. Traced through, the group loops unrolled
+# with symbolic lengths (dynamic shapes, e.g. after a second batch shape), and the backward's trace took > 10 min.
+# The kernels run in float32 (precision.py), so the schemas are given, not read from the wrapped annotations.
+_OP = "proteinperformer::"
+
+
+_T9 = ", ".join(["Tensor"] * 9)
+_softmax_op = torch.library.custom_op(
+    _OP + "favor_causal_softmax", _float32_region(_softmax_causal_forward), mutates_args=(),
+    schema=f"(Tensor q, Tensor k, Tensor v, Tensor P, Tensor? mask, Tensor doc, int chunk, int group) -> ({_T9})")
+_softmax_backward_op = torch.library.custom_op(
+    _OP + "favor_causal_softmax_backward", _float32_region(_softmax_causal_backward), mutates_args=(),
+    schema="(Tensor grad, Tensor q, Tensor k, Tensor P, Tensor? mask, Tensor doc, Tensor out, Tensor v1, Tensor g, "
+           "Tensor Hs, Tensor Cs, Tensor den, Tensor Ks, Tensor Us, Tensor As, int chunk, int group) "
+           "-> (Tensor, Tensor, Tensor)")
+_linear_op = torch.library.custom_op(
+    _OP + "favor_causal_linear", _float32_region(_linear_causal_forward), mutates_args=(),
+    schema="(Tensor Q, Tensor K, Tensor V, Tensor doc, int chunk, int group) -> (Tensor, Tensor)")
+_linear_backward_op = torch.library.custom_op(
+    _OP + "favor_causal_linear_backward", _float32_region(_linear_causal_backward), mutates_args=(),
+    schema="(Tensor dO, Tensor Q, Tensor K, Tensor V, Tensor doc, Tensor Hs, int chunk, int group) "
+           "-> (Tensor, Tensor, Tensor)")
+
+
+@_softmax_op.register_fake
+def _(q, k, v, P, mask, doc, chunk, group):
+    N, L, _ = q.shape
+    ng, n, m, e1 = L // group, group // chunk, P.shape[0], v.shape[-1] + 1
+    return (v.new_empty(v.shape), v.new_empty(N, L, e1), q.new_empty(N, L), q.new_empty(ng, N, m, e1),
+            q.new_empty(ng, N, 1, e1), v.new_empty(N, L, 1), q.new_empty(ng, n, N, chunk, m),
+            q.new_empty(ng, n, N, chunk), q.new_empty(ng, n, N, chunk, chunk))
+
+
+@_softmax_backward_op.register_fake
+def _(grad, q, k, P, mask, doc, out, v1, g, Hs, Cs, den, Ks, Us, As, chunk, group):
+    return torch.empty_like(q), torch.empty_like(k), grad.new_empty(grad.shape)
+
+
+@_linear_op.register_fake
+def _(Q, K, V, doc, chunk, group):
+    return V.new_empty(V.shape), Q.new_empty(Q.shape[1] // group, Q.shape[0], Q.shape[2], V.shape[2])
+
+
+@_linear_backward_op.register_fake
+def _(dO, Q, K, V, doc, Hs, chunk, group):
+    return torch.empty_like(Q), torch.empty_like(K), torch.empty_like(V)
+
+
+def _softmax_setup(ctx, inputs, output):
+    q, k, v, P, mask, doc, chunk, group = inputs
+    ctx.save_for_backward(q, k, P, mask, doc, *output)
+    ctx.chunk, ctx.group = chunk, group
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _softmax_grad(ctx, grad, *_):
+    q, k, P, mask, doc, out, *saved = ctx.saved_tensors
+    dq, dk, dv = _softmax_backward_op(grad, q, k, P, mask, doc, out, *saved, ctx.chunk, ctx.group)
+    return dq, dk, dv, None, None, None, None, None
+
+
+def _linear_setup(ctx, inputs, output):
+    Q, K, V, doc, chunk, group = inputs
+    ctx.save_for_backward(Q, K, V, doc, output[1])
+    ctx.chunk, ctx.group = chunk, group
+    ctx.mark_non_differentiable(output[1])
+
+
+def _linear_grad(ctx, dO, _):
+    Q, K, V, doc, Hs = ctx.saved_tensors
+    return *_linear_backward_op(dO, Q, K, V, doc, Hs, ctx.chunk, ctx.group), None, None, None
+
+
+_softmax_op.register_autograd(_softmax_grad, setup_context=_softmax_setup)
+_linear_op.register_autograd(_linear_grad, setup_context=_linear_setup)
 
 
 CHUNK = 64  # positions per chunk: intra-chunk cost ∝ T·(m + e) per position, GEMM efficiency rises with T
@@ -371,13 +453,12 @@ def _favor_causal(q, k, v, P, fmap: FeatureMap, key_padding_mask, chunk_size, gr
     if isinstance(fmap, PositiveRandomFeatures):  # the fused path
         flat = [t.to(acc).reshape(B * H, Lp, t.shape[3]) for t in (q, k, v)]  # (N, L, ·)
         mask = None if key_padding_mask is None else key_padding_mask.repeat_interleave(H, 0)
-        out = _SoftmaxCausal.apply(*flat, P.to(acc), mask, doc, T, group).view(B, H, Lp, v.shape[3])
+        out = _softmax_op(*flat, P.to(acc), mask, doc, T, group)[0].view(B, H, Lp, v.shape[3])
         return out[:, :, :L]
     qf, kf = fmap.features(q, P), fmap.features(k, P)  # (B, H, L, m)
     if key_padding_mask is not None:
         kf = kf.masked_fill(key_padding_mask[:, None, :, None], 0.0)
     v1 = _values_with_ones(v.to(_acc(v)), None if key_padding_mask is None else key_padding_mask[:, None])
     m, e = qf.shape[-1], v1.shape[-1]
-    o = _CausalLinear.apply(qf.reshape(B * H, Lp, m), kf.reshape(B * H, Lp, m), v1.reshape(B * H, Lp, e), doc, T,
-                            group)
+    o = _linear_op(qf.reshape(B * H, Lp, m), kf.reshape(B * H, Lp, m), v1.reshape(B * H, Lp, e), doc, T, group)[0]
     return _normalise(o.view(B, H, Lp, e)[:, :, :L])
