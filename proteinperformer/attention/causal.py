@@ -114,6 +114,12 @@ def _mm(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None = None, out: 
     return acc
 
 
+def _scaled(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """x·u as a contiguous (n, N, T, e) tensor for chunk-major views x (n, N, T, e), u (n, N, T, 1): a plain
+    product would take x's strides, and every bmm on it would copy it first."""
+    return torch.mul(x, u, out=x.new_empty(x.shape))
+
+
 def _group_forward(Q, K, V, decays, H, A_out=None):
     """One group: Q, K (n, N, T, m), V (n, N, T, e), H (N, m, e) entering -> O (n, N, T, e), H leaving and the
     masked intra-chunk scores A = (Q Kᵀ)∘D (n, N, T, T), which _group_backward can take instead of recomputing
@@ -246,7 +252,7 @@ def _softmax_causal_forward(q: Tensor, k: Tensor, v: Tensor, P: Tensor, mask: Te
         gc.copy_(gg.view(N, n, T).transpose(0, 1))
         v1g, u = groups(v1, gi), torch.exp(lse - gc, out=Us[gi]).unsqueeze(-1)
         Hs[gi], Cs[gi] = H, C
-        O, H, _ = _group_forward(Q, K, v1g * u, groups.decays(gi, gc, g_in), H, A_out=As[gi])
+        O, H, _ = _group_forward(Q, K, _scaled(v1g, u), groups.decays(gi, gc, g_in), H, A_out=As[gi])
         prefix = _document_prefix(groups.natural(v1, gi), groups.doc[gi].flatten(), groups.doc_before(gi), C)
         C = prefix[:, -1:]  # Σ_{j≤i} v1_j in the document, (N, G, e+1)
         O.addcmul_(Q.sum(-1, keepdim=True), groups.chunk_major(prefix, n), value=SOFTMAX_EPS)  # ε floor of φ(k)
@@ -274,7 +280,7 @@ def _softmax_causal_backward(grad: Tensor, q: Tensor, k: Tensor, P: Tensor, mask
         p, qmax = _query_features(qg, Pa)  # recomputed
         Q, K, u, A = p + SOFTMAX_EPS * qmax, Ks[gi], Us[gi].unsqueeze(-1), As[gi]
         g_in = gc.new_full((N,), _NEG) if gi == 0 else groups(g, gi - 1)[-1, :, -1]
-        dQ, dK, dV, U = _group_backward(Q, K, v1g * u, groups.decays(gi, gc, g_in), Hs[gi], dO, U, A)
+        dQ, dK, dV, U = _group_backward(Q, K, _scaled(v1g, u), groups.decays(gi, gc, g_in), Hs[gi], dO, U, A)
         # the ε floor of φ(k): o += ε (Σ_f Q_f) prefix, prefix = the document's prefix sum of v1 (recomputed)
         docg, doc_in = groups.doc[gi].flatten(), groups.doc_before(gi)
         prefix = groups.chunk_major(_document_prefix(groups.natural(v1, gi), docg, doc_in, Cs[gi]), dO.shape[0])
