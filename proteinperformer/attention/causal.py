@@ -88,7 +88,7 @@ def _document_prefix(x: torch.Tensor, doc: torch.Tensor, doc_in: torch.Tensor, C
     start = torch.where(doc != torch.cat([doc_in.view(1), doc[:-1]]), pos, 0).cummax(0).values  # (G,)
     cs = torch.cat([x.new_zeros(N, 1, e), x.cumsum(1)], dim=1)  # (N, G+1, e): cs[p] = Σ_{j<p} x_j
     carried = (doc == doc_in).unsqueeze(-1).to(x.dtype)  # positions continuing the document before the group
-    return (cs[:, 1:] - cs[:, start]).addcmul_(carried, C)
+    return (cs[:, 1:] - cs.index_select(1, start)).addcmul_(carried, C)
 
 
 def _document_prefix_backward(dp: torch.Tensor, doc: torch.Tensor, doc_in: torch.Tensor, U: torch.Tensor):
@@ -100,7 +100,7 @@ def _document_prefix_backward(dp: torch.Tensor, doc: torch.Tensor, doc_in: torch
     end = torch.where(doc[:-1] != doc[1:], pos[:-1] + 1, G)  # (G-1,) one past i's document's last position
     end = torch.cat([end, pos.new_full((1,), G)]).flip(0).cummin(0).values.flip(0)
     rs = torch.cat([dp.flip(1).cumsum(1).flip(1), dp.new_zeros(N, 1, e)], dim=1)  # rs[p] = Σ_{i≥p} dp_i
-    dx = rs[:, :-1] - rs[:, end]
+    dx = rs[:, :-1] - rs.index_select(1, end)
     return dx, dx[:, :1] * (doc[0] == doc_in).to(dx.dtype)
 
 
