@@ -60,20 +60,24 @@ def pack_balanced(sizes: Sequence[int], budget: int, world_size: int = 1, fill: 
     """
     order = np.argsort(-np.asarray(sizes, dtype=np.int64), kind="stable").tolist()  # largest first, ties in order
     sizes = [int(x) for x in sizes]
+    ordered = [sizes[i] for i in order]
     n_bins = world_size * max(1, math.ceil(sum(sizes) / (world_size * budget * fill)))
+    replace = heapq.heapreplace
     while True:
-        heap = [(0, b) for b in range(n_bins)]  # (load, bin): the emptiest first
+        # the heap holds one int per bin, load << shift | bin: ordered as (load, bin) pairs, without the tuples
+        shift = n_bins.bit_length()
+        heap, low = list(range(n_bins)), (1 << shift) - 1  # every load 0: a heap already
         bins: list[list[int]] = [[] for _ in range(n_bins)]
-        for item in order:
-            load, b = heap[0]
-            if load + sizes[item] > budget:
+        for item, size in zip(order, ordered, strict=True):
+            key = heap[0]  # the emptiest bin
+            if (key >> shift) + size > budget:
                 break
-            heapq.heapreplace(heap, (load + sizes[item], b))
-            bins[b].append(item)
+            replace(heap, key + (size << shift))
+            bins[key & low].append(item)
         else:
             break
         n_bins += world_size  # an item fit nowhere: one more step
-    loads = {b: load for load, b in heap}
+    loads = {key & low: key >> shift for key in heap}
     bins = [bins[b] for b in sorted(range(n_bins), key=lambda b: -loads[b])]
     return [bins[i: i + world_size] for i in range(0, n_bins, world_size)]
 
