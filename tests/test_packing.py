@@ -82,18 +82,20 @@ def test_changing_one_protein_changes_no_other(attention: str, kernel: str, caus
 
 
 @pytest.mark.parametrize("method", ["softmax", "relu", "exact"])
-def test_packed_noncausal_values_and_gradients_equal_each_document_alone(method: str) -> None:
-    """The batched packed paths (softmax: one fused Function over the stream, per-document GEMMs only) give every
-    document its output and its input gradients alone, float64, with a one-token document and padded keys."""
-    from proteinperformer.attention import exact_attention, favor_attention, gaussian_projection
+def test_packed_noncausal_values_and_gradients_equal_each_document_alone(method: str, monkeypatch) -> None:
+    """The batched packed paths (softmax: one fused Function per run of documents, per-document GEMMs only) give
+    every document its output and its input gradients alone, float64, with a one-token document, padded keys and,
+    with 64-row blocks, runs of several documents and a document longer than a block."""
+    from proteinperformer.attention import exact_attention, favor_attention, gaussian_projection, noncausal
 
+    monkeypatch.setattr(noncausal, "ROW_BLOCK_ELEMENTS", 2 * 16 * 64)  # N·rows·m: 64-row blocks, 3 runs below
     torch.manual_seed(0)
-    sizes = [5, 1, 17, 9]
+    sizes = [5, 1, 70, 9, 40, 3]
     cu = torch.tensor([0, *np.cumsum(sizes)], dtype=torch.int32)
     T = int(cu[-1])
     q, k, v = (torch.randn(1, 2, T, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     mask = torch.zeros(1, T, dtype=torch.bool)
-    mask[0, [8, 20]] = True  # a padded key inside documents 3 and 4
+    mask[0, [8, 80, 100]] = True  # padded keys inside documents 3, 4 and 5
     P = gaussian_projection(16, 8, generator=torch.Generator().manual_seed(1)).to(torch.float64)
 
     def attend(q, k, v, mask, cu=None):
