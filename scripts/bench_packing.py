@@ -1,7 +1,7 @@
 """Packed vs padded training batches: real residues per second and peak memory of a training step.
 
     python scripts/bench_packing.py                 # the full grid (a few minutes on 2 threads)
-    python scripts/bench_packing.py --quick         # a smaller grid (about a minute)
+    python scripts/bench_packing.py --quick         # a smaller grid (a few minutes on 1 thread)
 
 For UniProt-length proteins (the bundled ``data/uniprot_sample20k.fasta.gz``, and the synthetic length generator of
 ``scripts/bench_scale.py``: log-normal, median ~300), crop ``--max-len`` (1,024), each token budget (4k, 16k, 64k
@@ -14,13 +14,21 @@ package's own samplers and collators:
 - ``bucketed`` (``data.toks_per_batch=budget``): rows of similar length, rows × longest ≤ budget;
 - ``padded`` (plain random batches): budget // max_len rows, padded to the longest row.
 
-Reported: real residues per second (residues of the batch, not pad, not <cls>/<eos>), the pad share, and the
-step's peak memory above the process's memory before the step (CPU: the peak resident set, reset through
-``/proc/self/clear_refs``; CUDA: ``torch.cuda.max_memory_allocated``). Ratios packed/padded and packed/bucketed
-are of the same run: the three batchings of a row group run their steps interleaved (packed, bucketed, padded,
-packed, ...; at least ``--steps`` steps and ``--min-seconds`` each, after a warm-up step, each step on a new batch),
-so that the machine's load changes hit all three alike. The machine may be shared: compare ratios, not absolute
-rates. Writes ``results/bench_packing.json``.
+All three train on the same proteins: each round draws a pool of ``--round-proteins`` (1,600: the data module's
+bucketing pool at data.batch_size 16 and data.pool_batches 100) and runs one epoch over it in each batching (with
+``--share`` < 1, the same random share of each epoch's batches; ``--quick``: 0.25), their steps interleaved
+(packed, bucketed, padded, packed, ...) so that the machine's load changes hit all three alike; rounds repeat
+until each has ``--steps`` steps and ``--min-seconds``. Step time is the process's CPU time (run with
+``--threads 1`` on a shared machine; CUDA: wall time).
+
+Reported per batching: real residues per second (residues, not pad, not <cls>/<eos>), the pad share (pad tokens
+/ tokens), CPU µs per computed token, and the peak memory above the process's memory before a step (measured on
+one untimed step in ``PEAK_EVERY``; CPU: the peak resident set, reset through ``/proc/self/clear_refs``; CUDA:
+``torch.cuda.max_memory_allocated``). Per row group: packed/padded and packed/bucketed (same run), the cost of a
+computed token packed/bucketed, and the bound on packed/bucketed if a token cost the same in both, (1 − pad
+packed)/(1 − pad bucketed): bucketing by a token budget leaves little padding, so packing can gain little more
+than that on a CPU. The machine may be shared: compare ratios, not absolute rates. Writes
+``results/bench_packing.json``.
 """
 
 from __future__ import annotations
@@ -58,6 +66,9 @@ MODELS = {
 }
 NETWORK = {"dim": 64, "depth": 2, "heads": 4, "ff_dim": 256, "num_features": 64, "positions": "rotary"}
 BATCHINGS = ("packed", "bucketed", "padded")
+POOL = 16 * 100  # proteins per round: the data module's bucketing pool (data.batch_size 16 x data.pool_batches 100)
+PEAK_EVERY = 8  # one step in PEAK_EVERY measures peak memory and is not timed: resetting the peak (gc, malloc_trim)
+#                 costs the next step page faults, which would be counted in its CPU time
 
 
 # ---- data -------------------------------------------------------------------------------------------------
@@ -75,24 +86,30 @@ def synthetic(alphabet: Alphabet, n: int = 20_000, seed: int = 0) -> TokenizedSe
     return TokenizedSequences(tokens, offsets, [f"SYN{i}" for i in range(n)])
 
 
-def batches(kind: str, seqs: TokenizedSequences, alphabet: Alphabet, task: str, budget: int, max_len: int):
-    """Collated training batches of one batching ``kind``, as the data module builds them."""
+def batches(kind: str, seqs: TokenizedSequences, alphabet: Alphabet, task: str, budget: int, max_len: int,
+            seed: int = 0, share: float = 1.0):
+    """One epoch over ``seqs`` of collated training batches of one batching ``kind``, as the data module builds
+    them (bucketing: one pool holding all of ``seqs``, the data module's pool of the same proteins); ``share``:
+    a random share of them (the same draw for every kind: an unbiased sample of the epoch's batches)."""
     collator = MLMCollator(alphabet) if task == "mlm" else CLMCollator(alphabet)
+    n = len(seqs)
     if kind == "packed":
-        dataset = ProteinWindows(seqs, alphabet, max_len, seed=0)
-        sampler = PackedBatchSampler(seqs.lengths, max_len, budget, batch_size=64, pool_batches=100, seed=0)
+        dataset = ProteinWindows(seqs, alphabet, max_len, seed=seed)
+        sampler = PackedBatchSampler(seqs.lengths, max_len, budget, batch_size=n, pool_batches=1, seed=seed)
         collator = PackedCollator(collator)
     else:
-        dataset = SingleSequenceDataset(seqs, alphabet, max_len, seed=0)
+        dataset = SingleSequenceDataset(seqs, alphabet, max_len, seed=seed)
         if kind == "bucketed":
-            sampler = LengthBucketBatchSampler(TokenCounts(seqs.lengths, max_len), 64, 100, seed=0,
+            sampler = LengthBucketBatchSampler(TokenCounts(seqs.lengths, max_len), n, 1, seed=seed,
                                                toks_per_batch=budget)
         else:
             rows = max(1, budget // max_len)
-            order = iter(EpochShuffleSampler(len(seqs), seed=0))
-            sampler = iter(lambda: [next(order) for _ in range(rows)], None)
-    for keys in sampler:
-        yield collator([dataset[k] for k in keys])
+            order = [k for k in EpochShuffleSampler(n, seed=seed)]
+            sampler = [order[i: i + rows] for i in range(0, n, rows)]
+    keep = np.random.default_rng(seed).random(1 << 16) < share  # which batches of the epoch are trained
+    for i, keys in enumerate(sampler):
+        if keep[i % len(keep)]:
+            yield collator([dataset[k] for k in keys])
 
 
 def real_residues(batch: dict, alphabet: Alphabet) -> int:
@@ -145,43 +162,64 @@ def train_step(model: PerformerLM, optimizer: torch.optim.Optimizer, batch: dict
     optimizer.zero_grad(set_to_none=True)
 
 
+def clock(device: str) -> float:
+    """CPU: this process's CPU time (other processes on a shared machine do not count; run with one thread);
+    CUDA: wall time after a synchronize."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        return time.perf_counter()
+    return time.process_time()
+
+
 def measure(model_name: str, task: str, seqs, alphabet, budget: int, max_len: int, steps: int, min_seconds: float,
-            device: str) -> list[dict]:
-    """One row per batching, their steps interleaved (packed, bucketed, padded, packed, ...) so that a change of
-    the machine's load hits all three alike: at least ``steps`` timed steps each and ``min_seconds`` of steps."""
+            device: str, round_proteins: int = POOL, share: float = 1.0, seed: int = 0) -> list[dict]:
+    """One row per batching, all three trained on the same proteins: each round draws ``round_proteins``
+    proteins and runs one epoch over them in each batching (the package's samplers on that set; ``share``: a
+    random share of each epoch's batches), the steps of
+    the three interleaved (packed, bucketed, padded, packed, ...) so that a change of the machine's load hits
+    all alike; rounds repeat until every batching has ``steps`` timed steps and ``min_seconds`` of step time."""
     runs = {}
     for kind in BATCHINGS:
         torch.manual_seed(0)
         cfg = ModelConfig(**NETWORK, **MODELS[model_name], causal=task == "clm", max_positions=max_len)
         model = PerformerLM(cfg).to(device).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        stream = batches(kind, seqs, alphabet, task, budget, max_len)
-        train_step(model, optimizer, next(stream), device)  # warm-up (AdamW state, allocator)
-        runs[kind] = {"model": model, "optimizer": optimizer, "stream": stream, "times": [], "peaks": [],
-                      "residues": 0, "tokens": 0}
-    while any(len(r["times"]) < steps or sum(r["times"]) < min_seconds for r in runs.values()):
-        for run in runs.values():
-            if len(run["times"]) >= 50:
-                continue
-            batch = next(run["stream"])
-            before = reset_peak(device)
-            start = time.perf_counter()
-            train_step(run["model"], run["optimizer"], batch, device)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            run["times"].append(time.perf_counter() - start)
-            run["peaks"].append(peak(device) - before)
-            run["residues"] += real_residues(batch, alphabet)
-            run["tokens"] += batch["input_ids"].numel()
-        if all(len(r["times"]) >= 50 for r in runs.values()):
-            break
+        warm = next(batches(kind, seqs.subset(np.arange(min(64, len(seqs)))), alphabet, task, budget, max_len))
+        train_step(model, optimizer, warm, device)  # warm-up (AdamW state, allocator)
+        runs[kind] = {"model": model, "optimizer": optimizer, "times": [], "peaks": [], "residues": 0,
+                      "tokens": 0, "pad": 0}
+    rng = np.random.default_rng(seed)
+    rounds = 0
+    while rounds == 0 or any(len(r["times"]) < steps or sum(r["times"]) < min_seconds for r in runs.values()):
+        subset = seqs.subset(rng.choice(len(seqs), min(round_proteins, len(seqs)), replace=False))
+        streams = {kind: batches(kind, subset, alphabet, task, budget, max_len, seed + rounds, share) for kind in runs}
+        rounds += 1
+        while streams:
+            for kind in list(streams):
+                batch = next(streams[kind], None)
+                if batch is None:
+                    del streams[kind]
+                    continue
+                run = runs[kind]
+                if len(run["peaks"]) * PEAK_EVERY <= len(run["times"]):  # a memory step, untimed (see PEAK_EVERY)
+                    before = reset_peak(device)
+                    train_step(run["model"], run["optimizer"], batch, device)
+                    run["peaks"].append(peak(device) - before)
+                    continue
+                start = clock(device)
+                train_step(run["model"], run["optimizer"], batch, device)
+                run["times"].append(clock(device) - start)
+                run["residues"] += real_residues(batch, alphabet)
+                run["tokens"] += batch["input_ids"].numel()
+                run["pad"] += int(batch["padding_mask"].sum())
     rows = []
     for kind, run in runs.items():
         seconds, n = sum(run["times"]), len(run["times"])
         rows.append({"model": model_name, "task": task, "batching": kind, "budget": budget, "steps": n,
-                     "residues_per_s": run["residues"] / seconds, "step_s_median": statistics.median(run["times"]),
-                     "residues_per_step": run["residues"] / n, "pad_share": 1 - run["residues"] / run["tokens"]
-                     if kind != "packed" else 0.0, "peak_mib": max(run["peaks"])})
+                     "rounds": rounds, "residues_per_s": run["residues"] / seconds,
+                     "step_s_median": statistics.median(run["times"]), "residues_per_step": run["residues"] / n,
+                     "pad_share": run["pad"] / run["tokens"], "us_per_token": 1e6 * seconds / run["tokens"],
+                     "peak_mib": max(run["peaks"])})
     return rows
 
 
@@ -194,6 +232,10 @@ def main() -> None:
     parser.add_argument("--data", nargs="+", default=["uniprot", "synthetic"], choices=["uniprot", "synthetic"])
     parser.add_argument("--steps", type=int, default=3, help="timed steps per row at least (after a warm-up step)")
     parser.add_argument("--min-seconds", type=float, default=1.5, help="timed seconds per row at least")
+    parser.add_argument("--round-proteins", type=int, default=POOL,
+                        help="proteins per round: every batching trains one epoch over the same drawn proteins")
+    parser.add_argument("--share", type=float, default=1.0,
+                        help="train this random share of each round's batches (--quick: 0.25)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true",
@@ -205,29 +247,42 @@ def main() -> None:
     alphabet = Alphabet()
     if args.quick:
         args.budgets, args.data = [b for b in args.budgets if b <= 16384], ["uniprot"]
+        args.share = min(args.share, 0.25)
     data = {name: (bundled if name == "uniprot" else synthetic)(alphabet) for name in args.data}
     grid = [(d, m, t, b) for d in data for m in args.models for t in args.tasks for b in args.budgets
             if not (args.quick and t == "clm" and m != "performer_relu")]
     rows, started = [], time.time()
-    print(f"{'data':9} {'model':17} {'task':4} {'budget':>6} {'batching':8} {'res/s':>9} {'pad':>6} {'peak MiB':>8}")
+    print(f"{'data':9} {'model':17} {'task':4} {'budget':>6} {'batching':8} {'steps':>5} {'res/s':>9} {'pad':>6} "
+          f"{'us/token':>8} {'peak MiB':>8}")
     for d, m, t, b in grid:
-        for row in measure(m, t, data[d], alphabet, b, args.max_len, args.steps, args.min_seconds, args.device):
+        for row in measure(m, t, data[d], alphabet, b, args.max_len, args.steps, args.min_seconds, args.device,
+                           args.round_proteins, args.share):
             row = {"data": d, **row}
             kind = row["batching"]
             rows.append(row)
-            print(f"{d:9} {m:17} {t:4} {b:>6} {kind:8} {row['residues_per_s']:>9.0f} {row['pad_share']:>6.1%} "
-                  f"{row['peak_mib']:>8.0f}", flush=True)
+            print(f"{d:9} {m:17} {t:4} {b:>6} {kind:8} {row['steps']:>5} {row['residues_per_s']:>9.0f} "
+                  f"{row['pad_share']:>6.1%} {row['us_per_token']:>8.2f} {row['peak_mib']:>8.0f}", flush=True)
     ratios = []
     for d, m, t, b in grid:
-        rate = {r["batching"]: r["residues_per_s"] for r in rows
-                if (r["data"], r["model"], r["task"], r["budget"]) == (d, m, t, b)}
+        got = {r["batching"]: r for r in rows if (r["data"], r["model"], r["task"], r["budget"]) == (d, m, t, b)}
+        rate = {k: r["residues_per_s"] for k, r in got.items()}
+        # what packing could gain over bucketing if a computed token cost the same in both: its token share
+        bound = (1 - got["packed"]["pad_share"]) / (1 - got["bucketed"]["pad_share"])
         ratios.append({"data": d, "model": m, "task": t, "budget": b, "packed_vs_padded": rate["packed"] /
-                       rate["padded"], "packed_vs_bucketed": rate["packed"] / rate["bucketed"]})
-    print(f"\n{'data':9} {'model':17} {'task':4} {'budget':>6} {'packed/padded':>13} {'packed/bucketed':>15}")
+                       rate["padded"], "packed_vs_bucketed": rate["packed"] / rate["bucketed"],
+                       "bucketed_pad_share": got["bucketed"]["pad_share"],
+                       "padded_pad_share": got["padded"]["pad_share"],
+                       "token_cost_packed_vs_bucketed": got["packed"]["us_per_token"] / got["bucketed"]["us_per_token"],
+                       "packed_vs_bucketed_if_equal_token_cost": bound})
+    print(f"\n{'data':9} {'model':17} {'task':4} {'budget':>6} {'packed/padded':>13} {'packed/bucketed':>15} "
+          f"{'pad padded':>10} {'pad bucketed':>12} {'us/token p/b':>12} {'p/b bound':>9}")
     for r in ratios:
         print(f"{r['data']:9} {r['model']:17} {r['task']:4} {r['budget']:>6} {r['packed_vs_padded']:>13.2f} "
-              f"{r['packed_vs_bucketed']:>15.2f}")
+              f"{r['packed_vs_bucketed']:>15.2f} {r['padded_pad_share']:>10.1%} {r['bucketed_pad_share']:>12.1%} "
+              f"{r['token_cost_packed_vs_bucketed']:>12.2f} {r['packed_vs_bucketed_if_equal_token_cost']:>9.3f}")
     record = {"config": {"network": NETWORK, "max_len": args.max_len, "steps": args.steps,
+                         "round_proteins": args.round_proteins, "share": args.share,
+                         "clock": "process CPU time (cuda: wall)",
                          "min_seconds": args.min_seconds, "threads": args.threads,
                          "device": args.device, "quick": args.quick, "cpus": os.cpu_count(),
                          "torch": torch.__version__, "seconds": round(time.time() - started, 1),

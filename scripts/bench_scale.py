@@ -20,6 +20,8 @@ The last lines fit each quantity linearly in N over the measured sizes (least sq
 UniRef50 (65M sequences) and TrEMBL (250M). The machine may be shared: times are of one run each.
 ``--keep`` keeps the FASTA and stores (they are large: ~380 bytes and ~400 bytes per sequence).
 ``--data-start STORE ...`` times only the data path's start-up in one process (``data_start``).
+``--sampler-state N ...`` measures only the packed and bucketed training samplers' memory per sequence and epoch
+start on N memory-mapped lengths (``sampler_state``; writes ``results/bench_scale_samplers.json``).
 """
 
 from __future__ import annotations
@@ -233,6 +235,54 @@ def data_start(store: str) -> dict:
             "toks_per_batch_first_batch_seconds": round(t2 - t1, 3)}
 
 
+# ---- the packed and bucketed samplers' state ----------------------------------------------------------------
+def sampler_state(n: int, work: Path, max_len: int = 256, budget: int = 4096) -> dict:
+    """Memory and epoch-start time of the training samplers on ``n`` sequences, in this process.
+
+    The lengths are a memory map, as a token store's (``synth_lengths``, int32). For ``data.packing=true``
+    (``PackedBatchSampler``, data.batch_size 16 x data.pool_batches 100 proteins per pool) and for bucketing by the
+    same token budget (``LengthBucketBatchSampler``): the epoch-start pass (``len``: every pool packed once) and
+    the first 100 batches; Python heap and numpy allocations traced by ``tracemalloc`` (peak during the pass, and
+    what the sampler still holds after it), per sequence; and the pass's CPU seconds, timed without tracing.
+    """
+    import tracemalloc
+
+    from proteinperformer.data.bucketing import LengthBucketBatchSampler, TokenCounts
+    from proteinperformer.data.packing import PackedBatchSampler
+
+    path = work / f"lengths_{n}.npy"
+    np.save(path, synth_lengths(np.random.default_rng(0), n).astype(np.int32))
+    lengths = np.load(path, mmap_mode="r")
+    make = {"packed": lambda: PackedBatchSampler(lengths, max_len, budget, 16, 100, seed=0),
+            "bucketed": lambda: LengthBucketBatchSampler(TokenCounts(lengths, max_len), 16, 100, seed=0,
+                                                         toks_per_batch=budget)}
+    row: dict = {"sequences": n, "max_len": max_len, "toks_per_batch": budget}
+    for name, build in make.items():
+        start = time.process_time()  # CPU time: the machine may be shared
+        sampler = build()
+        batches = len(sampler)
+        first = iter(sampler)
+        for _ in range(100):
+            next(first)
+        seconds = time.process_time() - start
+        del sampler, first
+        tracemalloc.start()
+        sampler = build()
+        len(sampler)
+        first = iter(sampler)
+        for _ in range(100):
+            next(first)
+        held, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        del sampler, first
+        row[name] = {"batches": batches, "epoch_start_seconds": round(seconds, 2),
+                     "epoch_start_us_per_sequence": round(1e6 * seconds / n, 3),
+                     "held_bytes_per_sequence": round(held / n, 3), "peak_bytes_per_sequence": round(peak / n, 3),
+                     "held_bytes": held, "peak_bytes": peak}
+    path.unlink()
+    return row
+
+
 # ---- one size ----------------------------------------------------------------------------------------
 def run_size(n: int, work: Path, steps: int, keep: bool, src: Path | None = None) -> dict:
     """Synthesise, preprocess and train at one size; ``src``: another checkout's code (a baseline)."""
@@ -299,7 +349,22 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the FASTA files and stores")
     parser.add_argument("--data-start", nargs="+", metavar="STORE", default=None,
                         help="only time the data path's start-up on these stores (one process, no workers)")
+    parser.add_argument("--sampler-state", type=int, nargs="+", metavar="N", default=None,
+                        help="only measure the packed and bucketed samplers' memory and epoch start on N sequences")
     args = parser.parse_args()
+    if args.sampler_state:
+        args.work.mkdir(parents=True, exist_ok=True)
+        rows = [sampler_state(n, args.work) for n in args.sampler_state]
+        for r in rows:
+            for name in ("packed", "bucketed"):
+                x = r[name]
+                print(f"{r['sequences']:>11,} {name:8} held {x['held_bytes_per_sequence']:8.3f} B/seq  peak "
+                      f"{x['peak_bytes_per_sequence']:8.3f} B/seq  epoch start {x['epoch_start_seconds']:7.2f} s "
+                      f"({x['epoch_start_us_per_sequence']:.2f} us/seq)", flush=True)
+        out = args.out.with_name("bench_scale_samplers.json") if args.out.name == "bench_scale.json" else args.out
+        out.write_text(json.dumps({"rows": rows}, indent=1))
+        print(out)
+        return
     if args.data_start:
         for store in args.data_start:
             print(json.dumps(data_start(store)), flush=True)

@@ -81,6 +81,39 @@ def test_changing_one_protein_changes_no_other(attention: str, kernel: str, caus
     assert not torch.allclose(a[inside], b[inside])
 
 
+@pytest.mark.parametrize("method", ["softmax", "relu", "exact"])
+def test_packed_noncausal_values_and_gradients_equal_each_document_alone(method: str, monkeypatch) -> None:
+    """The batched packed paths (softmax: one fused Function per run of documents, per-document GEMMs only) give
+    every document its output and its input gradients alone, float64, with a one-token document, padded keys and,
+    with 64-row blocks, runs of several documents and a document longer than a block."""
+    from proteinperformer.attention import exact_attention, favor_attention, gaussian_projection, noncausal
+
+    monkeypatch.setattr(noncausal, "ROW_BLOCK_ELEMENTS", 2 * 16 * 64)  # N·rows·m: 64-row blocks, 3 runs below
+    torch.manual_seed(0)
+    sizes = [5, 1, 70, 9, 40, 3]
+    cu = torch.tensor([0, *np.cumsum(sizes)], dtype=torch.int32)
+    T = int(cu[-1])
+    q, k, v = (torch.randn(1, 2, T, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = torch.zeros(1, T, dtype=torch.bool)
+    mask[0, [8, 80, 100]] = True  # padded keys inside documents 3, 4 and 5
+    P = gaussian_projection(16, 8, generator=torch.Generator().manual_seed(1)).to(torch.float64)
+
+    def attend(q, k, v, mask, cu=None):
+        if method == "exact":
+            return exact_attention(q, k, v, key_padding_mask=mask, cu_seqlens=cu)
+        return favor_attention(q, k, v, P, method, key_padding_mask=mask, cu_seqlens=cu)
+
+    weight = torch.randn(1, 2, T, 8, dtype=torch.float64)
+    packed = attend(q, k, v, mask, cu)
+    grads = torch.autograd.grad((packed * weight).sum(), (q, k, v))
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        piece = [t[:, :, a:b].detach().requires_grad_() for t in (q, k, v)]
+        alone = attend(*piece, mask[:, a:b])
+        torch.testing.assert_close(packed[:, :, a:b], alone, atol=1e-10, rtol=0)
+        for g, ga in zip(grads, torch.autograd.grad((alone * weight[:, :, a:b]).sum(), piece), strict=True):
+            torch.testing.assert_close(g[:, :, a:b], ga, atol=1e-10, rtol=0)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_packed_gradients_and_bf16_autocast(causal: bool) -> None:
     """Backward runs through every packed path, and bf16 autocast agrees with each protein alone to bf16 precision."""

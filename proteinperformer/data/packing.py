@@ -58,22 +58,26 @@ def pack_balanced(sizes: Sequence[int], budget: int, world_size: int = 1, fill: 
     ``fill`` × ``budget`` allows and grows by a step (and the pack restarts) while an item fits nowhere. Steps
     hold bins of similar totals.
     """
+    order = np.argsort(-np.asarray(sizes, dtype=np.int64), kind="stable").tolist()  # largest first, ties in order
     sizes = [int(x) for x in sizes]
-    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+    ordered = [sizes[i] for i in order]
     n_bins = world_size * max(1, math.ceil(sum(sizes) / (world_size * budget * fill)))
+    replace = heapq.heapreplace
     while True:
-        heap = [(0, b) for b in range(n_bins)]  # (load, bin): the emptiest first
+        # the heap holds one int per bin, load << shift | bin: ordered as (load, bin) pairs, without the tuples
+        shift = n_bins.bit_length()
+        heap, low = list(range(n_bins)), (1 << shift) - 1  # every load 0: a heap already
         bins: list[list[int]] = [[] for _ in range(n_bins)]
-        for item in order:
-            load, b = heap[0]
-            if load + sizes[item] > budget:
+        for item, size in zip(order, ordered, strict=True):
+            key = heap[0]  # the emptiest bin
+            if (key >> shift) + size > budget:
                 break
-            heapq.heapreplace(heap, (load + sizes[item], b))
-            bins[b].append(item)
+            replace(heap, key + (size << shift))
+            bins[key & low].append(item)
         else:
             break
         n_bins += world_size  # an item fit nowhere: one more step
-    loads = {b: load for load, b in heap}
+    loads = {key & low: key >> shift for key in heap}
     bins = [bins[b] for b in sorted(range(n_bins), key=lambda b: -loads[b])]
     return [bins[i: i + world_size] for i in range(0, n_bins, world_size)]
 
@@ -124,7 +128,7 @@ class PackedBatchSampler(ResumableSampler, Sampler):
         self.pool_size = batch_size * pool_batches
         self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
         self.epoch, self.start = 0, 0  # start: batches of this rank's epoch to skip (resume)
-        self._cached_pool: tuple[int, int, list] | None = None
+        self._cached_pool: tuple[int, int, list, tuple[int, int]] | None = None
         self._counts: tuple[int, np.ndarray, dict] | None = None  # (epoch, steps per pool, epoch totals)
         self._logged_epoch: int | None = None
         self.sampler = _EpochHandle(self)  # Lightning calls set_epoch on batch_sampler.sampler
@@ -158,14 +162,15 @@ class PackedBatchSampler(ResumableSampler, Sampler):
         """Pool ``p``'s steps: ``world_size`` arrays of window keys each."""
         if self._cached_pool is not None and self._cached_pool[:2] == (self.epoch, p):
             return self._cached_pool[2]
-        keys, sizes = self._windows(self._members(p))
+        members = self._members(p)
+        keys, sizes = self._windows(members)
         steps = [[keys[np.asarray(b, dtype=np.int64)] for b in step]
                  for step in pack_balanced(sizes.tolist(), self.toks_per_batch, self.world_size)]
         for step in steps:  # fewer windows than ranks (a tiny last pool): a rank repeats one, as DistributedSampler
             for r, batch in enumerate(step):
                 if not len(batch):
                     step[r] = step[0][-1:]
-        self._cached_pool = (self.epoch, p, steps)
+        self._cached_pool = (self.epoch, p, steps, (len(members), int(sizes.sum())))  # + proteins, framed tokens
         return steps
 
     def _epoch(self) -> tuple[np.ndarray, dict]:
@@ -177,10 +182,10 @@ class PackedBatchSampler(ResumableSampler, Sampler):
         totals = {"epoch": self.epoch, "proteins": 0, "windows": 0, "batches": 0, "tokens": 0}
         for p in range(n_pools):
             pool = self._pool(p)
+            proteins, tokens = self._cached_pool[3]  # the windows cover the framed proteins exactly
             steps[p] = len(pool)
-            members = self._members(p)
-            totals["proteins"] += len(members)
-            totals["tokens"] += int(np.asarray(self.lengths[members], dtype=np.int64).sum()) + 2 * len(members)
+            totals["proteins"] += proteins
+            totals["tokens"] += tokens
             totals["windows"] += sum(len(b) for step in pool for b in step)
             totals["batches"] += len(pool) * self.world_size
         totals["residues"] = totals["tokens"] - 2 * totals["proteins"]
