@@ -193,7 +193,7 @@ def test_attention_maps_use_the_features() -> None:
     h = model.embed(tokens)
     q, k, _ = layer.split_heads(model.layers[0].norm1(h))
     with torch.no_grad():
-        want = favor_weights(*layer.feature_inputs(q, k))[0, :, 1:-1, 1:-1]
+        want = favor_weights(*layer.feature_inputs(q, k), kernel=layer.favor_kernel)[0, :, 1:-1, 1:-1]
     assert torch.allclose(maps[0], want.float(), atol=1e-5)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .features import _NEG, SOFTMAX_EPS, FeatureMap, PositiveRandomFeatures
+from .features import _NEG, FeatureMap, PositiveRandomFeatures
 from .normaliser import _NO_KEY, _normalise, _normaliser_backward, _values_with_ones
 from .precision import _acc, _float32_region
 
@@ -166,7 +166,7 @@ class _SoftmaxCausal(torch.autograd.Function):
 
     @staticmethod
     @_float32_region
-    def forward(ctx, q, k, v, P, mask, doc, chunk, group):
+    def forward(ctx, q, k, v, P, mask, doc, chunk, group, eps):
         N, L, _ = q.shape
         Pa = PositiveRandomFeatures.augmented_projection(P, q.dtype)
         groups = _Groups(L, chunk, group, doc)
@@ -179,7 +179,7 @@ class _SoftmaxCausal(torch.autograd.Function):
         for gi in range(groups.n_groups):
             mg = None if mask is None else groups(mask, gi)
             Q, qmax = _query_features(groups(q, gi), Pa)
-            Q.add_(SOFTMAX_EPS * qmax)  # φ(q)·max p_q
+            Q.add_(eps * qmax)  # φ(q)·max p_q
             K, lse, top = _key_features(groups(k, gi), Pa, mg)
             n, _, T = top.shape
             gg = _running_max(top.transpose(0, 1).reshape(N, -1), doc[gi * group : (gi + 1) * group], g_in,
@@ -192,19 +192,20 @@ class _SoftmaxCausal(torch.autograd.Function):
             feats += [K, u]
             ones = Q.new_ones(n, N, T, 1)
             prefix, C = _group_forward(ones, ones, v1g, groups.plain(gi, N, q), C)  # Σ_{j≤i} v1_j in the document
-            O.addcmul_(Q.sum(-1, keepdim=True), prefix, value=SOFTMAX_EPS)  # the ε floor of φ(k)
+            O.addcmul_(Q.sum(-1, keepdim=True), prefix, value=eps)  # the ε floor of φ(k)
             dg = O[..., -1:].clamp_min(_NO_KEY)
             groups(den, gi).copy_(dg)
             torch.div(O[..., :-1], dg, out=groups(out, gi))
             g_in = gg[:, -1]
         ctx.save_for_backward(q, k, v1, g, Hs, Cs, out, den, Pa, mask, doc, *feats)
-        ctx.chunk, ctx.group = chunk, group
+        ctx.chunk, ctx.group, ctx.eps = chunk, group, eps
         return out
 
     @staticmethod
     @_float32_region
     def backward(ctx, grad):
         q, k, v1, g, Hs, Cs, out, den, Pa, mask, doc, *feats = ctx.saved_tensors
+        eps = ctx.eps
         N, L, _ = q.shape
         groups = _Groups(L, ctx.chunk, ctx.group, doc)
         grad = grad.contiguous()
@@ -214,23 +215,23 @@ class _SoftmaxCausal(torch.autograd.Function):
             qg, kg, gc, v1g = groups(q, gi), groups(k, gi), groups(g, gi), groups(v1, gi)
             dO = _normaliser_backward(groups(grad, gi), groups(out, gi), groups(den, gi))  # (n, N, T, e+1)
             p, qmax = _query_features(qg, Pa)  # recomputed
-            Q, (K, u) = p + SOFTMAX_EPS * qmax, feats[2 * gi : 2 * gi + 2]
+            Q, (K, u) = p + eps * qmax, feats[2 * gi : 2 * gi + 2]
             n, _, T = gc.shape
             g_in = gc.new_full((N,), _NEG) if gi == 0 else groups(g, gi - 1)[-1, :, -1]
             dQ, dK, dV, U = _group_backward(Q, K, v1g * u, groups.decays(gi, gc, g_in), Hs[gi], dO, U)
             # the ε floor of φ(k): o += ε (Σ_f Q_f) prefix, prefix = the plain core on v1 (recomputed)
             ones, flat = Q.new_ones(n, N, T, 1), groups.plain(gi, N, q)
             prefix, _ = _group_forward(ones, ones, v1g, flat, Cs[gi])
-            dQ.add_(SOFTMAX_EPS * (dO * prefix).sum(-1, keepdim=True))
+            dQ.add_(eps * (dO * prefix).sum(-1, keepdim=True))
             _, _, dVe, Uc = _group_backward(ones, ones, v1g, flat, Cs[gi], dO * Q.sum(-1, keepdim=True), Uc)
             # d/d logits: φ(q) − ε = p_q up to the row scale, φ(k) − ε = p_k·u (u is in the core's V: dK carries it)
             groups(dq, gi).copy_(PositiveRandomFeatures.augmented_logits_backward(dQ.mul_(p), qg, Pa))
             groups(dk, gi).copy_(PositiveRandomFeatures.augmented_logits_backward(dK.mul_(K), kg, Pa))
-            groups(dv1, gi).copy_(dV.mul_(u).add_(dVe, alpha=SOFTMAX_EPS))
+            groups(dv1, gi).copy_(dV.mul_(u).add_(dVe, alpha=eps))
         dv = dv1[..., :-1]
         if mask is not None:
             dv = dv.masked_fill(mask.unsqueeze(-1), 0.0)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 class _CausalLinear(torch.autograd.Function):
@@ -320,7 +321,7 @@ def _favor_causal(q, k, v, P, fmap: FeatureMap, key_padding_mask, chunk_size, gr
     if isinstance(fmap, PositiveRandomFeatures):  # the fused path
         flat = [t.to(acc).reshape(B * H, Lp, t.shape[3]) for t in (q, k, v)]  # (N, L, ·)
         mask = None if key_padding_mask is None else key_padding_mask.repeat_interleave(H, 0)
-        out = _SoftmaxCausal.apply(*flat, P.to(acc), mask, doc, T, group).view(B, H, Lp, v.shape[3])
+        out = _SoftmaxCausal.apply(*flat, P.to(acc), mask, doc, T, group, fmap.eps).view(B, H, Lp, v.shape[3])
         return out[:, :, :L]
     qf, kf = fmap.features(q, P), fmap.features(k, P)  # (B, H, L, m)
     if key_padding_mask is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .documents import per_document
-from .features import _NEG, SOFTMAX_EPS, FeatureMap, PositiveRandomFeatures
+from .features import _NEG, FeatureMap, PositiveRandomFeatures
 from .normaliser import _NO_KEY, _normalise, _normaliser_backward, _values_with_ones
 from .precision import _acc, _float32_region
 
@@ -40,7 +40,7 @@ class _SoftmaxNoncausal(torch.autograd.Function):
 
     @staticmethod
     @_float32_region
-    def forward(ctx, q, k, v, P, mask):
+    def forward(ctx, q, k, v, P, mask, eps):
         N, Lq, _ = q.shape
         Lk, m = k.shape[1], P.shape[0]
         Pa = PositiveRandomFeatures.augmented_projection(P, q.dtype)  # (m, d+1); column d: −d^(-1/2)/2 for ‖x‖²
@@ -68,7 +68,7 @@ class _SoftmaxNoncausal(torch.autograd.Function):
             kv.baddbmm_(pb.transpose(-1, -2), torch.exp(lw - C) * v1[:, a : a + rows])
             logw[:, a : a + rows] = lw
         logw.sub_(C)  # w = exp(logw) ≤ m, and φ(k) − ε = p_k·w ≤ 1
-        kv.add_(SOFTMAX_EPS * v1.sum(1, keepdim=True))  # the ε floor of φ(k) on real keys
+        kv.add_(eps * v1.sum(1, keepdim=True))  # the ε floor of φ(k) on real keys
         kv_sum = kv.sum(1, keepdim=True)  # (N, 1, e+1): what the ε floor of φ(q) sees
         # queries: o = (p_q + ε max p_q) kv, blocks
         pq, pq_max = [], q.new_empty(N, Lq, 1)
@@ -76,24 +76,24 @@ class _SoftmaxNoncausal(torch.autograd.Function):
         for a in range(0, Lq, rows):
             pb = torch.softmax(q[:, a : a + rows] @ Ps.T, -1)
             pm = pb.amax(-1, keepdim=True)
-            o = torch.baddbmm(SOFTMAX_EPS * pm * kv_sum, pb, kv)  # (N, r, e+1)
+            o = torch.baddbmm(eps * pm * kv_sum, pb, kv)  # (N, r, e+1)
             d_b = o[..., -1:].clamp_min(_NO_KEY)  # a query that sees no key at all gets 0
             torch.div(o[..., :-1], d_b, out=out[:, a : a + rows])
             den[:, a : a + rows], pq_max[:, a : a + rows] = d_b, pm
             pq.append(pb)
         ctx.save_for_backward(q, k, v1, kv, out, den, pq_max, logw, Pa, mask, *pq, *pk)
-        ctx.blocks = (rows, len(pq))
+        ctx.blocks, ctx.eps = (rows, len(pq)), eps
         return out
 
     @staticmethod
     @_float32_region
     def backward(ctx, grad):
         q, k, v1, kv, out, den, pq_max, logw, Pa, mask, *blocks = ctx.saved_tensors
-        rows, nq = ctx.blocks
+        (rows, nq), eps = ctx.blocks, ctx.eps
         pq, pk = blocks[:nq], blocks[nq:]
         do = _normaliser_backward(grad, out, den)  # (N, Lq, e+1)
         dq = torch.empty_like(q)
-        dkv = SOFTMAX_EPS * (pq_max * do).sum(1, keepdim=True).expand_as(kv).clone()  # via the ε floor of φ(q)
+        dkv = eps * (pq_max * do).sum(1, keepdim=True).expand_as(kv).clone()  # via the ε floor of φ(q)
         for i, pb in enumerate(pq):
             a = i * rows
             dob = do[:, a : a + rows]
@@ -102,7 +102,7 @@ class _SoftmaxNoncausal(torch.autograd.Function):
             dq[:, a : a + rows] = PositiveRandomFeatures.augmented_logits_backward(dlogits, q[:, a : a + rows], Pa)
         dk, dv = torch.empty_like(k), torch.empty_like(v1[..., :-1])
         w = logw.exp()  # (N, Lk, 1), 0 on padded keys
-        dv_eps = SOFTMAX_EPS * dkv.sum(1, keepdim=True)  # (N, 1, e+1) via the ε floor of φ(k)
+        dv_eps = eps * dkv.sum(1, keepdim=True)  # (N, 1, e+1) via the ε floor of φ(k)
         for i, pb in enumerate(pk):
             a = i * rows
             wv = w[:, a : a + rows] * v1[:, a : a + rows]
@@ -112,7 +112,7 @@ class _SoftmaxNoncausal(torch.autograd.Function):
             dv[:, a : a + rows] = dvb[..., :-1]
         if mask is not None:
             dv.masked_fill_(mask.unsqueeze(-1), 0.0)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
 @_float32_region
@@ -129,9 +129,9 @@ def _favor_noncausal(q, k, v, P, fmap: FeatureMap, key_padding_mask, cu_seqlens=
         mask = None if key_padding_mask is None else key_padding_mask.repeat_interleave(H, 0)
         Pa = P.to(acc)
         if cu_seqlens is None:
-            out = _SoftmaxNoncausal.apply(*flat, Pa, mask)
+            out = _SoftmaxNoncausal.apply(*flat, Pa, mask, fmap.eps)
         else:
-            out = per_document(lambda qd, kd, vd, md: _SoftmaxNoncausal.apply(qd, kd, vd, Pa, md), cu_seqlens,
+            out = per_document(lambda qd, kd, vd, md: _SoftmaxNoncausal.apply(qd, kd, vd, Pa, md, fmap.eps), cu_seqlens,
                                *flat, mask, dim=1)
         return out.view(B, H, q.shape[2], v.shape[3])
     qf, kf = fmap.features(q, P), fmap.features(k, P)  # (B, H, L, m)
