@@ -337,7 +337,7 @@ def convert_attention(
     Swapping exact softmax attention for FAVOR+ (``attention="favor"``, kernel "softmax") is the Performer's
     backward compatibility: the trained q/k/v weights stay and φ(q)·φ(k) estimates their softmax kernel. The
     new projections are drawn from ``seed`` (reproducible), also for a source that has none (exact attention, or
-    the ReLU kernel without projection). ``features`` ("favor+", "oprf", "oprf-rescaled") switches the softmax
+    the ReLU kernel without projection). ``features`` (options.FEATURES: "favor+", "oprf", ...) switches the softmax
     kernel's feature map: calibration statistics the model holds are kept and give the new map's A and Ψ (a
     model without them gets zero statistics, i.e. FAVOR+, until ``calibrate_features``). Arguments left None keep
     the model's value, except the kernel of a model with exact attention, which is softmax (:func:`own_kernel`);
