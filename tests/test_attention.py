@@ -414,7 +414,8 @@ def test_clear_errors_on_bad_input():
         favor_attention(q[0], q, q, P)
     with pytest.raises(ValueError, match="head_dim"):
         favor_attention(q, q[..., :8], q, P)
-    registered = r"unknown kernel 'cosine'; registered feature maps: \['hedgehog', 'relu', 'softmax'\]"
+    registered = (r"unknown kernel 'cosine'; registered feature maps: "
+                  r"\['hedgehog', 'relu', 'softmax', 'softmax-floorless'\]")
     with pytest.raises(ValueError, match=registered):
         favor_attention(q, q, q, P, kernel="cosine")
     with pytest.raises(ValueError, match="unknown kernel 'cosine'"):
