@@ -43,6 +43,8 @@ import torch
 
 from proteinperformer.options import FEATURES  # noqa: E402  (the names, torch-free for --help)
 
+from .precision import _float32_region
+
 MOMENTS = 3  # pair means of x_l², y_l², x_l y_l (x = d^(-1/4) q, y = d^(-1/4) k): (H, 3, d)
 
 
@@ -91,6 +93,14 @@ def _sym_power(S: torch.Tensor, p: float) -> torch.Tensor:
     return (U * e.unsqueeze(-2) ** p) @ U.transpose(-1, -2)
 
 
+def _ridge(C: torch.Tensor, rel: float = 1e-6) -> torch.Tensor:
+    """C + rel·(tr C / d)·I for covariances (..., d, d): a direction the calibration never saw (a dead coordinate)
+    would otherwise give M a condition number that float32 q, k cannot carry through M and M⁻ᵀ."""
+    d = C.shape[-1]
+    scale = C.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None]
+    return C + rel * scale * torch.eye(d, dtype=C.dtype)
+
+
 def dense_parameters(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A (H,) and the maps (H, 2, d + 1, d) of ``oprf-dense`` from its pair moments (H, 2d + 3, d) (float64).
 
@@ -107,8 +117,8 @@ def dense_parameters(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     ok = (xx.diagonal(dim1=-2, dim2=-1).sum(-1) > 0) & (yy.diagonal(dim1=-2, dim2=-1).sum(-1) > 0)
     if not ok.any():
         return a, maps
-    cx = xx[ok] - mx[ok, :, None] * mx[ok, None, :]  # pair covariances
-    cy = yy[ok] - my[ok, :, None] * my[ok, None, :]
+    cx = _ridge(xx[ok] - mx[ok, :, None] * mx[ok, None, :])  # pair covariances
+    cy = _ridge(yy[ok] - my[ok, :, None] * my[ok, None, :])
     root, inv_root = _sym_power(cx, 0.5), _sym_power(cx, -0.5)
     S = inv_root @ _sym_power(root @ cy @ root, 0.5) @ inv_root  # S C_x S = C_y
     M = _sym_power(S, 0.5)
@@ -122,11 +132,14 @@ def dense_parameters(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return a, maps
 
 
+@_float32_region
 def dense_inputs(q: torch.Tensor, k: torch.Tensor, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mq and M⁻ᵀk − c d^(1/4) per head (q, k (B, H, L, d), maps (H, 2, d + 1, d), see :func:`dense_parameters`):
-    q̃ᵀk̃ = qᵀk − qᵀM c d^(1/4), the same for every key of a query, so the attention is unchanged."""
+    q̃ᵀk̃ = qᵀk − qᵀM c d^(1/4), the same for every key of a query, so the attention is unchanged. Computed in
+    float32 (float64 for float64 inputs) whatever autocast says, as the kernel that takes them."""
     d = q.shape[-1]
-    maps = maps.to(q.device, q.dtype)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k, maps = q.to(acc), k.to(acc), maps.to(q.device, acc)
     qm = q @ maps[:, 0, :d].transpose(-1, -2).unsqueeze(0)
     km = k @ maps[:, 1, :d].transpose(-1, -2).unsqueeze(0) - d**0.25 * maps[:, 1, d][None, :, None, :]
     return qm, km
