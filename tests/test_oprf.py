@@ -260,7 +260,7 @@ def test_dense_pair_moments_count_the_pairs_attention_sees() -> None:
         assert torch.allclose(convert_moments(sums, "oprf"), diag)  # the diagonal ones, from the dense ones
 
 
-def test_dense_statistics_convert_to_diagonal_ones_but_not_back() -> None:
+def test_dense_statistics_convert_to_diagonal_ones_but_not_back(tmp_path: Path) -> None:
     dense = calibrated(features="oprf-dense")
     attn = dense.layers[0].attn
     assert attn.feature_moments.shape == (2, 2 * 16 + 3, 16) and (attn.feature_a < -1e-3).all()
@@ -273,6 +273,12 @@ def test_dense_statistics_convert_to_diagonal_ones_but_not_back() -> None:
     back = convert_attention(direct, features="oprf-dense")  # diagonal statistics cannot give M: uncalibrated
     assert float(back.layers[0].attn.feature_pairs) == 0 and torch.equal(back.layers[0].attn.feature_a,
                                                                          torch.zeros(2))
+    path = save_checkpoint(direct, tmp_path / "rescaled.ckpt", "test")
+    with pytest.raises(ValueError, match="--features oprf-dense --calibrate FASTA") as err:
+        load_model(path, features="oprf-dense")  # what a tool does with --features oprf-dense
+    assert "rescaled.ckpt" in str(err.value) and "\n" not in str(err.value)
+    as_oprf = load_model(save_checkpoint(dense, tmp_path / "dense.ckpt", "test"), features="oprf")  # dense -> diagonal
+    assert as_oprf.config.features == "oprf" and (as_oprf.layers[0].attn.feature_a < 0).all()
 
 
 def tiny(causal: bool = True, features: str = "oprf-rescaled", kernel: str = "softmax", depth: int = 2) -> PerformerLM:
