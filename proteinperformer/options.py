@@ -29,7 +29,7 @@ MATRICES = ("BLOSUM62", "BLOSUM45", "BLOSUM80", "PAM250")
 BLOSUM_METHODS = ("vig", "weighted")
 
 # FAVOR+ conversion (evaluation.conversion): pp-convert --num-features
-FEATURES = ("favor+", "oprf", "oprf-rescaled")  # the softmax kernel's feature maps (attention/oprf.py)
+FEATURES = ("favor+", "oprf", "oprf-rescaled", "oprf-dense")  # the softmax kernel's feature maps (attention/oprf.py)
 KERNELS = ("softmax", "relu", "hedgehog")  # the registered FAVOR feature maps (attention/features.py)
 TRANSFER_STEPS = 500  # pp-convert --transfer, per layer; see studies/fig5_iglm/README.md (IgLM-S and IgLM)
 DEFAULT_NUM_FEATURES = 256  # see docs/esm2.md "Which defaults, and why" (measured in studies/fig5_small/)

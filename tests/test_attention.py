@@ -217,7 +217,8 @@ def test_registering_a_feature_map_is_all_it_takes(monkeypatch):
             y, state = layer.step(x[:, t : t + 1], state)
             ys.append(y)
         assert torch.allclose(torch.cat(ys, 1), layer(x), atol=1e-5)
-    with pytest.raises(ValueError, match=r"registered feature maps: \['hedgehog', 'relu', 'softmax', 'squared'\]"):
+    registered = r"registered feature maps: \['hedgehog', 'relu', 'softmax', 'softmax-floorless', 'squared'\]"
+    with pytest.raises(ValueError, match=registered):
         favor_attention(q, k, v, None, kernel="cosine")
 
 
@@ -413,7 +414,8 @@ def test_clear_errors_on_bad_input():
         favor_attention(q[0], q, q, P)
     with pytest.raises(ValueError, match="head_dim"):
         favor_attention(q, q[..., :8], q, P)
-    registered = r"unknown kernel 'cosine'; registered feature maps: \['hedgehog', 'relu', 'softmax'\]"
+    registered = (r"unknown kernel 'cosine'; registered feature maps: "
+                  r"\['hedgehog', 'relu', 'softmax', 'softmax-floorless'\]")
     with pytest.raises(ValueError, match=registered):
         favor_attention(q, q, q, P, kernel="cosine")
     with pytest.raises(ValueError, match="unknown kernel 'cosine'"):

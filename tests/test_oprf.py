@@ -13,11 +13,15 @@ import torch
 
 from proteinperformer.attention import exact_attention, favor_attention, redraw_projections
 from proteinperformer.attention.oprf import (
+    convert_moments,
+    dense_inputs,
+    dense_parameters,
     feature_parameters,
     oprf_features,
     oprf_inputs,
     optimal_a,
     pair_moment_sums,
+    rescaling,
 )
 from proteinperformer.attention.projection import gaussian_projection
 from proteinperformer.attention.reference import favor_weights
@@ -130,6 +134,153 @@ def test_pair_moments_count_the_pairs_attention_sees() -> None:
         assert float(pairs) == n and torch.allclose(sums, want)
 
 
+# ----------------------------------------------------------------------------- oprf-dense: matrix and key shift
+
+
+def correlated_pairs(n: int = 4000, d: int = 6, seed: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, y (n, d) like trained queries and keys: anisotropic, correlated coordinates and large common means."""
+    g = torch.Generator().manual_seed(seed)
+    mix_x, mix_y = (torch.randn(d, d, generator=g, dtype=D64) * 0.4 for _ in range(2))
+    x = torch.randn(n, d, generator=g, dtype=D64) @ mix_x + 0.8
+    y = torch.randn(n, d, generator=g, dtype=D64) @ mix_y - 0.5 * torch.arange(d, dtype=D64) / d
+    return x, y
+
+
+def dense_moments(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """oprf-dense's moments (1, 2d + 3, d) of the pairs (x_i, y_i), written out."""
+    n = len(x)
+    rows = [x.T @ x / n, y.T @ y / n, x.mean(0)[None], y.mean(0)[None], (x * y).mean(0)[None]]
+    return torch.cat(rows)[None]
+
+
+def test_dense_map_keeps_the_attention_and_lowers_phi_below_the_diagonal_rescaling() -> None:
+    x, y = correlated_pairs()
+    d = x.shape[1]
+    a, maps = dense_parameters(dense_moments(x, y))
+    M, Mt, c = maps[0, 0, :d], maps[0, 1, :d], maps[0, 1, d]
+    assert torch.allclose(M @ Mt.T, torch.eye(d, dtype=D64), atol=1e-10)  # M⁻ᵀ: xᵀy unchanged
+    cx, cy = torch.cov(x.T, correction=0), torch.cov(y.T, correction=0)
+    S = M @ M
+    assert torch.allclose(S @ cx @ S, cy, atol=1e-5)  # the geometric mean: S C_x S = C_y (up to the 1e-6 ridge)
+    xs, ys = x @ M.T, y @ Mt.T - c
+    assert torch.allclose(c, (xs + y @ Mt.T).mean(0), atol=1e-12)
+    phi = {"favor+": ((x + y) ** 2).sum(-1).mean(), "dense": ((xs + ys) ** 2).sum(-1).mean()}
+    psi = rescaling(torch.stack([(x * x).mean(0), (y * y).mean(0), (x * y).mean(0)])[None])[0]
+    phi["rescaled"] = ((x * psi + y / psi) ** 2).sum(-1).mean()
+    assert phi["dense"] < 0.8 * phi["rescaled"] and phi["rescaled"] < phi["favor+"]
+    assert torch.allclose(a, optimal_a(phi["dense"], d))  # A* from Φ(M, c)
+    # the attention of any query over any keys is unchanged: the shift moves all its logits alike
+    q, k = (t[None, None, :9] * d**0.25 for t in (x, y))  # x = d^(-1/4) q
+    v = torch.randn(1, 1, 9, 3, generator=torch.Generator().manual_seed(0), dtype=D64)
+    qd, kd = dense_inputs(q, k, maps)
+    for causal in (False, True):
+        assert torch.allclose(exact_attention(qd, kd, v, causal=causal), exact_attention(q, k, v, causal=causal),
+                              atol=1e-12)
+
+
+def test_a_dead_coordinate_keeps_the_dense_map_usable_in_float32() -> None:
+    """A query coordinate that is always 0 (no variance to calibrate on): M stays finite and float32 q, k carry
+    the exact attention through M and M⁻ᵀ."""
+    x, y = correlated_pairs(n=500)
+    x[:, 0] = 0.0
+    d = x.shape[1]
+    a, maps = dense_parameters(dense_moments(x, y))
+    assert torch.isfinite(maps).all() and torch.isfinite(a).all()
+    q, k = (t[None, None, :12].float() * d**0.25 for t in (x, y))
+    v = torch.randn(1, 1, 12, 3)
+    qd, kd = dense_inputs(q, k, maps.float())
+    assert qd.dtype == torch.float32
+    assert torch.allclose(exact_attention(qd, kd, v, causal=True), exact_attention(q, k, v, causal=True), atol=1e-4)
+
+
+def test_dense_features_are_unbiased_for_the_shifted_kernel() -> None:
+    """E[f(ω, Mx) f(ω, M⁻ᵀy − c)] = exp(xᵀy − (Mx)ᵀc): the OPRF estimator of the rewritten pair, whose query
+    factor exp(−(Mx)ᵀc) the attention's normaliser cancels."""
+    x, y = correlated_pairs(n=500)
+    d = x.shape[1]
+    a, maps = dense_parameters(dense_moments(x, y))
+    M, Mt, c = maps[0, 0, :d], maps[0, 1, :d], maps[0, 1, d]
+    xi, yj = x[0] * 0.5, y[1] * 0.5
+    m = 200_000
+    P = torch.randn(m, d, generator=torch.Generator().manual_seed(10), dtype=D64)
+    prod = oprf_features(M @ xi, P, float(a)) * oprf_features(Mt @ yj - c, P, float(a)) * m
+    mean, se = prod.mean(), prod.std() / m**0.5
+    assert abs(mean - math.exp(float(xi @ yj - (M @ xi) @ c))) < 4 * se and se < 0.03 * mean
+
+
+def test_dense_attention_is_closer_to_exact_than_favor_plus_and_rescaled_and_needs_no_floor() -> None:
+    """Sharp attention of large, shifted q and k (float64, 8 draws): the calibrated dense map's output error is a
+    fraction of FAVOR+'s and of the diagonal rescaling's; the ε = 1e-6 floor of the plain softmax kernel would
+    swamp it (the shift makes every product of a query small against the stabilisers)."""
+    x, y = correlated_pairs(n=64, seed=11)
+    d, L = x.shape[1], 64
+    q, k = (t[None, None] * d**0.25 for t in (x, y))  # (1, 1, L, d), x = d^(-1/4) q
+    v = torch.randn(1, 1, L, 4, generator=torch.Generator().manual_seed(12), dtype=D64)
+    exact = exact_attention(q, k, v, causal=True)
+    xs, ys = q[0, 0] * d**-0.25, k[0, 0] * d**-0.25
+    dense_m = dense_moments(xs, ys)  # not causal pairs: the test only needs fixed parameters
+    diag = torch.stack([dense_m[:, :d].diagonal(dim1=-2, dim2=-1)[0], dense_m[:, d : 2 * d].diagonal(
+        dim1=-2, dim2=-1)[0], dense_m[0, 2 * d + 2]])[None]
+    err = {"favor+": 0.0, "oprf-rescaled": 0.0, "oprf-dense": 0.0, "dense, ε floor": 0.0}
+    for draw in range(8):
+        P = gaussian_projection(64, d, generator=torch.Generator().manual_seed(draw)).double()
+        a, psi = feature_parameters(diag, "oprf-rescaled")
+        ad, maps = dense_parameters(dense_m)
+        qd, kd = dense_inputs(q, k, maps)
+        runs = {"favor+": (q, k, P, "softmax"),
+                "oprf-rescaled": (*oprf_inputs(q, k, P, a, psi), "softmax-floorless"),
+                "oprf-dense": (*oprf_inputs(qd, kd, P, ad, torch.ones(1, d, dtype=D64)), "softmax-floorless"),
+                "dense, ε floor": (*oprf_inputs(qd, kd, P, ad, torch.ones(1, d, dtype=D64)), "softmax")}
+        for name, (qq, kk, PP, kernel) in runs.items():
+            out = favor_attention(qq, kk, v, PP, kernel=kernel, causal=True)
+            err[name] += float((out - exact).norm() / exact.norm()) / 8
+    # measured: favor+ 0.945, oprf-rescaled 0.818, oprf-dense 0.535, oprf-dense with the ε floor 0.889
+    assert err["oprf-dense"] < 0.75 * err["oprf-rescaled"] and err["oprf-dense"] < 0.65 * err["favor+"]
+    assert err["dense, ε floor"] > 1.4 * err["oprf-dense"]
+
+
+def test_dense_pair_moments_count_the_pairs_attention_sees() -> None:
+    g = torch.Generator().manual_seed(13)
+    q, k = (torch.randn(2, 3, 6, 4, generator=g, dtype=D64) for _ in range(2))
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[1, 4:] = True
+    for causal in (False, True):
+        sums, pairs = pair_moment_sums(q, k, causal, mask, dense=True)
+        want = torch.zeros(3, 11, 4, dtype=D64)
+        for b in range(2):
+            for i in range(6):
+                for j in range(6):
+                    if mask[b, i] or mask[b, j] or (causal and j > i):
+                        continue
+                    x, y = q[b, :, i] * 4**-0.25, k[b, :, j] * 4**-0.25
+                    want += torch.cat([x[:, :, None] * x[:, None], y[:, :, None] * y[:, None], x[:, None],
+                                       y[:, None], (x * y)[:, None]], dim=1)
+        assert sums.shape == (3, 11, 4) and torch.allclose(sums, want)
+        diag, _ = pair_moment_sums(q, k, causal, mask)
+        assert torch.allclose(convert_moments(sums, "oprf"), diag)  # the diagonal ones, from the dense ones
+
+
+def test_dense_statistics_convert_to_diagonal_ones_but_not_back(tmp_path: Path) -> None:
+    dense = calibrated(features="oprf-dense")
+    attn = dense.layers[0].attn
+    assert attn.feature_moments.shape == (2, 2 * 16 + 3, 16) and (attn.feature_a < -1e-3).all()
+    assert not torch.allclose(attn.feature_dense[:, 1, 16], torch.zeros(2, 16))  # a key shift
+    rescaled = convert_attention(dense, features="oprf-rescaled")
+    direct = calibrated(features="oprf-rescaled")
+    for a, b in zip(rescaled.layers, direct.layers, strict=True):
+        assert torch.allclose(a.attn.feature_psi, b.attn.feature_psi, rtol=1e-4)
+        assert torch.allclose(a.attn.feature_a, b.attn.feature_a, rtol=1e-4)
+    back = convert_attention(direct, features="oprf-dense")  # diagonal statistics cannot give M: uncalibrated
+    assert float(back.layers[0].attn.feature_pairs) == 0 and torch.equal(back.layers[0].attn.feature_a,
+                                                                         torch.zeros(2))
+    path = save_checkpoint(direct, tmp_path / "rescaled.ckpt", "test")
+    with pytest.raises(ValueError, match="--features oprf-dense --calibrate FASTA") as err:
+        load_model(path, features="oprf-dense")  # what a tool does with --features oprf-dense
+    assert "rescaled.ckpt" in str(err.value) and "\n" not in str(err.value)
+    as_oprf = load_model(save_checkpoint(dense, tmp_path / "dense.ckpt", "test"), features="oprf")  # dense -> diagonal
+    assert as_oprf.config.features == "oprf" and (as_oprf.layers[0].attn.feature_a < 0).all()
+
+
 def tiny(causal: bool = True, features: str = "oprf-rescaled", kernel: str = "softmax", depth: int = 2) -> PerformerLM:
     torch.manual_seed(0)
     cfg = ModelConfig(dim=32, depth=depth, heads=2, ff_dim=64, attention="exact", kernel=kernel, causal=causal,
@@ -140,8 +291,8 @@ def tiny(causal: bool = True, features: str = "oprf-rescaled", kernel: str = "so
     return convert_attention(exact, "favor", features=features).eval() if features else exact.eval()
 
 
-def calibrated(causal: bool = True) -> PerformerLM:
-    model = tiny(causal)
+def calibrated(causal: bool = True, features: str = "oprf-rescaled") -> PerformerLM:
+    model = tiny(causal, features)
     calibrate_features(model, [torch.randint(4, 24, (4, 30), generator=torch.Generator().manual_seed(6))])
     return model
 
@@ -158,8 +309,9 @@ def test_calibration_sets_a_and_psi_per_layer_and_head() -> None:
     assert torch.equal(oprf.layers[0].attn.feature_moments, model.layers[0].attn.feature_moments)
 
 
-def test_module_paths_agree_noncausal_causal_decoding_autocast_compile() -> None:
-    model = calibrated(causal=True)
+@pytest.mark.parametrize("features", ["oprf-rescaled", "oprf-dense"])
+def test_module_paths_agree_noncausal_causal_decoding_autocast_compile(features: str) -> None:
+    model = calibrated(causal=True, features=features)
     attn = model.layers[1].attn
     x = torch.randn(2, 11, 32, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
@@ -181,10 +333,11 @@ def test_module_paths_agree_noncausal_causal_decoding_autocast_compile() -> None
     assert torch.allclose(y, full, atol=1e-5) and torch.isfinite(attn.qkv.weight.grad).all()
 
 
-def test_attention_maps_use_the_features() -> None:
+@pytest.mark.parametrize("features", ["oprf-rescaled", "oprf-dense"])
+def test_attention_maps_use_the_features(features: str) -> None:
     from proteinperformer.analysis.maps import attention_maps
 
-    model = calibrated(causal=False)
+    model = calibrated(causal=False, features=features)
     maps = attention_maps(model, "MKTAYIAKQRQISFVK")
     favor_plus = attention_maps(convert_attention(model, features="favor+"), "MKTAYIAKQRQISFVK")
     assert not torch.allclose(maps[0], favor_plus[0])
@@ -193,12 +346,14 @@ def test_attention_maps_use_the_features() -> None:
     h = model.embed(tokens)
     q, k, _ = layer.split_heads(model.layers[0].norm1(h))
     with torch.no_grad():
-        want = favor_weights(*layer.feature_inputs(q, k))[0, :, 1:-1, 1:-1]
+        want = favor_weights(*layer.feature_inputs(q, k), kernel=layer.favor_kernel)[0, :, 1:-1, 1:-1]
     assert torch.allclose(maps[0], want.float(), atol=1e-5)
 
 
-def test_a_calibrated_checkpoint_keeps_its_statistics_and_old_checkpoints_load_identically(tmp_path: Path) -> None:
-    model = calibrated()
+@pytest.mark.parametrize("features", ["oprf-rescaled", "oprf-dense"])
+def test_a_calibrated_checkpoint_keeps_its_statistics_and_old_checkpoints_load_identically(tmp_path: Path,
+                                                                                           features: str) -> None:
+    model = calibrated(features=features)
     save_checkpoint(model, tmp_path / "c.ckpt", "test")
     back = load_model(tmp_path / "c.ckpt")
     for name, t in model.state_dict().items():

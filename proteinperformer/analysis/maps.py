@@ -99,11 +99,11 @@ def _favor_rows(attn: MultiheadSelfAttention, q, k, rows: slice, col_block: int,
         if attn.causal:  # causal needs Lq == Lk: run on the prefix that ends with the block's last query
             end = rows.stop
             v = onehot[:end].expand(1, h, end, c1 - c0)
-            block = favor_attention(q[:, :, :end], k[:, :, :end], v, P, attn.kernel, causal=True)
+            block = favor_attention(q[:, :, :end], k[:, :, :end], v, P, attn.favor_kernel, causal=True)
             block = block[0, :, rows.start:]
         else:
             v = onehot.expand(1, h, T, c1 - c0)
-            block = favor_attention(q[:, :, rows], k, v, P, attn.kernel)[0]
+            block = favor_attention(q[:, :, rows], k, v, P, attn.favor_kernel)[0]
         out[:, :, c0:c1] = block.float()
     return out
 

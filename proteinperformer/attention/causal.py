@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .features import _NEG, SOFTMAX_EPS, FeatureMap, PositiveRandomFeatures
+from .features import _NEG, FeatureMap, PositiveRandomFeatures
 from .normaliser import _NO_KEY, _normalise, _normaliser_backward, _values_with_ones
 from .precision import _acc, _float32_region
 
@@ -221,7 +221,7 @@ def _key_features(k: torch.Tensor, Pa: torch.Tensor, mask: torch.Tensor | None, 
 
 
 def _softmax_causal_forward(q: Tensor, k: Tensor, v: Tensor, P: Tensor, mask: Tensor | None, doc: Tensor, chunk: int,
-                            group: int) -> tuple[Tensor, ...]:
+                            group: int, eps: float) -> tuple[Tensor, ...]:
     """FAVOR+ causal softmax attention on flattened (N, L, ·) inputs, L % group == 0, group % chunk == 0.
 
     Per key, φ(k_j) − ε relative to the stabiliser c_i = g_i equals p_j·exp(lse_j − g_j)·exp(g_j − g_i): the
@@ -248,7 +248,7 @@ def _softmax_causal_forward(q: Tensor, k: Tensor, v: Tensor, P: Tensor, mask: Te
     for gi in range(ng):
         mg = None if mask is None else groups(mask, gi)
         Q, qmax = _query_features(groups(q, gi), Pa)
-        Q.add_(SOFTMAX_EPS * qmax)  # φ(q)·max p_q
+        Q.add_(eps * qmax)  # φ(q)·max p_q
         K, lse, top = _key_features(groups(k, gi), Pa, mg, out=Ks[gi])
         gg = _running_max(top.transpose(0, 1).reshape(N, -1), doc[gi * group : (gi + 1) * group], g_in,
                           groups.doc_before(gi))
@@ -259,7 +259,7 @@ def _softmax_causal_forward(q: Tensor, k: Tensor, v: Tensor, P: Tensor, mask: Te
         O, H, _ = _group_forward(Q, K, _scaled(v1g, u), groups.decays(gi, gc, g_in), H, A_out=As[gi])
         prefix = _document_prefix(groups.natural(v1, gi), groups.doc[gi].flatten(), groups.doc_before(gi), C)
         C = prefix[:, -1:]  # Σ_{j≤i} v1_j in the document, (N, G, e+1)
-        O.addcmul_(Q.sum(-1, keepdim=True), groups.chunk_major(prefix, n), value=SOFTMAX_EPS)  # ε floor of φ(k)
+        O.addcmul_(Q.sum(-1, keepdim=True), groups.chunk_major(prefix, n), value=eps)  # ε floor of φ(k)
         dg = O[..., -1:].clamp_min(_NO_KEY)
         groups(den, gi).copy_(dg)
         torch.div(O[..., :-1], dg, out=groups(out, gi))
@@ -269,7 +269,8 @@ def _softmax_causal_forward(q: Tensor, k: Tensor, v: Tensor, P: Tensor, mask: Te
 
 def _softmax_causal_backward(grad: Tensor, q: Tensor, k: Tensor, P: Tensor, mask: Tensor | None, doc: Tensor,
                              out: Tensor, v1: Tensor, g: Tensor, Hs: Tensor, Cs: Tensor, den: Tensor, Ks: Tensor,
-                             Us: Tensor, As: Tensor, chunk: int, group: int) -> tuple[Tensor, Tensor, Tensor]:
+                             Us: Tensor, As: Tensor, chunk: int, group: int,
+                             eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients dq, dk (N, L, d) and dv (N, L, e) of _softmax_causal_forward's out, given grad (N, L, e) and what
     the forward pass returned."""
     N, L, _ = q.shape
@@ -282,20 +283,20 @@ def _softmax_causal_backward(grad: Tensor, q: Tensor, k: Tensor, P: Tensor, mask
         qg, kg, gc, v1g = groups(q, gi), groups(k, gi), groups(g, gi), groups(v1, gi)
         dO = _normaliser_backward(groups(grad, gi), groups(out, gi), groups(den, gi))  # (n, N, T, e+1)
         p, qmax = _query_features(qg, Pa)  # recomputed
-        Q, K, u, A = p + SOFTMAX_EPS * qmax, Ks[gi], Us[gi].unsqueeze(-1), As[gi]
+        Q, K, u, A = p + eps * qmax, Ks[gi], Us[gi].unsqueeze(-1), As[gi]
         g_in = gc.new_full((N,), _NEG) if gi == 0 else groups(g, gi - 1)[-1, :, -1]
         dQ, dK, dV, U = _group_backward(Q, K, _scaled(v1g, u), groups.decays(gi, gc, g_in), Hs[gi], dO, U, A)
         # the ε floor of φ(k): o += ε (Σ_f Q_f) prefix, prefix = the document's prefix sum of v1 (recomputed)
         docg, doc_in = groups.doc[gi].flatten(), groups.doc_before(gi)
         prefix = groups.chunk_major(_document_prefix(groups.natural(v1, gi), docg, doc_in, Cs[gi]), dO.shape[0])
-        dQ.add_(SOFTMAX_EPS * (dO * prefix).sum(-1, keepdim=True))
+        dQ.add_(eps * (dO * prefix).sum(-1, keepdim=True))
         dp = (dO * Q.sum(-1, keepdim=True)).transpose(0, 1).reshape(N, -1, dO.shape[-1])
         dVe, Uc = _document_prefix_backward(dp, docg, doc_in, Uc)
         # d/d logits: φ(q) − ε = p_q up to the row scale, φ(k) − ε = p_k·u (u is in the core's V: dK carries it)
         groups(dq, gi).copy_(PositiveRandomFeatures.augmented_logits_backward(dQ.mul_(p), qg, Pa))
         groups(dk, gi).copy_(PositiveRandomFeatures.augmented_logits_backward(dK.mul_(K), kg, Pa))
         groups(dv1, gi).copy_(dV.mul_(u))
-        groups.natural(dv1, gi).add_(dVe, alpha=SOFTMAX_EPS)
+        groups.natural(dv1, gi).add_(dVe, alpha=eps)
     dv = dv1[..., :-1]
     if mask is not None:
         dv = dv.masked_fill(mask.unsqueeze(-1), 0.0)
@@ -344,11 +345,12 @@ _OP = "proteinperformer::"
 _T9 = ", ".join(["Tensor"] * 9)
 _softmax_op = torch.library.custom_op(
     _OP + "favor_causal_softmax", _float32_region(_softmax_causal_forward), mutates_args=(),
-    schema=f"(Tensor q, Tensor k, Tensor v, Tensor P, Tensor? mask, Tensor doc, int chunk, int group) -> ({_T9})")
+    schema=f"(Tensor q, Tensor k, Tensor v, Tensor P, Tensor? mask, Tensor doc, int chunk, int group, "
+           f"float eps) -> ({_T9})")
 _softmax_backward_op = torch.library.custom_op(
     _OP + "favor_causal_softmax_backward", _float32_region(_softmax_causal_backward), mutates_args=(),
     schema="(Tensor grad, Tensor q, Tensor k, Tensor P, Tensor? mask, Tensor doc, Tensor out, Tensor v1, Tensor g, "
-           "Tensor Hs, Tensor Cs, Tensor den, Tensor Ks, Tensor Us, Tensor As, int chunk, int group) "
+           "Tensor Hs, Tensor Cs, Tensor den, Tensor Ks, Tensor Us, Tensor As, int chunk, int group, float eps) "
            "-> (Tensor, Tensor, Tensor)")
 _linear_op = torch.library.custom_op(
     _OP + "favor_causal_linear", _float32_region(_linear_causal_forward), mutates_args=(),
@@ -360,7 +362,7 @@ _linear_backward_op = torch.library.custom_op(
 
 
 @_softmax_op.register_fake
-def _(q, k, v, P, mask, doc, chunk, group):
+def _(q, k, v, P, mask, doc, chunk, group, eps):
     N, L, _ = q.shape
     ng, n, m, e1 = L // group, group // chunk, P.shape[0], v.shape[-1] + 1
     return (v.new_empty(v.shape), v.new_empty(N, L, e1), q.new_empty(N, L), q.new_empty(ng, N, m, e1),
@@ -369,7 +371,7 @@ def _(q, k, v, P, mask, doc, chunk, group):
 
 
 @_softmax_backward_op.register_fake
-def _(grad, q, k, P, mask, doc, out, v1, g, Hs, Cs, den, Ks, Us, As, chunk, group):
+def _(grad, q, k, P, mask, doc, out, v1, g, Hs, Cs, den, Ks, Us, As, chunk, group, eps):
     return torch.empty_like(q), torch.empty_like(k), grad.new_empty(grad.shape)
 
 
@@ -384,19 +386,19 @@ def _(dO, Q, K, V, doc, Hs, chunk, group):
 
 
 def _softmax_setup(ctx, inputs, output):
-    q, k, v, P, mask, doc, chunk, group = inputs
+    q, k, v, P, mask, doc, chunk, group, eps = inputs
     ctx.save_for_backward(q, k, P, mask, doc, *output)
-    ctx.chunk, ctx.group = chunk, group
+    ctx.chunk, ctx.group, ctx.eps = chunk, group, eps
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)  # no zero gradients for the saved outputs (0.27 GiB at L = 16k)
 
 
 def _softmax_grad(ctx, grad, *_):
     if grad is None:
-        return (None,) * 8
+        return (None,) * 9
     q, k, P, mask, doc, out, *saved = ctx.saved_tensors
-    dq, dk, dv = _softmax_backward_op(grad, q, k, P, mask, doc, out, *saved, ctx.chunk, ctx.group)
-    return dq, dk, dv, None, None, None, None, None
+    dq, dk, dv = _softmax_backward_op(grad, q, k, P, mask, doc, out, *saved, ctx.chunk, ctx.group, ctx.eps)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 def _linear_setup(ctx, inputs, output):
@@ -469,7 +471,7 @@ def _favor_causal(q, k, v, P, fmap: FeatureMap, key_padding_mask, chunk_size, gr
     if isinstance(fmap, PositiveRandomFeatures):  # the fused path
         flat = [t.to(acc).reshape(B * H, Lp, t.shape[3]) for t in (q, k, v)]  # (N, L, ·)
         mask = None if key_padding_mask is None else key_padding_mask.repeat_interleave(H, 0)
-        out = _softmax_op(*flat, P.to(acc), mask, doc, T, group)[0].view(B, H, Lp, v.shape[3])
+        out = _softmax_op(*flat, P.to(acc), mask, doc, T, group, fmap.eps)[0].view(B, H, Lp, v.shape[3])
         return out[:, :, :L]
     qf, kf = fmap.features(q, P), fmap.features(k, P)  # (B, H, L, m)
     if key_padding_mask is not None:

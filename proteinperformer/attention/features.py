@@ -143,6 +143,22 @@ class PositiveRandomFeatures(FeatureMap):
 
 
 @register
+class FloorlessRandomFeatures(PositiveRandomFeatures):
+    """Positive random features without the ε floor: φ(x) = exp(ωᵢᵀx' − ‖x'‖²/2 − c), the unbiased estimator itself.
+
+    What FAVOR++ layers (``features`` other than "favor+", ``oprf.py``) run on: their rewritten q, k may make every
+    product φ(q)·φ(k) of a query far smaller than the stabilisers (the key shift of "oprf-dense" subtracts a large
+    common part of the logits, qᵀc, which the normaliser cancels), and an ε = 1e-6 floor then swamps the signal
+    (IgLM-S, m = 256: "oprf-dense" 50.1% next-residue accuracy with the floor, 71.4% without; "oprf" and
+    "oprf-rescaled" lose 1-2 points to it). The fused paths are the same; only ε differs. A query whose every key
+    product underflows gets a zero output (the normaliser's clamp), as a query that sees no key.
+    """
+
+    name = "softmax-floorless"
+    eps = 0.0
+
+
+@register
 class HedgehogFeatures(FeatureMap):
     """Hedgehog's learned map (Zhang et al., ICLR 2024): φ(x) = [softmax(W x'), softmax(−W x')] + ε, x' = d^(-1/4) x.
 

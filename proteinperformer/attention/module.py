@@ -18,7 +18,15 @@ from .decoding import FavorState, favor_step
 from .exact import exact_attention
 from .favor import favor_attention
 from .features import PositiveRandomFeatures, feature_map
-from .oprf import MOMENTS, check_features, feature_parameters, oprf_inputs, pair_moment_sums
+from .oprf import (
+    check_features,
+    dense_inputs,
+    dense_parameters,
+    feature_parameters,
+    moment_rows,
+    oprf_inputs,
+    pair_moment_sums,
+)
 from .projection import gaussian_projection
 from .rotary import apply_rotary
 
@@ -49,10 +57,12 @@ class MultiheadSelfAttention(nn.Module):
             a map whose projection is ``learned`` (hedgehog) has it as a parameter, and any other map gets a
             per-head rescaling Ψ and projection W applied before it, q -> W(Ψq), k -> W(Ψ⁻¹k), so φ sees
             P·W per head (``feature_scale`` = log Ψ (H, d), ``feature_weight`` = W (H, d, d); identity at first).
-        features: softmax kernel only: "favor+" (positive random features), "oprf" or "oprf-rescaled" (FAVOR++, see
-            ``oprf.py``). Other than "favor+" the layer holds the buffers ``feature_moments`` (H, 3, d) and
-            ``feature_pairs`` (the calibration statistics), ``feature_a`` (H,) and ``feature_psi`` (H, d) (A and Ψ
-            derived from them by :meth:`set_feature_moments`); all zero moments (uncalibrated) mean A = 0, Ψ = 1.
+        features: softmax kernel only: "favor+" (positive random features), "oprf", "oprf-rescaled" or "oprf-dense"
+            (FAVOR++, see ``oprf.py``). Other than "favor+" the layer holds the buffers ``feature_moments``
+            (H, 3, d); "oprf-dense": (H, 2d + 3, d)) and ``feature_pairs`` (the calibration statistics),
+            ``feature_a`` (H,) and ``feature_psi`` (H, d) (A and Ψ derived from them by :meth:`set_feature_moments`),
+            and for "oprf-dense" ``feature_dense`` (H, 2, d + 1, d) (M, M⁻ᵀ and the key shift c,
+            ``oprf.dense_parameters``; Ψ stays 1); all zero moments (uncalibrated) mean A = 0, Ψ = 1, M = I, c = 0.
             In training, each forward pass adds its batch's moments to a pending sum that
             :meth:`fold_feature_statistics` (called at every feature redraw) folds into the running statistics:
             a batch's statistics only reach later batches, never its own sequences.
@@ -109,14 +119,24 @@ class MultiheadSelfAttention(nn.Module):
             self.feature_scale = nn.Parameter(torch.zeros(heads, self.head_dim))
             self.feature_weight = nn.Parameter(torch.eye(self.head_dim).repeat(heads, 1, 1))
         if features != "favor+":
-            hd = self.head_dim
-            self.register_buffer("feature_moments", torch.zeros(heads, MOMENTS, hd))
+            hd, rows = self.head_dim, moment_rows(features, self.head_dim)
+            self.register_buffer("feature_moments", torch.zeros(heads, rows, hd))
             self.register_buffer("feature_pairs", torch.zeros(()))
             self.register_buffer("feature_a", torch.zeros(heads))
             self.register_buffer("feature_psi", torch.ones(heads, hd))
-            self.register_buffer("pending_moments", torch.zeros(heads, MOMENTS, hd),
+            if features == "oprf-dense":
+                maps = torch.zeros(heads, 2, hd + 1, hd)
+                maps[:, :, :hd] = torch.eye(hd)
+                self.register_buffer("feature_dense", maps)
+            self.register_buffer("pending_moments", torch.zeros(heads, rows, hd),
                                  persistent=False)  # training: sums since the last fold (not in checkpoints)
             self.register_buffer("pending_pairs", torch.zeros(()), persistent=False)
+
+    @property
+    def favor_kernel(self) -> str:
+        """The registered feature map the FAVOR kernel runs: the layer's ``kernel``, or for FAVOR++ features the
+        softmax kernel without its ε floor ("softmax-floorless", see ``features.FloorlessRandomFeatures``)."""
+        return "softmax-floorless" if self.features != "favor+" else self.kernel
 
     @torch.no_grad()
     def set_feature_moments(self, moments: torch.Tensor, pairs: float | torch.Tensor) -> None:
@@ -126,9 +146,13 @@ class MultiheadSelfAttention(nn.Module):
             raise ValueError("a layer with features='favor+' holds no feature statistics")
         self.feature_moments.copy_(moments)
         self.feature_pairs.fill_(float(pairs))
-        a, psi = feature_parameters(moments.cpu().double(), self.features)
+        if self.features == "oprf-dense":
+            a, maps = dense_parameters(moments.cpu().double())
+            self.feature_dense.copy_(maps)
+        else:
+            a, psi = feature_parameters(moments.cpu().double(), self.features)
+            self.feature_psi.copy_(psi)
         self.feature_a.copy_(a)
-        self.feature_psi.copy_(psi)
 
     @torch.no_grad()
     def fold_feature_statistics(self, momentum: float = 0.5) -> bool:
@@ -150,13 +174,15 @@ class MultiheadSelfAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """q, k (B, h, L, d) of the layer's ``heads`` (default all) and the projection as the FAVOR kernel takes
         them: first a transferred layer's trained W(Ψq), W(Ψ⁻¹k); then unchanged for "favor+", else rewritten by
-        ``oprf.oprf_inputs`` with this layer's A and Ψ (q̃, k̃ (B, h, L, d + 2), P̃ (m, d + 2)); a learned map's
-        per-head projection is cut to ``heads``."""
+        ``oprf.oprf_inputs`` with this layer's A and Ψ (q̃, k̃ (B, h, L, d + 2), P̃ (m, d + 2)), for "oprf-dense"
+        after ``oprf.dense_inputs`` (Mq, M⁻ᵀk − c); a learned map's per-head projection is cut to ``heads``."""
         idx = slice(None) if heads is None else list(heads)
         if self.feature_weight is not None:
             scale, W = self.feature_scale[idx].exp().unsqueeze(1), self.feature_weight[idx].transpose(-1, -2)
             q, k = (q * scale.to(q.dtype)) @ W.to(q.dtype), (k / scale.to(k.dtype)) @ W.to(k.dtype)
         P = self.projection
+        if self.features == "oprf-dense":
+            q, k = dense_inputs(q, k, self.feature_dense[idx])
         if self.features != "favor+":
             return oprf_inputs(q, k, P, self.feature_a[idx], self.feature_psi[idx])
         return q, k, (P[idx] if P is not None and P.dim() == 3 else P)  # a learned map: one projection per head
@@ -177,7 +203,7 @@ class MultiheadSelfAttention(nn.Module):
         (default all); ``causal``: default the layer's; ``cu_seqlens``: packed documents (``favor_attention``)."""
         q, k, P = self.feature_inputs(q, k, heads)
         causal = self.causal if causal is None else causal
-        return favor_attention(q, k, v, P, kernel=self.kernel, causal=causal, key_padding_mask=key_padding_mask,
+        return favor_attention(q, k, v, P, kernel=self.favor_kernel, causal=causal, key_padding_mask=key_padding_mask,
                                cu_seqlens=cu_seqlens)
 
     def split_heads(
@@ -217,7 +243,8 @@ class MultiheadSelfAttention(nn.Module):
         else:
             if self.training and self.features != "favor+":
                 with torch.no_grad():  # FAVOR++ from scratch: folded into A and Ψ at the next redraw
-                    sums, pairs = pair_moment_sums(q.detach(), k.detach(), self.causal, key_padding_mask)
+                    sums, pairs = pair_moment_sums(q.detach(), k.detach(), self.causal, key_padding_mask,
+                                                   dense=self.features == "oprf-dense")
                     self.pending_moments += sums.to(self.pending_moments.dtype)
                     self.pending_pairs += pairs.to(self.pending_pairs.dtype)
             y = self.favor(q, k, v, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens)
@@ -241,7 +268,7 @@ class MultiheadSelfAttention(nn.Module):
             y = exact_attention(q, state.k, state.v)  # the cache holds only keys ≤ t
         else:
             q, k, P = self.feature_inputs(q, k)
-            y, state = favor_step(q, k, v, P, state, kernel=self.kernel)
+            y, state = favor_step(q, k, v, P, state, kernel=self.favor_kernel)
         return self._merge(y), state
 
 

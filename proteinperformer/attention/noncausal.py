@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .documents import per_document
-from .features import _NEG, SOFTMAX_EPS, FeatureMap, PositiveRandomFeatures
+from .features import _NEG, FeatureMap, PositiveRandomFeatures
 from .normaliser import _NO_KEY, _normalise, _normaliser_backward, _values_with_ones
 from .precision import _acc, _float32_region
 
@@ -40,7 +40,7 @@ class _SoftmaxNoncausal(torch.autograd.Function):
 
     @staticmethod
     @_float32_region
-    def forward(ctx, q, k, v, P, mask):
+    def forward(ctx, q, k, v, P, mask, eps):
         N, Lq, _ = q.shape
         Lk, m = k.shape[1], P.shape[0]
         Pa = PositiveRandomFeatures.augmented_projection(P, q.dtype)  # (m, d+1); column d: −d^(-1/2)/2 for ‖x‖²
@@ -68,7 +68,7 @@ class _SoftmaxNoncausal(torch.autograd.Function):
             kv.baddbmm_(pb.transpose(-1, -2), torch.exp(lw - C) * v1[:, a : a + rows])
             logw[:, a : a + rows] = lw
         logw.sub_(C)  # w = exp(logw) ≤ m, and φ(k) − ε = p_k·w ≤ 1
-        kv.add_(SOFTMAX_EPS * v1.sum(1, keepdim=True))  # the ε floor of φ(k) on real keys
+        kv.add_(eps * v1.sum(1, keepdim=True))  # the ε floor of φ(k) on real keys
         kv_sum = kv.sum(1, keepdim=True)  # (N, 1, e+1): what the ε floor of φ(q) sees
         # queries: o = (p_q + ε max p_q) kv, blocks
         pq, pq_max = [], q.new_empty(N, Lq, 1)
@@ -76,24 +76,24 @@ class _SoftmaxNoncausal(torch.autograd.Function):
         for a in range(0, Lq, rows):
             pb = torch.softmax(q[:, a : a + rows] @ Ps.T, -1)
             pm = pb.amax(-1, keepdim=True)
-            o = torch.baddbmm(SOFTMAX_EPS * pm * kv_sum, pb, kv)  # (N, r, e+1)
+            o = torch.baddbmm(eps * pm * kv_sum, pb, kv)  # (N, r, e+1)
             d_b = o[..., -1:].clamp_min(_NO_KEY)  # a query that sees no key at all gets 0
             torch.div(o[..., :-1], d_b, out=out[:, a : a + rows])
             den[:, a : a + rows], pq_max[:, a : a + rows] = d_b, pm
             pq.append(pb)
         ctx.save_for_backward(q, k, v1, kv, out, den, pq_max, logw, Pa, mask, *pq, *pk)
-        ctx.blocks = (rows, len(pq))
+        ctx.blocks, ctx.eps = (rows, len(pq)), eps
         return out
 
     @staticmethod
     @_float32_region
     def backward(ctx, grad):
         q, k, v1, kv, out, den, pq_max, logw, Pa, mask, *blocks = ctx.saved_tensors
-        rows, nq = ctx.blocks
+        (rows, nq), eps = ctx.blocks, ctx.eps
         pq, pk = blocks[:nq], blocks[nq:]
         do = _normaliser_backward(grad, out, den)  # (N, Lq, e+1)
         dq = torch.empty_like(q)
-        dkv = SOFTMAX_EPS * (pq_max * do).sum(1, keepdim=True).expand_as(kv).clone()  # via the ε floor of φ(q)
+        dkv = eps * (pq_max * do).sum(1, keepdim=True).expand_as(kv).clone()  # via the ε floor of φ(q)
         for i, pb in enumerate(pq):
             a = i * rows
             dob = do[:, a : a + rows]
@@ -102,7 +102,7 @@ class _SoftmaxNoncausal(torch.autograd.Function):
             dq[:, a : a + rows] = PositiveRandomFeatures.augmented_logits_backward(dlogits, q[:, a : a + rows], Pa)
         dk, dv = torch.empty_like(k), torch.empty_like(v1[..., :-1])
         w = logw.exp()  # (N, Lk, 1), 0 on padded keys
-        dv_eps = SOFTMAX_EPS * dkv.sum(1, keepdim=True)  # (N, 1, e+1) via the ε floor of φ(k)
+        dv_eps = eps * dkv.sum(1, keepdim=True)  # (N, 1, e+1) via the ε floor of φ(k)
         for i, pb in enumerate(pk):
             a = i * rows
             wv = w[:, a : a + rows] * v1[:, a : a + rows]
@@ -112,7 +112,7 @@ class _SoftmaxNoncausal(torch.autograd.Function):
             dv[:, a : a + rows] = dvb[..., :-1]
         if mask is not None:
             dv.masked_fill_(mask.unsqueeze(-1), 0.0)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
 class _SoftmaxNoncausalPacked(torch.autograd.Function):
@@ -128,7 +128,7 @@ class _SoftmaxNoncausalPacked(torch.autograd.Function):
 
     @staticmethod
     @_float32_region
-    def forward(ctx, q, k, v, P, mask, sizes):
+    def forward(ctx, q, k, v, P, mask, sizes, eps):
         N, T, _ = q.shape
         n = len(sizes)
         doc = torch.repeat_interleave(torch.arange(n, device=q.device), torch.tensor(sizes, device=q.device))
@@ -150,28 +150,28 @@ class _SoftmaxNoncausalPacked(torch.autograd.Function):
         v1_sum = v1.new_zeros(N, n, v1.shape[-1]).index_add_(1, doc, v1)  # (N, n, e+1)
         pks, wvs = pk.split(sizes, 1), wv.split(sizes, 1)
         kv = torch.stack([a.transpose(-1, -2) @ b for a, b in zip(pks, wvs, strict=True)])  # (n, N, m, e+1)
-        kv.add_(SOFTMAX_EPS * v1_sum.transpose(0, 1).unsqueeze(2))  # the ε floor of φ(k) on real keys
+        kv.add_(eps * v1_sum.transpose(0, 1).unsqueeze(2))  # the ε floor of φ(k) on real keys
         kv_sum = kv.sum(2)  # (n, N, e+1): what the ε floor of φ(q) sees
         pq = torch.softmax(q @ Ps.T, -1)  # (N, T, m)
         pq_max = pq.amax(-1, keepdim=True)
         o = torch.cat([a @ b for a, b in zip(pq.split(sizes, 1), kv, strict=True)], 1)  # (N, T, e+1)
-        o.addcmul_(pq_max, kv_sum.transpose(0, 1)[:, doc], value=SOFTMAX_EPS)
+        o.addcmul_(pq_max, kv_sum.transpose(0, 1)[:, doc], value=eps)
         den = o[..., -1:].clamp_min(_NO_KEY)  # a query that sees no key at all gets 0
         out = o[..., :-1] / den
         ctx.save_for_backward(q, k, v1, kv, out, den, pq_max, logw, Pa, mask, pq, pk, doc)
-        ctx.sizes = sizes
+        ctx.sizes, ctx.eps = sizes, eps
         return out
 
     @staticmethod
     @_float32_region
     def backward(ctx, grad):
         q, k, v1, kv, out, den, pq_max, logw, Pa, mask, pq, pk, doc = ctx.saved_tensors
-        sizes, n, N = ctx.sizes, len(ctx.sizes), q.shape[0]
+        sizes, eps, n, N = ctx.sizes, ctx.eps, len(ctx.sizes), q.shape[0]
         do = _normaliser_backward(grad, out, den)  # (N, T, e+1)
         eps_q = do.new_zeros(N, n, do.shape[-1]).index_add_(1, doc, pq_max * do)  # via the ε floor of φ(q)
         dos, pqs = do.split(sizes, 1), pq.split(sizes, 1)
         dkv = torch.stack([a.transpose(-1, -2) @ b for a, b in zip(pqs, dos, strict=True)])  # (n, N, m, e+1)
-        dkv.add_(SOFTMAX_EPS * eps_q.transpose(0, 1).unsqueeze(2))
+        dkv.add_(eps * eps_q.transpose(0, 1).unsqueeze(2))
         dlogits = torch.cat([a @ b.transpose(-1, -2) for a, b in zip(dos, kv, strict=True)], 1).mul_(pq)
         dq = PositiveRandomFeatures.augmented_logits_backward(dlogits, q, Pa)
         w = logw.exp()  # (N, T, 1), 0 on padded keys
@@ -179,14 +179,14 @@ class _SoftmaxNoncausalPacked(torch.autograd.Function):
         dlogits = torch.cat([a @ b.transpose(-1, -2) for a, b in zip(wvs, dkv, strict=True)], 1).mul_(pk)
         dk = PositiveRandomFeatures.augmented_logits_backward(dlogits, k, Pa)
         dv = torch.cat([a @ b for a, b in zip(pks, dkv, strict=True)], 1).mul_(w)
-        dv.add_(SOFTMAX_EPS * dkv.sum(2).transpose(0, 1)[:, doc])  # via the ε floor of φ(k)
+        dv.add_(eps * dkv.sum(2).transpose(0, 1)[:, doc])  # via the ε floor of φ(k)
         dv = dv[..., :-1]
         if mask is not None:
             dv = dv.masked_fill(mask.unsqueeze(-1), 0.0)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
-def _softmax_noncausal_packed(q, k, v, Pa, mask, sizes: list[int]) -> torch.Tensor:
+def _softmax_noncausal_packed(q, k, v, Pa, mask, sizes: list[int], eps: float) -> torch.Tensor:
     """:class:`_SoftmaxNoncausalPacked` on runs of consecutive documents of about one row block each
     (:func:`_row_block`; a longer document alone), so that a run's (rows, m) features stay in cache between their
     passes, as the unpacked Function's blocks do: one call over a whole 16k-token stream lost to the unpacked
@@ -200,11 +200,11 @@ def _softmax_noncausal_packed(q, k, v, Pa, mask, sizes: list[int]) -> torch.Tens
         run.append(size)
     runs.append(run)
     if len(runs) == 1:
-        return _SoftmaxNoncausalPacked.apply(q, k, v, Pa, mask, sizes)
+        return _SoftmaxNoncausalPacked.apply(q, k, v, Pa, mask, sizes, eps)
     lengths = [sum(r) for r in runs]
     pieces = zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1),
                  [None] * len(runs) if mask is None else mask.split(lengths, 1), runs, strict=True)
-    return torch.cat([_SoftmaxNoncausalPacked.apply(qr, kr, vr, Pa, mr, r) for qr, kr, vr, mr, r in pieces], 1)
+    return torch.cat([_SoftmaxNoncausalPacked.apply(qr, kr, vr, Pa, mr, r, eps) for qr, kr, vr, mr, r in pieces], 1)
 
 
 @_float32_region
@@ -221,9 +221,9 @@ def _favor_noncausal(q, k, v, P, fmap: FeatureMap, key_padding_mask, cu_seqlens=
         mask = None if key_padding_mask is None else key_padding_mask.repeat_interleave(H, 0)
         Pa = P.to(acc)
         if cu_seqlens is None:
-            out = _SoftmaxNoncausal.apply(*flat, Pa, mask)
+            out = _SoftmaxNoncausal.apply(*flat, Pa, mask, fmap.eps)
         else:
-            out = _softmax_noncausal_packed(*flat, Pa, mask, (cu_seqlens[1:] - cu_seqlens[:-1]).tolist())
+            out = _softmax_noncausal_packed(*flat, Pa, mask, (cu_seqlens[1:] - cu_seqlens[:-1]).tolist(), fmap.eps)
         return out.view(B, H, q.shape[2], v.shape[3])
     qf, kf = fmap.features(q, P), fmap.features(k, P)  # (B, H, L, m)
     if key_padding_mask is not None:

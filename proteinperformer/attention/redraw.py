@@ -32,7 +32,7 @@ def redraw_projections(module: torch.nn.Module, seed: int, step: int) -> int:
     """Redraw every FAVOR+ projection in ``module`` deterministically from (seed, step); returns how many.
 
     Layers draw in module order from one generator stream (seeded by :func:`redraw_seed`), so each layer gets
-    a distinct matrix. FAVOR++ layers (``features`` "oprf", "oprf-rescaled") also fold the query/key statistics
+    a distinct matrix. FAVOR++ layers (``features`` other than "favor+") also fold the query/key statistics
     of the batches since the last redraw into their running A and Ψ (``fold_feature_statistics``).
     """
     gen = torch.Generator().manual_seed(redraw_seed(seed, step))

@@ -39,7 +39,7 @@ def load_model(
     it (weights kept; FAVOR+ draws ``num_features`` random features per head, default 256, with ``kernel``,
     default "softmax" for ESM-2 / GPT-2 and the checkpoint's kernel otherwise; see :func:`convert_attention`).
     ``features``: None keeps the file's ("favor+" unless it was calibrated by ``pp-convert --features``);
-    "favor+", "oprf" or "oprf-rescaled" switches the softmax kernel's feature map, which for FAVOR++ needs the
+    one of options.FEATURES ("favor+", "oprf", ...) switches the softmax kernel's feature map; FAVOR++ needs the
     calibration statistics the checkpoint carries (``pp-convert ... --features oprf --calibrate FASTA``). A
     calibrated checkpoint loads with its frozen A and Ψ.
     Checks strictly: every tensor must be used and every weight filled with the right shape, the alphabet

@@ -161,7 +161,8 @@ def add_attention_arguments(parser: argparse.ArgumentParser, default: str | None
                         help="FAVOR+ kernel (default: softmax for a file trained with exact attention, else the "
                         "checkpoint's own; hedgehog: Hedgehog's learned map, made by pp-convert --transfer)")
     parser.add_argument("--features", choices=FEATURES, default=None,
-                        help="FAVOR+ feature map of the softmax kernel: favor+, or FAVOR++ oprf / oprf-rescaled, "
+                        help="FAVOR+ feature map of the softmax kernel: favor+, or FAVOR++ oprf / oprf-rescaled / "
+                        "oprf-dense (keeps the most), "
                         "which need a checkpoint calibrated by pp-convert --calibrate (default: the checkpoint's own)")
 
 

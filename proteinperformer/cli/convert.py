@@ -6,7 +6,7 @@ checkpoint) into a Performer checkpoint, and measure what the swap costs on your
     pp-train init_from=esm2_8M_favor.ckpt data.fasta_path=my.fasta            # fine-tune it (MLM)
     pp-convert iglm/trained_models/IgLM --out iglm_favor.ckpt --attention favor  # a GPT-2 directory + vocab.txt
     pp-convert --slim runs/tiny/<run>/checkpoints/last.ckpt --out model.ckpt    # drop the optimiser state
-    pp-convert iglm/trained_models/IgLM-S --out iglm_oprf.ckpt --features oprf-rescaled --calibrate heavy.fasta
+    pp-convert iglm/trained_models/IgLM-S --out iglm_oprf.ckpt --features oprf-dense --calibrate heavy.fasta
     pp-convert esm2_t6_8M_UR50D.pt --out esm2_8M_fit.ckpt --transfer my_proteins.fasta  # attention transfer
 
 ``--transfer FASTA`` (attention transfer, :mod:`proteinperformer.model.transfer`) trains only the FAVOR features
@@ -22,10 +22,11 @@ checkpoint reads it (:func:`proteinperformer.checkpoints.load_model`). The FAVOR
 FAVOR+ one) unless ``--kernel`` is given. The report is
 described in :mod:`proteinperformer.evaluation.conversion`.
 
-``--features oprf`` / ``oprf-rescaled`` (FAVOR++, :mod:`proteinperformer.attention.oprf`) need ``--calibrate FASTA``:
-A and Ψ per layer × head are statistics of the exact model's queries and keys on the first ``--max-sequences``
-sequences of FASTA (with the model's tags for a tagged vocabulary, ``[HEAVY][HUMAN]EVQ...``), frozen in the
-checkpoint. Without ``--calibrate`` they are an error (uncalibrated OPRF would be FAVOR+ under another name).
+``--features oprf`` / ``oprf-rescaled`` / ``oprf-dense`` (FAVOR++, :mod:`proteinperformer.attention.oprf`;
+``oprf-dense`` keeps the most without training) need ``--calibrate FASTA``: A and Ψ (M and c) per layer × head are
+statistics of the exact model's queries and keys on the first ``--max-sequences`` sequences of FASTA (with the
+model's tags for a tagged vocabulary, ``[HEAVY][HUMAN]EVQ...``), frozen in the checkpoint. Without ``--calibrate``
+they are an error (uncalibrated OPRF would be FAVOR+ under another name).
 
 ``--slim SOURCE --out OUTPUT`` converts nothing: it copies a ``pp-train`` checkpoint with only what loading needs
 (weights, hyper-parameters, alphabet, step counters; no optimiser or callback state), the way shipped checkpoints are
@@ -72,8 +73,8 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report-json", type=Path, help="also write the report as JSON here")
     parser.add_argument("--draws", type=int, default=3, help="projection draws the report averages over")
     parser.add_argument("--calibrate", type=Path, metavar="FASTA",
-                        help="with --features oprf / oprf-rescaled: calibrate A and Ψ on these sequences (default "
-                             "with --transfer: the transfer's)")
+                        help="with --features oprf / oprf-rescaled / oprf-dense: calibrate them on these sequences "
+                             "(default with --transfer: the transfer's)")
     parser.add_argument("--max-sequences", type=int, default=200,
                         help="report, calibration and transfer: first N sequences of FASTA")
     parser.add_argument("--slim", action="store_true",
@@ -128,7 +129,7 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"--features {args.features} needs --calibrate FASTA: A and Ψ are statistics of the model's "
                          "queries and keys on sequences like those it will see")
     if args.calibrate is not None and not oprf:
-        raise ValueError("--calibrate FASTA goes with --features oprf or oprf-rescaled")
+        raise ValueError("--calibrate FASTA goes with --features oprf, oprf-rescaled or oprf-dense")
     if oprf and args.attention != "favor":
         raise ValueError(f"--features {args.features} are FAVOR+ features; use --attention favor")
     from proteinperformer.checkpoints import load_model, save_checkpoint

@@ -77,7 +77,7 @@ def report(source: str | Path, fasta: str | Path, num_features: int = DEFAULT_NU
     """What FAVOR+ changes on the sequences of ``fasta``: per-layer attention error and exact vs FAVOR+ MLM.
 
     Sequences are cropped to ``max_residues`` or the exact model's limit; the models run on ``device``. ``kernel``
-    None keeps the source's own. ``features`` "oprf" / "oprf-rescaled" (FAVOR++) calibrates each draw on the first
+    None keeps the source's own. ``features`` other than "favor+" (FAVOR++) calibrates each draw on the first
     ``max_sequences`` sequences of ``calibrate`` (:func:`calibrate_on_fasta`). Returns a dict (see ``pp-convert``).
     """
     exact = load_model(source, device)

@@ -24,7 +24,8 @@ def calibrate_features(model: PerformerLM, batches: Iterable[torch.Tensor]) -> N
     """Set every layer's FAVOR++ statistics (A, Ψ) from the exact model's queries and keys on ``batches``.
 
     Args:
-        model: a PerformerLM whose config has ``features`` "oprf" or "oprf-rescaled" (see ``convert_attention``).
+        model: a PerformerLM whose config has ``features`` "oprf", "oprf-rescaled" or "oprf-dense" (see
+            ``convert_attention``).
         batches: LongTensor token batches [B, T] (``<pad>`` = the alphabet's padding id, masked out).
     Raises ValueError for a model without attention layers, one with ``features="favor+"`` (nothing to calibrate),
     or batches without a single token.
@@ -33,8 +34,8 @@ def calibrate_features(model: PerformerLM, batches: Iterable[torch.Tensor]) -> N
     if not layers:
         raise ValueError("the model has no attention layers to calibrate (depth 0)")
     if model.config.features == "favor+":
-        raise ValueError("features='favor+' has nothing to calibrate; convert the model to features 'oprf' or "
-                         "'oprf-rescaled' first (convert_attention(model, features=...))")
+        raise ValueError("features='favor+' has nothing to calibrate; convert the model to FAVOR++ features "
+                         "('oprf', 'oprf-rescaled' or 'oprf-dense') first (convert_attention(model, features=...))")
     sums: list[torch.Tensor | None] = [None] * len(layers)
     pairs = torch.zeros(len(layers), dtype=torch.float64)
 
@@ -42,7 +43,7 @@ def calibrate_features(model: PerformerLM, batches: Iterable[torch.Tensor]) -> N
         def hook(attn, args):
             x, mask = args[0], args[1] if len(args) > 1 else None
             q, k, _ = attn.split_heads(x)
-            s, n = pair_moment_sums(q, k, attn.causal, mask)
+            s, n = pair_moment_sums(q, k, attn.causal, mask, dense=attn.features == "oprf-dense")
             s = s.cpu().double()  # float64 across batches
             sums[i] = s if sums[i] is None else sums[i] + s
             pairs[i] += float(n)

@@ -27,10 +27,12 @@ import torch.nn.functional as F
 from proteinperformer.attention import MultiheadSelfAttention
 from proteinperformer.attention.documents import check_cu_seqlens, document_positions
 from proteinperformer.attention.features import feature_map
+from proteinperformer.attention.oprf import convert_moments
 from proteinperformer.tokenizer import Alphabet
 
 POSITIONS = ("learned", "sinusoidal", "rotary")
-FEATURE_BUFFERS = ("attn.feature_moments", "attn.feature_pairs", "attn.feature_a", "attn.feature_psi")
+FEATURE_BUFFERS = ("attn.feature_moments", "attn.feature_pairs", "attn.feature_a", "attn.feature_psi",
+                   "attn.feature_dense")
 TOKEN_DROPOUT_TRAIN_RATIO = 0.15 * 0.8  # ESM-2's masking rate x <mask> share, hard-coded in esm2.py
 
 
@@ -48,7 +50,8 @@ class ModelConfig:
     attention: str = "favor"  # "favor" (Performer) or "exact" (Transformer baseline, torch SDPA)
     kernel: str = "relu"  # FAVOR+ kernel: "relu" (paper's best protein model) or "softmax"
     # softmax kernel: "favor+" (positive random features), "oprf" / "oprf-rescaled" (FAVOR++, calibrated A and Ψ per
-    # layer × head, see attention/oprf.py and model/calibration.py); configs saved before it existed mean "favor+"
+    # layer × head; "oprf-dense": full matrix and key shift), see attention/oprf.py and model/calibration.py;
+    # configs saved before it existed mean "favor+"
     features: str = "favor+"
     num_features: int = 256  # m random features per head (reference default)
     orthogonal: bool = True  # orthogonal random features (lower variance than iid)
@@ -334,7 +337,7 @@ def convert_attention(
     Swapping exact softmax attention for FAVOR+ (``attention="favor"``, kernel "softmax") is the Performer's
     backward compatibility: the trained q/k/v weights stay and φ(q)·φ(k) estimates their softmax kernel. The
     new projections are drawn from ``seed`` (reproducible), also for a source that has none (exact attention, or
-    the ReLU kernel without projection). ``features`` ("favor+", "oprf", "oprf-rescaled") switches the softmax
+    the ReLU kernel without projection). ``features`` (options.FEATURES: "favor+", "oprf", ...) switches the softmax
     kernel's feature map: calibration statistics the model holds are kept and give the new map's A and Ψ (a
     model without them gets zero statistics, i.e. FAVOR+, until ``calibrate_features``). Arguments left None keep
     the model's value, except the kernel of a model with exact attention, which is softmax (:func:`own_kernel`);
@@ -358,7 +361,9 @@ def convert_attention(
     new.load_state_dict(state, strict=True)
     for old_block, new_block in zip(model.layers, new.layers, strict=True):
         if not keep and new_block.attn.features != "favor+" and old_block.attn.features != "favor+":
-            new_block.attn.set_feature_moments(old_block.attn.feature_moments, old_block.attn.feature_pairs)
+            moments = convert_moments(old_block.attn.feature_moments, new_block.attn.features)
+            if moments is not None:  # diagonal statistics cannot give oprf-dense's: it stays uncalibrated
+                new_block.attn.set_feature_moments(moments, old_block.attn.feature_pairs)
     device = next(model.parameters()).device
     return new.to(device).train(model.training)
 

@@ -64,7 +64,7 @@ class TransferError(ValueError):
 def transfer_model(exact: PerformerLM, num_features: int, kernel: str = DEFAULT_KERNEL, seed: int = 0,
                    features: str = "favor+") -> PerformerLM:
     """``exact``'s network with FAVOR attention whose feature parameters can be trained (``config.transferred``):
-    every other weight is copied, the projections are drawn from ``seed``; ``features`` "oprf" / "oprf-rescaled"
+    every other weight is copied, the projections are drawn from ``seed``; ``features`` other than "favor+"
     (FAVOR++) are calibrated by :func:`transfer_attention` before it trains."""
     if exact.config.depth == 0:
         raise TransferError("the model has no attention layers to transfer")

@@ -16,8 +16,9 @@ per-layer relative error of the attention output on the exact model's inputs. Me
 - ``transfer``: attention transfer with the default map (FAVOR+ with a trained per-head Ψ and W,
   :mod:`proteinperformer.model.transfer`) on ``--calibration`` training-split chains, with its CPU-seconds;
 - ``hedgehog``: the same transfer with Hedgehog's map, softmax(Wx) ⊕ softmax(−Wx);
-- ``oprf``, ``oprf-rescaled``: FAVOR++ (``pp-convert --features ... --calibrate``), A and Ψ calibrated on the same
-  chains, no training; ``transfer-oprf``: attention transfer started from ``oprf-rescaled``.
+- ``oprf``, ``oprf-rescaled``, ``oprf-dense``: FAVOR++ (``pp-convert --features ... --calibrate``), A and Ψ (or M
+  and the key shift) calibrated on the same chains, no training; ``transfer-oprf``: attention transfer started
+  from ``oprf-rescaled``.
 
 Each result is cached in ``OUTDIR/transfer/<model>_<method>_m<m>_d<draw>.json`` (the study resumes); ``--report``
 writes ``results/transfer.{json,md,png}`` here.
@@ -47,7 +48,8 @@ from proteinperformer.training.scoring import evaluation_collator, residue_table
 HERE = Path(__file__).resolve().parent
 # method -> (kernel, features, trained): FAVOR+ / FAVOR++ (calibrated, no training) / attention transfer
 METHODS = {"favor+": ("softmax", "favor+", False), "oprf": ("softmax", "oprf", False),
-           "oprf-rescaled": ("softmax", "oprf-rescaled", False), "transfer": ("softmax", "favor+", True),
+           "oprf-rescaled": ("softmax", "oprf-rescaled", False), "oprf-dense": ("softmax", "oprf-dense", False),
+           "transfer": ("softmax", "favor+", True),
            "transfer-oprf": ("softmax", "oprf-rescaled", True), "hedgehog": ("hedgehog", "favor+", True)}
 GROUPS = ("heavy", "light", "human_heavy")
 
