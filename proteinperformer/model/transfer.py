@@ -37,7 +37,7 @@ from proteinperformer.attention import MultiheadSelfAttention
 from proteinperformer.files import write_atomic
 from proteinperformer.model.calibration import calibrate_features
 from proteinperformer.model.performer import PerformerLM, convert_attention
-from proteinperformer.options import TRANSFER_STEPS as DEFAULT_STEPS  # noqa: E402  (500 per layer, see options)
+from proteinperformer.options import TRANSFER_BUDGET, TRANSFER_STEP_OFFSET, TRANSFER_STEP_RANGE
 from proteinperformer.tokenizer import Alphabet
 
 DEFAULT_LR = 1e-2
@@ -55,6 +55,15 @@ class LayerResult:
     error_after: float
     seconds: float
     resumed: bool = False
+
+
+def default_steps(depth: int, width: int, num_features: int) -> int:
+    """Adam steps per layer when none are given: the same budget of work for every model (``options.TRANSFER_BUDGET``
+    / (depth × width × (m + 128)), rounded to tens, in ``TRANSFER_STEP_RANGE``), since a step costs about
+    width × (m + 128): 500 for IgLM-S (3 × 192) at m = 256, 140 for the 13M IgLM (4 × 512), 1,000 for IgLM-S at
+    m = 64."""
+    steps = 10 * round(TRANSFER_BUDGET / (depth * width * (num_features + TRANSFER_STEP_OFFSET)) / 10)
+    return min(max(steps, TRANSFER_STEP_RANGE[0]), TRANSFER_STEP_RANGE[1])
 
 
 class TransferError(ValueError):
@@ -207,7 +216,7 @@ def transfer_attention(
     exact: PerformerLM,
     model: PerformerLM,
     batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    steps: int = DEFAULT_STEPS,
+    steps: int | None = None,
     lr: float = DEFAULT_LR,
     resume_dir: str | Path | None = None,
     progress: Callable[..., Iterable] | None = None,
@@ -219,7 +228,8 @@ def transfer_attention(
         exact: the source model (exact attention), in eval mode.
         model: :func:`transfer_model` of it: the same weights, FAVOR attention with trainable features.
         batches: (tokens (B, L), padding mask (B, L), True = padding) on the models' device.
-        steps, lr: Adam steps per layer (one batch each) and the starting learning rate (cosine decay to 0).
+        steps, lr: Adam steps per layer (one batch each; None: :func:`default_steps` of the model's depth, width
+            and number of features) and the starting learning rate (cosine decay to 0).
         resume_dir: each finished layer's parameters and errors are saved here (``layer<i>.pt``, atomic) and read
             back by a later call with the same settings, which then trains only the layers left.
         progress: a tqdm-like wrapper for each layer's steps (``proteinperformer.progress.track``), or None.
@@ -230,6 +240,9 @@ def transfer_attention(
     """
     if not model.config.transferred:
         raise TransferError("the model to train has no trainable features; build it with transfer_model()")
+    if steps is None:
+        cfg = model.config
+        steps = default_steps(cfg.depth, cfg.dim, cfg.num_features)
     exact.eval()
     model.eval()  # no dropout; the feature parameters still get gradients
     frozen = [p for p in model.parameters() if p.requires_grad]

@@ -41,7 +41,7 @@ from fig5_real import PROMPT, encode, iglm_dir, per_sequence, read_records  # th
 from proteinperformer.data.collate import IGNORE_INDEX
 from proteinperformer.data.fasta import read_fasta
 from proteinperformer.model import PerformerLM, calibrate_features, convert_attention
-from proteinperformer.model.transfer import DEFAULT_STEPS, calibration_batches, transfer_attention, transfer_model
+from proteinperformer.model.transfer import calibration_batches, default_steps, transfer_attention, transfer_model
 from proteinperformer.training.scoring import evaluation_collator, residue_table
 
 HERE = Path(__file__).resolve().parent
@@ -50,6 +50,7 @@ METHODS = {"favor+": ("softmax", "favor+", False), "oprf": ("softmax", "oprf", F
            "oprf-rescaled": ("softmax", "oprf-rescaled", False), "transfer": ("softmax", "favor+", True),
            "transfer-oprf": ("softmax", "oprf-rescaled", True), "hedgehog": ("hedgehog", "favor+", True)}
 GROUPS = ("heavy", "light", "human_heavy")
+MODEL_SIZES = {"IgLM-S": (3, 192), "IgLM": (4, 512)}  # layers, width: what default_steps reads
 
 
 def calibration_records(out: Path, n: int, seed: int = 0) -> list[tuple[str, str]]:
@@ -115,8 +116,13 @@ def layer_errors(exact: PerformerLM, model: PerformerLM, batches) -> list[float]
             for e, b, inputs in zip(exact.layers, model.layers, layer_inputs(exact, plain), strict=True)]
 
 
-def run_one(out: Path, name: str, method: str, m: int, draw: int, steps: int, calibration: int,
+def run_one(out: Path, name: str, method: str, m: int, draw: int, steps: int | None, calibration: int,
             per_chain: int) -> dict:
+    """One row (cached); ``steps`` None: pp-convert's default for this model and m (``default_steps``)."""
+    rule = steps is None
+    if rule:
+        depth, width = MODEL_SIZES[name]
+        steps = default_steps(depth, width, m)
     path = out / "transfer" / f"{name}_{method}_m{m}_d{draw}_s{steps}_c{calibration}.json"
     if path.exists():
         return json.loads(path.read_text())
@@ -132,12 +138,13 @@ def run_one(out: Path, name: str, method: str, m: int, draw: int, steps: int, ca
     info: dict = {"model": name, "method": method, "num_features": m, "draw": draw, "test_per_chain": per_chain}
     calib = calibration_batches(exact.alphabet, calibration_records(out, calibration), cls=False)
     t0 = time.process_time()
-    if method == "transfer" and draw == 0 and steps == DEFAULT_STEPS and cli.exists():
+    if method == "transfer" and draw == 0 and rule and cli.exists():
         from proteinperformer.checkpoints import load_model, read_torch
 
         model, done = load_model(cli), read_torch(cli)["transfer"]
         assert done["sequences"] == calibration and done["steps"] == steps, done
-        info.update(steps=steps, calibration_chains=calibration, cpu_seconds=done["cpu_seconds"], checkpoint=str(cli),
+        info.update(steps=steps, default_steps=True, calibration_chains=calibration, cpu_seconds=done["cpu_seconds"],
+                    checkpoint=str(cli),
                     calibration_error=[(r["error_before"], r["error_after"]) for r in done["layers"]])
     elif not trained:
         model = convert_attention(exact, "favor", m, kernel, seed=draw, features=features).eval()
@@ -147,7 +154,8 @@ def run_one(out: Path, name: str, method: str, m: int, draw: int, steps: int, ca
     else:
         model = transfer_model(exact, m, kernel, seed=draw, features=features)
         layers = transfer_attention(exact, model, calib, steps=steps)
-        info.update(steps=steps, calibration_chains=calibration, cpu_seconds=time.process_time() - t0,
+        info.update(steps=steps, default_steps=rule, calibration_chains=calibration,
+                    cpu_seconds=time.process_time() - t0,
                     calibration_error=[(r.error_before, r.error_after) for r in layers])
     info["scores"] = score(model, exact_logp, batches, records)
     info["exact"] = score(exact, exact_logp, batches, records)
@@ -215,7 +223,7 @@ def main() -> None:
     parser.add_argument("--features", type=int, nargs="+", default=[256, 64, 128, 512])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--draws", type=int, nargs="+", default=[0])
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--steps", type=int, help="transfer steps per layer (default: pp-convert's, default_steps)")
     parser.add_argument("--calibration", type=int, default=15, help="training-split chains the transfer sees")
     parser.add_argument("--per-chain", type=int, default=60, help="held-out chains scored per chain type")
     parser.add_argument("--generate", action="store_true",
@@ -298,7 +306,7 @@ def report(out: Path, results: Path) -> None:
     models = sorted({r["model"] for r in runs})
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
-        mine = [r for r in runs if r["model"] == model and r.get("steps") in (None, DEFAULT_STEPS)]
+        mine = [r for r in runs if r["model"] == model and (r.get("steps") is None or r.get("default_steps"))]
         ax.axhline(100 * mine[0]["exact"]["human_heavy"]["acc"], color="k", ls="--", label="exact attention")
         for method in METHODS:
             ms = sorted({r["num_features"] for r in mine if r["method"] == method})
@@ -309,7 +317,7 @@ def report(out: Path, results: Path) -> None:
             ax.plot(ms, acc, "o-", label=method)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("features per head m")
-        ax.set_title(f"{model}: held-out human heavy chains ({DEFAULT_STEPS} transfer steps)")
+        ax.set_title(f"{model}: held-out human heavy chains (default transfer steps)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("next-residue accuracy (%)")
     axes[0][0].legend(fontsize=8, loc="center right")
