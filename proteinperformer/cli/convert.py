@@ -72,6 +72,9 @@ def create_parser() -> argparse.ArgumentParser:
                         help="transfer: Adam steps per layer (default: a fixed budget of work, 500 x 3 x 192 x 384 / "
                              "(layers x width x (features + 128)), rounded to tens, 50 to 2000: about 1.5 CPU-minutes "
                              "for IgLM-S or the 13M IgLM at m=256)")
+    parser.add_argument("--distill-steps", type=int,
+                        help="transfer: then Adam steps on all layers' features at once against the exact model's "
+                             "next-token distributions (KL; default: a fifth of --transfer-steps; 0: none)")
     parser.add_argument("--no-cls", action="store_true",
                         help="transfer: sequences without a leading <cls> (GPT-2 models such as IgLM)")
     parser.add_argument("--report", type=Path, metavar="FASTA", help="measure FAVOR+ vs exact on these sequences")
@@ -186,7 +189,9 @@ def transfer(args: argparse.Namespace) -> None:
         DEFAULT_KERNEL,
         TransferError,
         calibration_batches,
+        default_distill_steps,
         default_steps,
+        distill_features,
         transfer_attention,
         transfer_model,
     )
@@ -196,6 +201,8 @@ def transfer(args: argparse.Namespace) -> None:
         raise ValueError("--transfer writes a FAVOR checkpoint: give --out and leave --attention at favor")
     if args.transfer_steps is not None and args.transfer_steps < 1:
         raise ValueError(f"--transfer-steps must be at least 1, got {args.transfer_steps}")
+    if args.distill_steps is not None and args.distill_steps < 0:
+        raise ValueError(f"--distill-steps must be 0 (no distillation) or more, got {args.distill_steps}")
     if args.calibrate is not None:
         raise ValueError("--transfer calibrates FAVOR++ features on its own sequences: leave out --calibrate")
     source = load_model(args.source)
@@ -214,14 +221,18 @@ def transfer(args: argparse.Namespace) -> None:
                                   max_len=None if limit is None else limit + 2)
     cfg = model.config
     steps = args.transfer_steps or default_steps(cfg.depth, cfg.dim, cfg.num_features)
+    distill = default_distill_steps(steps) if args.distill_steps is None else args.distill_steps
     resume = args.out.with_name(f".{args.out.name}.transfer")
     print(f"transfer on {len(records)} sequences of {args.transfer}: {len(model.layers)} layers, "
-          f"{steps} steps each (finished layers kept in {resume})", flush=True)
+          f"{steps} steps each, then {distill} steps on all layers (finished layers kept in {resume})", flush=True)
     t0 = time.process_time()
     results = transfer_attention(exact, model, batches, steps, resume_dir=resume, progress=track)
+    kl = distill_features(exact, model, batches, distill, progress=track) if distill else None
     seconds = time.process_time() - t0
-    info = {"fasta": str(args.transfer), "sequences": len(records), "steps": steps,
+    info = {"fasta": str(args.transfer), "sequences": len(records), "steps": steps, "distill_steps": distill,
             "cpu_seconds": seconds, "layers": [asdict(r) for r in results]}
+    if kl is not None:
+        info.update(distill_kl_before=kl[0], distill_kl_after=kl[1])
     save_checkpoint(model, args.out, args.source, extra={"transfer": info})
     shutil.rmtree(resume, ignore_errors=True)
     print(f"wrote {args.out}: {cfg.depth} layers, width {cfg.dim}, favor attention, {cfg.kernel} kernel "

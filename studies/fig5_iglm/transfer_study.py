@@ -41,13 +41,21 @@ from fig5_real import PROMPT, encode, iglm_dir, per_sequence, read_records  # th
 from proteinperformer.data.collate import IGNORE_INDEX
 from proteinperformer.data.fasta import read_fasta
 from proteinperformer.model import PerformerLM, calibrate_features, convert_attention
-from proteinperformer.model.transfer import calibration_batches, default_steps, transfer_attention, transfer_model
+from proteinperformer.model.transfer import (
+    calibration_batches,
+    default_distill_steps,
+    default_steps,
+    distill_features,
+    transfer_attention,
+    transfer_model,
+)
 from proteinperformer.training.scoring import evaluation_collator, residue_table
 
 HERE = Path(__file__).resolve().parent
 # method -> (kernel, features, trained): FAVOR+ / FAVOR++ (calibrated, no training) / attention transfer
 METHODS = {"favor+": ("softmax", "favor+", False), "oprf": ("softmax", "oprf", False),
-           "oprf-rescaled": ("softmax", "oprf-rescaled", False), "transfer": ("softmax", "favor+", True),
+           "oprf-rescaled": ("softmax", "oprf-rescaled", False), "transfer-layerwise": ("softmax", "favor+", True),
+           "transfer": ("softmax", "favor+", True),
            "transfer-oprf": ("softmax", "oprf-rescaled", True), "hedgehog": ("hedgehog", "favor+", True)}
 GROUPS = ("heavy", "light", "human_heavy")
 MODEL_SIZES = {"IgLM-S": (3, 192), "IgLM": (4, 512)}  # layers, width: what default_steps reads
@@ -123,7 +131,9 @@ def run_one(out: Path, name: str, method: str, m: int, draw: int, steps: int | N
     if rule:
         depth, width = MODEL_SIZES[name]
         steps = default_steps(depth, width, m)
-    path = out / "transfer" / f"{name}_{method}_m{m}_d{draw}_s{steps}_c{calibration}.json"
+    distill = 0 if method in ("transfer-layerwise", "hedgehog", "transfer-oprf") else default_distill_steps(steps)
+    tag = f"_k{distill}" if distill else ""
+    path = out / "transfer" / f"{name}_{method}_m{m}_d{draw}_s{steps}{tag}_c{calibration}.json"
     if path.exists():
         return json.loads(path.read_text())
     torch.manual_seed(0)
@@ -134,7 +144,7 @@ def run_one(out: Path, name: str, method: str, m: int, draw: int, steps: int | N
         exact_logp = [F.log_softmax(exact(r["input_ids"], r["padding_mask"])["logits"].double(), -1)
                       for r, _ in batches]
     kernel, features, trained = METHODS[method]
-    cli = out / f"{name}_transfer_m{m}.ckpt"  # what generation() wrote with pp-convert --transfer: the same run
+    cli = out / f"{name}_transfer_m{m}{tag}.ckpt"  # what generation() wrote with pp-convert --transfer: the same run
     info: dict = {"model": name, "method": method, "num_features": m, "draw": draw, "test_per_chain": per_chain}
     calib = calibration_batches(exact.alphabet, calibration_records(out, calibration), cls=False)
     t0 = time.process_time()
@@ -143,7 +153,9 @@ def run_one(out: Path, name: str, method: str, m: int, draw: int, steps: int | N
 
         model, done = load_model(cli), read_torch(cli)["transfer"]
         assert done["sequences"] == calibration and done["steps"] == steps, done
-        info.update(steps=steps, default_steps=True, calibration_chains=calibration, cpu_seconds=done["cpu_seconds"],
+        assert done.get("distill_steps", 0) == distill, done
+        info.update(steps=steps, distill_steps=distill, default_steps=True, calibration_chains=calibration,
+                    cpu_seconds=done["cpu_seconds"],
                     checkpoint=str(cli),
                     calibration_error=[(r["error_before"], r["error_after"]) for r in done["layers"]])
     elif not trained:
@@ -154,7 +166,10 @@ def run_one(out: Path, name: str, method: str, m: int, draw: int, steps: int | N
     else:
         model = transfer_model(exact, m, kernel, seed=draw, features=features)
         layers = transfer_attention(exact, model, calib, steps=steps)
-        info.update(steps=steps, default_steps=rule, calibration_chains=calibration,
+        if distill:
+            kl = distill_features(exact, model, calib, distill)
+            info.update(distill_kl=kl[:2])
+        info.update(steps=steps, distill_steps=distill, default_steps=rule, calibration_chains=calibration,
                     cpu_seconds=time.process_time() - t0,
                     calibration_error=[(r.error_before, r.error_after) for r in layers])
     info["scores"] = score(model, exact_logp, batches, records)
@@ -172,16 +187,20 @@ def run_one(out: Path, name: str, method: str, m: int, draw: int, steps: int | N
 
 def generation(out: Path, name: str, m: int, calibration: int, num_samples: int = 100,
                exact_samples: bool = True) -> dict:
-    """The CLI route end to end: ``pp-convert <name> --transfer <calibration chains> --no-cls`` (its CPU-seconds),
-    then ``pp-generate`` samples (prompt PROMPT) of exact IgLM, exact ``name`` and the transferred model, each scored
-    by the exact IgLM (13M) in IgLM's framing (``exact_samples=False``: only the transferred model's; the exact
-    models' samples of ``fig5_real.py --stages generation`` are the same command)."""
-    path = out / "transfer" / f"generation_{name}_m{m}_c{calibration}.json"
+    """The CLI route end to end: ``pp-convert <name> --transfer <calibration chains> --no-cls`` (its defaults; its
+    CPU-seconds), then ``pp-generate`` samples (prompt PROMPT) of exact IgLM, exact ``name`` and the transferred
+    model, each scored by the exact IgLM (13M) in IgLM's framing (``exact_samples=False``: only the transferred
+    model's; the exact models' samples of ``fig5_real.py --stages generation`` are the same command). Files are
+    tagged with the distillation steps (``_k<n>``; none: layer by layer only)."""
+    depth, width = MODEL_SIZES[name]
+    distill = default_distill_steps(default_steps(depth, width, m))
+    tag = f"_k{distill}" if distill else ""
+    path = out / "transfer" / f"generation_{name}_m{m}{tag}_c{calibration}.json"
     if path.exists():
         return json.loads(path.read_text())
     fasta = out / f"calibration{calibration}.fasta"
     fasta.write_text("".join(f">{i}\n{s}\n" for i, s in calibration_records(out, calibration)))
-    ckpt = out / f"{name}_transfer_m{m}.ckpt"
+    ckpt = out / f"{name}_transfer_m{m}{tag}.ckpt"
     convert = [sys.executable, "-m", "proteinperformer.cli.convert", str(iglm_dir(name)), "--out", str(ckpt),
                "--transfer", str(fasta), "--num-features", str(m), "--no-cls"]
     result: dict = {"convert_command": "pp-convert " + " ".join(convert[3:])}
@@ -190,7 +209,7 @@ def generation(out: Path, name: str, m: int, calibration: int, num_samples: int 
     result["transfer"] = torch.load(ckpt, weights_only=True)["transfer"]
     judge = load_exact("IgLM")
     sources = {"IgLM exact": iglm_dir("IgLM"), f"{name} exact": iglm_dir(name)} if exact_samples else {}
-    sources[f"{name} FAVOR+ m={m} transferred"] = ckpt
+    sources[f"{name} FAVOR+ m={m} transferred{tag}"] = ckpt
     for label, source in sources.items():
         samples = out / "generation" / f"{label.replace(' ', '_').replace('=', '')}.fasta"
         samples.parent.mkdir(parents=True, exist_ok=True)
