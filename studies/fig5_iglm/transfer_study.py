@@ -281,13 +281,13 @@ def report(out: Path, results: Path) -> None:
     (results / "transfer.json").write_text(json.dumps({"runs": runs, "generation": generated}, indent=2) + "\n")
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
-        groups.setdefault((r["model"], list(METHODS).index(r["method"]), r["num_features"], r.get("steps")),
-                          []).append(r)
+        groups.setdefault((r["model"], list(METHODS).index(r["method"]), r["num_features"], r.get("steps") or 0,
+                           r.get("distill_steps") or 0), []).append(r)
     head = ("| model | method | m | draws | human heavy acc. | ppl | KL | heavy acc. | light acc. | light ppl | "
             "attention error per layer | CPU-s (calibration, transfer) |")
     lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     done_exact = set()
-    for (model, mi, m, steps), rows in sorted(groups.items()):
+    for (model, mi, m, steps, distill), rows in sorted(groups.items()):
         if model not in done_exact:
             e = rows[0]["exact"]
             lines.append(f"| {model} | exact | – | – | {100 * e['human_heavy']['acc']:.2f}% | "
@@ -302,7 +302,8 @@ def report(out: Path, results: Path) -> None:
             cells.append(fmt.format(mean) + ("" if spread is None else f" ± {fmt.format(spread).rstrip('%')}"))
         err = [sum(r["layer_error"][i] for r in rows) / len(rows) for i in range(len(rows[0]["layer_error"]))]
         cpu = f"{_mean(rows, lambda r: r['cpu_seconds'])[0]:.1f}" if "cpu_seconds" in rows[0] else "–"
-        method = list(METHODS)[mi] + (f" ({steps} steps)" if steps and METHODS[list(METHODS)[mi]][2] else "")
+        how = f" ({steps} steps" + (f" + {distill} KL)" if distill else ")")
+        method = list(METHODS)[mi] + (how if steps and METHODS[list(METHODS)[mi]][2] else "")
         lines.append(f"| {model} | {method} | {m} | {len(rows)} | {' | '.join(cells)} | "
                      f"{' / '.join(f'{x:.3f}' for x in err)} | {cpu} |")
     for g in generated.values():
