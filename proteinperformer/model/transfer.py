@@ -69,7 +69,7 @@ def default_steps(depth: int, width: int, num_features: int) -> int:
 
 def default_distill_steps(steps: int) -> int:
     """Steps of :func:`distill_features` after ``steps`` per layer: a fifth as many (one costs about one step of
-    every layer, so the stage adds about a fifth / depth of the layer-by-layer cost × depth ≈ 20%)."""
+    every layer, so the stage adds about a quarter to the layer-by-layer cost)."""
     return max(steps // 5, 1)
 
 
