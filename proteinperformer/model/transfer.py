@@ -16,6 +16,12 @@ tokens of a batch of calibration sequences (one batch of about ``DEFAULT_BATCH_T
 with a cosine-decayed learning rate. The loss runs through the same FAVOR path the model runs with (what is trained
 is what runs).
 
+Steps per layer default to the same budget of work for every model (:func:`default_steps`). Then
+:func:`distill_features` trains the same parameters of all layers at once against the exact model's output
+distributions (KL), a fifth as many steps: layer-by-layer fitting leaves errors that compound through the layers and
+that the layer loss weighs by the output's size, not by what they do to the prediction (in IgLM: the conserved end of
+the chain, FR4 and [SEP], after the variable-length CDR3, where the exact model attends to the last few residues).
+
 Plain torch: :func:`transfer_attention` takes the exact model, the model to train (built by
 :func:`transfer_model`) and token batches; ``pp-convert --transfer FASTA`` reads the sequences and writes the
 checkpoint (:mod:`proteinperformer.cli.convert`).
