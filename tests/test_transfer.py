@@ -138,7 +138,11 @@ def test_pp_convert_transfers_with_the_default_steps_of_the_model(tmp_path, monk
     out = tmp_path / "m.ckpt"
     convert.main([str(src), str(out), "--transfer", str(calib), "--num-features", "16", "--no-cls"])
     info = read_torch(out)["transfer"]
-    assert info["steps"] == 60 and info["distill_steps"] == 12 and "60 steps each, then 12" in capsys.readouterr().out
+    assert info["steps"] == 60 and info["distill_steps"] == 0 and "60 steps each (" in capsys.readouterr().out
+    convert.main([str(src), str(out), "--transfer", str(calib), "--num-features", "16", "--no-cls",
+                  "--distill-steps", "12"])
+    info = read_torch(out)["transfer"]
+    assert info["distill_steps"] == 12 and "60 steps each, then 12 steps on all layers" in capsys.readouterr().out
     assert info["distill_kl_after"] < info["distill_kl_before"]
 
 

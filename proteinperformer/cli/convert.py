@@ -74,7 +74,7 @@ def create_parser() -> argparse.ArgumentParser:
                              "for IgLM-S or the 13M IgLM at m=256)")
     parser.add_argument("--distill-steps", type=int,
                         help="transfer: then Adam steps on all layers' features at once against the exact model's "
-                             "next-token distributions (KL; default: a fifth of --transfer-steps; 0: none)")
+                             "output distributions (KL; default 0: none; a fifth of --transfer-steps is a fair start)")
     parser.add_argument("--no-cls", action="store_true",
                         help="transfer: sequences without a leading <cls> (GPT-2 models such as IgLM)")
     parser.add_argument("--report", type=Path, metavar="FASTA", help="measure FAVOR+ vs exact on these sequences")
@@ -189,7 +189,6 @@ def transfer(args: argparse.Namespace) -> None:
         DEFAULT_KERNEL,
         TransferError,
         calibration_batches,
-        default_distill_steps,
         default_steps,
         distill_features,
         transfer_attention,
@@ -221,10 +220,11 @@ def transfer(args: argparse.Namespace) -> None:
                                   max_len=None if limit is None else limit + 2)
     cfg = model.config
     steps = args.transfer_steps or default_steps(cfg.depth, cfg.dim, cfg.num_features)
-    distill = default_distill_steps(steps) if args.distill_steps is None else args.distill_steps
+    distill = args.distill_steps or 0
     resume = args.out.with_name(f".{args.out.name}.transfer")
     print(f"transfer on {len(records)} sequences of {args.transfer}: {len(model.layers)} layers, "
-          f"{steps} steps each, then {distill} steps on all layers (finished layers kept in {resume})", flush=True)
+          f"{steps} steps each{f', then {distill} steps on all layers' if distill else ''} (finished layers kept in "
+          f"{resume})", flush=True)
     t0 = time.process_time()
     results = transfer_attention(exact, model, batches, steps, resume_dir=resume, progress=track)
     kl = distill_features(exact, model, batches, distill, progress=track) if distill else None

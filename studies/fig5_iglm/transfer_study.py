@@ -54,8 +54,8 @@ from proteinperformer.training.scoring import evaluation_collator, residue_table
 HERE = Path(__file__).resolve().parent
 # method -> (kernel, features, trained): FAVOR+ / FAVOR++ (calibrated, no training) / attention transfer
 METHODS = {"favor+": ("softmax", "favor+", False), "oprf": ("softmax", "oprf", False),
-           "oprf-rescaled": ("softmax", "oprf-rescaled", False), "transfer-layerwise": ("softmax", "favor+", True),
-           "transfer": ("softmax", "favor+", True),
+           "oprf-rescaled": ("softmax", "oprf-rescaled", False), "transfer": ("softmax", "favor+", True),
+           "transfer-distill": ("softmax", "favor+", True),
            "transfer-oprf": ("softmax", "oprf-rescaled", True), "hedgehog": ("hedgehog", "favor+", True)}
 GROUPS = ("heavy", "light", "human_heavy")
 MODEL_SIZES = {"IgLM-S": (3, 192), "IgLM": (4, 512)}  # layers, width: what default_steps reads
@@ -131,7 +131,7 @@ def run_one(out: Path, name: str, method: str, m: int, draw: int, steps: int | N
     if rule:
         depth, width = MODEL_SIZES[name]
         steps = default_steps(depth, width, m)
-    distill = 0 if method in ("transfer-layerwise", "hedgehog", "transfer-oprf") else default_distill_steps(steps)
+    distill = default_distill_steps(steps) if method == "transfer-distill" else 0
     tag = f"_k{distill}" if distill else ""
     path = out / "transfer" / f"{name}_{method}_m{m}_d{draw}_s{steps}{tag}_c{calibration}.json"
     if path.exists():
@@ -148,7 +148,7 @@ def run_one(out: Path, name: str, method: str, m: int, draw: int, steps: int | N
     info: dict = {"model": name, "method": method, "num_features": m, "draw": draw, "test_per_chain": per_chain}
     calib = calibration_batches(exact.alphabet, calibration_records(out, calibration), cls=False)
     t0 = time.process_time()
-    if method == "transfer" and draw == 0 and rule and cli.exists():
+    if method in ("transfer", "transfer-distill") and draw == 0 and rule and cli.exists():
         from proteinperformer.checkpoints import load_model, read_torch
 
         model, done = load_model(cli), read_torch(cli)["transfer"]
@@ -190,11 +190,8 @@ def generation(out: Path, name: str, m: int, calibration: int, num_samples: int 
     """The CLI route end to end: ``pp-convert <name> --transfer <calibration chains> --no-cls`` (its defaults; its
     CPU-seconds), then ``pp-generate`` samples (prompt PROMPT) of exact IgLM, exact ``name`` and the transferred
     model, each scored by the exact IgLM (13M) in IgLM's framing (``exact_samples=False``: only the transferred
-    model's; the exact models' samples of ``fig5_real.py --stages generation`` are the same command). Files are
-    tagged with the distillation steps (``_k<n>``; none: layer by layer only)."""
-    depth, width = MODEL_SIZES[name]
-    distill = default_distill_steps(default_steps(depth, width, m))
-    tag = f"_k{distill}" if distill else ""
+    model's; the exact models' samples of ``fig5_real.py --stages generation`` are the same command)."""
+    tag = ""  # pp-convert's defaults: no distillation
     path = out / "transfer" / f"generation_{name}_m{m}{tag}_c{calibration}.json"
     if path.exists():
         return json.loads(path.read_text())
@@ -279,9 +276,10 @@ def report(out: Path, results: Path) -> None:
     generated = {p.stem: json.loads(p.read_text()) for p in sorted((out / "transfer").glob("generation_*.json"))}
     results.mkdir(parents=True, exist_ok=True)
     (results / "transfer.json").write_text(json.dumps({"runs": runs, "generation": generated}, indent=2) + "\n")
+    order = list(METHODS) + sorted({r["method"] for r in runs} - set(METHODS))  # other helpers' methods last
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
-        groups.setdefault((r["model"], list(METHODS).index(r["method"]), r["num_features"], r.get("steps") or 0,
+        groups.setdefault((r["model"], order.index(r["method"]), r["num_features"], r.get("steps") or 0,
                            r.get("distill_steps") or 0), []).append(r)
     head = ("| model | method | m | draws | human heavy acc. | ppl | KL | heavy acc. | light acc. | light ppl | "
             "attention error per layer | CPU-s (calibration, transfer) |")
@@ -303,7 +301,7 @@ def report(out: Path, results: Path) -> None:
         err = [sum(r["layer_error"][i] for r in rows) / len(rows) for i in range(len(rows[0]["layer_error"]))]
         cpu = f"{_mean(rows, lambda r: r['cpu_seconds'])[0]:.1f}" if "cpu_seconds" in rows[0] else "–"
         how = f" ({steps} steps" + (f" + {distill} KL)" if distill else ")")
-        method = list(METHODS)[mi] + (how if steps and METHODS[list(METHODS)[mi]][2] else "")
+        method = order[mi] + (how if steps and METHODS.get(order[mi], ("", "", False))[2] else "")
         lines.append(f"| {model} | {method} | {m} | {len(rows)} | {' | '.join(cells)} | "
                      f"{' / '.join(f'{x:.3f}' for x in err)} | {cpu} |")
     for g in generated.values():
@@ -328,7 +326,7 @@ def report(out: Path, results: Path) -> None:
     for ax, model in zip(axes[0], models, strict=True):
         mine = [r for r in runs if r["model"] == model and (r.get("steps") is None or r.get("default_steps"))]
         ax.axhline(100 * mine[0]["exact"]["human_heavy"]["acc"], color="k", ls="--", label="exact attention")
-        for method in METHODS:
+        for method in order:
             ms = sorted({r["num_features"] for r in mine if r["method"] == method})
             if not ms:
                 continue
