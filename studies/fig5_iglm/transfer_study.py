@@ -305,7 +305,7 @@ def report(out: Path, results: Path) -> None:
         lines.append(f"| {model} | {method} | {m} | {len(rows)} | {' | '.join(cells)} | "
                      f"{' / '.join(f'{x:.3f}' for x in err)} | {cpu} |")
     for g in generated.values():
-        command = g["convert_command"].replace(str(iglm_dir().parent), "$IGLM")
+        command = g["convert_command"].replace(str(iglm_dir().parent), "$IGLM").replace(str(out), "OUTDIR")
         lines += ["", f"`{command}`: {g['transfer']['cpu_seconds']:.1f} CPU-s", "",
                   "| samples (prompt [HEAVY][HUMAN]EVQ) | n | exact IgLM ppl, mean | median | length median |",
                   "|---|---:|---:|---:|---:|"]
