@@ -74,7 +74,8 @@ def create_parser() -> argparse.ArgumentParser:
                              "for IgLM-S or the 13M IgLM at m=256)")
     parser.add_argument("--distill-steps", type=int,
                         help="transfer: then Adam steps on all layers' features at once against the exact model's "
-                             "output distributions (KL; default 0: none; a fifth of --transfer-steps is a fair start)")
+                             "output distributions (KL; default 0: none; with 15 IgLM chains it overfits, "
+                             "see docs/gpt2_iglm.md)")
     parser.add_argument("--no-cls", action="store_true",
                         help="transfer: sequences without a leading <cls> (GPT-2 models such as IgLM)")
     parser.add_argument("--report", type=Path, metavar="FASTA", help="measure FAVOR+ vs exact on these sequences")
