@@ -332,13 +332,14 @@ def report(out: Path, results: Path) -> None:
                 continue
             acc = [_mean([r for r in mine if r["method"] == method and r["num_features"] == m],
                          lambda r: 100 * r["scores"]["human_heavy"]["acc"])[0] for m in ms]
-            ax.plot(ms, acc, "o-", label=method)
+            ax.plot(ms, acc, "o-", label=method, color=f"C{order.index(method) % 10}")  # one colour per method
         ax.set_xscale("log", base=2)
         ax.set_xlabel("features per head m")
         ax.set_title(f"{model}: held-out human heavy chains (default transfer steps)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("next-residue accuracy (%)")
-    axes[0][0].legend(fontsize=8, loc="center right")
+    for ax in axes[0]:
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(results / "transfer.png", dpi=120)
     print(f"wrote {results / 'transfer.png'}")
