@@ -31,7 +31,14 @@ BLOSUM_METHODS = ("vig", "weighted")
 # FAVOR+ conversion (evaluation.conversion): pp-convert --num-features
 FEATURES = ("favor+", "oprf", "oprf-rescaled", "oprf-dense")  # the softmax kernel's feature maps (attention/oprf.py)
 KERNELS = ("softmax", "relu", "hedgehog")  # the registered FAVOR feature maps (attention/features.py)
-TRANSFER_STEPS = 500  # pp-convert --transfer, per layer; see studies/fig5_iglm/README.md (IgLM-S and IgLM)
+# pp-convert --transfer's default Adam steps per layer (model.transfer.default_steps): a fixed budget of work,
+# TRANSFER_BUDGET / (depth × width × (m + TRANSFER_STEP_OFFSET)) rounded to tens and kept in TRANSFER_STEP_RANGE,
+# since a step of one layer costs about width × (m + 128) (IgLM-S, 500 steps × 3 layers: 37 CPU-s at m = 64, 80 at
+# m = 256). The budget is 500 steps of IgLM-S (3 layers × width 192) at m = 256, about 1.5 CPU-minutes here: the
+# 13M IgLM (4 × 512) gets 140 steps, IgLM-S 1,000 at m = 64 and 300 at m = 512 (studies/fig5_iglm/README.md).
+TRANSFER_STEP_OFFSET = 128
+TRANSFER_BUDGET = 500 * 3 * 192 * (256 + TRANSFER_STEP_OFFSET)
+TRANSFER_STEP_RANGE = (50, 2000)
 DEFAULT_NUM_FEATURES = 256  # see docs/esm2.md "Which defaults, and why" (measured in studies/fig5_small/)
 
 # the model card (evaluation.card): pp-evaluate

@@ -12,9 +12,15 @@ from proteinperformer.checkpoints import load_model, read_torch, save_checkpoint
 from proteinperformer.cli import convert
 from proteinperformer.evaluation.conversion import attention_errors
 from proteinperformer.model import ModelConfig, PerformerLM, convert_attention, is_feature_key
-from proteinperformer.model.transfer import calibration_batches, transfer_attention, transfer_model
+from proteinperformer.model.transfer import (
+    calibration_batches,
+    default_steps,
+    distill_features,
+    transfer_attention,
+    transfer_model,
+)
 from tests.test_esm_import import hf_dir, write_fair_esm  # noqa: F401 (hf_dir: a fixture)
-from tests.test_gpt2_import import write_gpt2
+from tests.test_gpt2_import import DIM, LAYERS, write_gpt2
 
 CALIBRATION = ["MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEKAVQVKVKALPDAQFEVVHSLAKWKRQTLGQHDFSAGEGLYTHMKALRPDEDRLSPLHSVYVDQWDWERVMGDGERQFSTLKSTVEAIWAGIKATEAAVSEEFGLAPFLPDQIHFVHSQELLSRYPDLDAKGRERAIAKDLGAVFLVGIGGKLSDGHRHDVRAPDYDDWSTPSELGHAGLNGDILVWNPVLEDAFELSSMGIRVDADTLKHQLALTGDEDRLELEWHQALLRGEMPQTIGGGIGQSRLTMLLLQLPHIGQVQAGVWPAACRKRRHERHLFPELHADFPWARGQAYLASMGGGADAKPLAEREQLWNEAVRQGRPRMEGTVLASLKSDSHRDGAGSA"[i:i + 60] for i in range(0, 300, 50)]  # noqa: E501
 HELD_OUT = ["MVLSPADKTNVKAAWGKVGAHAGEYGAEALERMFLSFPTTKTYFPHFDLSHGSAQVKGHGKKVADALTNAVAHV",
@@ -110,6 +116,62 @@ def test_gpt2_transfer_decodes_as_it_runs_and_hedgehog_trains_its_projection(tmp
     pp_generate([str(out), str(tmp_path / "gen.fasta"), "--num-samples", "2", "--max-length", "12",
                  "--prompt", "[HEAVY][HUMAN]EVQ", "--no-cls", "--seed", "0"])
     assert (tmp_path / "gen.fasta").read_text().count(">") == 2
+
+
+def test_default_steps_spend_the_same_budget_of_work_on_every_model():
+    assert default_steps(3, 192, 256) == 500  # IgLM-S: the measured default
+    assert default_steps(4, 512, 256) == 140  # the 13M IgLM: the same ~1.5 CPU-minutes
+    assert default_steps(3, 192, 64) == 1000  # fewer features, cheaper steps
+    for depth, width, m in [(3, 192, 512), (4, 512, 64), (6, 320, 256), (2, 256, 128)]:
+        work = depth * width * (m + 128) * default_steps(depth, width, m)
+        assert work == pytest.approx(3 * 192 * 384 * 500, rel=0.05), (depth, width, m)
+    assert default_steps(33, 1280, 256) == 50 and default_steps(1, 8, 16) == 2000  # kept in range
+
+
+def test_pp_convert_transfers_with_the_default_steps_of_the_model(tmp_path, monkeypatch, capsys):
+    import proteinperformer.model.transfer as transfer
+
+    monkeypatch.setattr(transfer, "TRANSFER_BUDGET", LAYERS * DIM * (16 + 128) * 60)  # 60 steps here: quick
+    src = tmp_path / "tiny_iglm"
+    write_gpt2(src)
+    calib = write_fasta(tmp_path / "c.fasta", [s[:40] for s in CALIBRATION[:2]], prefix="[HEAVY][HUMAN]")
+    out = tmp_path / "m.ckpt"
+    convert.main([str(src), str(out), "--transfer", str(calib), "--num-features", "16", "--no-cls"])
+    info = read_torch(out)["transfer"]
+    assert info["steps"] == 60 and info["distill_steps"] == 0 and "60 steps each (" in capsys.readouterr().out
+    convert.main([str(src), str(out), "--transfer", str(calib), "--num-features", "16", "--no-cls",
+                  "--distill-steps", "12"])
+    info = read_torch(out)["transfer"]
+    assert info["distill_steps"] == 12 and "60 steps each, then 12 steps on all layers" in capsys.readouterr().out
+    assert info["distill_kl_after"] < info["distill_kl_before"]
+
+
+def test_distillation_lowers_the_next_token_kl_on_held_out_sequences_and_touches_only_the_features():
+    torch.manual_seed(0)
+    exact = PerformerLM(ModelConfig(dim=32, depth=2, heads=2, ff_dim=64, attention="exact", kernel="softmax",
+                                    causal=True)).eval()
+    with torch.no_grad():
+        for block in exact.layers:
+            block.attn.qkv.weight.mul_(6)  # sharp attention, as in trained models
+    batches = calibration_batches(exact.alphabet, [(f"c{i}", s) for i, s in enumerate(CALIBRATION)])
+    held_out = calibration_batches(exact.alphabet, [(f"h{i}", s) for i, s in enumerate(HELD_OUT)])
+    model = transfer_model(exact, 16)
+    transfer_attention(exact, model, batches, steps=30, log=None)
+    layerwise = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def held_out_kl() -> float:
+        with torch.no_grad():
+            (tokens, padding), = held_out
+            le = torch.log_softmax(exact(tokens, padding)["logits"], -1)
+            lm = torch.log_softmax(model(tokens, padding)["logits"], -1)
+            return float(((le.exp() * (le - lm)).sum(-1) * ~padding).sum() / (~padding).sum())
+
+    before = held_out_kl()
+    kl_before, kl_after, _ = distill_features(exact, model, batches, steps=60, log=None)
+    assert kl_after < 0.8 * kl_before and held_out_kl() < 0.9 * before, (kl_before, kl_after, before, held_out_kl())
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, layerwise[k])}
+    assert changed and all(is_feature_key(k) and not k.endswith("projection") for k in changed)
+    assert all(p.requires_grad for p in model.parameters())  # as they were before
 
 
 def test_a_stopped_transfer_resumes_from_its_finished_layers(tmp_path):

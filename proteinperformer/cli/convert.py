@@ -14,7 +14,10 @@ checkpoint) into a Performer checkpoint, and measure what the swap costs on your
 each layer's exact attention on these sequences, layer by layer, and leaves every other weight as it was; the
 checkpoint's config says ``transferred``. With ``--features oprf`` / ``oprf-rescaled`` the transfer starts from
 FAVOR++ calibrated on the same sequences. Finished layers are kept in ``.OUT.transfer/`` beside ``--out``, so a
-stopped run resumes there.
+stopped run resumes there. ``--transfer-steps`` (Adam steps per layer) defaults to the same budget of work for
+every model (:func:`proteinperformer.model.transfer.default_steps`, ``options.TRANSFER_BUDGET``): 500 for IgLM-S
+(3 layers, width 192) and 140 for the 13M IgLM (4 × 512) at m = 256, fewer for larger models, more for fewer
+features; about 1.5 CPU-minutes on a laptop core for either IgLM.
 
 The checkpoint holds the weights, ``hyper_parameters.config`` and the alphabet; every command that takes a
 checkpoint reads it (:func:`proteinperformer.checkpoints.load_model`). The FAVOR+ kernel is the source's own
@@ -53,7 +56,7 @@ from proteinperformer.cli.common import (
     summary,
 )
 from proteinperformer.files import write_json_atomic
-from proteinperformer.options import DEFAULT_NUM_FEATURES, TRANSFER_STEPS
+from proteinperformer.options import DEFAULT_NUM_FEATURES
 
 
 def create_parser() -> argparse.ArgumentParser:
@@ -66,7 +69,14 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the FAVOR+ projection draw")
     parser.add_argument("--transfer", type=Path, metavar="FASTA",
                         help="attention transfer: train the FAVOR features to mimic exact attention on these sequences")
-    parser.add_argument("--transfer-steps", type=int, default=TRANSFER_STEPS, help="transfer: Adam steps per layer")
+    parser.add_argument("--transfer-steps", type=int,
+                        help="transfer: Adam steps per layer (default: a fixed budget of work, 500 x 3 x 192 x 384 / "
+                             "(layers x width x (features + 128)), rounded to tens, 50 to 2000: about 1.5 CPU-minutes "
+                             "for IgLM-S or the 13M IgLM at m=256)")
+    parser.add_argument("--distill-steps", type=int,
+                        help="transfer: then Adam steps on all layers' features at once against the exact model's "
+                             "output distributions (KL; default 0: none; with 15 IgLM chains it overfits, "
+                             "see docs/gpt2_iglm.md)")
     parser.add_argument("--no-cls", action="store_true",
                         help="transfer: sequences without a leading <cls> (GPT-2 models such as IgLM)")
     parser.add_argument("--report", type=Path, metavar="FASTA", help="measure FAVOR+ vs exact on these sequences")
@@ -181,6 +191,8 @@ def transfer(args: argparse.Namespace) -> None:
         DEFAULT_KERNEL,
         TransferError,
         calibration_batches,
+        default_steps,
+        distill_features,
         transfer_attention,
         transfer_model,
     )
@@ -188,8 +200,10 @@ def transfer(args: argparse.Namespace) -> None:
 
     if args.out is None or args.attention != "favor":
         raise ValueError("--transfer writes a FAVOR checkpoint: give --out and leave --attention at favor")
-    if args.transfer_steps < 1:
+    if args.transfer_steps is not None and args.transfer_steps < 1:
         raise ValueError(f"--transfer-steps must be at least 1, got {args.transfer_steps}")
+    if args.distill_steps is not None and args.distill_steps < 0:
+        raise ValueError(f"--distill-steps must be 0 (no distillation) or more, got {args.distill_steps}")
     if args.calibrate is not None:
         raise ValueError("--transfer calibrates FAVOR++ features on its own sequences: leave out --calibrate")
     source = load_model(args.source)
@@ -206,17 +220,23 @@ def transfer(args: argparse.Namespace) -> None:
     limit = residue_limit(exact.config)
     batches = calibration_batches(exact.alphabet, records, cls=not args.no_cls,
                                   max_len=None if limit is None else limit + 2)
+    cfg = model.config
+    steps = args.transfer_steps or default_steps(cfg.depth, cfg.dim, cfg.num_features)
+    distill = args.distill_steps or 0
     resume = args.out.with_name(f".{args.out.name}.transfer")
     print(f"transfer on {len(records)} sequences of {args.transfer}: {len(model.layers)} layers, "
-          f"{args.transfer_steps} steps each (finished layers kept in {resume})", flush=True)
+          f"{steps} steps each{f', then {distill} steps on all layers' if distill else ''} (finished layers kept in "
+          f"{resume})", flush=True)
     t0 = time.process_time()
-    results = transfer_attention(exact, model, batches, args.transfer_steps, resume_dir=resume, progress=track)
+    results = transfer_attention(exact, model, batches, steps, resume_dir=resume, progress=track)
+    kl = distill_features(exact, model, batches, distill, progress=track) if distill else None
     seconds = time.process_time() - t0
-    info = {"fasta": str(args.transfer), "sequences": len(records), "steps": args.transfer_steps,
+    info = {"fasta": str(args.transfer), "sequences": len(records), "steps": steps, "distill_steps": distill,
             "cpu_seconds": seconds, "layers": [asdict(r) for r in results]}
+    if kl is not None:
+        info.update(distill_kl_before=kl[0], distill_kl_after=kl[1])
     save_checkpoint(model, args.out, args.source, extra={"transfer": info})
     shutil.rmtree(resume, ignore_errors=True)
-    cfg = model.config
     print(f"wrote {args.out}: {cfg.depth} layers, width {cfg.dim}, favor attention, {cfg.kernel} kernel "
           f"({cfg.features}), {cfg.num_features} features, transferred in {seconds:.1f} CPU-s; attention-output "
           f"relative error per layer {' '.join(f'{r.error_before:.3f}->{r.error_after:.3f}' for r in results)}")

@@ -16,6 +16,13 @@ tokens of a batch of calibration sequences (one batch of about ``DEFAULT_BATCH_T
 with a cosine-decayed learning rate. The loss runs through the same FAVOR path the model runs with (what is trained
 is what runs).
 
+Steps per layer default to the same budget of work for every model (:func:`default_steps`). On request
+(``pp-convert --distill-steps``), :func:`distill_features` then trains the same parameters of all layers at once
+against the exact model's output distributions (KL). Measured on IgLM with 15 calibration chains it lowers the KL on
+those chains but not on held-out ones (it overfits), so it is off by default; the remaining gap is at the conserved
+end of the chain (FR4 and [SEP], after the variable-length CDR3), where the exact model attends to the last few
+residues and linear attention spreads that mass over the whole prefix.
+
 Plain torch: :func:`transfer_attention` takes the exact model, the model to train (built by
 :func:`transfer_model`) and token batches; ``pp-convert --transfer FASTA`` reads the sequences and writes the
 checkpoint (:mod:`proteinperformer.cli.convert`).
@@ -37,10 +44,11 @@ from proteinperformer.attention import MultiheadSelfAttention
 from proteinperformer.files import write_atomic
 from proteinperformer.model.calibration import calibrate_features
 from proteinperformer.model.performer import PerformerLM, convert_attention
-from proteinperformer.options import TRANSFER_STEPS as DEFAULT_STEPS  # noqa: E402  (500 per layer, see options)
+from proteinperformer.options import TRANSFER_BUDGET, TRANSFER_STEP_OFFSET, TRANSFER_STEP_RANGE
 from proteinperformer.tokenizer import Alphabet
 
 DEFAULT_LR = 1e-2
+DEFAULT_DISTILL_LR = 3e-3  # distill_features: all layers at once, a smaller step
 DEFAULT_BATCH_TOKENS = 512  # padded tokens per step (about 4 antibody chains): the cost of a step
 DEFAULT_KERNEL = "softmax"  # FAVOR+ features with a trained W and Ψ; "hedgehog" is the alternative (measured)
 
@@ -55,6 +63,22 @@ class LayerResult:
     error_after: float
     seconds: float
     resumed: bool = False
+
+
+def default_steps(depth: int, width: int, num_features: int) -> int:
+    """Adam steps per layer when none are given: the same budget of work for every model (``options.TRANSFER_BUDGET``
+    / (depth × width × (m + 128)), rounded to tens, in ``TRANSFER_STEP_RANGE``), since a step costs about
+    width × (m + 128): 500 for IgLM-S (3 × 192) at m = 256, 140 for the 13M IgLM (4 × 512), 1,000 for IgLM-S at
+    m = 64."""
+    steps = 10 * round(TRANSFER_BUDGET / (depth * width * (num_features + TRANSFER_STEP_OFFSET)) / 10)
+    return min(max(steps, TRANSFER_STEP_RANGE[0]), TRANSFER_STEP_RANGE[1])
+
+
+def default_distill_steps(steps: int) -> int:
+    """Steps of :func:`distill_features` that ``pp-convert --distill-steps`` suggests for ``steps`` per layer: a fifth
+    as many (one costs about one step of every layer, so the stage adds about a quarter to the layer-by-layer cost).
+    Not run by default: on 15 IgLM chains it overfits (studies/fig5_iglm/README.md)."""
+    return max(steps // 5, 1)
 
 
 class TransferError(ValueError):
@@ -207,7 +231,7 @@ def transfer_attention(
     exact: PerformerLM,
     model: PerformerLM,
     batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    steps: int = DEFAULT_STEPS,
+    steps: int | None = None,
     lr: float = DEFAULT_LR,
     resume_dir: str | Path | None = None,
     progress: Callable[..., Iterable] | None = None,
@@ -219,7 +243,8 @@ def transfer_attention(
         exact: the source model (exact attention), in eval mode.
         model: :func:`transfer_model` of it: the same weights, FAVOR attention with trainable features.
         batches: (tokens (B, L), padding mask (B, L), True = padding) on the models' device.
-        steps, lr: Adam steps per layer (one batch each) and the starting learning rate (cosine decay to 0).
+        steps, lr: Adam steps per layer (one batch each; None: :func:`default_steps` of the model's depth, width
+            and number of features) and the starting learning rate (cosine decay to 0).
         resume_dir: each finished layer's parameters and errors are saved here (``layer<i>.pt``, atomic) and read
             back by a later call with the same settings, which then trains only the layers left.
         progress: a tqdm-like wrapper for each layer's steps (``proteinperformer.progress.track``), or None.
@@ -230,6 +255,9 @@ def transfer_attention(
     """
     if not model.config.transferred:
         raise TransferError("the model to train has no trainable features; build it with transfer_model()")
+    if steps is None:
+        cfg = model.config
+        steps = default_steps(cfg.depth, cfg.dim, cfg.num_features)
     exact.eval()
     model.eval()  # no dropout; the feature parameters still get gradients
     frozen = [p for p in model.parameters() if p.requires_grad]
@@ -281,6 +309,69 @@ def transfer_attention(
         for p in frozen:
             p.requires_grad_(True)
     return results
+
+
+def distill_features(
+    exact: PerformerLM,
+    model: PerformerLM,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    steps: int,
+    lr: float = DEFAULT_DISTILL_LR,
+    progress: Callable[..., Iterable] | None = None,
+    log: Callable[[str], None] | None = print,
+) -> tuple[float, float, float]:
+    """After :func:`transfer_attention`: train every layer's feature parameters together so that ``model``'s output
+    distributions match ``exact``'s (mean per-token KL(exact ‖ model) over the real tokens that have a next token,
+    one batch per step, Adam with a cosine-decayed ``lr``); in place. Layer-by-layer transfer fits each layer on the
+    exact model's inputs; this stage corrects what the layers' errors do to each other and to the next-token
+    distribution (in IgLM, the end of the chain after the variable-length CDR3). Returns (KL before, KL after on all
+    ``batches``, CPU-seconds)."""
+    t0 = time.process_time()
+    exact.eval()
+    model.eval()
+    params = [p for block in model.layers for p in feature_parameters(block.attn).values()]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    with torch.no_grad():
+        targets = [torch.log_softmax(exact(tokens, padding)["logits"].float(), -1) for tokens, padding in batches]
+    eos = model.alphabet.eos_idx
+    weights = [((~padding) & (tokens != eos)).float() for tokens, padding in batches]
+
+    def kl(i: int) -> torch.Tensor:
+        tokens, padding = batches[i]
+        lp = torch.log_softmax(model(tokens, padding)["logits"].float(), -1)
+        per_token = (targets[i].exp() * (targets[i] - lp)).sum(-1)
+        return (per_token * weights[i]).sum() / weights[i].sum().clamp_min(1)
+
+    def mean_kl() -> float:
+        with torch.no_grad():
+            return sum(float(kl(i)) * float(weights[i].sum()) for i in range(len(batches))) / max(
+                sum(float(w.sum()) for w in weights), 1.0)
+
+    try:
+        before = mean_kl()
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
+        order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(0)).tolist()
+        steps_iter = progress(range(steps), desc="all layers", leave=False) if progress else range(steps)
+        for step in steps_iter:
+            opt.zero_grad(set_to_none=True)
+            kl(order[step % len(batches)]).backward()
+            opt.step()
+            sched.step()
+        for p in params:
+            p.requires_grad_(False)
+        after = mean_kl()
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+    seconds = time.process_time() - t0
+    if log is not None:
+        log(f"all layers: output KL to the exact model {before:.4f} -> {after:.4f} ({seconds:.1f} CPU-s)")
+    return before, after, seconds
 
 
 def _fingerprint(exact: PerformerLM, model: PerformerLM, batches, steps: int, lr: float) -> str:

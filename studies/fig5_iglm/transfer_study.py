@@ -42,16 +42,24 @@ from fig5_real import PROMPT, encode, iglm_dir, per_sequence, read_records  # th
 from proteinperformer.data.collate import IGNORE_INDEX
 from proteinperformer.data.fasta import read_fasta
 from proteinperformer.model import PerformerLM, calibrate_features, convert_attention
-from proteinperformer.model.transfer import DEFAULT_STEPS, calibration_batches, transfer_attention, transfer_model
+from proteinperformer.model.transfer import (
+    calibration_batches,
+    default_distill_steps,
+    default_steps,
+    distill_features,
+    transfer_attention,
+    transfer_model,
+)
 from proteinperformer.training.scoring import evaluation_collator, residue_table
 
 HERE = Path(__file__).resolve().parent
 # method -> (kernel, features, trained): FAVOR+ / FAVOR++ (calibrated, no training) / attention transfer
 METHODS = {"favor+": ("softmax", "favor+", False), "oprf": ("softmax", "oprf", False),
            "oprf-rescaled": ("softmax", "oprf-rescaled", False), "oprf-dense": ("softmax", "oprf-dense", False),
-           "transfer": ("softmax", "favor+", True),
+           "transfer": ("softmax", "favor+", True), "transfer-distill": ("softmax", "favor+", True),
            "transfer-oprf": ("softmax", "oprf-rescaled", True), "hedgehog": ("hedgehog", "favor+", True)}
 GROUPS = ("heavy", "light", "human_heavy")
+MODEL_SIZES = {"IgLM-S": (3, 192), "IgLM": (4, 512)}  # layers, width: what default_steps reads
 
 
 def calibration_records(out: Path, n: int, seed: int = 0) -> list[tuple[str, str]]:
@@ -117,9 +125,16 @@ def layer_errors(exact: PerformerLM, model: PerformerLM, batches) -> list[float]
             for e, b, inputs in zip(exact.layers, model.layers, layer_inputs(exact, plain), strict=True)]
 
 
-def run_one(out: Path, name: str, method: str, m: int, draw: int, steps: int, calibration: int,
+def run_one(out: Path, name: str, method: str, m: int, draw: int, steps: int | None, calibration: int,
             per_chain: int) -> dict:
-    path = out / "transfer" / f"{name}_{method}_m{m}_d{draw}_s{steps}_c{calibration}.json"
+    """One row (cached); ``steps`` None: pp-convert's default for this model and m (``default_steps``)."""
+    rule = steps is None
+    if rule:
+        depth, width = MODEL_SIZES[name]
+        steps = default_steps(depth, width, m)
+    distill = default_distill_steps(steps) if method == "transfer-distill" else 0
+    tag = f"_k{distill}" if distill else ""
+    path = out / "transfer" / f"{name}_{method}_m{m}_d{draw}_s{steps}{tag}_c{calibration}.json"
     if path.exists():
         return json.loads(path.read_text())
     torch.manual_seed(0)
@@ -130,16 +145,19 @@ def run_one(out: Path, name: str, method: str, m: int, draw: int, steps: int, ca
         exact_logp = [F.log_softmax(exact(r["input_ids"], r["padding_mask"])["logits"].double(), -1)
                       for r, _ in batches]
     kernel, features, trained = METHODS[method]
-    cli = out / f"{name}_transfer_m{m}.ckpt"  # what generation() wrote with pp-convert --transfer: the same run
+    cli = out / f"{name}_transfer_m{m}{tag}.ckpt"  # what generation() wrote with pp-convert --transfer: the same run
     info: dict = {"model": name, "method": method, "num_features": m, "draw": draw, "test_per_chain": per_chain}
     calib = calibration_batches(exact.alphabet, calibration_records(out, calibration), cls=False)
     t0 = time.process_time()
-    if method == "transfer" and draw == 0 and steps == DEFAULT_STEPS and cli.exists():
+    if method in ("transfer", "transfer-distill") and draw == 0 and rule and cli.exists():
         from proteinperformer.checkpoints import load_model, read_torch
 
         model, done = load_model(cli), read_torch(cli)["transfer"]
         assert done["sequences"] == calibration and done["steps"] == steps, done
-        info.update(steps=steps, calibration_chains=calibration, cpu_seconds=done["cpu_seconds"], checkpoint=str(cli),
+        assert done.get("distill_steps", 0) == distill, done
+        info.update(steps=steps, distill_steps=distill, default_steps=True, calibration_chains=calibration,
+                    cpu_seconds=done["cpu_seconds"],
+                    checkpoint=str(cli),
                     calibration_error=[(r["error_before"], r["error_after"]) for r in done["layers"]])
     elif not trained:
         model = convert_attention(exact, "favor", m, kernel, seed=draw, features=features).eval()
@@ -149,7 +167,11 @@ def run_one(out: Path, name: str, method: str, m: int, draw: int, steps: int, ca
     else:
         model = transfer_model(exact, m, kernel, seed=draw, features=features)
         layers = transfer_attention(exact, model, calib, steps=steps)
-        info.update(steps=steps, calibration_chains=calibration, cpu_seconds=time.process_time() - t0,
+        if distill:
+            kl = distill_features(exact, model, calib, distill)
+            info.update(distill_kl=kl[:2])
+        info.update(steps=steps, distill_steps=distill, default_steps=rule, calibration_chains=calibration,
+                    cpu_seconds=time.process_time() - t0,
                     calibration_error=[(r.error_before, r.error_after) for r in layers])
     info["scores"] = score(model, exact_logp, batches, records)
     info["exact"] = score(exact, exact_logp, batches, records)
@@ -166,16 +188,17 @@ def run_one(out: Path, name: str, method: str, m: int, draw: int, steps: int, ca
 
 def generation(out: Path, name: str, m: int, calibration: int, num_samples: int = 100,
                exact_samples: bool = True) -> dict:
-    """The CLI route end to end: ``pp-convert <name> --transfer <calibration chains> --no-cls`` (its CPU-seconds),
-    then ``pp-generate`` samples (prompt PROMPT) of exact IgLM, exact ``name`` and the transferred model, each scored
-    by the exact IgLM (13M) in IgLM's framing (``exact_samples=False``: only the transferred model's; the exact
-    models' samples of ``fig5_real.py --stages generation`` are the same command)."""
-    path = out / "transfer" / f"generation_{name}_m{m}_c{calibration}.json"
+    """The CLI route end to end: ``pp-convert <name> --transfer <calibration chains> --no-cls`` (its defaults; its
+    CPU-seconds), then ``pp-generate`` samples (prompt PROMPT) of exact IgLM, exact ``name`` and the transferred
+    model, each scored by the exact IgLM (13M) in IgLM's framing (``exact_samples=False``: only the transferred
+    model's; the exact models' samples of ``fig5_real.py --stages generation`` are the same command)."""
+    tag = ""  # pp-convert's defaults: no distillation
+    path = out / "transfer" / f"generation_{name}_m{m}{tag}_c{calibration}.json"
     if path.exists():
         return json.loads(path.read_text())
     fasta = out / f"calibration{calibration}.fasta"
     fasta.write_text("".join(f">{i}\n{s}\n" for i, s in calibration_records(out, calibration)))
-    ckpt = out / f"{name}_transfer_m{m}.ckpt"
+    ckpt = out / f"{name}_transfer_m{m}{tag}.ckpt"
     convert = [sys.executable, "-m", "proteinperformer.cli.convert", str(iglm_dir(name)), "--out", str(ckpt),
                "--transfer", str(fasta), "--num-features", str(m), "--no-cls"]
     result: dict = {"convert_command": "pp-convert " + " ".join(convert[3:])}
@@ -184,7 +207,7 @@ def generation(out: Path, name: str, m: int, calibration: int, num_samples: int 
     result["transfer"] = torch.load(ckpt, weights_only=True)["transfer"]
     judge = load_exact("IgLM")
     sources = {"IgLM exact": iglm_dir("IgLM"), f"{name} exact": iglm_dir(name)} if exact_samples else {}
-    sources[f"{name} FAVOR+ m={m} transferred"] = ckpt
+    sources[f"{name} FAVOR+ m={m} transferred{tag}"] = ckpt
     for label, source in sources.items():
         samples = out / "generation" / f"{label.replace(' ', '_').replace('=', '')}.fasta"
         samples.parent.mkdir(parents=True, exist_ok=True)
@@ -217,7 +240,7 @@ def main() -> None:
     parser.add_argument("--features", type=int, nargs="+", default=[256, 64, 128, 512])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--draws", type=int, nargs="+", default=[0])
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--steps", type=int, help="transfer steps per layer (default: pp-convert's, default_steps)")
     parser.add_argument("--calibration", type=int, default=15, help="training-split chains the transfer sees")
     parser.add_argument("--per-chain", type=int, default=60, help="held-out chains scored per chain type")
     parser.add_argument("--generate", action="store_true",
@@ -254,15 +277,16 @@ def report(out: Path, results: Path) -> None:
     generated = {p.stem: json.loads(p.read_text()) for p in sorted((out / "transfer").glob("generation_*.json"))}
     results.mkdir(parents=True, exist_ok=True)
     (results / "transfer.json").write_text(json.dumps({"runs": runs, "generation": generated}, indent=2) + "\n")
+    order = list(METHODS) + sorted({r["method"] for r in runs} - set(METHODS))  # other helpers' methods last
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
-        groups.setdefault((r["model"], list(METHODS).index(r["method"]), r["num_features"], r.get("steps")),
-                          []).append(r)
+        groups.setdefault((r["model"], order.index(r["method"]), r["num_features"], r.get("steps") or 0,
+                           r.get("distill_steps") or 0), []).append(r)
     head = ("| model | method | m | draws | human heavy acc. | ppl | KL | heavy acc. | light acc. | light ppl | "
             "attention error per layer | CPU-s (calibration, transfer) |")
     lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     done_exact = set()
-    for (model, mi, m, steps), rows in sorted(groups.items()):
+    for (model, mi, m, steps, distill), rows in sorted(groups.items()):
         if model not in done_exact:
             e = rows[0]["exact"]
             lines.append(f"| {model} | exact | – | – | {100 * e['human_heavy']['acc']:.2f}% | "
@@ -277,11 +301,12 @@ def report(out: Path, results: Path) -> None:
             cells.append(fmt.format(mean) + ("" if spread is None else f" ± {fmt.format(spread).rstrip('%')}"))
         err = [sum(r["layer_error"][i] for r in rows) / len(rows) for i in range(len(rows[0]["layer_error"]))]
         cpu = f"{_mean(rows, lambda r: r['cpu_seconds'])[0]:.1f}" if "cpu_seconds" in rows[0] else "–"
-        method = list(METHODS)[mi] + (f" ({steps} steps)" if steps and METHODS[list(METHODS)[mi]][2] else "")
+        how = f" ({steps} steps" + (f" + {distill} KL)" if distill else ")")
+        method = order[mi] + (how if steps and METHODS.get(order[mi], ("", "", False))[2] else "")
         lines.append(f"| {model} | {method} | {m} | {len(rows)} | {' | '.join(cells)} | "
                      f"{' / '.join(f'{x:.3f}' for x in err)} | {cpu} |")
     for g in generated.values():
-        command = g["convert_command"].replace(str(iglm_dir().parent), "$IGLM")
+        command = g["convert_command"].replace(str(iglm_dir().parent), "$IGLM").replace(str(out), "OUTDIR")
         lines += ["", f"`{command}`: {g['transfer']['cpu_seconds']:.1f} CPU-s", "",
                   "| samples (prompt [HEAVY][HUMAN]EVQ) | n | exact IgLM ppl, mean | median | length median |",
                   "|---|---:|---:|---:|---:|"]
@@ -300,21 +325,22 @@ def report(out: Path, results: Path) -> None:
     models = sorted({r["model"] for r in runs})
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
-        mine = [r for r in runs if r["model"] == model and r.get("steps") in (None, DEFAULT_STEPS)]
+        mine = [r for r in runs if r["model"] == model and (r.get("steps") is None or r.get("default_steps"))]
         ax.axhline(100 * mine[0]["exact"]["human_heavy"]["acc"], color="k", ls="--", label="exact attention")
-        for method in METHODS:
+        for method in order:
             ms = sorted({r["num_features"] for r in mine if r["method"] == method})
             if not ms:
                 continue
             acc = [_mean([r for r in mine if r["method"] == method and r["num_features"] == m],
                          lambda r: 100 * r["scores"]["human_heavy"]["acc"])[0] for m in ms]
-            ax.plot(ms, acc, "o-", label=method)
+            ax.plot(ms, acc, "o-", label=method, color=f"C{order.index(method) % 10}")  # one colour per method
         ax.set_xscale("log", base=2)
         ax.set_xlabel("features per head m")
-        ax.set_title(f"{model}: held-out human heavy chains ({DEFAULT_STEPS} transfer steps)")
+        ax.set_title(f"{model}: held-out human heavy chains (default transfer steps)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("next-residue accuracy (%)")
-    axes[0][0].legend(fontsize=8, loc="center right")
+    for ax in axes[0]:
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(results / "transfer.png", dpi=120)
     print(f"wrote {results / 'transfer.png'}")
