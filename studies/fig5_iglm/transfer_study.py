@@ -57,7 +57,8 @@ HERE = Path(__file__).resolve().parent
 METHODS = {"favor+": ("softmax", "favor+", False), "oprf": ("softmax", "oprf", False),
            "oprf-rescaled": ("softmax", "oprf-rescaled", False), "oprf-dense": ("softmax", "oprf-dense", False),
            "transfer": ("softmax", "favor+", True), "transfer-distill": ("softmax", "favor+", True),
-           "transfer-oprf": ("softmax", "oprf-rescaled", True), "hedgehog": ("hedgehog", "favor+", True)}
+           "transfer-oprf": ("softmax", "oprf-rescaled", True), "transfer-dense": ("softmax", "oprf-dense", True),
+           "hedgehog": ("hedgehog", "favor+", True)}
 GROUPS = ("heavy", "light", "human_heavy")
 MODEL_SIZES = {"IgLM-S": (3, 192), "IgLM": (4, 512)}  # layers, width: what default_steps reads
 
