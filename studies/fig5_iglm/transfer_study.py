@@ -17,8 +17,8 @@ per-layer relative error of the attention output on the exact model's inputs. Me
   :mod:`proteinperformer.model.transfer`) on ``--calibration`` training-split chains, with its CPU-seconds;
 - ``hedgehog``: the same transfer with Hedgehog's map, softmax(Wx) ⊕ softmax(−Wx);
 - ``oprf``, ``oprf-rescaled``, ``oprf-dense``: FAVOR++ (``pp-convert --features ... --calibrate``), A and Ψ (or M
-  and the key shift) calibrated on the same chains, no training; ``transfer-oprf``: attention transfer started
-  from ``oprf-rescaled``.
+  and the key shift) calibrated on the same chains, no training; ``transfer-oprf`` / ``transfer-dense``: attention
+  transfer started from ``oprf-rescaled`` / ``oprf-dense``.
 
 Each result is cached in ``OUTDIR/transfer/<model>_<method>_m<m>_d<draw>.json`` (the study resumes); ``--report``
 writes ``results/transfer.{json,md,png}`` here.
