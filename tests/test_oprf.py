@@ -115,6 +115,16 @@ def test_rescaling_keeps_the_exact_attention_and_large_m_approaches_it() -> None
     assert (favor_attention(qt, kt, v, Pt) - exact).norm() / exact.norm() > 0.3  # measured 0.59
 
 
+def attended_pairs(mask: torch.Tensor, causal: bool):
+    """(b, i, j) of every query–key pair attention sees, by brute force: both real tokens, j ≤ i if causal."""
+    B, L = mask.shape
+    for b in range(B):
+        for i in range(L):
+            for j in range(L):
+                if not (mask[b, i] or mask[b, j] or (causal and j > i)):
+                    yield b, i, j
+
+
 def test_pair_moments_count_the_pairs_attention_sees() -> None:
     g = torch.Generator().manual_seed(5)
     q, k = (torch.randn(2, 3, 6, 4, generator=g, dtype=D64) for _ in range(2))
@@ -123,14 +133,10 @@ def test_pair_moments_count_the_pairs_attention_sees() -> None:
     for causal in (False, True):
         sums, pairs = pair_moment_sums(q, k, causal, mask)
         want, n = torch.zeros(3, 3, 4, dtype=D64), 0
-        for b in range(2):
-            for i in range(6):
-                for j in range(6):
-                    if mask[b, i] or mask[b, j] or (causal and j > i):
-                        continue
-                    x, y = q[b, :, i] * 4**-0.25, k[b, :, j] * 4**-0.25
-                    want += torch.stack([x * x, y * y, x * y], 1)
-                    n += 1
+        for b, i, j in attended_pairs(mask, causal):
+            x, y = q[b, :, i] * 4**-0.25, k[b, :, j] * 4**-0.25
+            want += torch.stack([x * x, y * y, x * y], 1)
+            n += 1
         assert float(pairs) == n and torch.allclose(sums, want)
 
 
@@ -247,14 +253,10 @@ def test_dense_pair_moments_count_the_pairs_attention_sees() -> None:
     for causal in (False, True):
         sums, pairs = pair_moment_sums(q, k, causal, mask, dense=True)
         want = torch.zeros(3, 11, 4, dtype=D64)
-        for b in range(2):
-            for i in range(6):
-                for j in range(6):
-                    if mask[b, i] or mask[b, j] or (causal and j > i):
-                        continue
-                    x, y = q[b, :, i] * 4**-0.25, k[b, :, j] * 4**-0.25
-                    want += torch.cat([x[:, :, None] * x[:, None], y[:, :, None] * y[:, None], x[:, None],
-                                       y[:, None], (x * y)[:, None]], dim=1)
+        for b, i, j in attended_pairs(mask, causal):
+            x, y = q[b, :, i] * 4**-0.25, k[b, :, j] * 4**-0.25
+            want += torch.cat([x[:, :, None] * x[:, None], y[:, :, None] * y[:, None], x[:, None], y[:, None],
+                               (x * y)[:, None]], dim=1)
         assert sums.shape == (3, 11, 4) and torch.allclose(sums, want)
         diag, _ = pair_moment_sums(q, k, causal, mask)
         assert torch.allclose(convert_moments(sums, "oprf"), diag)  # the diagonal ones, from the dense ones
