@@ -179,6 +179,10 @@ class _Groups:
         """Group gi of x (N, L, ·) in natural layout (N, G, ·): a view."""
         return x[:, gi * self.G : (gi + 1) * self.G]
 
+    def values(self, v: torch.Tensor, mask: torch.Tensor | None, gi: int) -> torch.Tensor:
+        """[v, 1] of group gi in natural layout (N, G, e+1), padded rows (mask (N, L), True = padding) zero."""
+        return _values_with_ones(self.natural(v, gi), None if mask is None else self.natural(mask, gi))
+
     @staticmethod
     def chunk_major(x: torch.Tensor, n: int) -> torch.Tensor:
         """(N, G, ·) -> its chunk-major view (n, N, G/n, ·)."""
@@ -230,45 +234,45 @@ def _softmax_causal_forward(q: Tensor, k: Tensor, v: Tensor, P: Tensor, mask: Te
     Everything is done group by group: features, core, ε floor and normaliser here; recomputed query features,
     normaliser gradient, core gradients and logit gradients in _softmax_causal_backward.
 
-    Returns out (N, L, e) and what the backward pass needs: v1 (N, L, e+1), the running max g (N, L), the states
-    entering each group Hs (ng, N, m, e+1) and prefix sums Cs (ng, N, 1, e+1), the clamped normaliser den (N, L, 1),
-    and per group in chunk-major layout the key features Ks (ng, n, N, T, m), their scales Us (ng, n, N, T) and the
-    masked intra-chunk scores As (ng, n, N, T, T).
+    Returns out (N, L, e) and what the backward pass needs: the running max g (N, L), the states entering each
+    group Hs (ng, N, m, e+1) and prefix sums Cs (ng, N, 1, e+1), the clamped normaliser den (N, L, 1), and per
+    group in chunk-major layout the key features Ks (ng, n, N, T, m), their scales Us (ng, n, N, T) and the masked
+    intra-chunk scores As (ng, n, N, T, T). [v, 1] is built group by group, here and in the backward pass.
     """
-    N, L, _ = q.shape
+    N, L, e = v.shape
     Pa = PositiveRandomFeatures.augmented_projection(P, q.dtype)
     groups = _Groups(L, chunk, group, doc)
     ng, n, T, m = groups.n_groups, group // chunk, chunk, P.shape[0]
-    v1 = _values_with_ones(v, mask)  # (N, L, e+1)
     out, den, g = v.new_empty(v.shape), v.new_empty(N, L, 1), q.new_empty(N, L)
-    Hs = q.new_empty(ng, N, m, v1.shape[-1])  # the state entering each group
-    Cs = q.new_empty(ng, N, 1, v1.shape[-1])  # the prefix sum of v1 entering each group
+    Hs = q.new_empty(ng, N, m, e + 1)  # the state entering each group
+    Cs = q.new_empty(ng, N, 1, e + 1)  # the prefix sum of [v, 1] entering each group
     Ks, Us, As = q.new_empty(ng, n, N, T, m), q.new_empty(ng, n, N, T), q.new_empty(ng, n, N, T, T)
     H, C, g_in = q.new_zeros(Hs.shape[1:]), q.new_zeros(Cs.shape[1:]), q.new_full((N,), _NEG)
     for gi in range(ng):
         mg = None if mask is None else groups(mask, gi)
         Q, qmax = _query_features(groups(q, gi), Pa)
-        Q.add_(eps * qmax)  # φ(q)·max p_q
+        Q.add_(eps * qmax)  # φ(q)·max p_q; its row sum is 1 + m ε max p_q (p_q is a softmax)
         K, lse, top = _key_features(groups(k, gi), Pa, mg, out=Ks[gi])
         gg = _running_max(top.transpose(0, 1).reshape(N, -1), doc[gi * group : (gi + 1) * group], g_in,
                           groups.doc_before(gi))
         gc = groups(g, gi)
         gc.copy_(gg.view(N, n, T).transpose(0, 1))
-        v1g, u = groups(v1, gi), torch.exp(lse - gc, out=Us[gi]).unsqueeze(-1)
+        v1, u = groups.values(v, mask, gi), torch.exp(lse - gc, out=Us[gi]).unsqueeze(-1)
         Hs[gi], Cs[gi] = H, C
-        O, H, _ = _group_forward(Q, K, _scaled(v1g, u), groups.decays(gi, gc, g_in), H, A_out=As[gi])
-        prefix = _document_prefix(groups.natural(v1, gi), groups.doc[gi].flatten(), groups.doc_before(gi), C)
+        O, H, _ = _group_forward(Q, K, _scaled(groups.chunk_major(v1, n), u), groups.decays(gi, gc, g_in), H,
+                                 A_out=As[gi])
+        prefix = _document_prefix(v1, groups.doc[gi].flatten(), groups.doc_before(gi), C)
         C = prefix[:, -1:]  # Σ_{j≤i} v1_j in the document, (N, G, e+1)
-        O.addcmul_(Q.sum(-1, keepdim=True), groups.chunk_major(prefix, n), value=eps)  # ε floor of φ(k)
+        O.addcmul_(qmax.mul(m * eps).add_(1.0), groups.chunk_major(prefix, n), value=eps)  # ε floor of φ(k)
         dg = O[..., -1:].clamp_min(_NO_KEY)
         groups(den, gi).copy_(dg)
         torch.div(O[..., :-1], dg, out=groups(out, gi))
         g_in = gg[:, -1]
-    return out, v1, g, Hs, Cs, den, Ks, Us, As
+    return out, g, Hs, Cs, den, Ks, Us, As
 
 
-def _softmax_causal_backward(grad: Tensor, q: Tensor, k: Tensor, P: Tensor, mask: Tensor | None, doc: Tensor,
-                             out: Tensor, v1: Tensor, g: Tensor, Hs: Tensor, Cs: Tensor, den: Tensor, Ks: Tensor,
+def _softmax_causal_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, P: Tensor, mask: Tensor | None,
+                             doc: Tensor, out: Tensor, g: Tensor, Hs: Tensor, Cs: Tensor, den: Tensor, Ks: Tensor,
                              Us: Tensor, As: Tensor, chunk: int, group: int,
                              eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients dq, dk (N, L, d) and dv (N, L, e) of _softmax_causal_forward's out, given grad (N, L, e) and what
@@ -276,30 +280,31 @@ def _softmax_causal_backward(grad: Tensor, q: Tensor, k: Tensor, P: Tensor, mask
     N, L, _ = q.shape
     Pa = PositiveRandomFeatures.augmented_projection(P, q.dtype)
     groups = _Groups(L, chunk, group, doc)
+    n, m = group // chunk, P.shape[0]
     grad = grad.contiguous()
-    dq, dk, dv1 = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v1)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     U, Uc = torch.zeros_like(Hs[0]), torch.zeros_like(Cs[0])
     for gi in reversed(range(groups.n_groups)):
-        qg, kg, gc, v1g = groups(q, gi), groups(k, gi), groups(g, gi), groups(v1, gi)
+        qg, kg, gc, v1 = groups(q, gi), groups(k, gi), groups(g, gi), groups.values(v, mask, gi)
         dO = _normaliser_backward(groups(grad, gi), groups(out, gi), groups(den, gi))  # (n, N, T, e+1)
         p, qmax = _query_features(qg, Pa)  # recomputed
         Q, K, u, A = p + eps * qmax, Ks[gi], Us[gi].unsqueeze(-1), As[gi]
         g_in = gc.new_full((N,), _NEG) if gi == 0 else groups(g, gi - 1)[-1, :, -1]
-        dQ, dK, dV, U = _group_backward(Q, K, _scaled(v1g, u), groups.decays(gi, gc, g_in), Hs[gi], dO, U, A)
+        dQ, dK, dV, U = _group_backward(Q, K, _scaled(groups.chunk_major(v1, n), u), groups.decays(gi, gc, g_in),
+                                        Hs[gi], dO, U, A)
         # the ε floor of φ(k): o += ε (Σ_f Q_f) prefix, prefix = the document's prefix sum of v1 (recomputed)
         docg, doc_in = groups.doc[gi].flatten(), groups.doc_before(gi)
-        prefix = groups.chunk_major(_document_prefix(groups.natural(v1, gi), docg, doc_in, Cs[gi]), dO.shape[0])
+        prefix = groups.chunk_major(_document_prefix(v1, docg, doc_in, Cs[gi]), n)
         dQ.add_(eps * (dO * prefix).sum(-1, keepdim=True))
-        dp = (dO * Q.sum(-1, keepdim=True)).transpose(0, 1).reshape(N, -1, dO.shape[-1])
+        dp = (dO * qmax.mul(m * eps).add_(1.0)).transpose(0, 1).reshape(N, -1, dO.shape[-1])  # Σ_f Q_f as forward
         dVe, Uc = _document_prefix_backward(dp, docg, doc_in, Uc)
         # d/d logits: φ(q) − ε = p_q up to the row scale, φ(k) − ε = p_k·u (u is in the core's V: dK carries it)
-        groups(dq, gi).copy_(PositiveRandomFeatures.augmented_logits_backward(dQ.mul_(p), qg, Pa))
-        groups(dk, gi).copy_(PositiveRandomFeatures.augmented_logits_backward(dK.mul_(K), kg, Pa))
-        groups(dv1, gi).copy_(dV.mul_(u))
-        groups.natural(dv1, gi).add_(dVe, alpha=eps)
-    dv = dv1[..., :-1]
+        PositiveRandomFeatures.augmented_logits_backward(dQ.mul_(p), qg, Pa, out=groups(dq, gi))
+        PositiveRandomFeatures.augmented_logits_backward(dK.mul_(K), kg, Pa, out=groups(dk, gi))
+        torch.mul(dV[..., :-1], u, out=groups(dv, gi))
+        groups.natural(dv, gi).add_(dVe[..., :-1], alpha=eps)
     if mask is not None:
-        dv = dv.masked_fill(mask.unsqueeze(-1), 0.0)
+        dv.masked_fill_(mask.unsqueeze(-1), 0.0)
     return dq, dk, dv
 
 
@@ -342,14 +347,14 @@ def _linear_causal_backward(dO: Tensor, Q: Tensor, K: Tensor, V: Tensor, doc: Te
 _OP = "proteinperformer::"
 
 
-_T9 = ", ".join(["Tensor"] * 9)
+_T8 = ", ".join(["Tensor"] * 8)
 _softmax_op = torch.library.custom_op(
     _OP + "favor_causal_softmax", _float32_region(_softmax_causal_forward), mutates_args=(),
     schema=f"(Tensor q, Tensor k, Tensor v, Tensor P, Tensor? mask, Tensor doc, int chunk, int group, "
-           f"float eps) -> ({_T9})")
+           f"float eps) -> ({_T8})")
 _softmax_backward_op = torch.library.custom_op(
     _OP + "favor_causal_softmax_backward", _float32_region(_softmax_causal_backward), mutates_args=(),
-    schema="(Tensor grad, Tensor q, Tensor k, Tensor P, Tensor? mask, Tensor doc, Tensor out, Tensor v1, Tensor g, "
+    schema="(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor P, Tensor? mask, Tensor doc, Tensor out, Tensor g, "
            "Tensor Hs, Tensor Cs, Tensor den, Tensor Ks, Tensor Us, Tensor As, int chunk, int group, float eps) "
            "-> (Tensor, Tensor, Tensor)")
 _linear_op = torch.library.custom_op(
@@ -365,14 +370,14 @@ _linear_backward_op = torch.library.custom_op(
 def _(q, k, v, P, mask, doc, chunk, group, eps):
     N, L, _ = q.shape
     ng, n, m, e1 = L // group, group // chunk, P.shape[0], v.shape[-1] + 1
-    return (v.new_empty(v.shape), v.new_empty(N, L, e1), q.new_empty(N, L), q.new_empty(ng, N, m, e1),
+    return (v.new_empty(v.shape), q.new_empty(N, L), q.new_empty(ng, N, m, e1),
             q.new_empty(ng, N, 1, e1), v.new_empty(N, L, 1), q.new_empty(ng, n, N, chunk, m),
             q.new_empty(ng, n, N, chunk), q.new_empty(ng, n, N, chunk, chunk))
 
 
 @_softmax_backward_op.register_fake
-def _(grad, q, k, P, mask, doc, out, v1, g, Hs, Cs, den, Ks, Us, As, chunk, group, eps):
-    return torch.empty_like(q), torch.empty_like(k), grad.new_empty(grad.shape)
+def _(grad, q, k, v, P, mask, doc, out, g, Hs, Cs, den, Ks, Us, As, chunk, group, eps):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 @_linear_op.register_fake
@@ -387,7 +392,7 @@ def _(dO, Q, K, V, doc, Hs, chunk, group):
 
 def _softmax_setup(ctx, inputs, output):
     q, k, v, P, mask, doc, chunk, group, eps = inputs
-    ctx.save_for_backward(q, k, P, mask, doc, *output)
+    ctx.save_for_backward(q, k, v, P, mask, doc, *output)
     ctx.chunk, ctx.group, ctx.eps = chunk, group, eps
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)  # no zero gradients for the saved outputs (0.27 GiB at L = 16k)
@@ -396,8 +401,8 @@ def _softmax_setup(ctx, inputs, output):
 def _softmax_grad(ctx, grad, *_):
     if grad is None:
         return (None,) * 9
-    q, k, P, mask, doc, out, *saved = ctx.saved_tensors
-    dq, dk, dv = _softmax_backward_op(grad, q, k, P, mask, doc, out, *saved, ctx.chunk, ctx.group, ctx.eps)
+    q, k, v, P, mask, doc, out, *saved = ctx.saved_tensors
+    dq, dk, dv = _softmax_backward_op(grad, q, k, v, P, mask, doc, out, *saved, ctx.chunk, ctx.group, ctx.eps)
     return dq, dk, dv, None, None, None, None, None, None
 
 

@@ -136,10 +136,11 @@ class PositiveRandomFeatures(FeatureMap):
         return xa @ Pa.T
 
     @staticmethod
-    def augmented_logits_backward(dlogits: torch.Tensor, x: torch.Tensor, Pa: torch.Tensor) -> torch.Tensor:
-        """Gradient of augmented_logits wrt x: (N, L, m) -> (N, L, d)."""
+    def augmented_logits_backward(dlogits: torch.Tensor, x: torch.Tensor, Pa: torch.Tensor,
+                                  out: torch.Tensor | None = None) -> torch.Tensor:
+        """Gradient of augmented_logits wrt x: (N, L, m) -> (N, L, d), written into ``out`` when given."""
         dxa = dlogits @ Pa  # (N, L, d+1)
-        return dxa[..., :-1] + 2 * x * dxa[..., -1:]
+        return torch.addcmul(dxa[..., :-1], x, dxa[..., -1:], value=2.0, out=out)
 
 
 @register
