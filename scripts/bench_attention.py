@@ -20,6 +20,12 @@ its own subprocess with exactly the methods' thread count (every worker reports 
 run stops if they differ); the FLOP-rate table reports every method against the median of all GEMM calls of this
 run and prints their min / median / max (FLOPs counted as in flops()).
 
+The allocator matters on the CPU: glibc returns freed memory to the system and maps every tensor above 32 MiB
+afresh, so each call of a kernel that allocates large buffers pays a page fault per 4 KiB (10-15% of causal FAVOR+'s
+time at 16k, as system time). The workers inherit the environment, so
+``GLIBC_TUNABLES=glibc.malloc.trim_threshold=1073741824:glibc.malloc.mmap_threshold=67108864`` before the command
+keeps freed memory for reuse in every method's process; the JSON's config records the setting (null when unset).
+
 On CUDA (``--device cuda --dtype fp32|bf16``) each method runs all lengths in one process, longest last; peak
 memory is ``torch.cuda.max_memory_allocated`` per call, and a length that runs out of memory ends that method
 (the longest L that fits is reported). SDPA picks its backend itself: flash for bf16, memory-efficient for fp32.
@@ -223,6 +229,8 @@ def main() -> None:
     by = {(r["method"], r["L"]): r for r in results if not r.get("oom")}
     threads = int(os.environ.get("PP_BENCH_THREADS", os.cpu_count()))
     where = f"{threads} threads" if args.device == "cpu" else f"CUDA, {args.dtype}"
+    if args.device == "cpu" and os.environ.get("GLIBC_TUNABLES"):
+        where += f", GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']}"
     print(f"\nfwd+bwd median seconds (peak GiB), B=1, H={HEADS}, d={HEAD_DIM}, m={FEATURES}, "
           f"{'fp32' if args.device == 'cpu' else args.dtype}, {where}")
     print_table(methods, args.lengths, by, lambda r: f"{r['seconds']:.3f} ({r['peak_gib']:.2f})")
@@ -248,7 +256,8 @@ def main() -> None:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
             json.dump({"config": {"batch": 1, "heads": HEADS, "head_dim": HEAD_DIM, "features": FEATURES,
-                                  "dtype": DTYPES[args.dtype], "device": args.device, "threads": threads},
+                                  "dtype": DTYPES[args.dtype], "device": args.device, "threads": threads,
+                                  "glibc_tunables": os.environ.get("GLIBC_TUNABLES")},
                        "gemm_gflops": gemm, "gemm": gemm_spread, "longest": longest_l, "results": results}, f,
                       indent=1)
         print(f"\nwrote {args.out}")

@@ -99,7 +99,7 @@ class _SoftmaxNoncausal(torch.autograd.Function):
             dob = do[:, a : a + rows]
             dkv.baddbmm_(pb.transpose(-1, -2), dob)
             dlogits = (dob @ kv.transpose(-1, -2)).mul_(pb)  # stabiliser and row scale are constants
-            dq[:, a : a + rows] = PositiveRandomFeatures.augmented_logits_backward(dlogits, q[:, a : a + rows], Pa)
+            PositiveRandomFeatures.augmented_logits_backward(dlogits, q[:, a : a + rows], Pa, out=dq[:, a : a + rows])
         dk, dv = torch.empty_like(k), torch.empty_like(v1[..., :-1])
         w = logw.exp()  # (N, Lk, 1), 0 on padded keys
         dv_eps = eps * dkv.sum(1, keepdim=True)  # (N, 1, e+1) via the ε floor of φ(k)
@@ -107,7 +107,7 @@ class _SoftmaxNoncausal(torch.autograd.Function):
             a = i * rows
             wv = w[:, a : a + rows] * v1[:, a : a + rows]
             dlogits = (wv @ dkv.transpose(-1, -2)).mul_(pb)
-            dk[:, a : a + rows] = PositiveRandomFeatures.augmented_logits_backward(dlogits, k[:, a : a + rows], Pa)
+            PositiveRandomFeatures.augmented_logits_backward(dlogits, k[:, a : a + rows], Pa, out=dk[:, a : a + rows])
             dvb = (pb @ dkv).mul_(w[:, a : a + rows]).add_(dv_eps)
             dv[:, a : a + rows] = dvb[..., :-1]
         if mask is not None:
