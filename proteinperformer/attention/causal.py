@@ -74,8 +74,9 @@ def _states(kv: torch.Tensor, a: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """The scan: S[0] = H, S[c+1] = a_c S[c] + kv_c; kv (n, N, m, e), a (n, N), H (N, m, e) -> S (n+1, N, m, e)."""
     S = kv.new_empty(kv.shape[0] + 1, *kv.shape[1:])
     S[0] = H
+    Sc, kvc, ac = S.unbind(0), kv.unbind(0), a[:, :, None, None].unbind(0)  # views, taken once
     for c in range(kv.shape[0]):
-        torch.addcmul(kv[c], S[c], a[c, :, None, None], out=S[c + 1])
+        torch.addcmul(kvc[c], Sc[c], ac[c], out=Sc[c + 1])
     return S
 
 
@@ -156,8 +157,9 @@ def _group_backward(Q, K, V, decays, H, dO, U, A=None):
     qdo = _mm(Q.mT, dOq)  # (n, N, m, e)
     R = torch.empty_like(S)
     R[-1] = U
+    Rc, qdoc, ac = R.unbind(0), qdo.unbind(0), a[:, :, None, None].unbind(0)
     for c in reversed(range(qdo.shape[0])):
-        torch.addcmul(qdo[c], R[c + 1], a[c, :, None, None], out=R[c])
+        torch.addcmul(qdoc[c], Rc[c + 1], ac[c], out=Rc[c])
     _mm(Vk, R[1:].mT, acc=dK)
     dV.add_(_mm(K, R[1:]).mul_(wk.unsqueeze(-1)))
     return dQ, dK, dV, R[0]
