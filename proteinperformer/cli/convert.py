@@ -155,6 +155,9 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"--window {args.window} is a FAVOR setting; use --attention favor or leave out --window")
     if args.window < 0:
         raise ValueError(f"--window must be 0 (off) or a number of keys >= 1, got {args.window}")
+    if args.window and args.report is not None:
+        raise ValueError("--report measures plain FAVOR without a window; leave out --window (score the written "
+                         "checkpoint with pp-evaluate or pp-score instead)")
     from proteinperformer.checkpoints import load_model, save_checkpoint
     from proteinperformer.evaluation.conversion import calibrate_on_fasta, report
     from proteinperformer.model import convert_attention

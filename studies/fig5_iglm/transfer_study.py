@@ -19,9 +19,9 @@ per-layer relative error of the attention output on the exact model's inputs. Me
 - ``oprf``, ``oprf-rescaled``, ``oprf-dense``: FAVOR++ (``pp-convert --features ... --calibrate``), A and Ψ (or M
   and the key shift) calibrated on the same chains, no training; ``transfer-oprf`` / ``transfer-dense``: attention
   transfer started from ``oprf-rescaled`` / ``oprf-dense``;
-- ``transfer-wW`` / ``dense-wW`` (W = 4, 8, 16, 32, 64): the same with the sliding-window hybrid (exact softmax over
-  each token's last W keys, ``pp-convert --window W``); ``--generate --window W`` samples ``pp-convert --transfer
-  --window W``.
+- ``transfer-wW`` / ``dense-wW`` / ``favor-wW`` (W = 4, 8, 16, 32, 64): the same with the sliding-window
+  hybrid (exact softmax over each token's last W keys, ``pp-convert --window W``); ``--generate --window W``
+  samples ``pp-convert --transfer --window W``; ``local-wW``: the window alone (no feature term: an ablation).
 
 Each result is cached in ``OUTDIR/transfer/<model>_<method>_m<m>_d<draw>.json`` (the study resumes); ``--report``
 writes ``results/transfer.{json,md,png}`` here.
@@ -63,8 +63,10 @@ METHODS = {"favor+": ("softmax", "favor+", False), "oprf": ("softmax", "oprf", F
            "transfer-oprf": ("softmax", "oprf-rescaled", True), "transfer-dense": ("softmax", "oprf-dense", True),
            "hedgehog": ("hedgehog", "favor+", True)}
 # the sliding-window hybrid (attention/window.py, pp-convert --window W): exact softmax over the last W keys
-# "transfer-wW": attention transfer (favor+) with the window in place; "dense-wW": calibrated oprf-dense, no training
-WINDOWS = {f"{base}-w{w}": w for base in ("transfer", "dense") for w in (4, 8, 16, 32, 64)}
+# "transfer-wW": attention transfer (favor+) with the window in place; "dense-wW": calibrated oprf-dense and
+# "favor-wW": FAVOR+, both without training; "local-wW": the window alone (an ablation: the feature term is dropped,
+# so tokens older than W are not seen at all)
+WINDOWS = {f"{base}-w{w}": w for base in ("transfer", "dense", "favor", "local") for w in (4, 8, 16, 32, 64)}
 METHODS.update({name: ("softmax", "oprf-dense" if name.startswith("dense") else "favor+",
                        name.startswith("transfer")) for name in WINDOWS})
 GROUPS = ("heavy", "light", "human_heavy")
@@ -171,6 +173,9 @@ def run_one(out: Path, name: str, method: str, m: int, draw: int, steps: int | N
                     calibration_error=[(r["error_before"], r["error_after"]) for r in done["layers"]])
     elif not trained:
         model = convert_attention(exact, "favor", m, kernel, seed=draw, features=features, window=window).eval()
+        if method.startswith("local-"):
+            for block in model.layers:  # feature products scaled by e^-10000: only the window's keys count
+                block.attn.window_logits = _without_features(block.attn.window_logits)
         if features != "favor+":
             calibrate_features(model, [tokens for tokens, _ in calib])
             info.update(calibration_chains=calibration, cpu_seconds=time.process_time() - t0)
@@ -194,6 +199,14 @@ def run_one(out: Path, name: str, method: str, m: int, draw: int, steps: int | N
           f"{[round(x, 3) for x in info['layer_error']]}"
           + (f", transfer {info['cpu_seconds']:.1f} CPU-s" if "cpu_seconds" in info else ""), flush=True)
     return info
+
+
+def _without_features(window_logits):
+    """A layer's ``window_logits`` with the feature term's log-scale lowered by 10,000 (the "local-wW" ablation)."""
+    def logits(q, k, heads=None):
+        ql, kl, shift = window_logits(q, k, heads)
+        return ql, kl, shift - 1e4
+    return logits
 
 
 def generation(out: Path, name: str, m: int, calibration: int, num_samples: int = 100,
