@@ -211,7 +211,8 @@ def test_bad_window_settings_are_one_line(tmp_path) -> None:
     write_gpt2(src)
     for args, says in ((["--window", "4", "--attention", "exact"], "--window 4 is a FAVOR setting"),
                        (["--window", "-2"], "--window must be 0"),
-                       (["--window", "4", "--kernel", "relu"], "exp-type feature map")):
+                       (["--window", "4", "--kernel", "relu"], "exp-type feature map"),
+                       (["--window", "4", "--report", str(src)], "leave out --window")):
         with pytest.raises(SystemExit) as err:
             convert.main([str(src), str(tmp_path / "x.ckpt"), *args])
         text = str(err.value)
