@@ -18,6 +18,7 @@ from proteinperformer.checkpoints import load_model, save_checkpoint
 from proteinperformer.cli import convert
 from proteinperformer.inference.generate import init_states, step_logits
 from proteinperformer.model import ModelConfig, PerformerLM, convert_attention
+from tests.test_esm_import import write_fair_esm
 from tests.test_gpt2_import import write_gpt2
 from tests.test_transfer import CALIBRATION, write_fasta
 
@@ -190,8 +191,8 @@ def test_pp_convert_transfers_with_the_window_in_place(tmp_path) -> None:
     write_gpt2(src)
     calib = write_fasta(tmp_path / "c.fasta", [s[:40] for s in CALIBRATION], prefix="[HEAVY][HUMAN]")
     out = tmp_path / "w.ckpt"
-    convert.main([str(src), str(out), "--transfer", str(calib), "--transfer-steps", "10", "--num-features", "16",
-                  "--no-cls", "--window", "4"])
+    convert.main([str(src), "--out", str(out), "--transfer", str(calib), "--transfer-steps", "10",
+                  "--num-features", "16", "--no-cls", "--window", "4"])
     model = load_model(out)
     assert model.config.attention_window == 4 and model.config.transferred
     pp_generate([str(out), str(tmp_path / "gen.fasta"), "--num-samples", "2", "--max-length", "12",
@@ -214,9 +215,16 @@ def test_bad_window_settings_are_one_line(tmp_path) -> None:
                        (["--window", "4", "--kernel", "relu"], "exp-type feature map"),
                        (["--window", "4", "--report", str(src)], "leave out --window")):
         with pytest.raises(SystemExit) as err:
-            convert.main([str(src), str(tmp_path / "x.ckpt"), *args])
+            convert.main([str(src), "--out", str(tmp_path / "x.ckpt"), *args])
         text = str(err.value)
         assert text.startswith("error: ") and says in text and "\n" not in text, text
+    (tmp_path / "esm").mkdir()
+    esm = write_fair_esm(tmp_path / "esm", layers=1, dim=16, heads=2)[0]  # noncausal (MLM): no window
+    for extra in ([], ["--transfer", str(write_fasta(tmp_path / "c.fasta", CALIBRATION[:2]))]):
+        with pytest.raises(SystemExit) as err:
+            convert.main([str(esm), "--out", str(tmp_path / "e.ckpt"), "--window", "4", *extra])
+        text = str(err.value)
+        assert text.startswith(f"error: {esm}: ") and "causal models only" in text and "\n" not in text, text
 
 
 def test_attention_maps_of_a_windowed_model() -> None:
