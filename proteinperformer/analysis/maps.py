@@ -88,6 +88,7 @@ def _favor_rows(attn: MultiheadSelfAttention, q, k, rows: slice, col_block: int,
     """
     h, T = q.shape[1], q.shape[2]
     L = T - 2
+    raw_q, raw_k = q, k  # a causal layer with a window (window.py) takes them as they are
     q, k, P = attn.feature_inputs(q, k, heads)  # trained features, FAVOR++ (oprf): what the kernel takes
     out = torch.zeros(h, rows.stop - rows.start, L)
     for c0 in range(0, L, col_block):
@@ -99,7 +100,10 @@ def _favor_rows(attn: MultiheadSelfAttention, q, k, rows: slice, col_block: int,
         if attn.causal:  # causal needs Lq == Lk: run on the prefix that ends with the block's last query
             end = rows.stop
             v = onehot[:end].expand(1, h, end, c1 - c0)
-            block = favor_attention(q[:, :, :end], k[:, :, :end], v, P, attn.favor_kernel, causal=True)
+            if attn.window:  # the sliding-window hybrid: exact weights on the last W keys
+                block = attn.favor(raw_q[:, :, :end], raw_k[:, :, :end], v, heads=heads)
+            else:
+                block = favor_attention(q[:, :, :end], k[:, :, :end], v, P, attn.favor_kernel, causal=True)
             block = block[0, :, rows.start:]
         else:
             v = onehot.expand(1, h, T, c1 - c0)

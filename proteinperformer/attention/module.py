@@ -29,6 +29,7 @@ from .oprf import (
 )
 from .projection import gaussian_projection
 from .rotary import apply_rotary
+from .window import WindowState, check_window, window_attention, window_step
 
 
 @dataclass
@@ -57,6 +58,9 @@ class MultiheadSelfAttention(nn.Module):
             a map whose projection is ``learned`` (hedgehog) has it as a parameter, and any other map gets a
             per-head rescaling Ψ and projection W applied before it, q -> W(Ψq), k -> W(Ψ⁻¹k), so φ sees
             P·W per head (``feature_scale`` = log Ψ (H, d), ``feature_weight`` = W (H, d, d); identity at first).
+        window: favor, causal, exp-type maps (softmax kernel, any ``features``) only: W > 0 gives each query
+            exact softmax weights on its last W keys and feature weights on the older ones, one normaliser
+            (LoLCATs' sliding-window hybrid, ``window.py``); 0 = plain FAVOR.
         features: softmax kernel only: "favor+" (positive random features), "oprf", "oprf-rescaled" or "oprf-dense"
             (FAVOR++, see ``oprf.py``). Other than "favor+" the layer holds the buffers ``feature_moments``
             (H, 3, d); "oprf-dense": (H, 2d + 3, d)) and ``feature_pairs`` (the calibration statistics),
@@ -82,6 +86,7 @@ class MultiheadSelfAttention(nn.Module):
         rotary: bool = False,
         features: str = "favor+",
         transferred: bool = False,
+        window: int = 0,
     ):
         super().__init__()
         if dim % heads != 0:
@@ -102,6 +107,15 @@ class MultiheadSelfAttention(nn.Module):
             raise ValueError(f"features={features!r} are positive random features of the softmax kernel; the {kernel} "
                              "kernel cannot use them (use features='favor+' or kernel='softmax')")
         self.features = features
+        check_window(window)
+        if window and attention == "favor":
+            if not causal:
+                raise ValueError(f"attention window {window} is for causal models only (noncausal models such as "
+                                 "ESM-2: leave the window at 0)")
+            if not isinstance(feature_map(self.favor_kernel), PositiveRandomFeatures):
+                raise ValueError(f"attention window {window} needs an exp-type feature map (kernel 'softmax'), not "
+                                 f"the {kernel} kernel; use kernel='softmax' or window 0")
+        self.window = window if attention == "favor" else 0
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(dropout)
@@ -177,15 +191,40 @@ class MultiheadSelfAttention(nn.Module):
         ``oprf.oprf_inputs`` with this layer's A and Ψ (q̃, k̃ (B, h, L, d + 2), P̃ (m, d + 2)), for "oprf-dense"
         after ``oprf.dense_inputs`` (Mq, M⁻ᵀk − c); a learned map's per-head projection is cut to ``heads``."""
         idx = slice(None) if heads is None else list(heads)
-        if self.feature_weight is not None:
-            scale, W = self.feature_scale[idx].exp().unsqueeze(1), self.feature_weight[idx].transpose(-1, -2)
-            q, k = (q * scale.to(q.dtype)) @ W.to(q.dtype), (k / scale.to(k.dtype)) @ W.to(k.dtype)
+        q, k = self._mapped(q, k, idx)
         P = self.projection
-        if self.features == "oprf-dense":
-            q, k = dense_inputs(q, k, self.feature_dense[idx])
         if self.features != "favor+":
             return oprf_inputs(q, k, P, self.feature_a[idx], self.feature_psi[idx])
         return q, k, (P[idx] if P is not None and P.dim() == 3 else P)  # a learned map: one projection per head
+
+    def _mapped(self, q: torch.Tensor, k: torch.Tensor, idx) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k after a transferred layer's W(Ψ·) and oprf-dense's M, M⁻ᵀ· − c (before ``oprf_inputs``)."""
+        if self.feature_weight is not None:
+            scale, W = self.feature_scale[idx].exp().unsqueeze(1), self.feature_weight[idx].transpose(-1, -2)
+            q, k = (q * scale.to(q.dtype)) @ W.to(q.dtype), (k / scale.to(k.dtype)) @ W.to(k.dtype)
+        if self.features == "oprf-dense":
+            q, k = dense_inputs(q, k, self.feature_dense[idx])
+        return q, k
+
+    def window_logits(
+        self, q: torch.Tensor, k: torch.Tensor, heads: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What ``window.window_attention`` takes for this layer's map: feature logits ℓ of q and k (B, h, L, m) and
+        the log-scale δ (B, h, L) with (1/m) Σ_f exp(ℓ_f(q) + ℓ_f(k) + δ(q)) an estimate of exp(qᵀk/√d) (exactly
+        so for an untransferred layer): FAVOR++'s per-head constant (1 − 4A)^(d/2) e^(A²) (see ``oprf.py``) and
+        oprf-dense's per-query key shift d^(-1/4) (Mq)ᵀc, both of which plain FAVOR's ratio cancels."""
+        idx = slice(None) if heads is None else list(heads)
+        qm, km = self._mapped(q, k, idx)
+        P = self.projection
+        shift = q.new_zeros(q.shape[:-1], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+        if self.features != "favor+":
+            d, a = self.head_dim, self.feature_a[idx].to(shift)
+            shift = shift + (0.5 * d * torch.log1p(-4 * a) + a * a)[:, None]
+            if self.features == "oprf-dense":
+                c = self.feature_dense[idx][:, 1, d].to(shift)  # (h, d)
+                shift = shift + (qm.to(shift) * c[:, None]).sum(-1) * d**-0.25
+            qm, km, P = oprf_inputs(qm, km, P, self.feature_a[idx], self.feature_psi[idx])
+        return PositiveRandomFeatures.logits(qm, P), PositiveRandomFeatures.logits(km, P), shift
 
     @torch.no_grad()
     def redraw_projection(self, generator: torch.Generator | None = None) -> None:
@@ -200,9 +239,13 @@ class MultiheadSelfAttention(nn.Module):
               cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """FAVOR attention of this layer on split heads, its feature map included (trained features, FAVOR++):
         (B, h, Lq, d), (B, h, Lk, d), (B, h, Lk, e) -> (B, h, Lq, e). ``heads``: the layer's heads these h are
-        (default all); ``causal``: default the layer's; ``cu_seqlens``: packed documents (``favor_attention``)."""
-        q, k, P = self.feature_inputs(q, k, heads)
+        (default all); ``causal``: default the layer's; ``cu_seqlens``: packed documents (``favor_attention``).
+        A causal layer with a ``window`` runs the sliding-window hybrid (``window.window_attention``)."""
         causal = self.causal if causal is None else causal
+        if self.window and causal:
+            ql, kl, shift = self.window_logits(q, k, heads)
+            return window_attention(q, k, v, ql, kl, shift, self.window, key_padding_mask, cu_seqlens)
+        q, k, P = self.feature_inputs(q, k, heads)
         return favor_attention(q, k, v, P, kernel=self.favor_kernel, causal=causal, key_padding_mask=key_padding_mask,
                                cu_seqlens=cu_seqlens)
 
@@ -250,15 +293,18 @@ class MultiheadSelfAttention(nn.Module):
             y = self.favor(q, k, v, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens)
         return self._merge(y)
 
-    def init_state(self, batch_size: int, device=None, dtype=None) -> FavorState | KVCache:
+    def init_state(self, batch_size: int, device=None, dtype=None) -> FavorState | KVCache | WindowState:
         """Empty decoding state: FavorState (O(m·head_dim) per head) or, for exact attention, a KV cache."""
         if self.attention == "exact":
             empty = torch.zeros(batch_size, self.heads, 0, self.head_dim, device=device, dtype=dtype)
             return KVCache(k=empty, v=empty.clone())
         m = feature_map(self.kernel).num_features(self.projection, self.head_dim)
+        if self.window:
+            return WindowState.zeros(batch_size, self.heads, m, self.head_dim, self.head_dim, device)
         return FavorState.zeros(batch_size, self.heads, m, self.head_dim, device)
 
-    def step(self, x_t: torch.Tensor, state: FavorState | KVCache) -> tuple[torch.Tensor, FavorState | KVCache]:
+    def step(self, x_t: torch.Tensor, state: FavorState | KVCache | WindowState
+             ) -> tuple[torch.Tensor, FavorState | KVCache | WindowState]:
         """One causal decoding step. x_t: (B, 1, D) -> (y_t (B, 1, D), new state); equals forward's row t."""
         if x_t.dim() != 3 or x_t.shape[1] != 1:
             raise ValueError(f"x_t must be [batch, 1, dim], got {tuple(x_t.shape)}")
@@ -266,13 +312,16 @@ class MultiheadSelfAttention(nn.Module):
         if self.attention == "exact":
             state = KVCache(k=torch.cat([state.k, k], dim=2), v=torch.cat([state.v, v], dim=2))
             y = exact_attention(q, state.k, state.v)  # the cache holds only keys ≤ t
+        elif self.window:
+            ql, kl, shift = self.window_logits(q, k)
+            y, state = window_step(q, k, v, ql, kl, shift, self.window, state)
         else:
             q, k, P = self.feature_inputs(q, k)
             y, state = favor_step(q, k, v, P, state, kernel=self.favor_kernel)
         return self._merge(y), state
 
 
-def tokens_seen(state: FavorState | KVCache) -> int:
+def tokens_seen(state: FavorState | KVCache | WindowState) -> int:
     """How many tokens a decoding state has consumed (= the position of the next token)."""
     if isinstance(state, KVCache):
         return state.k.shape[2]

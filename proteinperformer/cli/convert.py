@@ -19,6 +19,11 @@ every model (:func:`proteinperformer.model.transfer.default_steps`, ``options.TR
 (3 layers, width 192) and 140 for the 13M IgLM (4 × 512) at m = 256, fewer for larger models, more for fewer
 features; about 1.5 CPU-minutes on a laptop core for either IgLM.
 
+``--window W`` (causal models, softmax kernel) keeps exact softmax attention over each token's last W keys and
+uses the features only for older ones, one normaliser (LoLCATs' sliding-window hybrid,
+:mod:`proteinperformer.attention.window`); W is stored in the checkpoint, and with ``--transfer`` the features are
+trained with the window in place.
+
 The checkpoint holds the weights, ``hyper_parameters.config`` and the alphabet; every command that takes a
 checkpoint reads it (:func:`proteinperformer.checkpoints.load_model`). The FAVOR+ kernel is the source's own
 (softmax for ESM-2, GPT-2 and any exact-attention checkpoint, whose attention is softmax; the checkpoint's own for a
@@ -67,6 +72,10 @@ def create_parser() -> argparse.ArgumentParser:
     add_attention_arguments(parser, default="favor")
     parser.set_defaults(num_features=DEFAULT_NUM_FEATURES)
     parser.add_argument("--seed", type=int, default=0, help="seed of the FAVOR+ projection draw")
+    parser.add_argument("--window", type=int, default=0, metavar="W",
+                        help="causal models, softmax kernel: exact softmax over each token's last W keys and FAVOR "
+                             "features for older ones (sliding-window hybrid, stored in the checkpoint; with "
+                             "--transfer the features train with it in place; default 0: plain FAVOR)")
     parser.add_argument("--transfer", type=Path, metavar="FASTA",
                         help="attention transfer: train the FAVOR features to mimic exact attention on these sequences")
     parser.add_argument("--transfer-steps", type=int,
@@ -142,6 +151,13 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError("--calibrate FASTA goes with --features oprf, oprf-rescaled or oprf-dense")
     if oprf and args.attention != "favor":
         raise ValueError(f"--features {args.features} are FAVOR+ features; use --attention favor")
+    if args.window and args.attention != "favor":
+        raise ValueError(f"--window {args.window} is a FAVOR setting; use --attention favor or leave out --window")
+    if args.window < 0:
+        raise ValueError(f"--window must be 0 (off) or a number of keys >= 1, got {args.window}")
+    if args.window and args.report is not None:
+        raise ValueError("--report measures plain FAVOR without a window; leave out --window (score the written "
+                         "checkpoint with pp-evaluate or pp-score instead)")
     from proteinperformer.checkpoints import load_model, save_checkpoint
     from proteinperformer.evaluation.conversion import calibrate_on_fasta, report
     from proteinperformer.model import convert_attention
@@ -157,7 +173,7 @@ def run(args: argparse.Namespace) -> None:
         if args.attention == "favor":  # a reproducible draw, whatever load_model drew
             try:
                 model = convert_attention(model, "favor", args.num_features, args.kernel, seed=args.seed,
-                                          features=args.features)
+                                          features=args.features, window=args.window)
             except ValueError as err:  # features the kernel cannot use
                 raise ValueError(f"{args.source}: {err}") from None
         calibrated = ""
@@ -213,8 +229,8 @@ def transfer(args: argparse.Namespace) -> None:
     exact = source if source.config.attention == "exact" else convert_attention(source, "exact")
     try:
         model = transfer_model(exact, args.num_features, args.kernel or DEFAULT_KERNEL, args.seed,
-                               args.features or "favor+")
-    except TransferError as err:
+                               args.features or "favor+", window=args.window)
+    except (TransferError, ValueError) as err:
         raise ValueError(f"{args.source}: {err}") from None
     records = [(r.id, r.sequence) for r in load_fasta(args.transfer, exact.alphabet)][: args.max_sequences]
     limit = residue_limit(exact.config)
@@ -237,9 +253,11 @@ def transfer(args: argparse.Namespace) -> None:
         info.update(distill_kl_before=kl[0], distill_kl_after=kl[1])
     save_checkpoint(model, args.out, args.source, extra={"transfer": info})
     shutil.rmtree(resume, ignore_errors=True)
+    window = f", window {cfg.attention_window}" if cfg.attention_window else ""
     print(f"wrote {args.out}: {cfg.depth} layers, width {cfg.dim}, favor attention, {cfg.kernel} kernel "
-          f"({cfg.features}), {cfg.num_features} features, transferred in {seconds:.1f} CPU-s; attention-output "
-          f"relative error per layer {' '.join(f'{r.error_before:.3f}->{r.error_after:.3f}' for r in results)}")
+          f"({cfg.features}), {cfg.num_features} features{window}, transferred in {seconds:.1f} CPU-s; "
+          f"attention-output relative error per layer "
+          f"{' '.join(f'{r.error_before:.3f}->{r.error_after:.3f}' for r in results)}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -69,6 +69,9 @@ class ModelConfig:
     # favor only: the attention's feature parameters were trained to mimic the exact model's attention
     # (attention transfer, ``model.transfer``; pp-convert --transfer); they are then kept, never redrawn
     transferred: bool = False
+    # favor, causal, softmax kernel: exact softmax over each query's last W keys, FAVOR features for older ones (one
+    # normaliser; LoLCATs' sliding-window hybrid, attention/window.py); 0 = plain FAVOR (configs saved before it: 0)
+    attention_window: int = 0
 
     def __post_init__(self) -> None:
         # Every special id the model uses (padding here, <mask> for token dropout) comes from the alphabet: a
@@ -134,6 +137,7 @@ class Block(nn.Module):
             rotary=cfg.positions == "rotary",
             features=cfg.features,
             transferred=cfg.transferred,
+            window=cfg.attention_window,
         )
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg.dim, cfg.ff_dim, cfg.dropout, cfg.activation)
@@ -331,6 +335,7 @@ def convert_attention(
     kernel: str | None = None,
     seed: int = 0,
     features: str | None = None,
+    window: int | None = None,
 ) -> PerformerLM:
     """The same network with another attention: every weight is copied, only the FAVOR+ projections are new.
 
@@ -341,13 +346,15 @@ def convert_attention(
     kernel's feature map: calibration statistics the model holds are kept and give the new map's A and Ψ (a
     model without them gets zero statistics, i.e. FAVOR+, until ``calibrate_features``). Arguments left None keep
     the model's value, except the kernel of a model with exact attention, which is softmax (:func:`own_kernel`);
-    the result is on the model's device, in eval mode if the model was. A transferred model
+    the result is on the model's device, in eval mode if the model was. ``window``: the sliding-window hybrid's W
+    (``ModelConfig.attention_window``; None keeps the model's). A transferred model
     (``config.transferred``) asked for its own attention, kernel, features and feature count keeps its trained
     features; any other conversion drops them (``transferred=False``, a fresh draw).
     """
     cfg = replace(model.config, attention=attention or model.config.attention,
                   num_features=num_features or model.config.num_features, kernel=kernel or own_kernel(model.config),
-                  features=features or model.config.features)
+                  features=features or model.config.features,
+                  attention_window=model.config.attention_window if window is None else window)
     keep = cfg == model.config and cfg.transferred  # the trained features stay only where they still fit
     cfg = replace(cfg, transferred=keep)
     if cfg.attention == "favor" and feature_map(cfg.kernel).needs_projection:

@@ -86,15 +86,17 @@ class TransferError(ValueError):
 
 
 def transfer_model(exact: PerformerLM, num_features: int, kernel: str = DEFAULT_KERNEL, seed: int = 0,
-                   features: str = "favor+") -> PerformerLM:
+                   features: str = "favor+", window: int = 0) -> PerformerLM:
     """``exact``'s network with FAVOR attention whose feature parameters can be trained (``config.transferred``):
     every other weight is copied, the projections are drawn from ``seed``; ``features`` other than "favor+"
-    (FAVOR++) are calibrated by :func:`transfer_attention` before it trains."""
+    (FAVOR++) are calibrated by :func:`transfer_attention` before it trains. ``window`` > 0: the sliding-window
+    hybrid (``attention/window.py``) is in place while the features train (LoLCATs), and stays in the model."""
     if exact.config.depth == 0:
         raise TransferError("the model has no attention layers to transfer")
     if exact.config.transferred:
         raise TransferError("the model is already transferred; transfer the original (exact) model instead")
-    draw = convert_attention(exact, "favor", num_features, kernel, seed=seed, features=features)  # pp-convert's
+    draw = convert_attention(exact, "favor", num_features, kernel, seed=seed, features=features,
+                             window=window)  # pp-convert's
     return _with_trainable_features(draw, seed)
 
 

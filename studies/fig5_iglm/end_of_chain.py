@@ -68,8 +68,13 @@ def local_attention(exact, model, records) -> list[dict]:
             L = q.shape[2]
             future = torch.full((L, L), float("-inf")).triu(1)
             w_exact = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5 + future, -1)[0].double()
-            qq, kk, P = m_block.attn.feature_inputs(q, k)
-            w_model = favor_weights(qq.double(), kk.double(), P.double(), kernel=m_block.attn.kernel, causal=True)[0]
+            if m_block.attn.window:  # the sliding-window hybrid: its weights are its output on one-hot values
+                eye = torch.eye(L).expand(1, q.shape[1], L, L)
+                w_model = m_block.attn.favor(q, k, eye)[0].double()
+            else:
+                qq, kk, P = m_block.attn.feature_inputs(q, k)
+                w_model = favor_weights(qq.double(), kk.double(), P.double(), kernel=m_block.attn.kernel,
+                                        causal=True)[0]
             local = torch.ones(L, L).tril() - torch.ones(L, L).tril(-LOCAL)
             for region, rows in (("mid", list(range(40, 60))), ("fr4", list(range(L - 12, L)))):
                 sums[region][0] += float((w_exact[:, rows] * local[rows]).sum(-1).mean())

@@ -18,7 +18,10 @@ per-layer relative error of the attention output on the exact model's inputs. Me
 - ``hedgehog``: the same transfer with Hedgehog's map, softmax(Wx) ⊕ softmax(−Wx);
 - ``oprf``, ``oprf-rescaled``, ``oprf-dense``: FAVOR++ (``pp-convert --features ... --calibrate``), A and Ψ (or M
   and the key shift) calibrated on the same chains, no training; ``transfer-oprf`` / ``transfer-dense``: attention
-  transfer started from ``oprf-rescaled`` / ``oprf-dense``.
+  transfer started from ``oprf-rescaled`` / ``oprf-dense``;
+- ``transfer-wW`` / ``dense-wW`` / ``favor-wW`` (W = 4, 8, 16, 32, 64): the same with the sliding-window
+  hybrid (exact softmax over each token's last W keys, ``pp-convert --window W``); ``--generate --window W``
+  samples ``pp-convert --transfer --window W``; ``local-wW``: the window alone (no feature term: an ablation).
 
 Each result is cached in ``OUTDIR/transfer/<model>_<method>_m<m>_d<draw>.json`` (the study resumes); ``--report``
 writes ``results/transfer.{json,md,png}`` here.
@@ -59,6 +62,13 @@ METHODS = {"favor+": ("softmax", "favor+", False), "oprf": ("softmax", "oprf", F
            "transfer": ("softmax", "favor+", True), "transfer-distill": ("softmax", "favor+", True),
            "transfer-oprf": ("softmax", "oprf-rescaled", True), "transfer-dense": ("softmax", "oprf-dense", True),
            "hedgehog": ("hedgehog", "favor+", True)}
+# the sliding-window hybrid (attention/window.py, pp-convert --window W): exact softmax over the last W keys
+# "transfer-wW": attention transfer (favor+) with the window in place; "dense-wW": calibrated oprf-dense and
+# "favor-wW": FAVOR+, both without training; "local-wW": the window alone (an ablation: the feature term is dropped,
+# so tokens older than W are not seen at all)
+WINDOWS = {f"{base}-w{w}": w for base in ("transfer", "dense", "favor", "local") for w in (4, 8, 16, 32, 64)}
+METHODS.update({name: ("softmax", "oprf-dense" if name.startswith("dense") else "favor+",
+                       name.startswith("transfer")) for name in WINDOWS})
 GROUPS = ("heavy", "light", "human_heavy")
 MODEL_SIZES = {"IgLM-S": (3, 192), "IgLM": (4, 512)}  # layers, width: what default_steps reads
 
@@ -146,6 +156,7 @@ def run_one(out: Path, name: str, method: str, m: int, draw: int, steps: int | N
         exact_logp = [F.log_softmax(exact(r["input_ids"], r["padding_mask"])["logits"].double(), -1)
                       for r, _ in batches]
     kernel, features, trained = METHODS[method]
+    window = WINDOWS.get(method, 0)
     cli = out / f"{name}_transfer_m{m}{tag}.ckpt"  # what generation() wrote with pp-convert --transfer: the same run
     info: dict = {"model": name, "method": method, "num_features": m, "draw": draw, "test_per_chain": per_chain}
     calib = calibration_batches(exact.alphabet, calibration_records(out, calibration), cls=False)
@@ -161,12 +172,15 @@ def run_one(out: Path, name: str, method: str, m: int, draw: int, steps: int | N
                     checkpoint=str(cli),
                     calibration_error=[(r["error_before"], r["error_after"]) for r in done["layers"]])
     elif not trained:
-        model = convert_attention(exact, "favor", m, kernel, seed=draw, features=features).eval()
+        model = convert_attention(exact, "favor", m, kernel, seed=draw, features=features, window=window).eval()
+        if method.startswith("local-"):
+            for block in model.layers:  # feature products scaled by e^-10000: only the window's keys count
+                block.attn.window_logits = _without_features(block.attn.window_logits)
         if features != "favor+":
             calibrate_features(model, [tokens for tokens, _ in calib])
             info.update(calibration_chains=calibration, cpu_seconds=time.process_time() - t0)
     else:
-        model = transfer_model(exact, m, kernel, seed=draw, features=features)
+        model = transfer_model(exact, m, kernel, seed=draw, features=features, window=window)
         layers = transfer_attention(exact, model, calib, steps=steps)
         if distill:
             kl = distill_features(exact, model, calib, distill)
@@ -187,13 +201,21 @@ def run_one(out: Path, name: str, method: str, m: int, draw: int, steps: int | N
     return info
 
 
+def _without_features(window_logits):
+    """A layer's ``window_logits`` with the feature term's log-scale lowered by 10,000 (the "local-wW" ablation)."""
+    def logits(q, k, heads=None):
+        ql, kl, shift = window_logits(q, k, heads)
+        return ql, kl, shift - 1e4
+    return logits
+
+
 def generation(out: Path, name: str, m: int, calibration: int, num_samples: int = 100,
-               exact_samples: bool = True) -> dict:
+               exact_samples: bool = True, window: int = 0) -> dict:
     """The CLI route end to end: ``pp-convert <name> --transfer <calibration chains> --no-cls`` (its defaults; its
     CPU-seconds), then ``pp-generate`` samples (prompt PROMPT) of exact IgLM, exact ``name`` and the transferred
     model, each scored by the exact IgLM (13M) in IgLM's framing (``exact_samples=False``: only the transferred
     model's; the exact models' samples of ``fig5_real.py --stages generation`` are the same command)."""
-    tag = ""  # pp-convert's defaults: no distillation
+    tag = f"_w{window}" if window else ""  # pp-convert's defaults: no distillation; --window W
     path = out / "transfer" / f"generation_{name}_m{m}{tag}_c{calibration}.json"
     if path.exists():
         return json.loads(path.read_text())
@@ -202,6 +224,8 @@ def generation(out: Path, name: str, m: int, calibration: int, num_samples: int 
     ckpt = out / f"{name}_transfer_m{m}{tag}.ckpt"
     convert = [sys.executable, "-m", "proteinperformer.cli.convert", str(iglm_dir(name)), "--out", str(ckpt),
                "--transfer", str(fasta), "--num-features", str(m), "--no-cls"]
+    if window:
+        convert += ["--window", str(window)]
     result: dict = {"convert_command": "pp-convert " + " ".join(convert[3:])}
     if not ckpt.exists():
         subprocess.run(convert, check=True)
@@ -248,6 +272,8 @@ def main() -> None:
                         help="pp-convert --transfer + pp-generate of each --model at the first --features")
     parser.add_argument("--converted-only", action="store_true",
                         help="with --generate: sample only the transferred model (fig5_real.py sampled the exact ones)")
+    parser.add_argument("--window", type=int, default=0,
+                        help="with --generate: pp-convert --transfer --window W (the sliding-window hybrid)")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -256,7 +282,8 @@ def main() -> None:
         return
     if args.generate:
         for name in args.model:
-            generation(args.outdir, name, args.features[0], args.calibration, exact_samples=not args.converted_only)
+            generation(args.outdir, name, args.features[0], args.calibration, exact_samples=not args.converted_only,
+                       window=args.window)
         return
     for name in args.model:
         for m in args.features:
