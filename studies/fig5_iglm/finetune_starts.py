@@ -105,7 +105,8 @@ def make_starts(out: Path, model: str) -> dict:
     return made
 
 
-def train(out: Path, model: str, starts: list[str], max_steps: int, batch_size: int, stop_at: int | None) -> None:
+def train(out: Path, model: str, starts: list[str], max_steps: int, batch_size: int, stop_at: int | None,
+          precision: str) -> None:
     """pp-train from each start, one run after another on one thread (each resumes from its last.ckpt).
     ``stop_at``: stop a run once its checkpoint of that step is written (the schedule stays ``max_steps`` long,
     so a later call continues it exactly: every start reaches 300 steps before any goes on to 1,000)."""
@@ -115,7 +116,8 @@ def train(out: Path, model: str, starts: list[str], max_steps: int, batch_size: 
         if (out / run / "metrics.json").exists() or (stop_at and (ckpts / f"step{stop_at}.ckpt").exists()):
             print(f"{start}: done", flush=True)
             continue
-        cmd = train_command(out, str(run), start_path(out, model, start), LR[start], batch_size, max_steps)
+        cmd = [f"trainer.precision={precision}" if c.startswith("trainer.precision=") else c
+               for c in train_command(out, str(run), start_path(out, model, start), LR[start], batch_size, max_steps)]
         print("+", " ".join(cmd), flush=True)
         (out / run).mkdir(parents=True, exist_ok=True)
         with open(out / run / "train.log", "a") as log:
@@ -126,7 +128,7 @@ def train(out: Path, model: str, starts: list[str], max_steps: int, batch_size: 
                 done, last = ckpts / f"step{stop_at}.ckpt", ckpts / "last.ckpt"
                 if stop_at and done.exists() and last.exists() and last.stat().st_mtime >= done.stat().st_mtime:
                     time.sleep(10)  # let last.ckpt's write finish
-                    proc.terminate()
+                    proc.kill()  # Lightning traps SIGTERM (it would save and go on)
                     proc.wait()
                     print(f"{start}: stopped at step {stop_at}", flush=True)
             if proc.returncode and not (stop_at and (ckpts / f"step{stop_at}.ckpt").exists()):
@@ -198,11 +200,13 @@ def report(out: Path, model: str, results: Path, made: dict) -> None:
             ax.plot(steps, [100 * row["steps"][str(k)][chain]["acc"] for k in steps], "s-" if start == "scratch"
                     else "o-", color=f"C{i}", label=f"{LABELS[start]}" + ("" if start == "scratch" else
                                                                            f", m={FEATURES}"))
+            if start != "scratch":  # the same start in IgLM's framing (no [CLS]): the no-training number
+                ax.plot([0], [100 * row["iglm_framing"][chain]["acc"]], "o", mfc="none", color=f"C{i}")
         ax.set_xscale("symlog", linthresh=100)
         ax.set_xticks([0, 100, 300, 1000])
         ax.set_xticklabels(["0", "100", "300", "1000"])
         ax.set_title(f"{chain} chains (held-out clusters)")
-        ax.set_xlabel("fine-tuning steps (batch 4)")
+        ax.set_xlabel("fine-tuning steps (batch 4); open markers: step 0 without [CLS]")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("next-residue accuracy (%)")
     axes[0].legend(fontsize=7, loc="lower right")
@@ -226,6 +230,9 @@ def main() -> None:
     parser.add_argument("--stop-at", type=int, metavar="STEP",
                         help="train: stop each run at this step's checkpoint (resume later without it)")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--precision", default="32", choices=("32", "bf16-mixed"),
+                        help="pp-train's trainer.precision (fig5_real.py: bf16-mixed, which on this CPU makes a step "
+                             "of IgLM-S about 4.5x slower than float32)")
     parser.add_argument("--results", type=Path, default=HERE / "results")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -236,7 +243,8 @@ def main() -> None:
             made = make_starts(out, args.model)
             (out / "starts" / f"made_{args.model}.json").write_text(json.dumps(made, indent=2) + "\n")
         elif stage == "train":
-            train(out, args.model, args.starts, args.max_steps, args.batch_size, args.stop_at)
+            train(out, args.model, args.starts, args.max_steps, args.batch_size, args.stop_at,
+                  args.precision)
         elif stage == "scored":
             result = scored(out, args.model, args.starts)
             (out / "starts" / f"scored_{args.model}.json").write_text(json.dumps(result, indent=2) + "\n")
