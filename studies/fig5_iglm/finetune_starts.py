@@ -183,7 +183,8 @@ def report(out: Path, model: str, results: Path, made: dict) -> None:
             lines.append(f"| {LABELS[start]}, IgLM framing | 0 | {_cells([row['iglm_framing']])} |")
     for start, row in data["starts"].items():
         for step, sc in sorted(row["steps"].items(), key=lambda kv: int(kv[0])):
-            lines.append(f"| {LABELS[start]}, fine-tuned | {step} | {_cells([sc])} |")
+            lines.append(f"| {LABELS[start]}, {'trained' if start == 'scratch' else 'fine-tuned'} | {step} | "
+                         f"{_cells([sc])} |")
     (results / "finetune_starts.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
