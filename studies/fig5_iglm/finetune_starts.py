@@ -7,7 +7,8 @@ nothing of the other studies is overwritten::
 
     S="nice -n 10 python studies/fig5_iglm/finetune_starts.py runs/fig5_real"     # with OMP_NUM_THREADS=1
     $S --stages starts                      # the start checkpoints (seconds)
-    nohup $S --stages train > runs/starts_train.log &    # pp-train from each start (resumes from last.ckpt)
+    nohup $S --stages train --stop-at 300 > runs/starts300.log &   # every start to 300 steps first
+    nohup $S --stages train > runs/starts1000.log &                # then on to 1,000 (resumes from last.ckpt)
     $S --stages scored report               # scores at 0 / 100 / 300 / 1,000 steps; results/finetune_starts.*
 
 Starts (IgLM-S, m = 256, projection draw 0, i.e. the same ω as ``fig5_real.py``'s fine-tuned FAVOR+ model):
@@ -19,10 +20,11 @@ Starts (IgLM-S, m = 256, projection draw 0, i.e. the same ω as ``fig5_real.py``
   checkpoint ``transfer_study.py --generate`` wrote, copied here so a later transfer recipe cannot change it);
 - ``scratch``: the same architecture from random weights (seed 0), lr 1e-3 as in ``fig5_real.py``.
 
-Every converted start is fine-tuned with one recipe, ``fig5_real.py``'s: ``pp-train init_from=<start> task=clm``,
-bf16-mixed on the CPU, batch 4, lr 2e-4, warmup 50, cosine to ``--max-steps`` (1,000), no feature redraw, a
-checkpoint every 100 steps; the runs go one after another (``--starts`` order), each on one thread, and resume
-from their ``last.ckpt``. ``pp-train`` frames sequences as ``[CLS] … [SEP]``, so every fine-tuned row (and its
+Every converted start is fine-tuned with one recipe, ``fig5_real.py``'s but in float32 (``--precision``; its
+bf16-mixed autocast is 4.5x slower per CPU step here): ``pp-train init_from=<start> task=clm``, batch 4, lr 2e-4,
+warmup 50, cosine to ``--max-steps`` (1,000), no feature redraw, a checkpoint every 100 steps; the runs go one
+after another (``--starts`` order), each on one thread, and resume from their ``last.ckpt``. ``pp-train`` frames
+sequences as ``[CLS] … [SEP]``, so every fine-tuned row (and its
 step 0) is scored with a leading ``[CLS]``; step 0 is also scored in IgLM's framing (the no-training number).
 """
 
