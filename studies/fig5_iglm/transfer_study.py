@@ -33,6 +33,7 @@ import argparse
 import json
 import math
 import random
+import re
 import subprocess
 import sys
 import time
@@ -302,10 +303,12 @@ def report(out: Path, results: Path) -> None:
     """``results/transfer.{json,md,png}``: every run, a table (mean ± half-range over draws) and accuracy vs m."""
     runs = [json.loads(p.read_text()) for p in sorted((out / "transfer").glob("*.json"))
             if not p.name.startswith("generation_")]
-    generated = {p.stem: json.loads(p.read_text()) for p in sorted((out / "transfer").glob("generation_*.json"))}
+    runs = [r for r in runs if r["method"] in METHODS]  # the shared OUTDIR also holds other branches' methods
+    generated = {p.stem: json.loads(p.read_text()) for p in sorted((out / "transfer").glob("generation_*.json"))
+                 if re.fullmatch(r"generation_[\w-]+_m\d+(_k\d+)?_c\d+", p.stem)}  # this script's runs
     results.mkdir(parents=True, exist_ok=True)
     (results / "transfer.json").write_text(json.dumps({"runs": runs, "generation": generated}, indent=2) + "\n")
-    order = list(METHODS) + sorted({r["method"] for r in runs} - set(METHODS))  # other helpers' methods last
+    order = list(METHODS)
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault((r["model"], order.index(r["method"]), r["num_features"], r.get("steps") or 0,
