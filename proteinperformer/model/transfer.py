@@ -156,6 +156,25 @@ def layer_inputs(exact: PerformerLM, batches: Sequence[tuple[torch.Tensor, torch
             hidden = [block(h, padding) for h, (_, padding) in zip(hidden, batches, strict=True)]
 
 
+def residual_inputs(exact: PerformerLM, student: PerformerLM, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                    ) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """Per layer: ``student``'s attention inputs (after the caller trained the layers below) and the attention output
+    that would bring the student's residual stream back onto the exact model's, attn_exact(x_exact) + h_exact −
+    h_student ([batch] (B, L, D) each)."""
+    with torch.no_grad():
+        he = [exact.embed(tokens, padding) for tokens, padding in batches]
+        hs = [h.clone() for h in he]
+    for e_block, s_block in zip(exact.layers, student.layers, strict=True):
+        with torch.no_grad():
+            xs = [s_block.norm1(h) for h in hs]
+            ys = [e_block.attn(e_block.norm1(a), padding) + a - b
+                  for a, b, (_, padding) in zip(he, hs, batches, strict=True)]
+        yield xs, ys
+        with torch.no_grad():
+            he = [e_block(h, padding) for h, (_, padding) in zip(he, batches, strict=True)]
+            hs = [s_block(h, padding) for h, (_, padding) in zip(hs, batches, strict=True)]
+
+
 @dataclass
 class _Targets:
     """A layer's fixed data on one batch: its split heads q, k, v (B, H, L, d), the exact output (B, L, D), the exact
@@ -173,14 +192,15 @@ class _Targets:
 
 @torch.no_grad()
 def _targets(exact_attn: MultiheadSelfAttention, xs: list[torch.Tensor], paddings: list[torch.Tensor],
-             ) -> list[_Targets]:
+             ys: list[torch.Tensor] | None = None) -> list[_Targets]:
     from proteinperformer.attention.exact import exact_attention
 
     out = []
-    for x, padding in zip(xs, paddings, strict=True):
+    for i, (x, padding) in enumerate(zip(xs, paddings, strict=True)):
         q, k, v = exact_attn.split_heads(x)
         heads = exact_attention(q, k, v, causal=exact_attn.causal, key_padding_mask=padding)
-        out.append(_Targets(q, k, v, exact_attn(x, padding), padding, (~padding).unsqueeze(-1).to(x.dtype), heads))
+        y = exact_attn(x, padding) if ys is None else ys[i]
+        out.append(_Targets(q, k, v, y, padding, (~padding).unsqueeze(-1).to(x.dtype), heads))
     return out
 
 
@@ -227,13 +247,15 @@ def _schedule(steps: int, warmup: float) -> Callable[[int], float]:
 
 def transfer_layer(attn: MultiheadSelfAttention, data: list[_Targets], steps: int, lr: float,
                    progress: Callable[..., Iterable] | None = None, label: str = "", warmup: float = 0.0,
-                   loss: str = "output", train: Sequence[str] | None = None) -> tuple[float, float]:
+                   loss: str = "output", train: Sequence[str] | None = None, decay: float = 0.0,
+                   ) -> tuple[float, float]:
     """Train one layer's feature parameters (Adam, ``lr`` warmed up over the first ``warmup`` share of the steps,
     then cosine-decayed, one batch of ``data`` per step, cycling); (error before, after) on all of ``data``."""
     calibrate_scale(attn, data)
     params = [p for n, p in feature_parameters(attn).items() if train is None or n in train]
     with torch.no_grad():
         before = math.sqrt(float(_relative_error(attn, data)))
+    start = [p.detach().clone() for p in params]
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps, warmup))
     steps_iter = progress(range(steps), desc=label, leave=False) if progress else range(steps)
@@ -244,6 +266,10 @@ def transfer_layer(attn: MultiheadSelfAttention, data: list[_Targets], steps: in
         value = _relative_error(attn, [data[order[step % len(data)]]], loss)  # one batch per step, fixed shuffle
         value.backward()
         opt.step()
+        if decay:  # decoupled decay towards the start (AdamW-style)
+            with torch.no_grad():
+                for p, p0 in zip(params, start, strict=True):
+                    p.sub_(sched.get_last_lr()[0] * decay * (p - p0))
         sched.step()
         running = 0.9 * running + 0.1 * float(value.detach())
         if hasattr(steps_iter, "set_postfix_str") and step % 10 == 0:
@@ -267,6 +293,7 @@ def transfer_attention(
     inputs: str = "exact",
     layer_shares: Sequence[float] | None = None,
     train: Sequence[str] | None = None,
+    decay: float = 0.0,
 ) -> list[LayerResult]:
     """Fit ``model``'s feature parameters, layer by layer, to ``exact``'s attention on ``batches`` (in place).
 
@@ -295,7 +322,7 @@ def transfer_attention(
     for p in frozen:
         p.requires_grad_(False)
     folder = None if resume_dir is None else Path(resume_dir)
-    key = _fingerprint(exact, model, batches, steps, lr, [warmup, loss, inputs, layer_shares, train])
+    key = _fingerprint(exact, model, batches, steps, lr, [warmup, loss, inputs, layer_shares, train, decay])
     depth = len(model.layers)
     shares = [1.0] * depth if layer_shares is None else [float(x) for x in layer_shares]
     per_layer = [max(1, round(steps * depth * x / sum(shares))) for x in shares]
@@ -311,9 +338,10 @@ def transfer_attention(
     paddings = [padding for _, padding in batches]
     results = []
     student = model if inputs == "student" else None
+    feed = (residual_inputs(exact, model, batches) if inputs == "residual"
+            else ((xs, None) for xs in layer_inputs(exact, batches, student)))
     try:
-        for i, (e_block, block, xs) in enumerate(zip(exact.layers, model.layers,
-                                                     layer_inputs(exact, batches, student), strict=True)):
+        for i, (e_block, block, (xs, ys)) in enumerate(zip(exact.layers, model.layers, feed, strict=True)):
             params = feature_parameters(block.attn)
             saved = None if folder is None else folder / f"layer{i}.pt"
             if saved is not None and saved.is_file():
@@ -326,9 +354,9 @@ def transfer_attention(
                 t0 = time.process_time()
                 for p in params.values():
                     p.requires_grad_(True)
-                data = _targets(e_block.attn, xs, paddings)
+                data = _targets(e_block.attn, xs, paddings, ys)
                 before, after = transfer_layer(block.attn, data, per_layer[i], lr, progress, f"layer {i + 1}/{depth}",
-                                               warmup, loss, train)
+                                               warmup, loss, train, decay)
                 for p in params.values():
                     p.requires_grad_(False)
                 result = LayerResult(i, before, after, time.process_time() - t0)
