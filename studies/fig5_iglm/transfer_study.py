@@ -47,6 +47,7 @@ from proteinperformer.model.transfer import (
     default_distill_steps,
     default_steps,
     distill_features,
+    mutated_copies,
     transfer_attention,
     transfer_model,
 )
@@ -58,7 +59,8 @@ METHODS = {"favor+": ("softmax", "favor+", False), "oprf": ("softmax", "oprf", F
            "oprf-rescaled": ("softmax", "oprf-rescaled", False), "oprf-dense": ("softmax", "oprf-dense", False),
            "transfer": ("softmax", "favor+", True), "transfer-distill": ("softmax", "favor+", True),
            "transfer-oprf": ("softmax", "oprf-rescaled", True), "transfer-dense": ("softmax", "oprf-dense", True),
-           "hedgehog": ("hedgehog", "favor+", True)}
+           "hedgehog": ("hedgehog", "favor+", True), "transfer-aug": ("softmax", "oprf-rescaled", True)}
+AUGMENT = {"transfer-aug": 3}  # method -> mutated copies of each calibration chain (model.transfer.mutated_copies)
 GROUPS = ("heavy", "light", "human_heavy")
 MODEL_SIZES = {"IgLM-S": (3, 192), "IgLM": (4, 512)}  # layers, width: what default_steps reads
 
@@ -148,7 +150,11 @@ def run_one(out: Path, name: str, method: str, m: int, draw: int, steps: int | N
     kernel, features, trained = METHODS[method]
     cli = out / f"{name}_transfer_m{m}{tag}.ckpt"  # what generation() wrote with pp-convert --transfer: the same run
     info: dict = {"model": name, "method": method, "num_features": m, "draw": draw, "test_per_chain": per_chain}
-    calib = calibration_batches(exact.alphabet, calibration_records(out, calibration), cls=False)
+    calib_records = calibration_records(out, calibration)
+    if AUGMENT.get(method):
+        calib_records = mutated_copies(calib_records, AUGMENT[method], seed=draw)
+        info.update(augment=AUGMENT[method])
+    calib = calibration_batches(exact.alphabet, calib_records, cls=False)
     t0 = time.process_time()
     if method in ("transfer", "transfer-distill") and draw == 0 and rule and cli.exists():
         from proteinperformer.checkpoints import load_model, read_torch
