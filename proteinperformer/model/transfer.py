@@ -51,6 +51,8 @@ DEFAULT_LR = 1e-2
 DEFAULT_DISTILL_LR = 3e-3  # distill_features: all layers at once, a smaller step
 DEFAULT_BATCH_TOKENS = 512  # padded tokens per step (about 4 antibody chains): the cost of a step
 DEFAULT_KERNEL = "softmax"  # FAVOR+ features with a trained W and Ψ; "hedgehog" is the alternative (measured)
+DEFAULT_FEATURES = "favor+"  # the softmax kernel's start: FAVOR+ with SADERF's Ψ ("oprf-rescaled": calibrated FAVOR++)
+DEFAULT_AUGMENT = 0  # mutated copies of each calibration sequence (mutated_copies) added to the transfer's data
 
 
 @dataclass

@@ -156,7 +156,9 @@ def run_one(out: Path, name: str, method: str, m: int, draw: int, steps: int | N
         info.update(augment=AUGMENT[method])
     calib = calibration_batches(exact.alphabet, calib_records, cls=False)
     t0 = time.process_time()
-    if method in ("transfer", "transfer-distill") and draw == 0 and rule and cli.exists():
+    reuse = cli.exists() and read_cli(cli)  # pp-convert's run, if it used this method's recipe
+    if method in ("transfer", "transfer-distill") and draw == 0 and rule and reuse and reuse[0] == features and \
+            reuse[1] == AUGMENT.get(method, 0):
         from proteinperformer.checkpoints import load_model, read_torch
 
         model, done = load_model(cli), read_torch(cli)["transfer"]
@@ -191,6 +193,14 @@ def run_one(out: Path, name: str, method: str, m: int, draw: int, steps: int | N
           f"{[round(x, 3) for x in info['layer_error']]}"
           + (f", transfer {info['cpu_seconds']:.1f} CPU-s" if "cpu_seconds" in info else ""), flush=True)
     return info
+
+
+def read_cli(path: Path) -> tuple[str, int]:
+    """(features, mutated copies) of a ``pp-convert --transfer`` checkpoint (older ones: no copies)."""
+    from proteinperformer.checkpoints import read_torch
+
+    saved = read_torch(path)
+    return saved["hyper_parameters"]["config"].get("features", "favor+"), saved["transfer"].get("augment", 0)
 
 
 def generation(out: Path, name: str, m: int, calibration: int, num_samples: int = 100,
