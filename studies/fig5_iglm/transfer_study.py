@@ -59,8 +59,9 @@ METHODS = {"favor+": ("softmax", "favor+", False), "oprf": ("softmax", "oprf", F
            "oprf-rescaled": ("softmax", "oprf-rescaled", False), "oprf-dense": ("softmax", "oprf-dense", False),
            "transfer": ("softmax", "favor+", True), "transfer-distill": ("softmax", "favor+", True),
            "transfer-oprf": ("softmax", "oprf-rescaled", True), "transfer-dense": ("softmax", "oprf-dense", True),
-           "hedgehog": ("hedgehog", "favor+", True), "transfer-aug": ("softmax", "oprf-rescaled", True)}
-AUGMENT = {"transfer-aug": 3}  # method -> mutated copies of each calibration chain (model.transfer.mutated_copies)
+           "hedgehog": ("hedgehog", "favor+", True), "transfer-aug": ("softmax", "oprf-rescaled", True),
+           "transfer-mut": ("softmax", "favor+", True)}
+AUGMENT = {"transfer-aug": 3, "transfer-mut": 3}  # method -> mutated copies of each calibration chain (model.transfer.mutated_copies)
 GROUPS = ("heavy", "light", "human_heavy")
 MODEL_SIZES = {"IgLM-S": (3, 192), "IgLM": (4, 512)}  # layers, width: what default_steps reads
 
