@@ -13,7 +13,9 @@ checkpoint) into a Performer checkpoint, and measure what the swap costs on your
 (per head a rescaling Ψ and projection W before the map; ``--kernel hedgehog``: Hedgehog's learned map) to mimic
 each layer's exact attention on these sequences, layer by layer, and leaves every other weight as it was; the
 checkpoint's config says ``transferred``. With ``--features oprf`` / ``oprf-rescaled`` the transfer starts from
-FAVOR++ calibrated on the same sequences. Finished layers are kept in ``.OUT.transfer/`` beside ``--out``, so a
+FAVOR++ calibrated on the same sequences. The transfer also sees ``--transfer-augment`` (default 3) copies of each
+sequence with 10% of the residues replaced at random (more inputs for the same exact targets: with 15 IgLM chains
+the fit is limited by data). Finished layers are kept in ``.OUT.transfer/`` beside ``--out``, so a
 stopped run resumes there. ``--transfer-steps`` (Adam steps per layer) defaults to the same budget of work for
 every model (:func:`proteinperformer.model.transfer.default_steps`, ``options.TRANSFER_BUDGET``): 500 for IgLM-S
 (3 layers, width 192) and 140 for the 13M IgLM (4 × 512) at m = 256, fewer for larger models, more for fewer
@@ -75,7 +77,7 @@ def create_parser() -> argparse.ArgumentParser:
                              "for IgLM-S or the 13M IgLM at m=256)")
     parser.add_argument("--transfer-augment", type=int, metavar="N",
                         help="transfer: also train on N copies of each sequence with 10%% of the residues replaced at "
-                             "random (default: model.transfer.DEFAULT_AUGMENT)")
+                             "random (default 3, model.transfer.DEFAULT_AUGMENT; 0: the sequences only)")
     parser.add_argument("--distill-steps", type=int,
                         help="transfer: then Adam steps on all layers' features at once against the exact model's "
                              "output distributions (KL; default 0: none; with 15 IgLM chains it overfits, "

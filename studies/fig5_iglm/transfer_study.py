@@ -14,7 +14,11 @@ per-layer relative error of the attention output on the exact model's inputs. Me
 
 - ``favor+``: ``pp-convert --attention favor`` (positive random features, no training);
 - ``transfer``: attention transfer with the default map (FAVOR+ with a trained per-head Ψ and W,
-  :mod:`proteinperformer.model.transfer`) on ``--calibration`` training-split chains, with its CPU-seconds;
+  :mod:`proteinperformer.model.transfer`) on ``--calibration`` training-split chains, with its CPU-seconds (the
+  chains only: pp-convert's recipe before issue 31's search, ``--transfer-augment 0``);
+- ``transfer-mut``: the same on the chains plus 3 copies of each with 10% of residues replaced at random
+  (``model.transfer.mutated_copies``): pp-convert's default recipe; ``transfer-aug``: the same started from
+  ``oprf-rescaled``;
 - ``hedgehog``: the same transfer with Hedgehog's map, softmax(Wx) ⊕ softmax(−Wx);
 - ``oprf``, ``oprf-rescaled``, ``oprf-dense``: FAVOR++ (``pp-convert --features ... --calibrate``), A and Ψ (or M
   and the key shift) calibrated on the same chains, no training; ``transfer-oprf`` / ``transfer-dense``: attention
@@ -61,7 +65,7 @@ METHODS = {"favor+": ("softmax", "favor+", False), "oprf": ("softmax", "oprf", F
            "transfer-oprf": ("softmax", "oprf-rescaled", True), "transfer-dense": ("softmax", "oprf-dense", True),
            "hedgehog": ("hedgehog", "favor+", True), "transfer-aug": ("softmax", "oprf-rescaled", True),
            "transfer-mut": ("softmax", "favor+", True)}
-AUGMENT = {"transfer-aug": 3, "transfer-mut": 3}  # method -> mutated copies of each calibration chain (model.transfer.mutated_copies)
+AUGMENT = {"transfer-aug": 3, "transfer-mut": 3}  # method -> mutated copies of each chain (transfer.mutated_copies)
 GROUPS = ("heavy", "light", "human_heavy")
 MODEL_SIZES = {"IgLM-S": (3, 192), "IgLM": (4, 512)}  # layers, width: what default_steps reads
 
