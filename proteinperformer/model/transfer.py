@@ -337,6 +337,14 @@ def transfer_attention(
             back by a later call with the same settings, which then trains only the layers left.
         progress: a tqdm-like wrapper for each layer's steps (``proteinperformer.progress.track``), or None.
         log: where each layer's line ``layer i/n: attention-output relative error a -> b (s)`` goes, or None.
+        warmup, loss, inputs, layer_shares, train, decay: the recipe's alternatives, kept for the measured search
+            of docs/gpt2_iglm.md (studies/fig5_iglm/transfer_recipes.py); none beat the defaults on IgLM-S.
+            ``warmup``: share of the steps with a linear warm-up; ``loss="heads"``: mean per-head relative error
+            before the output projection; ``inputs="student"``: each layer fed by the transferred layers below,
+            ``"residual"``: the same with the target moved by the gap between the exact and the student residual
+            streams; ``layer_shares``: how the depth × ``steps`` are split over the layers; ``train``: the names of
+            the parameters trained (default all of :func:`feature_parameters`); ``decay``: decoupled decay of the
+            parameters towards their start (per step: lr × decay × (p − p₀)).
     Returns:
         one :class:`LayerResult` per layer. Only the feature parameters of ``model`` change (each layer's
         ``projection`` of a learned map, ``feature_scale``, ``feature_weight``); ``config.transferred`` is True.
