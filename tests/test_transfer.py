@@ -16,6 +16,7 @@ from proteinperformer.model.transfer import (
     calibration_batches,
     default_steps,
     distill_features,
+    mutated_copies,
     transfer_attention,
     transfer_model,
 )
@@ -268,3 +269,18 @@ def test_hugging_face_esm_goes_through_the_same_route(hf_dir, tmp_path):  # noqa
     model, exact = load_model(out), load_model(path)
     assert model.config.transferred and model.config.alphabet == "esm"
     assert all(torch.equal(model.state_dict()[k], v) for k, v in exact.state_dict().items() if not is_feature_key(k))
+
+
+def test_mutated_copies_replace_only_residues_at_the_rate_asked_and_keep_the_tags():
+    records = [(f"s{i}", "[HEAVY][HUMAN]" + seq) for i, seq in enumerate(CALIBRATION)]
+    out = mutated_copies(records, 3, rate=0.2, seed=1)
+    assert out[: len(records)] == records and len(out) == 4 * len(records)
+    assert mutated_copies(records, 3, rate=0.2, seed=1) == out and mutated_copies(records, 0) == records
+    changed = total = 0
+    for (rid, seq), (cid, copy) in zip(records * 3, out[len(records):], strict=True):
+        assert cid.startswith(rid + "/mutated") and copy.startswith("[HEAVY][HUMAN]") and len(copy) == len(seq)
+        changed += sum(a != b for a, b in zip(seq, copy, strict=True))
+        total += len(seq) - len("[HEAVY][HUMAN]")
+    # a replacement draws the same letter 1 time in 20: 19/20 of the rate, ± 4 binomial sd (3 × 360 residues)
+    expected = 0.2 * 19 / 20
+    assert abs(changed / total - expected) < 4 * (expected * (1 - expected) / total) ** 0.5

@@ -13,7 +13,9 @@ checkpoint) into a Performer checkpoint, and measure what the swap costs on your
 (per head a rescaling Ψ and projection W before the map; ``--kernel hedgehog``: Hedgehog's learned map) to mimic
 each layer's exact attention on these sequences, layer by layer, and leaves every other weight as it was; the
 checkpoint's config says ``transferred``. With ``--features oprf`` / ``oprf-rescaled`` the transfer starts from
-FAVOR++ calibrated on the same sequences. Finished layers are kept in ``.OUT.transfer/`` beside ``--out``, so a
+FAVOR++ calibrated on the same sequences. The transfer also sees ``--transfer-augment`` (default 3) copies of each
+sequence with 10% of the residues replaced at random (more inputs for the same exact targets: with 15 IgLM chains
+the fit is limited by data). Finished layers are kept in ``.OUT.transfer/`` beside ``--out``, so a
 stopped run resumes there. ``--transfer-steps`` (Adam steps per layer) defaults to the same budget of work for
 every model (:func:`proteinperformer.model.transfer.default_steps`, ``options.TRANSFER_BUDGET``): 500 for IgLM-S
 (3 layers, width 192) and 140 for the 13M IgLM (4 × 512) at m = 256, fewer for larger models, more for fewer
@@ -82,6 +84,9 @@ def create_parser() -> argparse.ArgumentParser:
                         help="transfer: Adam steps per layer (default: a fixed budget of work, 500 x 3 x 192 x 384 / "
                              "(layers x width x (features + 128)), rounded to tens, 50 to 2000: about 1.5 CPU-minutes "
                              "for IgLM-S or the 13M IgLM at m=256)")
+    parser.add_argument("--transfer-augment", type=int, metavar="N",
+                        help="transfer: also train on N copies of each sequence with 10%% of the residues replaced at "
+                             "random (default 3, model.transfer.DEFAULT_AUGMENT; 0: the sequences only)")
     parser.add_argument("--distill-steps", type=int,
                         help="transfer: then Adam steps on all layers' features at once against the exact model's "
                              "output distributions (KL; default 0: none; with 15 IgLM chains it overfits, "
@@ -204,11 +209,14 @@ def transfer(args: argparse.Namespace) -> None:
     from proteinperformer.inference.embed import residue_limit
     from proteinperformer.model import convert_attention
     from proteinperformer.model.transfer import (
+        DEFAULT_AUGMENT,
+        DEFAULT_FEATURES,
         DEFAULT_KERNEL,
         TransferError,
         calibration_batches,
         default_steps,
         distill_features,
+        mutated_copies,
         transfer_attention,
         transfer_model,
     )
@@ -222,19 +230,24 @@ def transfer(args: argparse.Namespace) -> None:
         raise ValueError(f"--distill-steps must be 0 (no distillation) or more, got {args.distill_steps}")
     if args.calibrate is not None:
         raise ValueError("--transfer calibrates FAVOR++ features on its own sequences: leave out --calibrate")
+    augment = DEFAULT_AUGMENT if args.transfer_augment is None else args.transfer_augment
+    if augment < 0:
+        raise ValueError(f"--transfer-augment must be 0 (no mutated copies) or more, got {augment}")
+    kernel = args.kernel or DEFAULT_KERNEL
     source = load_model(args.source)
     if source.config.transferred:
         raise ValueError(f"{args.source}: already transferred (its config says transferred=true); give the "
                          "original model as SOURCE, or use this checkpoint as it is")
     exact = source if source.config.attention == "exact" else convert_attention(source, "exact")
     try:
-        model = transfer_model(exact, args.num_features, args.kernel or DEFAULT_KERNEL, args.seed,
-                               args.features or "favor+", window=args.window)
+        model = transfer_model(exact, args.num_features, kernel, args.seed,
+                               args.features or (DEFAULT_FEATURES if kernel == "softmax" else "favor+"),
+                               window=args.window)
     except (TransferError, ValueError) as err:
         raise ValueError(f"{args.source}: {err}") from None
     records = [(r.id, r.sequence) for r in load_fasta(args.transfer, exact.alphabet)][: args.max_sequences]
     limit = residue_limit(exact.config)
-    batches = calibration_batches(exact.alphabet, records, cls=not args.no_cls,
+    batches = calibration_batches(exact.alphabet, mutated_copies(records, augment, seed=args.seed), cls=not args.no_cls,
                                   max_len=None if limit is None else limit + 2)
     cfg = model.config
     steps = args.transfer_steps or default_steps(cfg.depth, cfg.dim, cfg.num_features)
@@ -247,7 +260,8 @@ def transfer(args: argparse.Namespace) -> None:
     results = transfer_attention(exact, model, batches, steps, resume_dir=resume, progress=track)
     kl = distill_features(exact, model, batches, distill, progress=track) if distill else None
     seconds = time.process_time() - t0
-    info = {"fasta": str(args.transfer), "sequences": len(records), "steps": steps, "distill_steps": distill,
+    info = {"fasta": str(args.transfer), "sequences": len(records), "augment": augment, "steps": steps,
+            "distill_steps": distill,
             "cpu_seconds": seconds, "layers": [asdict(r) for r in results]}
     if kl is not None:
         info.update(distill_kl_before=kl[0], distill_kl_after=kl[1])

@@ -14,7 +14,11 @@ per-layer relative error of the attention output on the exact model's inputs. Me
 
 - ``favor+``: ``pp-convert --attention favor`` (positive random features, no training);
 - ``transfer``: attention transfer with the default map (FAVOR+ with a trained per-head Ψ and W,
-  :mod:`proteinperformer.model.transfer`) on ``--calibration`` training-split chains, with its CPU-seconds;
+  :mod:`proteinperformer.model.transfer`) on ``--calibration`` training-split chains, with its CPU-seconds (the
+  chains only: pp-convert's recipe before issue 31's search, ``--transfer-augment 0``);
+- ``transfer-mut``: the same on the chains plus 3 copies of each with 10% of residues replaced at random
+  (``model.transfer.mutated_copies``): pp-convert's default recipe; ``transfer-aug``: the same started from
+  ``oprf-rescaled``;
 - ``hedgehog``: the same transfer with Hedgehog's map, softmax(Wx) ⊕ softmax(−Wx);
 - ``oprf``, ``oprf-rescaled``, ``oprf-dense``: FAVOR++ (``pp-convert --features ... --calibrate``), A and Ψ (or M
   and the key shift) calibrated on the same chains, no training; ``transfer-oprf`` / ``transfer-dense``: attention
@@ -51,6 +55,7 @@ from proteinperformer.model.transfer import (
     default_distill_steps,
     default_steps,
     distill_features,
+    mutated_copies,
     transfer_attention,
     transfer_model,
 )
@@ -62,14 +67,18 @@ METHODS = {"favor+": ("softmax", "favor+", False), "oprf": ("softmax", "oprf", F
            "oprf-rescaled": ("softmax", "oprf-rescaled", False), "oprf-dense": ("softmax", "oprf-dense", False),
            "transfer": ("softmax", "favor+", True), "transfer-distill": ("softmax", "favor+", True),
            "transfer-oprf": ("softmax", "oprf-rescaled", True), "transfer-dense": ("softmax", "oprf-dense", True),
-           "hedgehog": ("hedgehog", "favor+", True)}
+           "hedgehog": ("hedgehog", "favor+", True), "transfer-aug": ("softmax", "oprf-rescaled", True),
+           "transfer-mut": ("softmax", "favor+", True)}
+AUGMENT = {"transfer-aug": 3, "transfer-mut": 3}  # method -> mutated copies of each chain (transfer.mutated_copies)
 # the sliding-window hybrid (attention/window.py, pp-convert --window W): exact softmax over the last W keys
 # "transfer-wW": attention transfer (favor+) with the window in place; "dense-wW": calibrated oprf-dense and
 # "favor-wW": FAVOR+, both without training; "local-wW": the window alone (an ablation: the feature term is dropped,
 # so tokens older than W are not seen at all)
-WINDOWS = {f"{base}-w{w}": w for base in ("transfer", "dense", "favor", "local") for w in (4, 8, 16, 32, 64)}
+# "mut-wW": attention transfer with the window and pp-convert's default mutated copies (transfer-mut's recipe)
+WINDOWS = {f"{base}-w{w}": w for base in ("transfer", "mut", "dense", "favor", "local") for w in (4, 8, 16, 32, 64)}
 METHODS.update({name: ("softmax", "oprf-dense" if name.startswith("dense") else "favor+",
-                       name.startswith("transfer")) for name in WINDOWS})
+                       name.startswith(("transfer", "mut"))) for name in WINDOWS})
+AUGMENT.update({name: 3 for name in WINDOWS if name.startswith("mut")})
 GROUPS = ("heavy", "light", "human_heavy")
 MODEL_SIZES = {"IgLM-S": (3, 192), "IgLM": (4, 512)}  # layers, width: what default_steps reads
 
@@ -160,9 +169,15 @@ def run_one(out: Path, name: str, method: str, m: int, draw: int, steps: int | N
     window = WINDOWS.get(method, 0)
     cli = out / f"{name}_transfer_m{m}{tag}.ckpt"  # what generation() wrote with pp-convert --transfer: the same run
     info: dict = {"model": name, "method": method, "num_features": m, "draw": draw, "test_per_chain": per_chain}
-    calib = calibration_batches(exact.alphabet, calibration_records(out, calibration), cls=False)
+    calib_records = calibration_records(out, calibration)
+    if AUGMENT.get(method):
+        calib_records = mutated_copies(calib_records, AUGMENT[method], seed=draw)
+        info.update(augment=AUGMENT[method])
+    calib = calibration_batches(exact.alphabet, calib_records, cls=False)
     t0 = time.process_time()
-    if method in ("transfer", "transfer-distill") and draw == 0 and rule and cli.exists():
+    reuse = cli.exists() and read_cli(cli)  # pp-convert's run, if it used this method's recipe
+    if method in ("transfer", "transfer-distill") and draw == 0 and rule and reuse and reuse[0] == features and \
+            reuse[1] == AUGMENT.get(method, 0):
         from proteinperformer.checkpoints import load_model, read_torch
 
         model, done = load_model(cli), read_torch(cli)["transfer"]
@@ -208,6 +223,14 @@ def _without_features(window_logits):
         ql, kl, shift = window_logits(q, k, heads)
         return ql, kl, shift - 1e4
     return logits
+
+
+def read_cli(path: Path) -> tuple[str, int]:
+    """(features, mutated copies) of a ``pp-convert --transfer`` checkpoint (older ones: no copies)."""
+    from proteinperformer.checkpoints import read_torch
+
+    saved = read_torch(path)
+    return saved["hyper_parameters"]["config"].get("features", "favor+"), saved["transfer"].get("augment", 0)
 
 
 def generation(out: Path, name: str, m: int, calibration: int, num_samples: int = 100,
