@@ -224,15 +224,16 @@ class _Targets:
 
 @torch.no_grad()
 def _targets(exact_attn: MultiheadSelfAttention, xs: list[torch.Tensor], paddings: list[torch.Tensor],
-             ys: list[torch.Tensor] | None = None) -> list[_Targets]:
+             ys: list[torch.Tensor] | None = None, heads: bool = False) -> list[_Targets]:
+    """``heads``: also the exact heads' outputs (only ``loss="heads"`` reads them: one more exact attention)."""
     from proteinperformer.attention.exact import exact_attention
 
     out = []
     for i, (x, padding) in enumerate(zip(xs, paddings, strict=True)):
         q, k, v = exact_attn.split_heads(x)
-        heads = exact_attention(q, k, v, causal=exact_attn.causal, key_padding_mask=padding)
+        per_head = exact_attention(q, k, v, causal=exact_attn.causal, key_padding_mask=padding) if heads else None
         y = exact_attn(x, padding) if ys is None else ys[i]
-        out.append(_Targets(q, k, v, y, padding, (~padding).unsqueeze(-1).to(x.dtype), heads))
+        out.append(_Targets(q, k, v, y, padding, (~padding).unsqueeze(-1).to(x.dtype), per_head))
     return out
 
 
@@ -394,7 +395,7 @@ def transfer_attention(
                 t0 = time.process_time()
                 for p in params.values():
                     p.requires_grad_(True)
-                data = _targets(e_block.attn, xs, paddings, ys)
+                data = _targets(e_block.attn, xs, paddings, ys, heads=loss == "heads")
                 before, after = transfer_layer(block.attn, data, per_layer[i], lr, progress, f"layer {i + 1}/{depth}",
                                                warmup, loss, train, decay)
                 for p in params.values():
