@@ -140,10 +140,12 @@ def test_pp_convert_transfers_with_the_default_steps_of_the_model(tmp_path, monk
     convert.main([str(src), str(out), "--transfer", str(calib), "--num-features", "16", "--no-cls"])
     info = read_torch(out)["transfer"]
     assert info["steps"] == 60 and info["distill_steps"] == 0 and "60 steps each (" in capsys.readouterr().out
+    assert load_model(out).config.attention_window == transfer.DEFAULT_WINDOW == 16  # causal softmax: the window
     convert.main([str(src), str(out), "--transfer", str(calib), "--num-features", "16", "--no-cls",
-                  "--distill-steps", "12"])
+                  "--distill-steps", "12", "--window", "0"])
     info = read_torch(out)["transfer"]
     assert info["distill_steps"] == 12 and "60 steps each, then 12 steps on all layers" in capsys.readouterr().out
+    assert load_model(out).config.attention_window == 0  # --window 0: plain FAVOR
     assert info["distill_kl_after"] < info["distill_kl_before"]
 
 

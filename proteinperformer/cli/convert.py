@@ -74,10 +74,11 @@ def create_parser() -> argparse.ArgumentParser:
     add_attention_arguments(parser, default="favor")
     parser.set_defaults(num_features=DEFAULT_NUM_FEATURES)
     parser.add_argument("--seed", type=int, default=0, help="seed of the FAVOR+ projection draw")
-    parser.add_argument("--window", type=int, default=0, metavar="W",
+    parser.add_argument("--window", type=int, default=None, metavar="W",
                         help="causal models, softmax kernel: exact softmax over each token's last W keys and FAVOR "
                              "features for older ones (sliding-window hybrid, stored in the checkpoint; with "
-                             "--transfer the features train with it in place; default 0: plain FAVOR)")
+                             "--transfer the features train with it in place; 0: plain FAVOR; default: 16 with "
+                             "--transfer on a causal model with the softmax kernel, else 0)")
     parser.add_argument("--transfer", type=Path, metavar="FASTA",
                         help="attention transfer: train the FAVOR features to mimic exact attention on these sequences")
     parser.add_argument("--transfer-steps", type=int,
@@ -158,7 +159,7 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"--features {args.features} are FAVOR+ features; use --attention favor")
     if args.window and args.attention != "favor":
         raise ValueError(f"--window {args.window} is a FAVOR setting; use --attention favor or leave out --window")
-    if args.window < 0:
+    if args.window is not None and args.window < 0:
         raise ValueError(f"--window must be 0 (off) or a number of keys >= 1, got {args.window}")
     if args.window and args.report is not None:
         raise ValueError("--report measures plain FAVOR without a window; leave out --window (score the written "
@@ -178,7 +179,7 @@ def run(args: argparse.Namespace) -> None:
         if args.attention == "favor":  # a reproducible draw, whatever load_model drew
             try:
                 model = convert_attention(model, "favor", args.num_features, args.kernel, seed=args.seed,
-                                          features=args.features, window=args.window)
+                                          features=args.features, window=args.window or 0)
             except ValueError as err:  # features the kernel cannot use
                 raise ValueError(f"{args.source}: {err}") from None
         calibrated = ""
@@ -212,6 +213,7 @@ def transfer(args: argparse.Namespace) -> None:
         DEFAULT_AUGMENT,
         DEFAULT_FEATURES,
         DEFAULT_KERNEL,
+        DEFAULT_WINDOW,
         TransferError,
         calibration_batches,
         default_steps,
@@ -239,10 +241,13 @@ def transfer(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.source}: already transferred (its config says transferred=true); give the "
                          "original model as SOURCE, or use this checkpoint as it is")
     exact = source if source.config.attention == "exact" else convert_attention(source, "exact")
+    window = args.window
+    if window is None:  # the measured default: the window keeps the sharp local attention FAVOR blurs
+        window = DEFAULT_WINDOW if exact.config.causal and kernel == "softmax" else 0
     try:
         model = transfer_model(exact, args.num_features, kernel, args.seed,
                                args.features or (DEFAULT_FEATURES if kernel == "softmax" else "favor+"),
-                               window=args.window)
+                               window=window)
     except (TransferError, ValueError) as err:
         raise ValueError(f"{args.source}: {err}") from None
     records = [(r.id, r.sequence) for r in load_fasta(args.transfer, exact.alphabet)][: args.max_sequences]

@@ -247,9 +247,7 @@ def generation(out: Path, name: str, m: int, calibration: int, num_samples: int 
     fasta.write_text("".join(f">{i}\n{s}\n" for i, s in calibration_records(out, calibration)))
     ckpt = out / f"{name}_transfer_m{m}{tag}.ckpt"
     convert = [sys.executable, "-m", "proteinperformer.cli.convert", str(iglm_dir(name)), "--out", str(ckpt),
-               "--transfer", str(fasta), "--num-features", str(m), "--no-cls"]
-    if window:
-        convert += ["--window", str(window)]
+               "--transfer", str(fasta), "--num-features", str(m), "--no-cls", "--window", str(window)]
     result: dict = {"convert_command": "pp-convert " + " ".join(convert[3:])}
     if not ckpt.exists():
         subprocess.run(convert, check=True)
