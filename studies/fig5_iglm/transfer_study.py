@@ -326,7 +326,7 @@ def report(out: Path, results: Path) -> None:
             if not p.name.startswith("generation_")]
     runs = [r for r in runs if r["method"] in METHODS]  # the shared OUTDIR also holds other branches' methods
     generated = {p.stem: json.loads(p.read_text()) for p in sorted((out / "transfer").glob("generation_*.json"))
-                 if re.fullmatch(r"generation_[\w-]+_m\d+(_k\d+)?_c\d+", p.stem)}  # this script's runs
+                 if re.fullmatch(r"generation_[\w-]+_m\d+(_k\d+)?(_w\d+)?_c\d+", p.stem)}  # this script's runs
     results.mkdir(parents=True, exist_ok=True)
     (results / "transfer.json").write_text(json.dumps({"runs": runs, "generation": generated}, indent=2) + "\n")
     order = list(METHODS)
