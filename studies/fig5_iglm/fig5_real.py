@@ -468,18 +468,23 @@ def stage_report(out: Path, results: Path) -> None:
                                    ("scratch", "s-", "FAVOR+ from scratch, same size")):
             steps = sorted(int(k) for k in ft[name])
             ax.plot(steps, [100 * ft[name][str(k)][chain]["acc"] for k in steps], style, label=label)
-        ax.set_xscale("symlog", linthresh=100)
-        ax.set_xticks([0, 100, 300, 1000])
-        ax.set_xticklabels(["0", "100", "300", "1000"])
-        ax.set_title(f"{chain} chains (held-out clusters)")
-        ax.set_xlabel("fine-tuning steps")
-        ax.grid(alpha=0.3)
+        style_steps_axis(ax, chain, "fine-tuning steps")
     axes[0].set_ylabel("next-residue accuracy (%)")
     axes[0].legend(fontsize=8, loc="lower right")
     fig.suptitle(f"{ft['model']} (GPT-2 antibody LM) as a Performer: the paper's Fig. 5 on real weights")
     fig.tight_layout()
     fig.savefig(results / "fig5_real.png", dpi=120)
     print(f"wrote {results / 'fig5_real.png'}")
+
+
+def style_steps_axis(ax, chain: str, xlabel: str) -> None:
+    """One panel of a Fig. 5 plot: fine-tuning steps 0 / 100 / 300 / 1,000 on a symlog axis, titled by chain type."""
+    ax.set_xscale("symlog", linthresh=100)
+    ax.set_xticks([0, 100, 300, 1000])
+    ax.set_xticklabels(["0", "100", "300", "1000"])
+    ax.set_title(f"{chain} chains (held-out clusters)")
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
 
 
 def main() -> None:

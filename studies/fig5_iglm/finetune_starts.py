@@ -49,6 +49,7 @@ from fig5_real import (  # this folder: the script's sys.path[0]
     iglm_dir,
     per_sequence,
     read_records,
+    style_steps_axis,
     summarise,
     train_command,
 )
@@ -205,12 +206,7 @@ def report(out: Path, model: str, results: Path, made: dict) -> None:
                                                                            f", m={FEATURES}"))
             if start != "scratch":  # the same start in IgLM's framing (no [CLS]): the no-training number
                 ax.plot([0], [100 * row["iglm_framing"][chain]["acc"]], "o", mfc="none", color=f"C{i}")
-        ax.set_xscale("symlog", linthresh=100)
-        ax.set_xticks([0, 100, 300, 1000])
-        ax.set_xticklabels(["0", "100", "300", "1000"])
-        ax.set_title(f"{chain} chains (held-out clusters)")
-        ax.set_xlabel("fine-tuning steps (batch 4); open markers: step 0 without [CLS]")
-        ax.grid(alpha=0.3)
+        style_steps_axis(ax, chain, "fine-tuning steps (batch 4); open markers: step 0 without [CLS]")
     axes[0].set_ylabel("next-residue accuracy (%)")
     axes[0].legend(fontsize=7, loc="lower right")
     fig.suptitle(f"{model} as a Performer: fine-tuning from FAVOR+, FAVOR++ and attention transfer")
