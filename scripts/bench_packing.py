@@ -22,13 +22,16 @@ until each has ``--steps`` steps and ``--min-seconds``. Step time is the process
 ``--threads 1`` on a shared machine; CUDA: wall time).
 
 Reported per batching: real residues per second (residues, not pad, not <cls>/<eos>), the pad share (pad tokens
-/ tokens), CPU µs per computed token, and the peak memory above the process's memory before a step (measured on
-one untimed step in ``PEAK_EVERY``; CPU: the peak resident set, reset through ``/proc/self/clear_refs``; CUDA:
-``torch.cuda.max_memory_allocated``). Per row group: packed/padded and packed/bucketed (same run), the cost of a
-computed token packed/bucketed, and the bound on packed/bucketed if a token cost the same in both, (1 − pad
-packed)/(1 − pad bucketed): bucketing by a token budget leaves little padding, so packing can gain little more
-than that on a CPU. The machine may be shared: compare ratios, not absolute rates. Writes
-``results/bench_packing.json``.
+/ tokens), CPU µs per computed token, and the peak memory above the process's memory before a step, measured on
+one more, untimed step on the batching's fullest batch of the run (most computed tokens; ``peak_tokens``) after the
+timed ones (CPU: the peak resident set, reset through ``/proc/self/clear_refs``; CUDA:
+``torch.cuda.max_memory_allocated``). A step's peak grows with its tokens, and a batching's batches differ in size
+(a bucket's last batch may hold a quarter of the budget), so only the fullest batches compare.
+
+Per row group: packed/padded and packed/bucketed (same run), the cost of a computed token packed/bucketed, and the
+bound on packed/bucketed if a token cost the same in both, (1 − pad packed)/(1 − pad bucketed): bucketing by a
+token budget leaves little padding, so packing can gain little more than that on a CPU. The machine may be shared:
+compare ratios, not absolute rates. Writes ``results/bench_packing.json``.
 """
 
 from __future__ import annotations
@@ -67,8 +70,6 @@ MODELS = {
 NETWORK = {"dim": 64, "depth": 2, "heads": 4, "ff_dim": 256, "num_features": 64, "positions": "rotary"}
 BATCHINGS = ("packed", "bucketed", "padded")
 POOL = 16 * 100  # proteins per round: the data module's bucketing pool (data.batch_size 16 x data.pool_batches 100)
-PEAK_EVERY = 8  # one step in PEAK_EVERY measures peak memory and is not timed: resetting the peak (gc, malloc_trim)
-#                 costs the next step page faults, which would be counted in its CPU time
 
 
 # ---- data -------------------------------------------------------------------------------------------------
@@ -186,7 +187,7 @@ def measure(model_name: str, task: str, seqs, alphabet, budget: int, max_len: in
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         warm = next(batches(kind, seqs.subset(np.arange(min(64, len(seqs)))), alphabet, task, budget, max_len))
         train_step(model, optimizer, warm, device)  # warm-up (AdamW state, allocator)
-        runs[kind] = {"model": model, "optimizer": optimizer, "times": [], "peaks": [], "residues": 0,
+        runs[kind] = {"model": model, "optimizer": optimizer, "times": [], "fullest": warm, "residues": 0,
                       "tokens": 0, "pad": 0}
     rng = np.random.default_rng(seed)
     rounds = 0
@@ -201,17 +202,20 @@ def measure(model_name: str, task: str, seqs, alphabet, budget: int, max_len: in
                     del streams[kind]
                     continue
                 run = runs[kind]
-                if len(run["peaks"]) * PEAK_EVERY <= len(run["times"]):  # a memory step, untimed (see PEAK_EVERY)
-                    before = reset_peak(device)
-                    train_step(run["model"], run["optimizer"], batch, device)
-                    run["peaks"].append(peak(device) - before)
-                    continue
                 start = clock(device)
                 train_step(run["model"], run["optimizer"], batch, device)
                 run["times"].append(clock(device) - start)
                 run["residues"] += real_residues(batch, alphabet)
                 run["tokens"] += batch["input_ids"].numel()
                 run["pad"] += int(batch["padding_mask"].sum())
+                if batch["input_ids"].numel() > run["fullest"]["input_ids"].numel():
+                    run["fullest"] = batch
+    # Peak memory: one more step per batching, on its fullest batch, after the timed steps (resetting the peak,
+    # gc and malloc_trim, costs the next step page faults, which would count in a timed step's CPU time).
+    for run in runs.values():
+        before = reset_peak(device)
+        train_step(run["model"], run["optimizer"], run["fullest"], device)
+        run["peak_mib"] = peak(device) - before
     rows = []
     for kind, run in runs.items():
         seconds, n = sum(run["times"]), len(run["times"])
@@ -219,7 +223,7 @@ def measure(model_name: str, task: str, seqs, alphabet, budget: int, max_len: in
                      "rounds": rounds, "residues_per_s": run["residues"] / seconds,
                      "step_s_median": statistics.median(run["times"]), "residues_per_step": run["residues"] / n,
                      "pad_share": run["pad"] / run["tokens"], "us_per_token": 1e6 * seconds / run["tokens"],
-                     "peak_mib": max(run["peaks"])})
+                     "peak_mib": run["peak_mib"], "peak_tokens": run["fullest"]["input_ids"].numel()})
     return rows
 
 
@@ -253,7 +257,7 @@ def main() -> None:
             if not (args.quick and t == "clm" and m != "performer_relu")]
     rows, started = [], time.time()
     print(f"{'data':9} {'model':17} {'task':4} {'budget':>6} {'batching':8} {'steps':>5} {'res/s':>9} {'pad':>6} "
-          f"{'us/token':>8} {'peak MiB':>8}")
+          f"{'us/token':>8} {'peak MiB':>8} {'at tokens':>9}")
     for d, m, t, b in grid:
         for row in measure(m, t, data[d], alphabet, b, args.max_len, args.steps, args.min_seconds, args.device,
                            args.round_proteins, args.share):
@@ -261,7 +265,8 @@ def main() -> None:
             kind = row["batching"]
             rows.append(row)
             print(f"{d:9} {m:17} {t:4} {b:>6} {kind:8} {row['steps']:>5} {row['residues_per_s']:>9.0f} "
-                  f"{row['pad_share']:>6.1%} {row['us_per_token']:>8.2f} {row['peak_mib']:>8.0f}", flush=True)
+                  f"{row['pad_share']:>6.1%} {row['us_per_token']:>8.2f} {row['peak_mib']:>8.0f} "
+                  f"{row['peak_tokens']:>9}", flush=True)
     ratios = []
     for d, m, t, b in grid:
         got = {r["batching"]: r for r in rows if (r["data"], r["model"], r["task"], r["budget"]) == (d, m, t, b)}
