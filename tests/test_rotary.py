@@ -107,3 +107,23 @@ def test_generation_steps_equal_full_forward_for_a_rotary_clm(attention):
             logits, states = step_logits(model, tokens[:, t], t, states)
             steps.append(logits)
     assert torch.allclose(torch.stack(steps, 1), full, atol=1e-4)
+
+
+def test_queries_and_keys_share_one_rotary_table_pair_for_backward():
+    """Packed documents rotate by per-token positions, so the cos/sin tables are (T, d) like a head's q: a layer
+    keeps one pair for backward (shared by q and k), not one pair each."""
+    attn = MultiheadSelfAttention(32, 2, attention="exact", rotary=True)
+    x = torch.randn(1, 40, 32, requires_grad=True)
+    positions = torch.cat([torch.arange(25), torch.arange(15)])  # two documents
+    tables = set()
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        if t.shape == (40, 16):
+            tables.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        q, k, _ = attn.split_heads(x, positions=positions)
+    assert len(tables) == 2
+    alone = attn.split_heads(x[:, 25:], start=0)
+    assert torch.allclose(q[:, :, 25:], alone[0]) and torch.allclose(k[:, :, 25:], alone[1])

@@ -28,7 +28,7 @@ from .oprf import (
     pair_moment_sums,
 )
 from .projection import gaussian_projection
-from .rotary import apply_rotary
+from .rotary import apply_rotary, rotary_tables
 from .window import WindowState, check_window, window_attention, window_step
 
 
@@ -259,7 +259,9 @@ class MultiheadSelfAttention(nn.Module):
         qkv = self.qkv(x).view(B, L, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (B, H, L, hd)
         if self.rotary:
-            q, k = apply_rotary(q, start, positions), apply_rotary(k, start, positions)
+            # one cos/sin pair for q and k: backward keeps it once; (L, hd) per token for packed documents
+            tables = rotary_tables(L, self.head_dim, start, x.device, positions)
+            q, k = apply_rotary(q, tables=tables), apply_rotary(k, tables=tables)
         return q, k, v
 
     def _merge(self, y: torch.Tensor) -> torch.Tensor:

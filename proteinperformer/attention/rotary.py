@@ -38,12 +38,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, start: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, start: int = 0, positions: torch.Tensor | None = None,
+                 tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Rotate queries or keys x [..., L, d] by their positions start..start+L−1, or by ``positions``
-    (LongTensor [L], e.g. restarting at each packed document), in float32 (float64 kept).
+    (LongTensor [L], e.g. restarting at each packed document), in float32 (float64 kept); ``tables``: their
+    :func:`rotary_tables`, computed once for queries and keys (autograd then keeps one pair for both).
 
     Returns a tensor of x's shape and dtype.
     """
-    cos, sin = rotary_tables(x.shape[-2], x.shape[-1], start, x.device, positions)
+    cos, sin = rotary_tables(x.shape[-2], x.shape[-1], start, x.device, positions) if tables is None else tables
     xf = x if x.dtype == torch.float64 else x.float()
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
