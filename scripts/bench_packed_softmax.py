@@ -7,8 +7,10 @@ Performer-softmax MLM (``bench_packing.NETWORK``) with the packed noncausal path
 (``new``: ``_SoftmaxNoncausalPacked`` on runs of documents) and with its predecessor (``per-protein``: the unpacked
 ``_SoftmaxNoncausal`` once per protein, through ``documents.per_document``), interleaved, each also against the
 same streams taken as one document (``one-document``: no per-protein work at all, the floor; wrong attention, same
-shapes). The learning rate is 0, so every repeat trains the same step. Step time: the process's CPU time, minimum
-over ``--repeats``. Writes ``results/bench_packed_softmax.json``.
+shapes), and with length-bucketed batches of the same pool holding as many tokens (``bucketed``: the unpacked
+Function on B·H rows, as ``bench_packing.py``'s bucketed rows), compared per computed token. The learning rate is
+0, so every repeat trains the same step. Step time: the process's CPU time, minimum over ``--repeats``. Writes
+``results/bench_packed_softmax.json``.
 """
 
 from __future__ import annotations
@@ -55,21 +57,28 @@ def main() -> None:
     pool = seqs.subset(np.random.default_rng(1).choice(len(seqs), bp.POOL, replace=False))
     rows = []
     print(f"{'budget':>6} {'batches':>7} {'per-protein s':>13} {'new s':>7} {'one-doc s':>9} {'new/per-protein':>15} "
-          f"{'new/one-doc':>11}")
+          f"{'new/one-doc':>11} {'us/token new/bucketed':>21}")
     for budget in args.budgets:
         n = max(1, args.tokens // budget)
         batches = [b for _, b in zip(range(n), bp.batches("packed", pool, alphabet, "mlm", budget, 1024),
                                      strict=False)]
+        tokens = {"packed": sum(b["input_ids"].numel() for b in batches), "bucketed": 0}
+        bucketed = []
+        for b in bp.batches("bucketed", pool, alphabet, "mlm", budget, 1024):  # as many tokens, same pool
+            if tokens["bucketed"] >= tokens["packed"]:
+                break
+            bucketed.append(b)
+            tokens["bucketed"] += b["input_ids"].numel()
         torch.manual_seed(0)
         cfg = ModelConfig(**bp.NETWORK, **bp.MODELS["performer_softmax"], max_positions=1 << 17)
         model = PerformerLM(cfg).train()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-        times = {"per-protein": [], "new": [], "one-document": []}
+        times = {"per-protein": [], "new": [], "one-document": [], "bucketed": []}
         for _ in range(args.repeats):
             for name in times:
                 noncausal._SoftmaxNoncausalPacked.apply = per_protein if name == "per-protein" else PACKED
                 total = 0.0
-                for batch in batches:
+                for batch in bucketed if name == "bucketed" else batches:
                     if name == "one-document":
                         batch = {k: v for k, v in batch.items() if k != "cu_seqlens"}
                     start = time.process_time()
@@ -78,11 +87,15 @@ def main() -> None:
                 times[name].append(total)
         noncausal._SoftmaxNoncausalPacked.apply = PACKED
         best = {k: min(v) for k, v in times.items()}
-        row = {"budget": budget, "batches": n, "seconds": best, "new_vs_per_protein": best["new"] / best["per-protein"],
-               "new_vs_one_document": best["new"] / best["one-document"]}
+        per_token = {k: v / tokens["bucketed" if k == "bucketed" else "packed"] for k, v in best.items()}
+        row = {"budget": budget, "batches": n, "tokens": tokens, "seconds": best,
+               "new_vs_per_protein": best["new"] / best["per-protein"],
+               "new_vs_one_document": best["new"] / best["one-document"],
+               "token_cost_new_vs_bucketed": per_token["new"] / per_token["bucketed"]}
         rows.append(row)
         print(f"{budget:>6} {n:>7} {best['per-protein']:>13.3f} {best['new']:>7.3f} {best['one-document']:>9.3f} "
-              f"{row['new_vs_per_protein']:>15.3f} {row['new_vs_one_document']:>11.3f}", flush=True)
+              f"{row['new_vs_per_protein']:>15.3f} {row['new_vs_one_document']:>11.3f} "
+              f"{row['token_cost_new_vs_bucketed']:>21.3f}", flush=True)
     write_json_atomic(args.out, {"config": {"threads": args.threads, "repeats": args.repeats, "clock": "process CPU",
                                             "network": bp.NETWORK, "torch": torch.__version__}, "rows": rows},
                       indent=1)

@@ -121,9 +121,11 @@ class _SoftmaxNoncausalPacked(torch.autograd.Function):
 
     Everything row-wise (feature logits, softmax, stabilisers, normaliser, the feature backward) runs once over
     the whole stream; only the per-document GEMMs (key sums and their use: 2 forward, 4 backward) run per
-    document, on views of the stream. One call per document of the unpacked Function cost ~0.7 ms of fixed
-    overhead each (its ~40 small operations and the autograd call), which made packed Performer-softmax steps
-    slower per token than length-bucketed ones.
+    document, on views of the stream, writing into whole-stream buffers (no concatenation), with each document's
+    ε-floor terms folded into its own GEMMs (a broadcast GEMM input, an ``addcmul``; no stream-long gathers or
+    ``index_add``). One call per document of the unpacked Function cost ~0.7 ms of fixed overhead each (its ~40
+    small operations and the autograd call), which made packed Performer-softmax steps slower per token than
+    length-bucketed ones.
     """
 
     @staticmethod
@@ -147,43 +149,54 @@ class _SoftmaxNoncausalPacked(torch.autograd.Function):
         C = top.new_full((N, n), _NEG).scatter_reduce_(1, doc.expand(N, T), top.squeeze(-1), "amax")  # per doc
         logw = lw - C[:, doc].unsqueeze(-1)  # w = exp(logw) ≤ m: φ(k) − ε = p_k·w ≤ 1
         wv = logw.exp() * v1
-        v1_sum = v1.new_zeros(N, n, v1.shape[-1]).index_add_(1, doc, v1)  # (N, n, e+1)
-        pks, wvs = pk.split(sizes, 1), wv.split(sizes, 1)
-        kv = torch.stack([a.transpose(-1, -2) @ b for a, b in zip(pks, wvs, strict=True)])  # (n, N, m, e+1)
-        kv.add_(eps * v1_sum.transpose(0, 1).unsqueeze(2))  # the ε floor of φ(k) on real keys
-        kv_sum = kv.sum(2)  # (n, N, e+1): what the ε floor of φ(q) sees
         pq = torch.softmax(q @ Ps.T, -1)  # (N, T, m)
         pq_max = pq.amax(-1, keepdim=True)
-        o = torch.cat([a @ b for a, b in zip(pq.split(sizes, 1), kv, strict=True)], 1)  # (N, T, e+1)
-        o.addcmul_(pq_max, kv_sum.transpose(0, 1)[:, doc], value=eps)
+        kv = v1.new_empty(n, N, Ps.shape[0], v1.shape[-1])  # (n, N, m, e+1)
+        for kv_i, pk_i, wv_i, v1_i in zip(kv, *_documents(sizes, pk, wv, v1), strict=True):
+            # kv_i = p_kᵀ (w v1) + ε Σ v1: the ε floor of φ(k) on the document's real keys
+            torch.baddbmm(v1_i.sum(1, keepdim=True), pk_i.transpose(-1, -2), wv_i, beta=eps, out=kv_i)
+        kv_sum = kv.sum(2, keepdim=True)  # (n, N, 1, e+1): what the ε floor of φ(q) sees
+        o = torch.empty_like(v1)  # (N, T, e+1)
+        for kv_i, s_i, pq_i, pm_i, o_i in zip(kv, kv_sum, *_documents(sizes, pq, pq_max, o), strict=True):
+            torch.bmm(pq_i, kv_i, out=o_i).addcmul_(pm_i, s_i, value=eps)
         den = o[..., -1:].clamp_min(_NO_KEY)  # a query that sees no key at all gets 0
         out = o[..., :-1] / den
-        ctx.save_for_backward(q, k, v1, kv, out, den, pq_max, logw, Pa, mask, pq, pk, doc)
+        ctx.save_for_backward(q, k, v1, kv, out, den, pq_max, logw, Pa, mask, pq, pk)
         ctx.sizes, ctx.eps = sizes, eps
         return out
 
     @staticmethod
     @_float32_region
     def backward(ctx, grad):
-        q, k, v1, kv, out, den, pq_max, logw, Pa, mask, pq, pk, doc = ctx.saved_tensors
-        sizes, eps, n, N = ctx.sizes, ctx.eps, len(ctx.sizes), q.shape[0]
+        q, k, v1, kv, out, den, pq_max, logw, Pa, mask, pq, pk = ctx.saved_tensors
+        sizes, eps = ctx.sizes, ctx.eps
         do = _normaliser_backward(grad, out, den)  # (N, T, e+1)
-        eps_q = do.new_zeros(N, n, do.shape[-1]).index_add_(1, doc, pq_max * do)  # via the ε floor of φ(q)
-        dos, pqs = do.split(sizes, 1), pq.split(sizes, 1)
-        dkv = torch.stack([a.transpose(-1, -2) @ b for a, b in zip(pqs, dos, strict=True)])  # (n, N, m, e+1)
-        dkv.add_(eps * eps_q.transpose(0, 1).unsqueeze(2))
-        dlogits = torch.cat([a @ b.transpose(-1, -2) for a, b in zip(dos, kv, strict=True)], 1).mul_(pq)
-        dq = PositiveRandomFeatures.augmented_logits_backward(dlogits, q, Pa)
+        dkv = torch.empty_like(kv)
+        dlogits = torch.empty_like(pq)  # (N, T, m): the queries' feature-logit gradients, then the keys'
+        for dkv_i, kv_i, do_i, pq_i, pm_i, dl_i in zip(dkv, kv, *_documents(sizes, do, pq, pq_max, dlogits),
+                                                       strict=True):
+            eps_q = torch.bmm(pm_i.transpose(-1, -2), do_i)  # (N, 1, e+1): via the ε floor of φ(q)
+            torch.baddbmm(eps_q, pq_i.transpose(-1, -2), do_i, beta=eps, out=dkv_i)
+            torch.bmm(do_i, kv_i.transpose(-1, -2), out=dl_i)
+        dq = PositiveRandomFeatures.augmented_logits_backward(dlogits.mul_(pq), q, Pa)
         w = logw.exp()  # (N, T, 1), 0 on padded keys
-        wvs, pks = (w * v1).split(sizes, 1), pk.split(sizes, 1)
-        dlogits = torch.cat([a @ b.transpose(-1, -2) for a, b in zip(wvs, dkv, strict=True)], 1).mul_(pk)
-        dk = PositiveRandomFeatures.augmented_logits_backward(dlogits, k, Pa)
-        dv = torch.cat([a @ b for a, b in zip(pks, dkv, strict=True)], 1).mul_(w)
-        dv.add_(eps * dkv.sum(2).transpose(0, 1)[:, doc])  # via the ε floor of φ(k)
+        dv = torch.empty_like(v1)
+        for dkv_i, wv_i, pk_i, dl_i, dv_i in zip(dkv, *_documents(sizes, w * v1, pk, dlogits, dv), strict=True):
+            torch.bmm(wv_i, dkv_i.transpose(-1, -2), out=dl_i)
+            torch.bmm(pk_i, dkv_i, out=dv_i)
+        dk = PositiveRandomFeatures.augmented_logits_backward(dlogits.mul_(pk), k, Pa)
+        dv.mul_(w)
+        for dv_i, s_i in zip(_documents(sizes, dv)[0], dkv.sum(2, keepdim=True), strict=True):
+            dv_i.add_(s_i, alpha=eps)  # via the ε floor of φ(k)
         dv = dv[..., :-1]
         if mask is not None:
             dv = dv.masked_fill(mask.unsqueeze(-1), 0.0)
         return dq, dk, dv, None, None, None, None
+
+
+def _documents(sizes: list[int], *tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """Each (N, T, ·) tensor split into its documents' (N, Lᵢ, ·) views."""
+    return [t.split(sizes, 1) for t in tensors]
 
 
 def _softmax_noncausal_packed(q, k, v, Pa, mask, sizes: list[int], eps: float) -> torch.Tensor:
