@@ -36,10 +36,10 @@ import bench_packing as bp  # noqa: E402
 PACKED = noncausal._SoftmaxNoncausalPacked.apply
 
 
-def per_protein(q, k, v, Pa, mask, sizes):
+def per_protein(q, k, v, Pa, mask, sizes, eps):
     """The path before: one unpacked fused call per protein."""
     cu = torch.tensor([0, *np.cumsum(sizes)])
-    return per_document(lambda qd, kd, vd, md: noncausal._SoftmaxNoncausal.apply(qd, kd, vd, Pa, md), cu,
+    return per_document(lambda qd, kd, vd, md: noncausal._SoftmaxNoncausal.apply(qd, kd, vd, Pa, md, eps), cu,
                         q, k, v, mask, dim=1)
 
 
