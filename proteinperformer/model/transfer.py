@@ -36,6 +36,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -48,7 +50,7 @@ from proteinperformer.files import write_atomic
 from proteinperformer.model.calibration import calibrate_features
 from proteinperformer.model.performer import PerformerLM, convert_attention
 from proteinperformer.options import TRANSFER_BUDGET, TRANSFER_STEP_OFFSET, TRANSFER_STEP_RANGE
-from proteinperformer.tokenizer import Alphabet
+from proteinperformer.tokenizer import STANDARD_RESIDUES, Alphabet
 
 DEFAULT_LR = 1e-2
 DEFAULT_DISTILL_LR = 3e-3  # distill_features: all layers at once, a smaller step
@@ -146,23 +148,17 @@ def calibration_batches(alphabet: Alphabet, records: Sequence[tuple[str, str]], 
     return batches
 
 
-AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
-
-
 def mutated_copies(records: Sequence[tuple[str, str]], copies: int, rate: float = 0.1, seed: int = 0,
                    ) -> list[tuple[str, str]]:
     """``records`` followed by ``copies`` copies of each in which every residue (an upper-case letter outside
     ``[...]`` / ``<...>`` tags) is replaced, with probability ``rate``, by one of the 20 amino acids drawn uniformly:
     more inputs on which the exact model's attention is the target, so that 15 chains fit less to themselves."""
-    import random
-    import re
-
     rng = random.Random(seed)
     out = list(records)
     for c in range(copies):
         for rid, seq in records:
             parts = re.split(r"(\[[^\]]*\]|<[^>]*>)", seq)  # tags at odd indices
-            body = [p if i % 2 else "".join(rng.choice(AMINO_ACIDS) if a.isupper() and rng.random() < rate else a
+            body = [p if i % 2 else "".join(rng.choice(STANDARD_RESIDUES) if a.isupper() and rng.random() < rate else a
                                             for a in p) for i, p in enumerate(parts)]
             out.append((f"{rid}/mutated{c + 1}", "".join(body)))
     return out
